@@ -1,0 +1,115 @@
+"""Command line: flags in the Prometheus exporter style, and the run loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from exporter import __version__
+from exporter.app import DEFAULT_PORT, Exporter, parse_listen_address
+from exporter.config import Config, ConfigError, load_config
+from exporter.logs import LEVELS, setup_logging
+
+log = logging.getLogger("exporter")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="import-status-exporter",
+        description="Prometheus exporter for the status of long-running SaaS data imports.",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["run", "check-config"],
+        default="run",
+        help="run the exporter (default) or only validate the config file",
+    )
+    parser.add_argument(
+        "--config.file", dest="config_file", default="config.yaml", help="config file (YAML)"
+    )
+    parser.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        default=f":{DEFAULT_PORT}",
+        help=f"address to serve /metrics and pages on (default :{DEFAULT_PORT})",
+    )
+    parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
+    parser.add_argument(
+        "--log.format", dest="log_format", choices=["logfmt", "json"], default="logfmt"
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the config file and exit 0 or 1"
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run against the built-in simulator of the upstream APIs (no credentials needed)",
+    )
+    parser.add_argument(
+        "--demo.speed",
+        dest="demo_speed",
+        type=float,
+        default=1.0,
+        help="how many times faster than real time the simulated imports move",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"import-status-exporter {__version__}"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config" or args.check_config:
+        return check_config(args.config_file)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        parse_listen_address(args.listen_address)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run(args))
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+
+
+def check_config(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    imports = sum(len(source.import_entries()) for source in config.sources)
+    print(f"{path}: OK ({len(config.sources)} sources, {imports} configured imports)")
+    return 0
+
+
+async def run(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        config: Config
+        if args.demo:
+            from exporter.demo import start_demo_simulator
+
+            config = await stack.enter_async_context(start_demo_simulator(args.demo_speed))
+        else:
+            config = load_config(args.config_file)
+        exporter = Exporter(config, args.listen_address)
+        await exporter.start()
+        stack.push_async_callback(exporter.stop)
+        await stop.wait()
+        log.info("shutting down")
+    return 0

@@ -1,0 +1,93 @@
+"""The demo: the built-in simulator of the upstream APIs and a config pointing at it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+
+from exporter.config import Config, parse_config_data
+from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
+
+log = logging.getLogger(__name__)
+
+DEMO_INTERVAL = 5.0
+"""Real seconds between polls of each demo import at speed 1."""
+
+
+def demo_config(base_url: str, speed: float = 1.0) -> Config:
+    """One source of each type, pointed at the simulator at ``base_url``."""
+    creds = DEMO_CREDENTIALS
+    interval = f"{max(0.2, DEMO_INTERVAL / speed):.3f}s"
+    timeout = f"{max(0.2, min(2.0, DEMO_INTERVAL / speed)):.3f}s"
+    common = {"interval": interval, "timeout": timeout}
+    return parse_config_data(
+        {
+            "sources": [
+                {
+                    "name": "elevate-demo",
+                    "type": "elevate",
+                    "url": base_url,
+                    "api_key": creds.elevate_api_key,
+                    "imports": [
+                        {"id": "1001", "name": "nightly catalogue"},
+                        {"id": "1002", "name": "price feed"},
+                        {"id": "1003", "name": "stock levels"},
+                        {"id": "1004", "name": "stuck promotions"},
+                        {"id": "1005", "name": "cancelled import"},
+                    ],
+                    **common,
+                },
+                {
+                    "name": "zilliant-demo",
+                    "type": "zilliant",
+                    "url": base_url,
+                    "forwarded_host": creds.forwarded_host,
+                    "salesforce": {
+                        "token_url": f"{base_url}/services/oauth2/token",
+                        "grant_type": "password",
+                        "client_id": creds.client_id,
+                        "client_secret": creds.client_secret,
+                        "username": creds.username,
+                        "password": creds.password,
+                    },
+                    "imports": [
+                        {"id": "2587c81c-b9fc-4873-ae2f-421b292d2c2b", "name": "price rules"},
+                        {"id": "7c9e6679-7425-40de-944b-e07fc1f69e29", "name": "customer segments"},
+                        {
+                            "id": "2587c81c-bs9fc-4873-ae2f-421b292d2c2b",
+                            "name": "product hierarchy",
+                        },
+                    ],
+                    **common,
+                },
+                {
+                    "name": "rocketchat-demo",
+                    "type": "rocketchat",
+                    "url": base_url,
+                    "user_id": creds.rocketchat_user_id,
+                    "auth_token": creds.rocketchat_auth_token,
+                    **common,
+                },
+            ]
+        },
+        "built-in demo config",
+    )
+
+
+@asynccontextmanager
+async def start_demo_simulator(speed: float = 1.0) -> AsyncIterator[Config]:
+    """Run the simulator on a free loopback port; yield the demo config for it."""
+    runner = web.AppRunner(create_app(Simulator(speed=speed)), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    base_url = f"http://127.0.0.1:{port}"
+    log.info("demo: simulator of the upstream APIs at %s (speed %g)", base_url, speed)
+    try:
+        yield demo_config(base_url, speed)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,200 @@
+"""Reads the state and renders it as Prometheus metric families at scrape time.
+
+A collector that builds families from the state on each scrape cannot leak
+series of imports that are gone, and is faster than long-lived labelled
+gauges at 10,000 imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from exporter import __version__
+from exporter.model import ErrorReason, State
+from exporter.state import REQUEST_DURATION_BUCKETS, StateStore
+
+POLLED = "Values come from background polls of the upstream API, not from scrape-time calls."
+STATES = tuple(State)
+REASONS = tuple(ErrorReason)
+_BUCKET_BOUNDS = [*(f"{b:g}" for b in REQUEST_DURATION_BUCKETS), "+Inf"]
+
+
+class StateCollector(Collector):
+    """Exposes every source and import in the :class:`StateStore`."""
+
+    def __init__(self, state: StateStore) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._import_metrics()
+        yield from self._source_metrics()
+        build = GaugeMetricFamily(
+            "import_exporter_build_info",
+            "Always 1; the version of the import status exporter.",
+            labels=["version"],
+        )
+        build.add_metric([__version__], 1)
+        yield build
+
+    def _import_metrics(self) -> Iterator[Metric]:
+        now = self.state.clock()
+        keys = ["source", "import"]
+        state = GaugeMetricFamily(
+            "import_state",
+            "1 for the import's current normalized state, 0 for the other states. " + POLLED,
+            labels=[*keys, "state"],
+        )
+        info = GaugeMetricFamily(
+            "import_info",
+            "Always 1; the upstream system, the raw upstream status and the import's name.",
+            labels=[*keys, "system", "upstream_state", "name"],
+        )
+        completed = GaugeMetricFamily(
+            "import_items_completed",
+            "Items the upstream reports as imported so far (only where it reports counts).",
+            labels=keys,
+        )
+        expected = GaugeMetricFamily(
+            "import_items_expected",
+            "Items the upstream reports the import will process in total "
+            "(only where it reports counts).",
+            labels=keys,
+        )
+        failed = GaugeMetricFamily(
+            "import_items_failed",
+            "Items the upstream reports as failed (only where it reports counts).",
+            labels=keys,
+        )
+        start = GaugeMetricFamily(
+            "import_start_timestamp_seconds",
+            "When the import started: the upstream's start time where it reports one "
+            "(Zilliant), else when the exporter first saw it running.",
+            labels=keys,
+        )
+        end = GaugeMetricFamily(
+            "import_end_timestamp_seconds",
+            "When the import finished: the upstream's stop time where it reports one "
+            "(Zilliant), else when the exporter first saw it in a final state.",
+            labels=keys,
+        )
+        duration = GaugeMetricFamily(
+            "import_duration_seconds",
+            "End minus start of a finished import, or now minus start while it runs.",
+            labels=keys,
+        )
+        changed = GaugeMetricFamily(
+            "import_state_change_timestamp_seconds",
+            "When the exporter first saw the import's current state.",
+            labels=keys,
+        )
+        progress = GaugeMetricFamily(
+            "import_last_progress_timestamp_seconds",
+            "When the exporter last saw the import's state, step or completed count change.",
+            labels=keys,
+        )
+        success = GaugeMetricFamily(
+            "import_last_poll_success_timestamp_seconds",
+            "When a background poll last got an answer about the import.",
+            labels=keys,
+        )
+        for record in list(self.state.imports.values()):
+            obs = record.observation
+            if obs is None:
+                continue
+            labels = [record.source, record.import_id]
+            current = obs.state
+            for value in STATES:
+                state.add_metric([*labels, value.value], 1.0 if value is current else 0.0)
+            info.add_metric([*labels, record.system, obs.upstream_state, record.name or ""], 1.0)
+            if obs.items_completed is not None:
+                completed.add_metric(labels, obs.items_completed)
+            if obs.items_expected is not None:
+                expected.add_metric(labels, obs.items_expected)
+            if obs.items_failed is not None:
+                failed.add_metric(labels, obs.items_failed)
+            started = record.start_timestamp
+            if started is not None:
+                start.add_metric(labels, started)
+            ended = record.end_timestamp
+            if ended is not None:
+                end.add_metric(labels, ended)
+            took = record.duration(now)
+            if took is not None:
+                duration.add_metric(labels, took)
+            if record.state_since is not None:
+                changed.add_metric(labels, record.state_since)
+            if record.last_progress is not None:
+                progress.add_metric(labels, record.last_progress)
+            if record.last_success is not None:
+                success.add_metric(labels, record.last_success)
+        yield from (state, info, completed, expected, failed, start, end, duration)
+        yield from (changed, progress, success)
+
+    def _source_metrics(self) -> Iterator[Metric]:
+        keys = ["source", "system"]
+        up = GaugeMetricFamily(
+            "import_source_up",
+            "1 if the last background poll of the source reached its API and understood "
+            "the answer, else 0.",
+            labels=keys,
+        )
+        requests = CounterMetricFamily(
+            "import_source_requests",
+            "HTTP requests made to the source's API by background polls.",
+            labels=keys,
+        )
+        errors = CounterMetricFamily(
+            "import_source_errors",
+            "Background polls of the source that failed, by reason.",
+            labels=[*keys, "reason"],
+        )
+        latency = HistogramMetricFamily(
+            "import_source_request_duration_seconds",
+            "Duration of HTTP requests to the source's API made by background polls.",
+            labels=keys,
+        )
+        tracked = GaugeMetricFamily(
+            "import_source_tracked_imports",
+            "Imports the exporter currently watches on the source.",
+            labels=keys,
+        )
+        interval = GaugeMetricFamily(
+            "import_source_poll_interval_seconds",
+            "The configured interval between background polls of each import.",
+            labels=keys,
+        )
+        counts: dict[str, int] = {}
+        for record in list(self.state.imports.values()):
+            counts[record.source] = counts.get(record.source, 0) + 1
+        for source in list(self.state.sources.values()):
+            labels = [source.name, source.system]
+            up.add_metric(labels, 1.0 if source.up else 0.0)
+            requests.add_metric(labels, source.requests_total)
+            for reason in REASONS:
+                errors.add_metric([*labels, reason.value], source.errors_total.get(reason, 0))
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip(_BUCKET_BOUNDS, source.duration_bucket_counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric(labels, buckets, source.duration_sum)
+            tracked.add_metric(labels, counts.get(source.name, 0))
+            interval.add_metric(labels, source.interval)
+        yield from (up, requests, errors, latency, tracked, interval)
+
+
+def build_registry(state: StateStore) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(state))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry

@@ -1,0 +1,213 @@
+"""Scheduling: when each import is polled, how many at once, and backing off.
+
+Each source gets one :class:`SourceScheduler`: a heap of (due time, import)
+and ``concurrency`` workers. An import is in the heap or in flight, never
+both, so a slow import only ever holds one worker and never delays imports of
+other sources. Results go into the :class:`StateStore`; nothing is fetched at
+scrape time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+
+from exporter.model import ErrorReason, SourceError
+from exporter.redact import redact
+from exporter.sources.base import ImportSpec, Source
+from exporter.state import StateStore
+
+log = logging.getLogger(__name__)
+
+START_SPREAD_FRACTION = 0.1
+"""First polls are spread over this fraction of the interval (at most 5 s)."""
+MAX_START_SPREAD = 5.0
+BACKOFF_JITTER = 0.2
+
+
+class SourceScheduler:
+    """Polls the imports of one source on its interval, ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        source: Source,
+        state: StateStore,
+        *,
+        interval: float,
+        concurrency: int,
+        max_backoff: float,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.source = source
+        self.state = state
+        self.interval = interval
+        self.concurrency = concurrency
+        self.max_backoff = max(max_backoff, interval)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._scheduled: set[str] = set()
+        self._failures: dict[str, int] = {}
+        self._paused_until = 0.0
+        self._wakeup = asyncio.Event()
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- membership ---------------------------------------------------------
+
+    def add(self, spec: ImportSpec, *, origin: str = "config") -> None:
+        """Track an import and schedule its first poll (spread with jitter)."""
+        self.state.track(self.source.name, spec.id, name=spec.name, origin=origin)
+        if spec.id in self._scheduled:
+            return
+        spread = min(self.interval * START_SPREAD_FRACTION, MAX_START_SPREAD)
+        self._push(spec.id, self.clock() + self.rng.uniform(0, spread))
+
+    def remove(self, import_id: str) -> None:
+        """Stop polling an import; a poll in flight has its answer dropped."""
+        self._scheduled.discard(import_id)
+        self._failures.pop(import_id, None)
+        self.state.untrack(self.source.name, import_id)
+
+    def _push(self, import_id: str, due: float) -> None:
+        self._scheduled.add(import_id)
+        heapq.heappush(self._heap, (due, next(self._seq), import_id))
+        self._wakeup.set()
+
+    # --- running ------------------------------------------------------------
+
+    def start(self) -> None:
+        name = self.source.name
+        self._tasks.append(asyncio.create_task(self._dispatch(), name=f"dispatch:{name}"))
+        for i in range(self.concurrency):
+            self._tasks.append(asyncio.create_task(self._work(), name=f"poll:{name}:{i}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _dispatch(self) -> None:
+        """Move imports whose time has come from the heap to the workers."""
+        while True:
+            if not self._heap:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            due, _, import_id = self._heap[0]
+            if import_id not in self._scheduled:
+                heapq.heappop(self._heap)  # removed while waiting
+                continue
+            delay = max(due, self._paused_until) - self.clock()
+            if delay > 0:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wakeup.wait()
+                continue
+            heapq.heappop(self._heap)
+            self._queue.put_nowait(import_id)
+
+    async def _work(self) -> None:
+        while True:
+            import_id = await self._queue.get()
+            if import_id not in self._scheduled:
+                continue
+            next_due = await self.poll_once(import_id)
+            if import_id not in self._scheduled:
+                continue  # removed while in flight
+            if next_due is None:
+                self._scheduled.discard(import_id)
+            else:
+                self._scheduled.discard(import_id)
+                self._push(import_id, next_due)
+
+    async def poll_once(self, import_id: str) -> float | None:
+        """Poll one import, record the outcome; return when to poll it next (None: never)."""
+        name = self.source.name
+        try:
+            observation = await self.source.poll(import_id)
+        except SourceError as error:
+            return self._failed(import_id, error)
+        except Exception as exc:  # a bug in an adapter must not stop the others
+            log.exception("unexpected error polling source=%s import=%s", name, import_id)
+            bug = SourceError(ErrorReason.INVALID_RESPONSE, f"internal error: {type(exc).__name__}")
+            return self._failed(import_id, bug)
+        if self._failures.pop(import_id, None):
+            log.info("source=%s import=%s recovered", name, import_id)
+        record = self.state.record_observation(name, import_id, observation)
+        if record.confirmed_final and not self.source.follows_server:
+            log.debug("source=%s import=%s finished as %s", name, import_id, record.state)
+            return None
+        return self.clock() + self.interval
+
+    def _failed(self, import_id: str, error: SourceError) -> float:
+        failures = self._failures.get(import_id, 0) + 1
+        self._failures[import_id] = failures
+        self.state.record_error(self.source.name, import_id, error)
+        log.warning(
+            "poll failed source=%s import=%s reason=%s error=%s",
+            self.source.name,
+            import_id,
+            error.reason.value,
+            redact(error.message),
+        )
+        backoff: float = min(self.max_backoff, self.interval * 2.0 ** (failures - 1))
+        backoff *= 1 + self.rng.uniform(-BACKOFF_JITTER, BACKOFF_JITTER)
+        now = self.clock()
+        if error.retry_after is not None:
+            # The upstream told us when to come back: hold the whole source
+            # (rate limits are per client, not per import).
+            self._paused_until = max(self._paused_until, now + error.retry_after)
+            backoff = max(backoff, error.retry_after)
+        return now + backoff
+
+
+class Poller:
+    """All source schedulers of one running configuration."""
+
+    def __init__(self, state: StateStore) -> None:
+        self.state = state
+        self.schedulers: dict[str, SourceScheduler] = {}
+
+    def add_source(
+        self,
+        source: Source,
+        *,
+        interval: float,
+        concurrency: int,
+        max_backoff: float,
+        imports: Iterable[ImportSpec] = (),
+        rng: random.Random | None = None,
+    ) -> SourceScheduler:
+        self.state.add_source(source.name, source.system, interval)
+        scheduler = SourceScheduler(
+            source,
+            self.state,
+            interval=interval,
+            concurrency=concurrency,
+            max_backoff=max_backoff,
+            rng=rng,
+        )
+        for spec in imports:
+            scheduler.add(spec)
+        self.schedulers[source.name] = scheduler
+        return scheduler
+
+    def start(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.stop() for s in self.schedulers.values()))

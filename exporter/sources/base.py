@@ -1,0 +1,202 @@
+"""What every upstream adapter shares: the HTTP call with its limits, status
+classification, and the :class:`Source` interface the poller drives."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from exporter.model import ErrorReason, Observation, ParseError, SourceError
+from exporter.redact import redact
+
+RequestObserver = Callable[[float], None]
+"""Called with the duration in seconds of every HTTP request a source makes."""
+
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ImportSpec:
+    """One import a source watches: the id used upstream and an optional human name."""
+
+    id: str
+    name: str | None = None
+
+
+async def http_request(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    timeout: float,
+    max_bytes: int,
+    headers: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+    data: Mapping[str, str] | None = None,
+    observe: RequestObserver | None = None,
+) -> HttpResponse:
+    """Make one request, reading at most ``max_bytes`` of (decompressed) body.
+
+    Raises :class:`SourceError` with reason timeout, connection or too_large.
+    Any HTTP status is returned, not raised: callers decide what it means.
+    """
+    started = time.perf_counter()
+    try:
+        async with session.request(
+            method,
+            url,
+            headers=headers,
+            params=params,
+            data=data,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,
+        ) as response:
+            if response.content_length is not None and response.content_length > max_bytes:
+                raise _too_large(max_bytes)
+            body = bytearray()
+            # Read in chunks so an oversized (or decompression-bomb) body is
+            # cut off at the cap instead of being buffered whole.
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise _too_large(max_bytes)
+            return HttpResponse(response.status, response.headers, bytes(body))
+    except TimeoutError as exc:
+        raise SourceError(ErrorReason.TIMEOUT, f"no complete answer within {timeout:g}s") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise SourceError(ErrorReason.CONNECTION, f"body cut off: {_describe(exc)}") from exc
+    except aiohttp.ClientError as exc:
+        raise SourceError(ErrorReason.CONNECTION, _describe(exc)) from exc
+    finally:
+        if observe is not None:
+            observe(time.perf_counter() - started)
+
+
+def _too_large(max_bytes: int) -> SourceError:
+    return SourceError(ErrorReason.TOO_LARGE, f"response body over the {max_bytes} byte cap")
+
+
+def _describe(exc: BaseException) -> str:
+    return redact(f"{type(exc).__name__}: {exc}")[:300]
+
+
+def parse_json(body: bytes) -> Any:
+    """Decode a JSON body or raise :class:`ParseError`."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ParseError(f"body is not JSON ({len(body)} bytes)") from exc
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Parse a Retry-After header: delta seconds or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def error_for_status(response: HttpResponse, what: str) -> SourceError:
+    """Classify a non-success HTTP answer into the fixed error reasons."""
+    status = response.status
+    detail = redact(f"{what}: HTTP {status}")
+    if status in (401, 403):
+        return SourceError(ErrorReason.UNAUTHORIZED, detail)
+    if status == 429:
+        return SourceError(
+            ErrorReason.RATE_LIMITED,
+            detail,
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+        )
+    if status >= 500:
+        return SourceError(
+            ErrorReason.SERVER_ERROR,
+            detail,
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+        )
+    return SourceError(ErrorReason.CLIENT_ERROR, detail)
+
+
+class Source(ABC):
+    """One configured upstream: knows its API, watches a set of imports.
+
+    The poller calls :meth:`poll` for each id in :meth:`imports`; it never
+    sees the wire format.
+    """
+
+    system: ClassVar[str]
+    """The upstream system, e.g. ``elevate``; the ``system`` label."""
+
+    follows_server: ClassVar[bool] = False
+    """True where the target is a server whose *current* import can change
+    (Rocket.Chat): it is polled for ever, even after a terminal state."""
+
+    def __init__(
+        self,
+        name: str,
+        session: aiohttp.ClientSession,
+        *,
+        timeout: float,
+        max_bytes: int,
+        observe: RequestObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.session = session
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.observe = observe
+
+    @abstractmethod
+    def imports(self) -> list[ImportSpec]:
+        """The imports this source watches by configuration."""
+
+    @abstractmethod
+    async def poll(self, import_id: str) -> Observation:
+        """Ask the upstream about one import. Raises :class:`SourceError`."""
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        data: Mapping[str, str] | None = None,
+    ) -> HttpResponse:
+        """:func:`http_request` with this source's session, timeout, cap and observer."""
+        return await http_request(
+            self.session,
+            method,
+            url,
+            timeout=self.timeout,
+            max_bytes=self.max_bytes,
+            headers=headers,
+            params=params,
+            data=data,
+            observe=self.observe,
+        )

@@ -1,0 +1,219 @@
+"""The one in-memory truth about every source and every tracked import.
+
+Only the poller writes here (through the ``record_*`` methods); the metrics
+collector, the pages and the API only read. Timestamps are wall-clock epoch
+seconds, because they are exported as ``*_timestamp_seconds``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from exporter.model import TERMINAL_STATES, ErrorReason, Observation, SourceError, State
+from exporter.redact import redact
+
+REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True)
+class ImportRecord:
+    """What the exporter knows about one import."""
+
+    source: str
+    import_id: str
+    system: str
+    name: str | None = None
+    origin: str = "config"
+    observation: Observation | None = None
+    first_seen: float | None = None
+    """When the first successful poll of this import came back."""
+    state_since: float | None = None
+    """When the current state was first seen."""
+    last_progress: float | None = None
+    """When state, step or completed count last changed."""
+    seen_running_at: float | None = None
+    """When the exporter first saw the import running (start fallback)."""
+    seen_finished_at: float | None = None
+    """When the exporter first saw the import in a terminal state (end fallback)."""
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_reason: ErrorReason | None = None
+    last_error_at: float | None = None
+    confirmed_final: bool = False
+    """A terminal state was seen twice in a row: no need to poll again."""
+
+    @property
+    def state(self) -> State | None:
+        return self.observation.state if self.observation else None
+
+    @property
+    def polled(self) -> bool:
+        return self.last_success is not None or self.last_error_at is not None
+
+    @property
+    def start_timestamp(self) -> float | None:
+        obs = self.observation
+        if obs is not None and obs.started_at is not None:
+            return obs.started_at
+        return self.seen_running_at
+
+    @property
+    def end_timestamp(self) -> float | None:
+        obs = self.observation
+        if obs is None or obs.state not in TERMINAL_STATES:
+            return None
+        if obs.ended_at is not None:
+            return obs.ended_at
+        return self.seen_finished_at
+
+    def duration(self, now: float) -> float | None:
+        start = self.start_timestamp
+        if start is None:
+            return None
+        end = self.end_timestamp
+        if end is None:
+            if self.state is not State.RUNNING:
+                return None
+            end = now
+        return max(0.0, end - start)
+
+
+@dataclass(slots=True)
+class SourceRecord:
+    """What the exporter knows about one configured upstream."""
+
+    name: str
+    system: str
+    interval: float
+    up: bool | None = None
+    requests_total: int = 0
+    errors_total: Counter[ErrorReason] = field(default_factory=Counter)
+    duration_bucket_counts: list[int] = field(
+        default_factory=lambda: [0] * (len(REQUEST_DURATION_BUCKETS) + 1)
+    )
+    duration_sum: float = 0.0
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+class StateStore:
+    """Sources and imports, keyed by source name and (source, import id)."""
+
+    def __init__(self, clock: Clock = time.time) -> None:
+        self.clock = clock
+        self.sources: dict[str, SourceRecord] = {}
+        self.imports: dict[tuple[str, str], ImportRecord] = {}
+
+    # --- registration -------------------------------------------------------
+
+    def add_source(self, name: str, system: str, interval: float) -> SourceRecord:
+        record = self.sources.get(name)
+        if record is None or record.system != system:
+            record = SourceRecord(name=name, system=system, interval=interval)
+            self.sources[name] = record
+        record.interval = interval
+        return record
+
+    def remove_source(self, name: str) -> None:
+        self.sources.pop(name, None)
+        for key in [key for key in self.imports if key[0] == name]:
+            del self.imports[key]
+
+    def track(
+        self, source: str, import_id: str, *, name: str | None = None, origin: str = "config"
+    ) -> ImportRecord:
+        """Start (or keep) tracking an import; returns its record."""
+        key = (source, import_id)
+        record = self.imports.get(key)
+        if record is None:
+            record = ImportRecord(
+                source=source,
+                import_id=import_id,
+                system=self.sources[source].system,
+                name=name,
+                origin=origin,
+            )
+            self.imports[key] = record
+        elif name is not None:
+            record.name = name
+        return record
+
+    def untrack(self, source: str, import_id: str) -> None:
+        self.imports.pop((source, import_id), None)
+
+    def imports_of(self, source: str) -> list[ImportRecord]:
+        return [record for record in self.imports.values() if record.source == source]
+
+    # --- what the poller learns ---------------------------------------------
+
+    def record_request(self, source: str, duration: float) -> None:
+        record = self.sources.get(source)
+        if record is None:
+            return
+        record.requests_total += 1
+        record.duration_sum += duration
+        record.duration_bucket_counts[bisect.bisect_left(REQUEST_DURATION_BUCKETS, duration)] += 1
+
+    def record_observation(self, source: str, import_id: str, obs: Observation) -> ImportRecord:
+        now = self.clock()
+        source_record = self.sources.get(source)
+        if source_record is not None:
+            source_record.up = True
+            source_record.last_success = now
+        record = self.imports.get((source, import_id))
+        if record is None:
+            # Untracked while the poll was in flight: the answer is dropped.
+            return ImportRecord(source=source, import_id=import_id, system="", observation=obs)
+        previous = record.observation
+        if record.first_seen is None:
+            record.first_seen = now
+        if previous is None or previous.state != obs.state:
+            record.state_since = now
+            record.confirmed_final = False
+        elif obs.state in TERMINAL_STATES:
+            record.confirmed_final = True
+        if (
+            previous is None
+            or previous.state != obs.state
+            or previous.step != obs.step
+            or previous.items_completed != obs.items_completed
+        ):
+            record.last_progress = now
+        if obs.state is State.RUNNING and record.seen_running_at is None:
+            record.seen_running_at = now
+        if obs.state in TERMINAL_STATES:
+            if record.seen_finished_at is None or (previous and previous.state != obs.state):
+                record.seen_finished_at = now
+        else:
+            record.seen_finished_at = None
+        record.observation = obs
+        record.last_success = now
+        return record
+
+    def record_error(self, source: str, import_id: str, error: SourceError) -> None:
+        now = self.clock()
+        message = redact(error.message)
+        source_record = self.sources.get(source)
+        if source_record is not None:
+            source_record.up = False
+            source_record.errors_total[error.reason] += 1
+            source_record.last_error = f"{error.reason.value}: {message}"
+            source_record.last_error_at = now
+        record = self.imports.get((source, import_id))
+        if record is not None:
+            record.last_error = message
+            record.last_error_reason = error.reason
+            record.last_error_at = now
+
+    # --- readers' helpers ---------------------------------------------------
+
+    def ready(self) -> bool:
+        """Every tracked import has been polled at least once."""
+        return all(record.polled for record in self.imports.values())

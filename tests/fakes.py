@@ -1,0 +1,49 @@
+"""Test doubles shared by the poller and state tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+
+from exporter.model import Observation, SourceError
+from exporter.sources.base import ImportSpec, Source
+
+Behaviour = Callable[[str], Observation]
+
+
+class FakeSource(Source):
+    """A source whose answers the test scripts; counts polls per import."""
+
+    system = "elevate"
+
+    def __init__(self, name: str, ids: list[str], behaviour: Behaviour) -> None:
+        super().__init__(name, session=None, timeout=1.0, max_bytes=1024)  # type: ignore[arg-type]
+        self.ids = ids
+        self.behaviour = behaviour
+        self.polls: Counter[str] = Counter()
+        self.hang = asyncio.Event()  # set to release hanging polls
+        self.hanging = False
+
+    def imports(self) -> list[ImportSpec]:
+        return [ImportSpec(id=i) for i in self.ids]
+
+    async def poll(self, import_id: str) -> Observation:
+        self.polls[import_id] += 1
+        if self.hanging:
+            await self.hang.wait()
+        return self.behaviour(import_id)
+
+
+def raise_error(error: SourceError) -> Behaviour:
+    def behave(_: str) -> Observation:
+        raise error
+
+    return behave
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` is true, failing after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)

@@ -1,0 +1,241 @@
+"""The config loader: a table of bad files, each naming the field and the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.config import ConfigError, load_config, parse_config_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ELEVATE = """
+sources:
+  - name: e
+    type: elevate
+    cluster_id: c1
+    api_key: k-123456
+    imports: [{id: "1"}]
+"""
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text(text, "config.yaml")
+    return caught.value.errors
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            ELEVATE.replace("cluster_id: c1", "cluster_id: c1\n    interval: soon"),
+            "config.yaml: sources[0].interval: must be a duration like 30s",
+        ),
+        (
+            ELEVATE.replace("cluster_id: c1", "cluster_id: c1\n    interval: 0s"),
+            "config.yaml: sources[0].interval: must be a duration greater than 0, like 30s",
+        ),
+        (
+            ELEVATE.replace("cluster_id: c1", "cluster_id: c1\n    bogus: 1"),
+            "config.yaml: sources[0].bogus: unknown field",
+        ),
+        (
+            ELEVATE.replace("type: elevate", "type: sap"),
+            "config.yaml: sources[0].type: must be one of",
+        ),
+        (
+            ELEVATE.replace("    type: elevate\n", ""),
+            "config.yaml: sources[0].type: must be one of",
+        ),
+        (ELEVATE.replace("api_key: k-123456", ""), "config.yaml: sources[0].api_key: required"),
+        (
+            ELEVATE.replace("api_key: k-123456", "api_key: k-123456\n    api_key_env: X"),
+            "config.yaml: sources[0].api_key_env: give only one of",
+        ),
+        (
+            ELEVATE.replace("api_key: k-123456", "api_key_env: SURELY_NOT_SET_42"),
+            "config.yaml: sources[0].api_key_env: environment variable SURELY_NOT_SET_42",
+        ),
+        (
+            ELEVATE.replace("api_key: k-123456", "api_key_file: /nonexistent/key"),
+            "config.yaml: sources[0].api_key_file: cannot read /nonexistent/key",
+        ),
+        (
+            ELEVATE.replace("cluster_id: c1", "cluster_id: c1\n    url: http://x"),
+            "config.yaml: sources[0]: give exactly one of url and cluster_id",
+        ),
+        (
+            ELEVATE.replace("cluster_id: c1", "url: ftp://x"),
+            "config.yaml: sources[0].url: must be an http:// or https:// URL",
+        ),
+        (
+            ELEVATE.replace('[{id: "1"}]', '[{id: "1"}, {id: 1}]'),
+            "config.yaml: sources[0].imports[1].id: '1' is listed twice",
+        ),
+        (
+            ELEVATE.replace('[{id: "1"}]', '[{id: "a b"}]'),
+            "config.yaml: sources[0].imports[0].id: must be 1-200 characters",
+        ),
+        (
+            ELEVATE.replace("cluster_id: c1", "cluster_id: c1\n    timeout: 1m"),
+            "config.yaml: sources[0].timeout: must not be longer than interval",
+        ),
+        (
+            ELEVATE.replace("cluster_id: c1", "cluster_id: c1\n    concurrency: 0"),
+            "config.yaml: sources[0].concurrency: Input should be greater than or equal to 1",
+        ),
+        (
+            ELEVATE + ELEVATE.replace("sources:\n", ""),
+            "config.yaml: sources[1].name: 'e' is already used",
+        ),
+        ("sources: {}", "config.yaml: sources: must be a list"),
+        ("- 1", "config.yaml: the top level must be a mapping"),
+        ("sources: [\n", "config.yaml: line"),
+        (ELEVATE + "extra_top: 1\n", "config.yaml: extra_top: unknown field"),
+        (
+            """
+sources:
+  - name: z
+    type: zilliant
+    url: https://z.example
+    forwarded_host: h
+    imports: []
+""",
+            "config.yaml: sources[0]: give exactly one of token_json",
+        ),
+        (
+            """
+sources:
+  - name: z
+    type: zilliant
+    url: https://z.example
+    forwarded_host: h
+    token_json: '{"no": "token"}'
+""",
+            "config.yaml: sources[0].token_json: must hold the Salesforce token response",
+        ),
+        (
+            """
+sources:
+  - name: z
+    type: zilliant
+    url: https://z.example
+    forwarded_host: h
+    salesforce: {client_id: c, client_secret: s3cret-value}
+""",
+            "config.yaml: sources[0].salesforce.username: required for grant_type password",
+        ),
+        (
+            """
+sources:
+  - name: r
+    type: rocketchat
+    url: https://chat.example
+    user_id: u
+""",
+            "config.yaml: sources[0].auth_token: required",
+        ),
+    ],
+)
+def test_bad_config_names_file_field_and_problem(text: str, expected: str) -> None:
+    errors = errors_of(text)
+    assert any(line.startswith(expected) for line in errors), errors
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = """
+sources:
+  - name: a
+    type: elevate
+    interval: soon
+    cluster_id: c
+    api_key: k-123456
+  - name: b
+    type: rocketchat
+    url: http://chat
+    user_id: u
+    auth_token_file: /nonexistent/token
+  - name: c
+    type: unknown
+"""
+    errors = errors_of(text)
+    assert errors == [
+        "config.yaml: sources[0].interval: must be a duration like 30s",
+        "config.yaml: sources[2].type: must be one of elevate, zilliant, rocketchat",
+        "config.yaml: sources[1].auth_token_file: cannot read /nonexistent/token: "
+        "No such file or directory",
+    ]
+
+
+def test_secrets_come_inline_from_env_or_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "token").write_text("file-secret-value\n")
+    monkeypatch.setenv("ELEVATE_KEY_FOR_TEST", "env-secret-value")
+    (tmp_path / "config.yaml").write_text(
+        """
+sources:
+  - {name: a, type: elevate, cluster_id: c, api_key: inline-secret-value}
+  - {name: b, type: elevate, cluster_id: c, api_key_env: ELEVATE_KEY_FOR_TEST}
+  - {name: c, type: rocketchat, url: "http://chat", user_id: u, auth_token_file: token}
+"""
+    )
+    config = load_config(tmp_path / "config.yaml")
+    assert [s.secret("api_key") for s in config.sources[:2]] == [
+        "inline-secret-value",
+        "env-secret-value",
+    ]
+    assert config.sources[2].secret("auth_token") == "file-secret-value"
+
+
+def test_defaults_and_durations() -> None:
+    config = parse_config_text(
+        ELEVATE.replace("cluster_id: c1", "cluster_id: c1\n    interval: 1h30m"), "x"
+    )
+    source = config.sources[0]
+    assert source.interval == 5400
+    assert (source.timeout, source.concurrency) == (10, 4)
+    assert source.import_entries()[0].id == "1"
+
+
+def test_numeric_id_keeps_every_digit() -> None:
+    config = parse_config_text(ELEVATE.replace('{id: "1"}', "{id: 5537431447739019570}"), "x")
+    assert config.sources[0].import_entries()[0].id == "5537431447739019570"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_example_config_is_valid_with_its_secrets_set() -> None:
+    import os
+
+    env = {
+        **os.environ,
+        "ELEVATE_API_KEY": "k-example-1",
+        "SALESFORCE_CLIENT_SECRET": "cs-example-1",
+        "SALESFORCE_PASSWORD": "pw-example-1",
+        "ROCKETCHAT_AUTH_TOKEN": "rc-example-1",
+    }
+    result = run_cli("--config.file", "config.yaml", "--check-config", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "OK (3 sources" in result.stdout
+
+
+def test_check_config_exits_1_and_lists_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ELEVATE.replace("cluster_id: c1", "cluster_id: c1\n    interval: soon"))
+    result = run_cli("check-config", "--config.file", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}: sources[0].interval: must be a duration like 30s" in result.stderr

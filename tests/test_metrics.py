@@ -1,0 +1,175 @@
+"""What a scrape shows for a given state: names, labels, fallbacks, lint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.metrics import build_registry
+from exporter.model import ErrorReason, Observation, SourceError, State
+from exporter.state import StateStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def samples(state: StateStore) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = generate_latest(build_registry(state)).decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def key(metric: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return (metric, frozenset(labels.items()))
+
+
+@pytest.fixture
+def world() -> tuple[StateStore, Clock]:
+    clock = Clock()
+    state = StateStore(clock=clock)
+    state.add_source("elevate-prod", "elevate", 30.0)
+    state.add_source("chat", "rocketchat", 60.0)
+    state.track("elevate-prod", "1001", name="nightly catalogue")
+    state.track("chat", "chat.example.com")
+    return state, clock
+
+
+def test_state_set_is_emitted_whole(world: tuple[StateStore, Clock]) -> None:
+    state, _ = world
+    state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    values = samples(state)
+    ids = {"source": "elevate-prod", "import": "1001"}
+    assert values[key("import_state", **ids, state="running")] == 1
+    for other in ("waiting", "blocked", "succeeded", "failed", "aborted", "not_found", "unknown"):
+        assert values[key("import_state", **ids, state=other)] == 0
+    info = key(
+        "import_info",
+        **ids,
+        system="elevate",
+        upstream_state="IN_PROGRESS",
+        name="nightly catalogue",
+    )
+    assert values[info] == 1
+
+
+def test_not_yet_polled_imports_export_nothing_but_count_as_tracked(
+    world: tuple[StateStore, Clock],
+) -> None:
+    state, _ = world
+    values = samples(state)
+    assert not any(name == "import_state" for name, _ in values)
+    assert (
+        values[key("import_source_tracked_imports", source="elevate-prod", system="elevate")] == 1
+    )
+
+
+def test_timestamps_fall_back_to_what_the_exporter_saw(world: tuple[StateStore, Clock]) -> None:
+    state, clock = world
+    ids = {"source": "elevate-prod", "import": "1001"}
+    state.record_observation("elevate-prod", "1001", Observation(State.WAITING, "WAITING"))
+    clock.now += 10
+    state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    started = clock.now
+    clock.now += 50
+    state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    values = samples(state)
+    assert values[key("import_start_timestamp_seconds", **ids)] == started
+    assert values[key("import_duration_seconds", **ids)] == 50
+    assert values[key("import_state_change_timestamp_seconds", **ids)] == started
+    assert values[key("import_last_progress_timestamp_seconds", **ids)] == started
+    assert values[key("import_last_poll_success_timestamp_seconds", **ids)] == clock.now
+    assert key("import_end_timestamp_seconds", **ids) not in values
+    clock.now += 40
+    state.record_observation("elevate-prod", "1001", Observation(State.SUCCEEDED, "SUCCESS"))
+    values = samples(state)
+    assert values[key("import_end_timestamp_seconds", **ids)] == clock.now
+    assert values[key("import_duration_seconds", **ids)] == 90
+
+
+def test_upstream_times_win_and_counts_appear_only_where_reported(
+    world: tuple[StateStore, Clock],
+) -> None:
+    state, _ = world
+    obs = Observation(
+        State.RUNNING,
+        "importer_importing_messages",
+        step="importer_importing_messages",
+        items_completed=10,
+        items_expected=100,
+        items_failed=1,
+        started_at=1_699_999_000.0,
+    )
+    state.record_observation("chat", "chat.example.com", obs)
+    state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    values = samples(state)
+    chat = {"source": "chat", "import": "chat.example.com"}
+    assert values[key("import_items_completed", **chat)] == 10
+    assert values[key("import_items_expected", **chat)] == 100
+    assert values[key("import_items_failed", **chat)] == 1
+    assert values[key("import_start_timestamp_seconds", **chat)] == 1_699_999_000.0
+    assert key("import_items_completed", source="elevate-prod", import_="1001") not in values
+    assert not any(
+        name == "import_items_completed" and ("source", "elevate-prod") in labels
+        for name, labels in values
+    )
+
+
+def test_progress_timestamp_moves_only_when_something_changes(
+    world: tuple[StateStore, Clock],
+) -> None:
+    state, clock = world
+    ids = {"source": "chat", "import": "chat.example.com"}
+
+    def obs(completed: int) -> Observation:
+        return Observation(State.RUNNING, "s", step="s", items_completed=completed)
+
+    state.record_observation("chat", "chat.example.com", obs(1))
+    first = clock.now
+    clock.now += 30
+    state.record_observation("chat", "chat.example.com", obs(1))
+    assert samples(state)[key("import_last_progress_timestamp_seconds", **ids)] == first
+    clock.now += 30
+    state.record_observation("chat", "chat.example.com", obs(2))
+    assert samples(state)[key("import_last_progress_timestamp_seconds", **ids)] == clock.now
+
+
+def test_source_health_counters(world: tuple[StateStore, Clock]) -> None:
+    state, _ = world
+    state.record_request("elevate-prod", 0.2)
+    state.record_request("elevate-prod", 3.0)
+    state.record_error("elevate-prod", "1001", SourceError(ErrorReason.TIMEOUT, "slow"))
+    values = samples(state)
+    src = {"source": "elevate-prod", "system": "elevate"}
+    assert values[key("import_source_up", **src)] == 0
+    assert values[key("import_source_requests_total", **src)] == 2
+    assert values[key("import_source_errors_total", **src, reason="timeout")] == 1
+    assert values[key("import_source_errors_total", **src, reason="too_large")] == 0
+    assert values[key("import_source_request_duration_seconds_count", **src)] == 2
+    assert values[key("import_source_request_duration_seconds_bucket", **src, le="0.25")] == 1
+    assert values[key("import_source_request_duration_seconds_bucket", **src, le="+Inf")] == 2
+    assert values[key("import_source_poll_interval_seconds", **src)] == 30
+    state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    assert samples(state)[key("import_source_up", **src)] == 1
+
+
+def test_exposition_passes_promtool_check_metrics(world: tuple[StateStore, Clock]) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (scripts/setup --test installs it)")
+    state, _ = world
+    state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    text = generate_latest(build_registry(state))
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()

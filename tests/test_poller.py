@@ -1,0 +1,162 @@
+"""The poller: intervals, backoff, Retry-After, terminal imports, isolation."""
+
+from __future__ import annotations
+
+import random
+
+from exporter.model import ErrorReason, Observation, SourceError, State
+from exporter.poller import Poller, SourceScheduler
+from exporter.state import StateStore
+from tests.fakes import FakeSource, raise_error, wait_for
+
+RUNNING = Observation(state=State.RUNNING, upstream_state="IN_PROGRESS")
+SUCCEEDED = Observation(state=State.SUCCEEDED, upstream_state="SUCCESS")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scheduler(source: FakeSource, clock: Clock, **kwargs: float) -> SourceScheduler:
+    state = StateStore(clock=clock)
+    state.add_source(source.name, source.system, kwargs.get("interval", 10.0))
+    sched = SourceScheduler(
+        source,
+        state,
+        interval=kwargs.get("interval", 10.0),
+        concurrency=1,
+        max_backoff=kwargs.get("max_backoff", 100.0),
+        clock=clock,
+        rng=random.Random(1),
+    )
+    for spec in source.imports():
+        sched.add(spec)
+    return sched
+
+
+async def test_success_is_polled_again_after_the_interval() -> None:
+    clock = Clock()
+    sched = scheduler(FakeSource("s", ["a"], lambda _: RUNNING), clock)
+    assert await sched.poll_once("a") == clock.now + 10.0
+    assert sched.state.imports[("s", "a")].state is State.RUNNING
+
+
+async def test_failures_back_off_exponentially_with_jitter_capped_and_reset() -> None:
+    clock = Clock()
+    source = FakeSource("s", ["a"], raise_error(SourceError(ErrorReason.SERVER_ERROR, "HTTP 500")))
+    sched = scheduler(source, clock, interval=10.0, max_backoff=60.0)
+    delays = []
+    for _ in range(6):
+        due = await sched.poll_once("a")
+        assert due is not None
+        delays.append(due - clock.now)
+    # 10, 20, 40, then capped at 60; each within +-20% jitter.
+    for delay, base in zip(delays, [10, 20, 40, 60, 60, 60], strict=True):
+        assert base * 0.8 <= delay <= base * 1.2
+    assert len(set(delays)) > 1  # jittered, not lockstep
+    source.behaviour = lambda _: RUNNING
+    assert await sched.poll_once("a") == clock.now + 10.0  # reset on success
+    source.behaviour = raise_error(SourceError(ErrorReason.SERVER_ERROR, "HTTP 500"))
+    due = await sched.poll_once("a")
+    assert due is not None and due - clock.now <= 12.0
+
+
+async def test_retry_after_holds_the_whole_source() -> None:
+    clock = Clock()
+    error = SourceError(ErrorReason.RATE_LIMITED, "HTTP 429", retry_after=120.0)
+    sched = scheduler(FakeSource("s", ["a", "b"], raise_error(error)), clock)
+    due = await sched.poll_once("a")
+    assert due is not None and due >= clock.now + 120.0
+    assert sched._paused_until == clock.now + 120.0
+    assert sched.state.sources["s"].errors_total[ErrorReason.RATE_LIMITED] == 1
+
+
+async def test_terminal_import_is_confirmed_once_then_no_longer_polled_but_kept() -> None:
+    clock = Clock()
+    sched = scheduler(FakeSource("s", ["a"], lambda _: SUCCEEDED), clock)
+    assert await sched.poll_once("a") is not None  # first sight: poll once more to confirm
+    assert await sched.poll_once("a") is None  # confirmed: stop polling
+    assert sched.state.imports[("s", "a")].state is State.SUCCEEDED
+
+
+async def test_a_server_source_keeps_being_polled_after_a_terminal_state() -> None:
+    clock = Clock()
+    source = FakeSource("s", ["chat"], lambda _: SUCCEEDED)
+    source.follows_server = True  # type: ignore[misc]
+    sched = scheduler(source, clock)
+    for _ in range(3):
+        assert await sched.poll_once("chat") == clock.now + 10.0
+
+
+async def test_an_adapter_bug_is_counted_and_does_not_stop_polling() -> None:
+    clock = Clock()
+
+    def broken(_: str) -> Observation:
+        raise KeyError("status")
+
+    sched = scheduler(FakeSource("s", ["a"], broken), clock)
+    assert await sched.poll_once("a") is not None
+    assert sched.state.sources["s"].errors_total[ErrorReason.INVALID_RESPONSE] == 1
+
+
+async def test_a_hanging_source_does_not_delay_another() -> None:
+    state = StateStore()
+    poller = Poller(state)
+    dead = FakeSource("dead", ["x", "y"], lambda _: RUNNING)
+    dead.hanging = True
+    alive = FakeSource("alive", ["a", "b"], lambda _: RUNNING)
+    for source in (dead, alive):
+        poller.add_source(
+            source, interval=0.05, concurrency=1, max_backoff=1.0, imports=source.imports()
+        )
+    poller.start()
+    try:
+        await wait_for(lambda: min(alive.polls["a"], alive.polls["b"]) >= 5)
+        assert dead.polls["x"] + dead.polls["y"] == 1  # one worker, stuck on its first poll
+    finally:
+        await poller.stop()
+
+
+async def test_a_slow_import_only_holds_one_worker() -> None:
+    state = StateStore()
+    poller = Poller(state)
+    source = FakeSource("s", ["slow", "fast"], lambda _: RUNNING)
+    original = source.poll
+
+    async def poll(import_id: str) -> Observation:
+        if import_id == "slow":
+            source.polls[import_id] += 1
+            await source.hang.wait()
+        return await original(import_id)
+
+    source.poll = poll  # type: ignore[method-assign]
+    poller.add_source(
+        source, interval=0.05, concurrency=2, max_backoff=1.0, imports=source.imports()
+    )
+    poller.start()
+    try:
+        await wait_for(lambda: source.polls["fast"] >= 5)
+        assert source.polls["slow"] == 1
+    finally:
+        await poller.stop()
+
+
+async def test_removed_import_is_no_longer_polled() -> None:
+    state = StateStore()
+    poller = Poller(state)
+    source = FakeSource("s", ["a", "b"], lambda _: RUNNING)
+    sched = poller.add_source(
+        source, interval=0.05, concurrency=1, max_backoff=1.0, imports=source.imports()
+    )
+    sched.remove("a")
+    poller.start()
+    try:
+        await wait_for(lambda: source.polls["b"] >= 3)
+        assert source.polls["a"] == 0
+        assert ("s", "a") not in state.imports
+    finally:
+        await poller.stop()
