@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -14,6 +15,7 @@ from exporter.sources import build_source
 from exporter.sources.base import ImportSpec
 from exporter.state import StateStore
 from exporter.web import create_web_app
+from exporter.webconfig import build_ssl_context, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,25 @@ def parse_listen_address(address: str) -> tuple[str | None, int]:
 class Exporter:
     """One exporter process's moving parts, started and stopped together."""
 
-    def __init__(self, config: Config, listen_address: str = f":{DEFAULT_PORT}") -> None:
+    def __init__(
+        self,
+        config: Config,
+        listen_address: str = f":{DEFAULT_PORT}",
+        web_config_file: str | None = None,
+    ) -> None:
         self.config = config
         self.host, self.port = parse_listen_address(listen_address)
+        self.web_config = load_web_config(web_config_file) if web_config_file else None
+        self.ssl_context = None
+        if self.web_config is not None and self.web_config.tls_server_config is not None:
+            assert web_config_file is not None
+            self.ssl_context = build_ssl_context(
+                self.web_config.tls_server_config, Path(web_config_file).parent
+            )
         self.state = StateStore()
         self.poller = Poller(self.state)
         self.registry = build_registry(self.state)
-        self.web_app = create_web_app(self.state, self.registry)
+        self.web_app = create_web_app(self.state, self.registry, web_config=self.web_config)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
@@ -67,7 +81,7 @@ class Exporter:
             )
         self._runner = web.AppRunner(self.web_app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         if self.port == 0:
             self.port = self.bound_port()

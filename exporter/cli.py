@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=f":{DEFAULT_PORT}",
         help=f"address to serve /metrics and pages on (default :{DEFAULT_PORT})",
     )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        help="TLS and basic auth config, in the Prometheus exporter-toolkit format",
+    )
     parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
     parser.add_argument(
         "--log.format", dest="log_format", choices=["logfmt", "json"], default="logfmt"
@@ -107,7 +113,7 @@ async def run(args: argparse.Namespace) -> int:
             config = await stack.enter_async_context(start_demo_simulator(args.demo_speed))
         else:
             config = load_config(args.config_file)
-        exporter = Exporter(config, args.listen_address)
+        exporter = Exporter(config, args.listen_address, args.web_config_file)
         await exporter.start()
         stack.push_async_callback(exporter.stop)
         await stop.wait()

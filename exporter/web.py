@@ -15,14 +15,19 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.state import ImportRecord, StateStore
+from exporter.webconfig import WebConfig, security_middlewares
 
 STATE_KEY = web.AppKey("state", StateStore)
 
 
 def create_web_app(
-    state: StateStore, registry: CollectorRegistry, clock: Callable[[], float] = time.time
+    state: StateStore,
+    registry: CollectorRegistry,
+    clock: Callable[[], float] = time.time,
+    web_config: WebConfig | None = None,
 ) -> web.Application:
-    app = web.Application()
+    middlewares = security_middlewares(web_config) if web_config is not None else []
+    app = web.Application(middlewares=middlewares)
     app[STATE_KEY] = state
 
     async def healthy(_: web.Request) -> web.Response:
