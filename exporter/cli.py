@@ -107,15 +107,21 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         config: Config
+        loader = None
         if args.demo:
             from exporter.demo import start_demo_simulator
 
             config = await stack.enter_async_context(start_demo_simulator(args.demo_speed))
         else:
             config = load_config(args.config_file)
-        exporter = Exporter(config, args.listen_address, args.web_config_file)
+
+            def loader() -> Config:
+                return load_config(args.config_file)
+
+        exporter = Exporter(config, args.listen_address, args.web_config_file, loader)
         await exporter.start()
         stack.push_async_callback(exporter.stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(exporter.reload()))
         await stop.wait()
         log.info("shutting down")
     return 0

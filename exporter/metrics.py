@@ -44,6 +44,18 @@ class StateCollector(Collector):
         )
         build.add_metric([__version__], 1)
         yield build
+        reload_ok = GaugeMetricFamily(
+            "import_exporter_config_last_reload_successful",
+            "1 if the last configuration load or reload succeeded, else 0.",
+        )
+        reload_ok.add_metric([], 1.0 if self.state.last_reload_successful else 0.0)
+        yield reload_ok
+        if self.state.last_reload_success_at is not None:
+            yield GaugeMetricFamily(
+                "import_exporter_config_last_reload_success_timestamp_seconds",
+                "When the configuration was last loaded successfully.",
+                value=self.state.last_reload_success_at,
+            )
 
     def _import_metrics(self) -> Iterator[Metric]:
         now = self.state.clock()

@@ -205,6 +205,14 @@ class Poller:
         self.schedulers[source.name] = scheduler
         return scheduler
 
+    async def remove_source(self, name: str, *, keep_state: bool = False) -> None:
+        """Stop polling a source; unless ``keep_state``, forget it and its imports."""
+        scheduler = self.schedulers.pop(name, None)
+        if scheduler is not None:
+            await scheduler.stop()
+        if not keep_state:
+            self.state.remove_source(name)
+
     def start(self) -> None:
         for scheduler in self.schedulers.values():
             scheduler.start()

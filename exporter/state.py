@@ -110,6 +110,13 @@ class StateStore:
         self.clock = clock
         self.sources: dict[str, SourceRecord] = {}
         self.imports: dict[tuple[str, str], ImportRecord] = {}
+        self.last_reload_successful = True
+        self.last_reload_success_at: float | None = None
+
+    def record_reload(self, *, success: bool) -> None:
+        self.last_reload_successful = success
+        if success:
+            self.last_reload_success_at = self.clock()
 
     # --- registration -------------------------------------------------------
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -25,6 +25,7 @@ def create_web_app(
     registry: CollectorRegistry,
     clock: Callable[[], float] = time.time,
     web_config: WebConfig | None = None,
+    reload: Callable[[], Awaitable[list[str]]] | None = None,
 ) -> web.Application:
     middlewares = security_middlewares(web_config) if web_config is not None else []
     app = web.Application(middlewares=middlewares)
@@ -41,7 +42,16 @@ def create_web_app(
     async def landing(_: web.Request) -> web.Response:
         return web.Response(text=render_landing_page(state, clock()), content_type="text/html")
 
+    async def reload_config(_: web.Request) -> web.Response:
+        if reload is None:
+            return web.json_response({"error": "reload is not available"}, status=501)
+        errors = await reload()
+        if errors:
+            return web.json_response({"status": "rejected", "errors": errors}, status=400)
+        return web.json_response({"status": "reloaded"})
+
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_post("/-/reload", reload_config)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/", landing)
