@@ -113,11 +113,7 @@ class Exporter:
                     if record.origin != "config"
                 ]
                 await self.poller.remove_source(name, keep_state=True)
-            source = build_source(
-                source_config,
-                self._session,
-                observe=lambda duration, name=name: self.state.record_request(name, duration),
-            )
+            source = build_source(source_config, self._session, observe=self._observer(name))
             configured = source.imports()
             scheduler = self.poller.add_source(
                 source,
@@ -134,6 +130,12 @@ class Exporter:
                     self.state.untrack(name, record.import_id)
             scheduler.start()
         self.config = config
+
+    def _observer(self, source: str) -> Callable[[float], None]:
+        def observe(duration: float) -> None:
+            self.state.record_request(source, duration)
+
+        return observe
 
     async def reload(self) -> list[str]:
         """Load the config again and apply it; return its errors (empty: applied)."""

@@ -22,6 +22,7 @@ from typing import Literal
 import bcrypt
 import yaml
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from exporter.config import ConfigError, _describe_errors
@@ -202,9 +203,9 @@ def _parse_basic(header: str | None) -> tuple[str, bytes] | None:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def security_middlewares(config: WebConfig) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+def security_middlewares(config: WebConfig) -> list[Middleware]:
     """aiohttp middlewares applying basic auth and headers to every endpoint."""
-    middlewares = []
+    middlewares: list[Middleware] = []
     headers = dict(config.http_server_config.headers) if config.http_server_config else {}
     auth = BasicAuth(config.basic_auth_users) if config.basic_auth_users else None
 

@@ -1,0 +1,170 @@
+"""Polling overhead: the exporter's polls per second and CPU per 1,000 polls,
+against a bare aiohttp loop doing the same requests at the same concurrency.
+
+    .venv/bin/python bench/polling.py            # 100, 1,000 and 10,000 imports
+    .venv/bin/python bench/polling.py --quick    # seconds; what the tests run
+
+The simulator runs in its own process; both runs share it, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import cpu_seconds, print_table, simulator_process, write_json  # noqa: E402
+from exporter.app import Exporter  # noqa: E402
+from exporter.config import parse_config_data  # noqa: E402
+from exporter.simulator import DEMO_CREDENTIALS  # noqa: E402
+
+TARGET_RATE_RATIO = 0.85
+TARGET_CPU_RATIO = 1.25
+
+
+def bench_ids(count: int) -> list[str]:
+    return [f"bench-{i}" for i in range(count)]
+
+
+async def measure_baseline(url: str, count: int, concurrency: int, seconds: float) -> dict[str, float]:
+    """One ClientSession, ``concurrency`` workers cycling over the ids, parsing JSON."""
+    ids = itertools.cycle(bench_ids(count))
+    headers = {"Api-Key": DEMO_CREDENTIALS.elevate_api_key, "Accept-Encoding": "gzip"}
+    polls = 0
+    measuring = False
+    stop = False
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal polls
+        while not stop:
+            params = {"id": next(ids)}
+            async with session.get(
+                f"{url}/api/admin/v3/import/status", params=params, headers=headers
+            ) as response:
+                json.loads(await response.read())
+            if measuring:
+                polls += 1
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
+        await asyncio.sleep(min(1.0, seconds / 3))  # warm up connections
+        measuring = True
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        cpu1, t1 = cpu_seconds(), time.perf_counter()
+        measuring = False
+        done = polls
+        stop = True
+        await asyncio.gather(*tasks)
+    return {"polls": done, "seconds": t1 - t0, "cpu": cpu1 - cpu0}
+
+
+async def measure_exporter(url: str, count: int, concurrency: int, seconds: float) -> dict[str, float]:
+    config = parse_config_data(
+        {
+            "sources": [
+                {
+                    "name": "bench",
+                    "type": "elevate",
+                    "url": url,
+                    "api_key": DEMO_CREDENTIALS.elevate_api_key,
+                    "concurrency": concurrency,
+                    "interval": "1h",
+                    "timeout": "10s",
+                    "imports": [{"id": i} for i in bench_ids(count)],
+                }
+            ]
+        },
+        "bench",
+    )
+    # "As fast as the concurrency allows": every import is due again as soon
+    # as its poll returns. (A config file cannot say this: interval >= timeout.)
+    source = config.sources[0].model_copy(update={"interval": 1e-6})
+    source._secrets.update(config.sources[0]._secrets)
+    config = config.model_copy(update={"sources": [source]})
+    exporter = Exporter(config, "127.0.0.1:0")
+    await exporter.start()
+    try:
+        record = exporter.state.sources["bench"]
+        await asyncio.sleep(min(1.0, seconds / 3))
+        polls0, cpu0, t0 = record.requests_total, cpu_seconds(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        polls1, cpu1, t1 = record.requests_total, cpu_seconds(), time.perf_counter()
+        errors = sum(record.errors_total.values())
+    finally:
+        await exporter.stop()
+    return {"polls": polls1 - polls0, "seconds": t1 - t0, "cpu": cpu1 - cpu0, "errors": errors}
+
+
+def summarize(run: dict[str, float]) -> tuple[float, float]:
+    rate = run["polls"] / run["seconds"]
+    cpu_per_1000 = run["cpu"] / max(run["polls"], 1) * 1000
+    return rate, cpu_per_1000
+
+
+async def main_async(sizes: list[int], concurrency: int, seconds: float) -> dict[str, Any]:
+    results = []
+    with simulator_process() as url:
+        for count in sizes:
+            base = await measure_baseline(url, count, concurrency, seconds)
+            ours = await measure_exporter(url, count, concurrency, seconds)
+            base_rate, base_cpu = summarize(base)
+            rate, cpu = summarize(ours)
+            results.append(
+                {
+                    "imports": count,
+                    "baseline_polls_per_s": base_rate,
+                    "baseline_cpu_s_per_1000": base_cpu,
+                    "exporter_polls_per_s": rate,
+                    "exporter_cpu_s_per_1000": cpu,
+                    "rate_ratio": rate / base_rate,
+                    "cpu_ratio": cpu / base_cpu,
+                    "exporter_errors": ours.get("errors", 0),
+                }
+            )
+    return {"concurrency": concurrency, "seconds": seconds, "results": results}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for the test suite")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--sizes", type=int, nargs="*", default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    sizes = args.sizes or ([100] if args.quick else [100, 1000, 10000])
+    seconds = args.seconds or (1.0 if args.quick else 8.0)
+    data = asyncio.run(main_async(sizes, args.concurrency, seconds))
+    print_table(
+        f"Polling overhead (concurrency {args.concurrency}, {seconds:g}s each; "
+        f"targets: rate ratio >= {TARGET_RATE_RATIO}, CPU ratio <= {TARGET_CPU_RATIO})",
+        ["imports", "base polls/s", "ours polls/s", "rate ratio", "base CPU/1k", "ours CPU/1k", "CPU ratio"],
+        [
+            [
+                r["imports"],
+                r["baseline_polls_per_s"],
+                r["exporter_polls_per_s"],
+                r["rate_ratio"],
+                r["baseline_cpu_s_per_1000"],
+                r["exporter_cpu_s_per_1000"],
+                r["cpu_ratio"],
+            ]
+            for r in data["results"]
+        ],
+    )
+    write_json("polling", data, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""Voyado Elevate / Apptus eSales: ``GET /api/admin/{v3|v4}/import/status?id=ID``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from exporter.config import ElevateConfig
+from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
+from exporter.sources.base import (
+    HttpResponse,
+    ImportSpec,
+    RequestObserver,
+    Source,
+    error_for_status,
+    parse_json,
+)
+
+STATUS_MAP = {
+    "WAITING": State.WAITING,
+    "BLOCKED": State.BLOCKED,
+    "IN_PROGRESS": State.RUNNING,
+    "SUCCESS": State.SUCCEEDED,
+    "FAILURE": State.FAILED,
+    "ABORTED": State.ABORTED,
+    "NOT_FOUND": State.NOT_FOUND,
+}
+
+
+def parse_status(response: HttpResponse, import_id: str) -> Observation:
+    """Turn one import-status answer into an observation (or raise SourceError)."""
+    if response.status == 404:
+        # Elevate documents 404 as "Cluster not found": the URL or cluster id
+        # is wrong, which says nothing about the import itself.
+        raise SourceError(ErrorReason.CLIENT_ERROR, "import/status: HTTP 404 (cluster not found)")
+    if response.status == 403:
+        raise SourceError(ErrorReason.UNAUTHORIZED, "import/status: HTTP 403 (bad API key)")
+    if response.status != 200:
+        raise error_for_status(response, "import/status")
+    body: Any = parse_json(response.body)
+    if not isinstance(body, dict):
+        raise ParseError("import/status: body is not a JSON object")
+    status = body.get("status")
+    if not isinstance(status, str):
+        raise ParseError("import/status: no status string in the answer")
+    answered_id = body.get("id")
+    # The id is a string in one doc version and a JSON number in another.
+    if answered_id is not None and not isinstance(answered_id, bool):
+        if isinstance(answered_id, str | int) and str(answered_id) != import_id:
+            raise ParseError(f"import/status: answer is about import {str(answered_id)[:40]!r}")
+        if not isinstance(answered_id, str | int):
+            raise ParseError("import/status: id is neither a string nor an integer")
+    reason = body.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise ParseError("import/status: reason is neither a string nor null")
+    return Observation(
+        state=STATUS_MAP.get(status, State.UNKNOWN),
+        upstream_state=status[:100],
+        reason=reason[:1000] if reason else None,
+    )
+
+
+class ElevateSource(Source):
+    system = "elevate"
+
+    def __init__(
+        self,
+        config: ElevateConfig,
+        session: aiohttp.ClientSession,
+        observe: RequestObserver | None = None,
+    ) -> None:
+        super().__init__(
+            config.name,
+            session,
+            timeout=config.timeout,
+            max_bytes=config.max_response_bytes,
+            observe=observe,
+        )
+        self.config = config
+        self.url = f"{config.base_url}/api/admin/{config.api_version}/import/status"
+        api_key = config.secret("api_key")
+        assert api_key is not None  # required; resolved when the config loaded
+        self.headers = {
+            "Api-Key": api_key,
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip",
+        }
+
+    def imports(self) -> list[ImportSpec]:
+        return [ImportSpec(entry.id, entry.name) for entry in self.config.imports]
+
+    async def poll(self, import_id: str) -> Observation:
+        response = await self.request(
+            "GET", self.url, headers=self.headers, params={"id": import_id}
+        )
+        return parse_status(response, import_id)

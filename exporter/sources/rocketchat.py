@@ -1,0 +1,220 @@
+"""Rocket.Chat: ``GET /api/v1/getImportProgress`` (one import at a time per server).
+
+The target is the server, not an import id. Where the token may call
+``getCurrentImportOperation``, its ``valid: false`` (the record a server
+restart leaves behind) reports the import as failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import aiohttp
+
+from exporter.config import RocketChatConfig
+from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
+from exporter.sources.base import (
+    HttpResponse,
+    ImportSpec,
+    RequestObserver,
+    Source,
+    error_for_status,
+    parse_json,
+    retry_after_seconds,
+)
+
+log = logging.getLogger(__name__)
+
+WAITING_STEPS = frozenset(
+    {
+        "importer_new",
+        "importer_uploading",
+        "importer_downloading_file",
+        "importer_file_loaded",
+        # Idle until an operator picks what to import.
+        "importer_user_selection",
+    }
+)
+RUNNING_STEPS = frozenset(
+    {
+        "importer_preparing_started",
+        "importer_preparing_users",
+        "importer_preparing_channels",
+        "importer_preparing_messages",
+        "importer_preparing_contacts",
+        "importer_importing_started",
+        "importer_importing_users",
+        "importer_importing_channels",
+        "importer_importing_messages",
+        "importer_importing_contacts",
+        "importer_importing_files",
+        "importer_finishing",
+    }
+)
+FINAL_STEPS = {
+    "importer_done": State.SUCCEEDED,
+    "importer_import_failed": State.FAILED,
+    "importer_import_cancelled": State.ABORTED,
+}
+NO_IMPORT = "no_import"
+INVALID_REASON = "import operation marked invalid (server restarted during the import?)"
+
+
+def state_of_step(step: str) -> State:
+    if step in WAITING_STEPS:
+        return State.WAITING
+    if step in RUNNING_STEPS:
+        return State.RUNNING
+    return FINAL_STEPS.get(step, State.UNKNOWN)
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        parsed = parse_json(body)
+    except ParseError:
+        return ""
+    if not isinstance(parsed, dict):
+        return ""
+    for key in ("errorType", "error", "message"):
+        value = parsed.get(key)
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+def _count(value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ParseError(f"getImportProgress: {field} is not a count")
+    return value
+
+
+def rate_limit_error(response: HttpResponse, what: str, now: float | None = None) -> SourceError:
+    """A 429, with how long to wait from X-RateLimit-Reset (epoch ms) or Retry-After."""
+    wait = retry_after_seconds(response.headers.get("Retry-After"))
+    reset = response.headers.get("X-RateLimit-Reset")
+    if reset is not None:
+        with contextlib.suppress(ValueError):
+            wait = max(0.0, float(reset) / 1000 - (time.time() if now is None else now))
+    return SourceError(ErrorReason.RATE_LIMITED, f"{what}: HTTP 429 (rate limited)", wait)
+
+
+def parse_progress(response: HttpResponse) -> Observation:
+    """Turn one getImportProgress answer into an observation (or raise SourceError)."""
+    if response.status == 400:
+        text = _error_text(response.body)
+        if "error-operation-not-found" in text:
+            # The server has never imported anything: an answer, not a failure.
+            return Observation(state=State.NOT_FOUND, upstream_state=NO_IMPORT)
+        raise SourceError(ErrorReason.CLIENT_ERROR, "getImportProgress: HTTP 400")
+    if response.status == 401:
+        raise SourceError(ErrorReason.UNAUTHORIZED, "getImportProgress: HTTP 401 (not logged in)")
+    if response.status == 403:
+        raise SourceError(
+            ErrorReason.UNAUTHORIZED, "getImportProgress: HTTP 403 (user lacks run-import)"
+        )
+    if response.status == 429:
+        raise rate_limit_error(response, "getImportProgress")
+    if response.status != 200:
+        raise error_for_status(response, "getImportProgress")
+    body: Any = parse_json(response.body)
+    if not isinstance(body, dict):
+        raise ParseError("getImportProgress: body is not a JSON object")
+    if body.get("success") is False:
+        raise ParseError("getImportProgress: answer says success: false")
+    step = body.get("step")
+    if not isinstance(step, str):
+        raise ParseError("getImportProgress: no step string in the answer")
+    count = body.get("count")
+    if count is None:
+        count = {}
+    if not isinstance(count, dict):
+        raise ParseError("getImportProgress: count is not an object")
+    return Observation(
+        state=state_of_step(step),
+        upstream_state=step[:100],
+        step=step[:100],
+        items_completed=_count(count.get("completed"), "count.completed"),
+        items_expected=_count(count.get("total"), "count.total"),
+        items_failed=_count(count.get("error"), "count.error"),
+    )
+
+
+def parse_operation_valid(response: HttpResponse) -> bool | None:
+    """``operation.valid`` of getCurrentImportOperation; None when it does not say."""
+    if response.status != 200:
+        return None
+    try:
+        body = parse_json(response.body)
+    except ParseError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    operation = body.get("operation")
+    if not isinstance(operation, dict):
+        return None
+    valid = operation.get("valid")
+    return valid if isinstance(valid, bool) else None
+
+
+class RocketChatSource(Source):
+    system = "rocketchat"
+    follows_server = True
+
+    def __init__(
+        self,
+        config: RocketChatConfig,
+        session: aiohttp.ClientSession,
+        observe: RequestObserver | None = None,
+    ) -> None:
+        super().__init__(
+            config.name,
+            session,
+            timeout=config.timeout,
+            max_bytes=config.max_response_bytes,
+            observe=observe,
+        )
+        self.config = config
+        token = config.secret("auth_token")
+        assert token is not None  # required; resolved when the config loaded
+        self.headers = {
+            "X-User-Id": config.user_id,
+            "X-Auth-Token": token,
+            "Accept": "application/json",
+        }
+        self.check_operation = config.check_operation
+
+    def imports(self) -> list[ImportSpec]:
+        return [ImportSpec(self.config.server)]
+
+    async def poll(self, import_id: str) -> Observation:
+        response = await self.request(
+            "GET", f"{self.config.url}/api/v1/getImportProgress", headers=self.headers
+        )
+        observation = parse_progress(response)
+        unfinished = observation.state in (State.WAITING, State.RUNNING)
+        if self.check_operation and unfinished and await self._operation_is_dead():
+            return dataclasses.replace(observation, state=State.FAILED, reason=INVALID_REASON)
+        return observation
+
+    async def _operation_is_dead(self) -> bool:
+        try:
+            response = await self.request(
+                "GET", f"{self.config.url}/api/v1/getCurrentImportOperation", headers=self.headers
+            )
+        except SourceError:
+            return False  # the progress answer stands on its own
+        if response.status == 403:
+            self.check_operation = False
+            log.info(
+                "source=%s: no permission for getCurrentImportOperation; "
+                "dead imports will show as stuck instead of failed",
+                self.name,
+            )
+            return False
+        return parse_operation_valid(response) is False
