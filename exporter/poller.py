@@ -58,7 +58,6 @@ class SourceScheduler:
         self._failures: dict[str, int] = {}
         self._paused_until = 0.0
         self._wakeup = asyncio.Event()
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- membership ---------------------------------------------------------
@@ -86,7 +85,6 @@ class SourceScheduler:
 
     def start(self) -> None:
         name = self.source.name
-        self._tasks.append(asyncio.create_task(self._dispatch(), name=f"dispatch:{name}"))
         for i in range(self.concurrency):
             self._tasks.append(asyncio.create_task(self._work(), name=f"poll:{name}:{i}"))
 
@@ -98,8 +96,8 @@ class SourceScheduler:
                 await task
         self._tasks.clear()
 
-    async def _dispatch(self) -> None:
-        """Move imports whose time has come from the heap to the workers."""
+    async def _next_due(self) -> str:
+        """Wait until an import is due (and the source is not held); take it."""
         while True:
             if not self._heap:
                 self._wakeup.clear()
@@ -110,27 +108,24 @@ class SourceScheduler:
                 heapq.heappop(self._heap)  # removed while waiting
                 continue
             delay = max(due, self._paused_until) - self.clock()
-            if delay > 0:
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wakeup.wait()
-                continue
-            heapq.heappop(self._heap)
-            self._queue.put_nowait(import_id)
+            if delay <= 0:
+                heapq.heappop(self._heap)
+                return import_id
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wakeup.wait()
 
     async def _work(self) -> None:
+        # Workers take due imports straight from the heap: no dispatcher task
+        # and no queue hop per poll.
         while True:
-            import_id = await self._queue.get()
-            if import_id not in self._scheduled:
-                continue
+            import_id = await self._next_due()
             next_due = await self.poll_once(import_id)
             if import_id not in self._scheduled:
                 continue  # removed while in flight
-            if next_due is None:
-                self._scheduled.discard(import_id)
-            else:
-                self._scheduled.discard(import_id)
+            self._scheduled.discard(import_id)
+            if next_due is not None:
                 self._push(import_id, next_due)
 
     async def poll_once(self, import_id: str) -> float | None:

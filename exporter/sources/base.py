@@ -20,8 +20,6 @@ from exporter.redact import redact
 RequestObserver = Callable[[float], None]
 """Called with the duration in seconds of every HTTP request a source makes."""
 
-_CHUNK = 64 * 1024
-
 
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
@@ -49,6 +47,7 @@ async def http_request(
     params: Mapping[str, str] | None = None,
     data: Mapping[str, str] | None = None,
     observe: RequestObserver | None = None,
+    client_timeout: aiohttp.ClientTimeout | None = None,
 ) -> HttpResponse:
     """Make one request, reading at most ``max_bytes`` of (decompressed) body.
 
@@ -63,15 +62,19 @@ async def http_request(
             headers=headers,
             params=params,
             data=data,
-            timeout=aiohttp.ClientTimeout(total=timeout),
+            timeout=client_timeout or aiohttp.ClientTimeout(total=timeout),
             allow_redirects=False,
         ) as response:
-            if response.content_length is not None and response.content_length > max_bytes:
+            length = response.content_length
+            if length is not None and length > max_bytes:
                 raise _too_large(max_bytes)
+            if length is not None and "Content-Encoding" not in response.headers:
+                # Plain body of a known, allowed size: one read.
+                return HttpResponse(response.status, response.headers, await response.read())
             body = bytearray()
-            # Read in chunks so an oversized (or decompression-bomb) body is
-            # cut off at the cap instead of being buffered whole.
-            async for chunk in response.content.iter_chunked(_CHUNK):
+            # Otherwise read in pieces so an oversized (or decompression-bomb)
+            # body is cut off at the cap instead of being buffered whole.
+            async for chunk in response.content.iter_any():
                 body += chunk
                 if len(body) > max_bytes:
                     raise _too_large(max_bytes)
@@ -170,6 +173,7 @@ class Source(ABC):
         self.timeout = timeout
         self.max_bytes = max_bytes
         self.observe = observe
+        self.client_timeout = aiohttp.ClientTimeout(total=timeout)
 
     @abstractmethod
     def imports(self) -> list[ImportSpec]:
@@ -199,4 +203,5 @@ class Source(ABC):
             params=params,
             data=data,
             observe=self.observe,
+            client_timeout=self.client_timeout,
         )
