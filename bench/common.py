@@ -33,7 +33,15 @@ def simulator_process(speed: float = 1.0) -> Iterator[str]:
     against the exporter or the baseline; yield its base URL."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "exporter.simulator", "--listen", f"127.0.0.1:{port}", "--speed", str(speed)],
+        [
+            sys.executable,
+            "-m",
+            "exporter.simulator",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--speed",
+            str(speed),
+        ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, print_table, rss_bytes, simulator_process, write_json  # noqa: E402
+from bench.common import ROOT, print_table, rss_bytes, simulator_process, write_json
 
 TARGET_BYTES_PER_IMPORT = 4096
 

@@ -22,10 +22,10 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_seconds, print_table, simulator_process, write_json  # noqa: E402
-from exporter.app import Exporter  # noqa: E402
-from exporter.config import parse_config_data  # noqa: E402
-from exporter.simulator import DEMO_CREDENTIALS  # noqa: E402
+from bench.common import cpu_seconds, print_table, simulator_process, write_json
+from exporter.app import Exporter
+from exporter.config import parse_config_data
+from exporter.simulator import DEMO_CREDENTIALS
 
 TARGET_RATE_RATIO = 0.85
 TARGET_CPU_RATIO = 1.25
@@ -35,7 +35,9 @@ def bench_ids(count: int) -> list[str]:
     return [f"bench-{i}" for i in range(count)]
 
 
-async def measure_baseline(url: str, count: int, concurrency: int, seconds: float) -> dict[str, float]:
+async def measure_baseline(
+    url: str, count: int, concurrency: int, seconds: float
+) -> dict[str, float]:
     """One ClientSession, ``concurrency`` workers cycling over the ids, parsing JSON."""
     ids = itertools.cycle(bench_ids(count))
     headers = {"Api-Key": DEMO_CREDENTIALS.elevate_api_key, "Accept-Encoding": "gzip"}
@@ -68,7 +70,9 @@ async def measure_baseline(url: str, count: int, concurrency: int, seconds: floa
     return {"polls": done, "seconds": t1 - t0, "cpu": cpu1 - cpu0}
 
 
-async def measure_exporter(url: str, count: int, concurrency: int, seconds: float) -> dict[str, float]:
+async def measure_exporter(
+    url: str, count: int, concurrency: int, seconds: float
+) -> dict[str, float]:
     config = parse_config_data(
         {
             "sources": [
@@ -148,7 +152,15 @@ def main() -> int:
     print_table(
         f"Polling overhead (concurrency {args.concurrency}, {seconds:g}s each; "
         f"targets: rate ratio >= {TARGET_RATE_RATIO}, CPU ratio <= {TARGET_CPU_RATIO})",
-        ["imports", "base polls/s", "ours polls/s", "rate ratio", "base CPU/1k", "ours CPU/1k", "CPU ratio"],
+        [
+            "imports",
+            "base polls/s",
+            "ours polls/s",
+            "rate ratio",
+            "base CPU/1k",
+            "ours CPU/1k",
+            "CPU ratio",
+        ],
         [
             [
                 r["imports"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from exporter.webconfig import build_ssl_context, load_web_config
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10451
+RENDER_SWITCH_INTERVAL = 0.001
 
 
 def parse_listen_address(address: str) -> tuple[str | None, int]:
@@ -70,6 +72,10 @@ class Exporter:
         self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
+        # Renders run in a worker thread; a short GIL switch interval keeps
+        # the event loop's many small I/O steps from queueing behind a render
+        # for 5 ms each (the convoy effect).
+        sys.setswitchinterval(RENDER_SWITCH_INTERVAL)
         self._session = aiohttp.ClientSession(
             headers={"User-Agent": f"import-status-exporter/{__version__}"},
             # Concurrency is limited per source by each scheduler's workers.

@@ -5,13 +5,16 @@ Every handler only reads the :class:`StateStore`; none waits on an upstream.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import html
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client.aiohttp import make_aiohttp_handler
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
 from exporter.state import ImportRecord, StateStore
@@ -50,12 +53,68 @@ def create_web_app(
             return web.json_response({"status": "rejected", "errors": errors}, status=400)
         return web.json_response({"status": "reloaded"})
 
-    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get("/metrics", metrics_handler(registry))
     app.router.add_post("/-/reload", reload_config)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/", landing)
     return app
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def metrics_handler(registry: CollectorRegistry) -> Handler:
+    """``/metrics`` like ``prometheus_client.aiohttp.make_aiohttp_handler``
+    (the same encoders, content negotiation, ``name[]`` filter and gzip), but
+    rendered in a worker thread: at 10,000 imports a render takes over a
+    second, and on the event loop it would stall every poll for that long.
+    Scrapes that arrive while a render of the same kind is running share it.
+    """
+    in_flight: dict[tuple[str, tuple[str, ...]], asyncio.Future[bytes]] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
+        names = tuple(request.query.getall("name[]", []))
+        key = (content_type, names)
+        future = in_flight.get(key)
+        if future is None:
+            target = registry.restricted_registry(list(names)) if names else registry
+            future = asyncio.get_running_loop().run_in_executor(None, _render, encoder, target)
+            in_flight[key] = future
+            future.add_done_callback(lambda _: in_flight.pop(key, None))
+        body = await asyncio.shield(future)
+        response = web.Response(body=body, headers={"Content-Type": content_type})
+        response.enable_compression()
+        return response
+
+    return handler
+
+
+_gc_lock = threading.Lock()
+_renders = 0
+
+
+def _render(encoder: Callable[[Collector], bytes], target: Collector) -> bytes:
+    """Encode with the cyclic garbage collector paused.
+
+    A render allocates hundreds of thousands of short-lived objects (freed by
+    reference counting; they form no cycles), which would trigger full
+    collections that walk every live object with the GIL held: at 10,000
+    imports that stalled the event loop by ~100 ms per scrape.
+    """
+    global _renders
+    with _gc_lock:
+        _renders += 1
+        if _renders == 1:
+            gc.disable()
+    try:
+        return encoder(target)
+    finally:
+        with _gc_lock:
+            _renders -= 1
+            if _renders == 0:
+                gc.enable()
 
 
 def _ago(now: float, when: float | None) -> str:

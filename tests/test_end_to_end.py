@@ -93,8 +93,12 @@ async def test_scripted_imports_show_their_states_and_counts(exporter: Exporter)
     assert current_state(latest, "elevate-demo", "1003") == "blocked"
     assert current_state(latest, "elevate-demo", "1004") == "running"
     assert current_state(latest, "elevate-demo", "1005") == "aborted"
-    assert current_state(latest, "zilliant-demo", "7c9e6679-7425-40de-944b-e07fc1f69e29") == "running"
-    assert current_state(latest, "zilliant-demo", "2587c81c-bs9fc-4873-ae2f-421b292d2c2b") == "failed"
+    assert (
+        current_state(latest, "zilliant-demo", "7c9e6679-7425-40de-944b-e07fc1f69e29") == "running"
+    )
+    assert (
+        current_state(latest, "zilliant-demo", "2587c81c-bs9fc-4873-ae2f-421b292d2c2b") == "failed"
+    )
     info = value(
         latest,
         "import_info",
@@ -106,7 +110,9 @@ async def test_scripted_imports_show_their_states_and_counts(exporter: Exporter)
     assert info == 1
     # Zilliant reports start/stop dates: the metrics carry the upstream's times.
     zid = "2587c81c-b9fc-4873-ae2f-421b292d2c2b"
-    start = value(latest, "import_start_timestamp_seconds", source="zilliant-demo", **{"import": zid})
+    start = value(
+        latest, "import_start_timestamp_seconds", source="zilliant-demo", **{"import": zid}
+    )
     end = value(latest, "import_end_timestamp_seconds", source="zilliant-demo", **{"import": zid})
     assert start is not None and end is not None and end > start
     for source, system in [
