@@ -1,0 +1,47 @@
+"""The benchmark scripts in quick mode: they run and produce their figures.
+
+Values are not asserted (shared machines drift); that the figures exist is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_quick(script: str, out: Path) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, f"bench/{script}", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "imports" in result.stdout  # the table was printed
+    data = json.loads(out.read_text())
+    assert data["machine"]["cpus"]
+    return data
+
+
+@pytest.mark.parametrize("script", ["polling.py", "scrape.py", "memory.py"])
+def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> None:
+    data = run_quick(script, tmp_path / "out.json")
+    results = data["results"]
+    assert isinstance(results, list) and results
+    row = results[-1]
+    assert isinstance(row, dict)
+    if script == "polling.py":
+        assert row["exporter_polls_per_s"] > 0 and row["baseline_polls_per_s"] > 0
+        assert row["rate_ratio"] > 0 and row["cpu_ratio"] > 0
+    elif script == "scrape.py":
+        assert row["text"]["ratio_p50"] > 0 and row["openmetrics"]["bytes"] > 0
+        assert row["live"]["max_loop_stall_s"] >= 0
+    else:
+        assert row["rss_bytes"] > 0 and "bytes_per_import" in row
