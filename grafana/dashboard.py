@@ -1,0 +1,372 @@
+"""Generates grafana/dashboards/import-status.json.
+
+    python grafana/dashboard.py        # rewrite the JSON
+    python grafana/dashboard.py --check # exit 1 if the committed JSON is stale
+
+Plain Python so the dashboard is reviewed as code; tests fail when the
+committed JSON differs from what this prints.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "dashboards" / "import-status.json"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+SEL = 'job=~"$job", instance=~"$instance", source=~"$source"'
+STATES = ["waiting", "blocked", "running", "succeeded", "failed", "aborted", "not_found", "unknown"]
+STATE_COLORS = {
+    "waiting": "yellow",
+    "blocked": "orange",
+    "running": "blue",
+    "succeeded": "green",
+    "failed": "red",
+    "aborted": "purple",
+    "not_found": "gray",
+    "unknown": "text",
+}
+
+# One number per state, so a state timeline can colour a single series.
+STATE_CODE = " or ".join(
+    f'import_state{{{SEL}, state="{state}"}} * {i}' for i, state in enumerate(STATES, 1)
+)
+STATE_MAPPINGS = [
+    {
+        "type": "value",
+        "options": {
+            str(i): {"text": state, "color": STATE_COLORS[state], "index": i - 1}
+            for i, state in enumerate(STATES, 1)
+        },
+    }
+]
+
+
+def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "datasource": DATASOURCE,
+        "expr": expr,
+        "refId": ref,
+        "legendFormat": legend or "__auto",
+    }
+    if instant:
+        out |= {"instant": True, "range": False, "format": "table"}
+    return out
+
+
+def panel(
+    kind: str,
+    title: str,
+    description: str,
+    unit: str,
+    targets: list[dict[str, Any]],
+    grid: tuple[int, int, int, int],
+    **extra: Any,
+) -> dict[str, Any]:
+    x, y, w, h = grid
+    body: dict[str, Any] = {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {},
+        "targets": targets,
+    }
+    for key, value in extra.items():
+        if key == "defaults":
+            body["fieldConfig"]["defaults"] |= value
+        elif key == "overrides":
+            body["fieldConfig"]["overrides"] = value
+        else:
+            body[key] = value
+    return body
+
+
+def column_unit(name: str, unit: str) -> dict[str, Any]:
+    return {
+        "matcher": {"id": "byName", "options": name},
+        "properties": [{"id": "unit", "value": unit}],
+    }
+
+
+def panels() -> list[dict[str, Any]]:
+    table_targets = [
+        target(f"import_state{{{SEL}}} == 1", ref="A", instant=True),
+        target(
+            f"100 * import_items_completed{{{SEL}}} / import_items_expected{{{SEL}}} > -1",
+            ref="B",
+            instant=True,
+        ),
+        target(f"import_duration_seconds{{{SEL}}}", ref="C", instant=True),
+        target(f"time() - import_state_change_timestamp_seconds{{{SEL}}}", ref="D", instant=True),
+        target(f"import_info{{{SEL}}}", ref="E", instant=True),
+    ]
+    return [
+        panel(
+            "stat",
+            "Imports by state",
+            "How many watched imports are in each state now.",
+            "none",
+            [target(f"count by (state) (import_state{{{SEL}}} == 1)", "{{state}}")],
+            (0, 0, 12, 5),
+            options={"reduceOptions": {"calcs": ["lastNotNull"]}, "textMode": "value_and_name"},
+        ),
+        panel(
+            "stat",
+            "Upstream APIs up",
+            "1 when the last background poll of the source reached its API and understood "
+            "the answer, 0 when it failed.",
+            "none",
+            [target(f"import_source_up{{{SEL}}}", "{{source}}")],
+            (12, 0, 12, 5),
+            defaults={
+                "mappings": [
+                    {
+                        "type": "value",
+                        "options": {
+                            "0": {"text": "down", "color": "red"},
+                            "1": {"text": "up", "color": "green"},
+                        },
+                    }
+                ]
+            },
+            options={"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "background"},
+        ),
+        panel(
+            "table",
+            "Current imports",
+            "Every watched import: state, progress (completed of expected, where the "
+            "upstream reports counts), duration and time since the state last changed.",
+            "none",
+            table_targets,
+            (0, 5, 24, 9),
+            transformations=[
+                {"id": "merge", "options": {}},
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {
+                            "Time": True,
+                            "Value #A": True,
+                            "Value #E": True,
+                            "__name__": True,
+                            "job": True,
+                            "instance": True,
+                        },
+                        "renameByName": {
+                            "Value #B": "progress",
+                            "Value #C": "duration",
+                            "Value #D": "since last change",
+                            "upstream_state": "upstream status",
+                        },
+                    },
+                },
+            ],
+            overrides=[
+                column_unit("progress", "percent"),
+                column_unit("duration", "s"),
+                column_unit("since last change", "s"),
+            ],
+        ),
+        panel(
+            "state-timeline",
+            "State over time",
+            "Each import's normalized state as the exporter saw it.",
+            "none",
+            [target(f"sum by (source, import) ({STATE_CODE})", "{{source}} {{import}}")],
+            (0, 14, 24, 8),
+            defaults={"mappings": STATE_MAPPINGS, "color": {"mode": "thresholds"}},
+        ),
+        panel(
+            "timeseries",
+            "Progress",
+            "Completed items as a percentage of expected items (only imports whose "
+            "upstream reports counts, such as Rocket.Chat).",
+            "percent",
+            [
+                target(
+                    f"100 * import_items_completed{{{SEL}}} / import_items_expected{{{SEL}}} > -1",
+                    "{{source}} {{import}}",
+                )
+            ],
+            (0, 22, 12, 8),
+        ),
+        panel(
+            "timeseries",
+            "Import durations",
+            "End minus start of finished imports, now minus start of running ones.",
+            "s",
+            [target(f"import_duration_seconds{{{SEL}}}", "{{source}} {{import}}")],
+            (12, 22, 12, 8),
+        ),
+        panel(
+            "timeseries",
+            "Time since last progress",
+            "Seconds since the state, step or completed count of each import last changed; "
+            "a line that keeps rising on a running import is a stuck import.",
+            "s",
+            [
+                target(
+                    f"time() - import_last_progress_timestamp_seconds{{{SEL}}}",
+                    "{{source}} {{import}}",
+                )
+            ],
+            (0, 30, 12, 8),
+        ),
+        panel(
+            "timeseries",
+            "Data freshness",
+            "Seconds since a background poll last got an answer about each import. Finished "
+            "imports are no longer polled, so theirs rises on purpose.",
+            "s",
+            [
+                target(
+                    f"time() - import_last_poll_success_timestamp_seconds{{{SEL}}}",
+                    "{{source}} {{import}}",
+                )
+            ],
+            (12, 30, 12, 8),
+        ),
+        panel(
+            "timeseries",
+            "Upstream request rate",
+            "HTTP requests per second the exporter makes to each upstream API.",
+            "reqps",
+            [
+                target(
+                    f"sum by (source) (rate(import_source_requests_total{{{SEL}}}"
+                    "[$__rate_interval]))",
+                    "{{source}}",
+                )
+            ],
+            (0, 38, 8, 8),
+        ),
+        panel(
+            "timeseries",
+            "Upstream errors by reason",
+            "Failed polls per second, by source and reason (timeout, connection, "
+            "unauthorized, rate_limited, server_error, client_error, invalid_response, "
+            "too_large).",
+            "reqps",
+            [
+                target(
+                    f"sum by (source, reason) (rate(import_source_errors_total{{{SEL}}}"
+                    "[$__rate_interval]))",
+                    "{{source}} {{reason}}",
+                )
+            ],
+            (8, 38, 8, 8),
+        ),
+        panel(
+            "timeseries",
+            "Upstream request latency",
+            "50th and 99th percentile duration of requests to each upstream API.",
+            "s",
+            [
+                target(
+                    "histogram_quantile(0.99, sum by (source, le) "
+                    f"(rate(import_source_request_duration_seconds_bucket{{{SEL}}}"
+                    "[$__rate_interval])))",
+                    "{{source}} p99",
+                    "A",
+                ),
+                target(
+                    "histogram_quantile(0.5, sum by (source, le) "
+                    f"(rate(import_source_request_duration_seconds_bucket{{{SEL}}}"
+                    "[$__rate_interval])))",
+                    "{{source}} p50",
+                    "B",
+                ),
+            ],
+            (16, 38, 8, 8),
+        ),
+    ]
+
+
+def variable(name: str, query: str, label: str, multi: bool = True) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "query": {"query": query, "refId": f"var-{name}"},
+        "definition": query,
+        "refresh": 2,
+        "includeAll": True,
+        "allValue": ".*",
+        "multi": multi,
+        "current": {"text": "All", "value": "$__all"},
+        "sort": 1,
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    return {
+        "uid": "import-status",
+        "title": "Import status",
+        "description": "Long-running SaaS data imports watched by import-status-exporter: "
+        "state, progress, duration, and the health of the upstream APIs.",
+        "tags": ["import-status-exporter", "imports"],
+        "editable": False,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "time": {"from": "now-6h", "to": "now"},
+        "timezone": "",
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                },
+                variable("job", "label_values(import_exporter_build_info, job)", "Job"),
+                variable(
+                    "instance",
+                    'label_values(import_exporter_build_info{job=~"$job"}, instance)',
+                    "Instance",
+                ),
+                variable(
+                    "source",
+                    'label_values(import_source_up{job=~"$job", instance=~"$instance"}, source)',
+                    "Source",
+                ),
+            ]
+        },
+        "annotations": {"list": []},
+        "links": [],
+        "panels": [dict(p, id=i) for i, p in enumerate(panels(), 1)],
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2, sort_keys=True) + "\n"
+
+
+def dashboard_queries() -> list[str]:
+    """Every panel query, as written (with Grafana variables)."""
+    return [t["expr"] for p in dashboard()["panels"] for t in p["targets"]]
+
+
+def main() -> int:
+    text = render()
+    if "--check" in sys.argv:
+        if OUT.read_text() != text:
+            print(f"{OUT} is stale: run python grafana/dashboard.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
