@@ -30,7 +30,7 @@ def run_quick(script: str, out: Path) -> dict[str, object]:
     return data
 
 
-@pytest.mark.parametrize("script", ["polling.py", "scrape.py", "memory.py"])
+@pytest.mark.parametrize("script", ["polling.py", "scrape.py", "memory.py", "load.py"])
 def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> None:
     data = run_quick(script, tmp_path / "out.json")
     results = data["results"]
@@ -43,5 +43,7 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
     elif script == "scrape.py":
         assert row["text"]["ratio_p50"] > 0 and row["openmetrics"]["bytes"] > 0
         assert row["live"]["max_loop_stall_s"] >= 0
-    else:
+    elif script == "memory.py":
         assert row["rss_bytes"] > 0 and "bytes_per_import" in row
+    else:
+        assert row["scrapes_served"] > 0 and row["failures"] >= 0 and row["polls"] > 0
