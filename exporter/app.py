@@ -1,8 +1,10 @@
-"""Wires one running exporter: config -> sources -> poller -> state -> web."""
+"""Wires one running exporter: config -> sources -> poller -> state -> web,
+with the state kept in the store across restarts."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -17,7 +19,9 @@ from exporter.metrics import build_registry
 from exporter.poller import Poller
 from exporter.sources import build_source
 from exporter.sources.base import ImportSpec
-from exporter.state import StateStore
+from exporter.state import ImportRecord, StateStore
+from exporter.store import Store, StoreError, to_row
+from exporter.tracking import TrackingError
 from exporter.web import create_web_app
 from exporter.webconfig import build_ssl_context, load_web_config
 
@@ -25,6 +29,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10451
 RENDER_SWITCH_INTERVAL = 0.001
+PERSIST_INTERVAL = 1.0
+"""Seconds between writes of what polls learnt (registrations are written at once)."""
+SHUTDOWN_TIMEOUT = 5.0
 
 
 def parse_listen_address(address: str) -> tuple[str | None, int]:
@@ -50,9 +57,12 @@ class Exporter:
         listen_address: str = f":{DEFAULT_PORT}",
         web_config_file: str | None = None,
         config_loader: ConfigLoader | None = None,
+        storage_path: str | None = None,
     ) -> None:
         self.config = config
         self.config_loader = config_loader
+        # Opened first: a corrupt database stops the start-up with a clear error.
+        self.store = Store(storage_path) if storage_path is not None else None
         self.host, self.port = parse_listen_address(listen_address)
         self.web_config = load_web_config(web_config_file) if web_config_file else None
         self.ssl_context = None
@@ -65,11 +75,13 @@ class Exporter:
         self.poller = Poller(self.state)
         self.registry = build_registry(self.state)
         self.web_app = create_web_app(
-            self.state, self.registry, web_config=self.web_config, reload=self.reload
+            self.state, self.registry, web_config=self.web_config, reload=self.reload, tracker=self
         )
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
+        self._persist_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # Renders run in a worker thread; a short GIL switch interval keeps
@@ -81,9 +93,22 @@ class Exporter:
             # Concurrency is limited per source by each scheduler's workers.
             connector=aiohttp.TCPConnector(limit=0),
         )
+        if self.store is not None:
+            restored = await asyncio.to_thread(self.store.load)
+            self.state.restore(restored)
+            log.info("restored %d imports from %s", len(restored), self.store.path)
         await self._apply(self.config, previous=None)
+        for orphan in self.state.drop_orphans():
+            log.info(
+                "forgetting stored import source=%s import=%s: its source is no longer configured",
+                orphan.source,
+                orphan.import_id,
+            )
         self.state.record_reload(success=True)
-        self._runner = web.AppRunner(self.web_app, access_log=None)
+        self._persist_task = asyncio.create_task(self._persist_loop(), name="persist")
+        self._runner = web.AppRunner(
+            self.web_app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
@@ -111,13 +136,14 @@ class Exporter:
             before = old.get(name)
             if before is not None and before == source_config:
                 continue  # unchanged, secrets included: keep it running as it is
-            kept_runtime: list[ImportSpec] = []
+            # Registered at runtime (or restored from the store): kept across
+            # a rebuild of the source.
+            kept_runtime = [
+                ImportSpec(record.import_id, record.name)
+                for record in self.state.imports_of(name)
+                if record.origin != "config"
+            ]
             if before is not None:
-                kept_runtime = [
-                    ImportSpec(record.import_id, record.name)
-                    for record in self.state.imports_of(name)
-                    if record.origin != "config"
-                ]
                 await self.poller.remove_source(name, keep_state=True)
             source = build_source(source_config, self._session, observe=self._observer(name))
             configured = source.imports()
@@ -167,12 +193,119 @@ class Exporter:
             return int(address[1])
         raise RuntimeError("not listening")
 
-    def track(self, source: str, spec: ImportSpec, origin: str = "api") -> None:
-        self.poller.schedulers[source].add(spec, origin=origin)
+    # --- registration (the API's side of exporter.tracking) ------------------
+
+    @property
+    def api_tokens(self) -> tuple[str, ...]:
+        return self.config.api.tokens
+
+    async def register(
+        self, source: str, import_id: str, name: str | None
+    ) -> tuple[ImportRecord, bool]:
+        scheduler = self.poller.schedulers.get(source)
+        if scheduler is None:
+            raise TrackingError(404, f"no source named {source!r}", "source")
+        if scheduler.source.follows_server:
+            raise TrackingError(
+                400,
+                f"source {source!r} is a {scheduler.source.system} server: it watches the "
+                "server's current import and takes no import ids",
+                "source",
+            )
+        async with self._write_lock:
+            existing = self.state.imports.get((source, import_id))
+            if existing is None:
+                limit = self.config.api.max_imports_per_source
+                if len(self.state.imports_of(source)) >= limit:
+                    raise TrackingError(
+                        409,
+                        f"source {source!r} already tracks {limit} imports, the most "
+                        "api.max_imports_per_source allows",
+                    )
+            scheduler.add(ImportSpec(import_id, name), origin="api")
+            try:
+                await self._write_changes()
+            except StoreError as exc:
+                if existing is None:
+                    scheduler.remove(import_id)
+                self.state.take_changes()  # the store is where it was
+                raise TrackingError(503, f"cannot store the registration: {exc}") from exc
+        record = self.state.imports[(source, import_id)]
+        log.info(
+            "%s source=%s import=%s via the API",
+            "tracking" if existing is None else "already tracking",
+            source,
+            import_id,
+        )
+        return record, existing is None
+
+    async def unregister(self, source: str, import_id: str) -> None:
+        record = self.state.imports.get((source, import_id))
+        scheduler = self.poller.schedulers.get(source)
+        if record is None or scheduler is None:
+            raise TrackingError(404, f"import {import_id!r} of source {source!r} is not tracked")
+        if record.origin == "config":
+            raise TrackingError(
+                409,
+                f"import {import_id!r} is listed in the config file; remove it there and reload",
+            )
+        async with self._write_lock:
+            scheduler.remove(import_id)
+            try:
+                await self._write_changes()
+            except StoreError as exc:
+                # Gone from metrics at once all the same; the next write retries.
+                log.error("cannot store the removal of %s/%s: %s", source, import_id, exc)
+        log.info("stopped tracking source=%s import=%s via the API", source, import_id)
+
+    # --- persistence and retention -----------------------------------------
+
+    async def _write_changes(self) -> None:
+        """Write what changed since the last write; on failure keep it for the next."""
+        changed, forgotten = self.state.take_changes()
+        if self.store is None or not (changed or forgotten):
+            return
+        rows = [to_row(record) for record in changed]  # a snapshot, taken on the loop
+        try:
+            await asyncio.to_thread(self.store.write, rows, forgotten)
+        except StoreError:
+            self.state.requeue(changed, forgotten)
+            raise
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PERSIST_INTERVAL)
+            for record in self.state.expired(self.config.retention):
+                scheduler = self.poller.schedulers.get(record.source)
+                if scheduler is not None:
+                    scheduler.remove(record.import_id)
+                log.info(
+                    "forgetting import source=%s import=%s: finished over %gs ago",
+                    record.source,
+                    record.import_id,
+                    self.config.retention,
+                )
+            async with self._write_lock:
+                try:
+                    await self._write_changes()
+                except StoreError as exc:
+                    log.error("cannot store the state of the imports: %s", exc)
 
     async def stop(self) -> None:
-        await self.poller.stop()
+        """Stop accepting, stop polling, write what the store must keep, close."""
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.poller.stop()
+        if self._persist_task is not None:
+            self._persist_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._persist_task
+        if self.store is not None:
+            async with self._write_lock:
+                try:
+                    await self._write_changes()
+                except StoreError as exc:
+                    log.error("cannot store the state of the imports: %s", exc)
+            self.store.close()
         if self._session is not None:
             await self._session.close()

@@ -14,8 +14,11 @@ from exporter import __version__
 from exporter.app import DEFAULT_PORT, Exporter, parse_listen_address
 from exporter.config import Config, ConfigError, load_config
 from exporter.logs import LEVELS, setup_logging
+from exporter.store import StoreError
 
 log = logging.getLogger("exporter")
+
+DEFAULT_STORAGE_PATH = "import-status.db"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="web_config_file",
         default=None,
         help="TLS and basic auth config, in the Prometheus exporter-toolkit format",
+    )
+    parser.add_argument(
+        "--storage.path",
+        dest="storage_path",
+        default=None,
+        help=f"SQLite file keeping registrations and import state across restarts "
+        f"(default: storage.path of the config file, else {DEFAULT_STORAGE_PATH}; "
+        "with --demo: none, state is kept in memory only)",
     )
     parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
     parser.add_argument(
@@ -86,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 1
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def check_config(path: str) -> int:
@@ -108,17 +122,21 @@ async def run(args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
         config: Config
         loader = None
+        storage_path: str | None = args.storage_path
         if args.demo:
             from exporter.demo import start_demo_simulator
 
             config = await stack.enter_async_context(start_demo_simulator(args.demo_speed))
         else:
             config = load_config(args.config_file)
+            storage_path = storage_path or config.storage_path() or DEFAULT_STORAGE_PATH
 
             def loader() -> Config:
                 return load_config(args.config_file)
 
-        exporter = Exporter(config, args.listen_address, args.web_config_file, loader)
+        exporter = Exporter(
+            config, args.listen_address, args.web_config_file, loader, storage_path=storage_path
+        )
         await exporter.start()
         stack.push_async_callback(exporter.stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(exporter.reload()))

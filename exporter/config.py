@@ -223,8 +223,45 @@ AnySourceConfig = Annotated[
 ]
 
 
+class StorageConfig(StrictModel):
+    path: str | None = None
+    """SQLite file keeping registrations and what was learnt about every import
+    across restarts; relative to the config file. ``--storage.path`` wins."""
+
+
+API_TOKEN_MIN_LENGTH = 16
+
+
+class ApiConfig(StrictModel):
+    tokens_file: str | None = None
+    """File of bearer tokens (one per line) that may call the write API; without
+    it the write API is off. Read at every (re)load, so tokens rotate on reload."""
+    max_imports_per_source: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    _tokens: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return self._tokens
+
+
 class Config(StrictModel):
+    retention: Duration = 86400.0
+    """How long a registered import stays after it finished (or was not found)."""
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
     sources: list[AnySourceConfig] = Field(default_factory=list)
+
+    _base_dir: Path | None = PrivateAttr(default=None)
+
+    def storage_path(self) -> str | None:
+        """The configured database path, resolved against the config file's folder."""
+        if self.storage.path is None:
+            return None
+        path = Path(self.storage.path)
+        if self._base_dir is not None and not path.is_absolute():
+            path = self._base_dir / path
+        return str(path)
 
 
 def _check_http_url(value: str | None) -> str | None:
@@ -285,9 +322,44 @@ def parse_config_data(data: Any, origin: str, base_dir: Path | None = None) -> C
                 for loc, msg in _describe_errors(exc)
             ]
     errors += [f"{origin}: {loc}: {msg}" for loc, msg in _check_sources(valid, base_dir)]
+    if top is not None:
+        errors += [f"{origin}: {loc}: {msg}" for loc, msg in _read_api_tokens(top.api, base_dir)]
     if errors or top is None:
         raise ConfigError(errors)
-    return top.model_copy(update={"sources": [source for _, source in valid]})
+    config = top.model_copy(update={"sources": [source for _, source in valid]})
+    config._base_dir = base_dir
+    return config
+
+
+def _read_api_tokens(api: ApiConfig, base_dir: Path | None) -> Iterable[tuple[str, str]]:
+    if api.tokens_file is None:
+        return
+    file = Path(api.tokens_file)
+    if base_dir is not None and not file.is_absolute():
+        file = base_dir / file
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        yield "api.tokens_file", f"cannot read {api.tokens_file}: {exc.strerror or exc}"
+        return
+    tokens: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if len(token) < API_TOKEN_MIN_LENGTH or any(c.isspace() for c in token):
+            # The line number, never the token: it may be a real secret.
+            yield (
+                "api.tokens_file",
+                f"line {number}: a token must be at least {API_TOKEN_MIN_LENGTH} characters "
+                "without spaces",
+            )
+            continue
+        register_secret(token)
+        tokens.append(token)
+    if not tokens:
+        yield "api.tokens_file", f"{api.tokens_file} holds no token"
+    api._tokens = tuple(tokens)
 
 
 _SOURCE_ADAPTER: TypeAdapter[SourceConfig] = TypeAdapter(AnySourceConfig)

@@ -63,9 +63,12 @@ class SourceScheduler:
     # --- membership ---------------------------------------------------------
 
     def add(self, spec: ImportSpec, *, origin: str = "config") -> None:
-        """Track an import and schedule its first poll (spread with jitter)."""
-        self.state.track(self.source.name, spec.id, name=spec.name, origin=origin)
-        if spec.id in self._scheduled:
+        """Track an import and schedule its first poll (spread with jitter).
+
+        An import restored in a final, confirmed state is kept but not polled."""
+        record = self.state.track(self.source.name, spec.id, name=spec.name, origin=origin)
+        finished = record.confirmed_final and not self.source.follows_server
+        if spec.id in self._scheduled or finished:
             return
         spread = min(self.interval * START_SPREAD_FRACTION, MAX_START_SPREAD)
         self._push(spec.id, self.clock() + self.rng.uniform(0, spread))

@@ -1,15 +1,17 @@
 """The one in-memory truth about every source and every tracked import.
 
-Only the poller writes here (through the ``record_*`` methods); the metrics
-collector, the pages and the API only read. Timestamps are wall-clock epoch
-seconds, because they are exported as ``*_timestamp_seconds``.
+Only the poller and the exporter's registration calls write here; the metrics
+collector, the pages, the API and the persistence (which takes the changed and
+forgotten imports with :meth:`StateStore.take_changes`) only read. Timestamps
+are wall-clock epoch seconds, because they are exported as
+``*_timestamp_seconds``.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,8 +19,12 @@ from exporter.model import TERMINAL_STATES, ErrorReason, Observation, SourceErro
 from exporter.redact import redact
 
 REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ERROR_TIMES_KEPT = 1000
+"""Error times kept per source for the status page's recent count; bounded so
+a source failing every poll of 10,000 imports cannot grow memory."""
 
 Clock = Callable[[], float]
+ImportKey = tuple[str, str]
 
 
 @dataclass(slots=True)
@@ -101,6 +107,17 @@ class SourceRecord:
     last_success: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    error_times: deque[float] = field(default_factory=lambda: deque(maxlen=ERROR_TIMES_KEPT))
+    """When the latest failed polls happened, oldest first."""
+
+    def recent_errors(self, now: float, window: float) -> int:
+        """Failed polls in the last ``window`` seconds (at most ERROR_TIMES_KEPT)."""
+        count = 0
+        for when in reversed(self.error_times):
+            if when < now - window:
+                break
+            count += 1
+        return count
 
 
 class StateStore:
@@ -110,6 +127,9 @@ class StateStore:
         self.clock = clock
         self.sources: dict[str, SourceRecord] = {}
         self.imports: dict[tuple[str, str], ImportRecord] = {}
+        # Keys written or dropped since the last take_changes(), for persistence.
+        self._changed: set[ImportKey] = set()
+        self._forgotten: set[ImportKey] = set()
         self.last_reload_successful = True
         self.last_reload_success_at: float | None = None
 
@@ -131,7 +151,7 @@ class StateStore:
     def remove_source(self, name: str) -> None:
         self.sources.pop(name, None)
         for key in [key for key in self.imports if key[0] == name]:
-            del self.imports[key]
+            self.untrack(*key)
 
     def track(
         self, source: str, import_id: str, *, name: str | None = None, origin: str = "config"
@@ -148,12 +168,71 @@ class StateStore:
                 origin=origin,
             )
             self.imports[key] = record
-        elif name is not None:
-            record.name = name
+            self._changed.add(key)
+        else:
+            if name is not None and name != record.name:
+                record.name = name
+                self._changed.add(key)
+            if origin == "config" and record.origin != "config":
+                # Listed in the config now: the file owns it from here on.
+                record.origin = "config"
+                self._changed.add(key)
         return record
 
     def untrack(self, source: str, import_id: str) -> None:
-        self.imports.pop((source, import_id), None)
+        key = (source, import_id)
+        if self.imports.pop(key, None) is not None:
+            self._changed.discard(key)
+            self._forgotten.add(key)
+
+    def restore(self, records: list[ImportRecord]) -> None:
+        """Put back what a previous run knew (before its sources are applied)."""
+        for record in records:
+            self.imports[(record.source, record.import_id)] = record
+
+    def drop_orphans(self) -> list[ImportRecord]:
+        """Forget restored imports whose source is gone or changed type."""
+        orphans = [
+            record
+            for record in self.imports.values()
+            if (source := self.sources.get(record.source)) is None or source.system != record.system
+        ]
+        for record in orphans:
+            self.untrack(record.source, record.import_id)
+        return orphans
+
+    def take_changes(self) -> tuple[list[ImportRecord], list[ImportKey]]:
+        """Imports changed and keys forgotten since the last call."""
+        changed = [self.imports[key] for key in self._changed if key in self.imports]
+        forgotten = list(self._forgotten)
+        self._changed.clear()
+        self._forgotten.clear()
+        return changed, forgotten
+
+    def requeue(self, changed: list[ImportRecord], forgotten: list[ImportKey]) -> None:
+        """Give back changes that could not be written, to be taken again."""
+        for record in changed:
+            key = (record.source, record.import_id)
+            if key in self.imports:
+                self._changed.add(key)
+        self._forgotten.update(key for key in forgotten if key not in self.imports)
+
+    def expired(self, retention: float) -> list[ImportRecord]:
+        """Registered imports that ended (or were not found) over ``retention`` ago.
+
+        Imports listed in the config file stay while they are listed: the file
+        says to watch them."""
+        cutoff = self.clock() - retention
+        out = []
+        for record in self.imports.values():
+            if record.origin == "config":
+                continue
+            ended = record.end_timestamp
+            if ended is None and record.state is State.NOT_FOUND:
+                ended = record.state_since
+            if ended is not None and ended < cutoff:
+                out.append(record)
+        return out
 
     def imports_of(self, source: str) -> list[ImportRecord]:
         return [record for record in self.imports.values() if record.source == source]
@@ -202,6 +281,7 @@ class StateStore:
             record.seen_finished_at = None
         record.observation = obs
         record.last_success = now
+        self._changed.add((source, import_id))
         return record
 
     def record_error(self, source: str, import_id: str, error: SourceError) -> None:
@@ -213,11 +293,13 @@ class StateStore:
             source_record.errors_total[error.reason] += 1
             source_record.last_error = f"{error.reason.value}: {message}"
             source_record.last_error_at = now
+            source_record.error_times.append(now)
         record = self.imports.get((source, import_id))
         if record is not None:
             record.last_error = message
             record.last_error_reason = error.reason
             record.last_error_at = now
+            self._changed.add((source, import_id))
 
     # --- readers' helpers ---------------------------------------------------
 

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
 from exporter.state import ImportRecord, StateStore
+from exporter.tracking import ImportTracker
 from exporter.webconfig import WebConfig, security_middlewares
 
 STATE_KEY = web.AppKey("state", StateStore)
@@ -29,6 +30,7 @@ def create_web_app(
     clock: Callable[[], float] = time.time,
     web_config: WebConfig | None = None,
     reload: Callable[[], Awaitable[list[str]]] | None = None,
+    tracker: ImportTracker | None = None,
 ) -> web.Application:
     middlewares = security_middlewares(web_config) if web_config is not None else []
     app = web.Application(middlewares=middlewares)

@@ -131,7 +131,8 @@ async def test_sighup_reloads_the_running_process(
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "exporter", "--config.file", str(config_file),
-        "--web.listen-address", f"127.0.0.1:{port}", cwd=ROOT,
+        "--web.listen-address", f"127.0.0.1:{port}",
+        "--storage.path", str(tmp_path / "state.db"), cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
