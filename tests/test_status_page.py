@@ -1,0 +1,498 @@
+"""The status page at ``/``: what an operator sees, first from the renderer on a
+hand-built state, then in a real headless Chromium against the demo simulator."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client.registry import CollectorRegistry
+
+from exporter.app import Exporter
+from exporter.demo import start_demo_simulator
+from exporter.model import ErrorReason, Observation, SourceError, State
+from exporter.pages import DEFAULT_REFRESH, parse_refresh, render_status_page, state_label
+from exporter.state import ERROR_TIMES_KEPT, StateStore
+from exporter.web import create_web_app
+from tests.fakes import wait_for
+
+if TYPE_CHECKING:
+    from playwright.async_api import Locator
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = 1_700_000_000.0
+HOSTILE_REASON = "<script>alert(1)</script>"
+HOSTILE_NAME = '<img src=x onerror="alert(2)"> & "quoted"'
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Row:
+    cells: list[str] = field(default_factory=list)
+    progress: dict[str, str] | None = None
+
+    @property
+    def text(self) -> str:
+        return " | ".join(self.cells)
+
+
+class Page(HTMLParser):
+    """The rendered page as a user sees it: rows, cells, controls, tags."""
+
+    def __init__(self, markup: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[str] = []
+        self.links: list[str] = []
+        self.refresh: str | None = None
+        self.imports: dict[tuple[str, str], Row] = {}
+        self.sources: dict[str, Row] = {}
+        self.selected: dict[str, str] = {}
+        self.hidden: dict[str, str] = {}
+        self.text_parts: list[str] = []
+        self._row: Row | None = None
+        self._select = ""
+        self._skip = False
+        self.feed(markup)
+        self.close()
+
+    @property
+    def text(self) -> str:
+        return " ".join(" ".join(self.text_parts).split())
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        self.tags.append(tag)
+        if tag == "style":
+            self._skip = True
+        elif tag == "a":
+            self.links.append(a["href"])
+        elif tag == "meta" and a.get("http-equiv") == "refresh":
+            self.refresh = a["content"]
+        elif tag == "tr" and "data-import" in a:
+            self._row = self.imports[(a["data-source"], a["data-import"])] = Row()
+        elif tag == "tr" and "data-source" in a:
+            self._row = self.sources[a["data-source"]] = Row()
+        elif tag == "td" and self._row is not None:
+            self._row.cells.append("")
+        elif tag == "progress" and self._row is not None:
+            self._row.progress = a
+        elif tag == "select":
+            self._select = a["name"]
+        elif tag == "option" and "selected" in a:
+            self.selected[self._select] = a["value"]
+        elif tag == "input" and a.get("type") == "hidden":
+            self.hidden[a["name"]] = a["value"]
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "style":
+            self._skip = False
+        elif tag == "tr":
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        if self._skip:
+            return
+        self.text_parts.append(data)
+        if self._row is not None and self._row.cells:
+            joined = f"{self._row.cells[-1]} {data}"
+            self._row.cells[-1] = " ".join(joined.split())
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def state(clock: Clock) -> StateStore:
+    """Two sources and five imports, one of each interesting kind."""
+    store = StateStore(clock=clock)
+    store.add_source("shop", "elevate", 30.0)
+    store.add_source("chat", "rocketchat", 30.0)
+    store.track("shop", "1001", name="nightly catalogue")
+    store.track("shop", "1002", name="price feed")
+    store.track("shop", "1003", name=HOSTILE_NAME)
+    store.track("shop", "1004")  # never answered: pending
+    store.track("chat", "chat.example.com")
+    store.record_observation("shop", "1001", Observation(State.SUCCEEDED, "SUCCESS"))
+    store.record_observation(
+        "shop", "1002", Observation(State.FAILED, "FAILURE", reason=HOSTILE_REASON)
+    )
+    store.record_observation("shop", "1003", Observation(State.WAITING, "WAITING"))
+    store.record_observation(
+        "chat",
+        "chat.example.com",
+        Observation(
+            State.RUNNING,
+            "importer_importing_messages",
+            items_completed=123,
+            items_expected=456,
+            items_failed=2,
+        ),
+    )
+    return store
+
+
+def render(state: StateStore, now: float, **query: Any) -> Page:
+    return Page(render_status_page(state, now, **query))
+
+
+# --- the renderer -------------------------------------------------------------
+
+
+def test_lists_every_import_with_its_state_name_and_upstream_state(
+    state: StateStore, clock: Clock
+) -> None:
+    clock.now = T0 + 150
+    page = render(state, clock.now)
+    assert set(page.imports) == {
+        ("chat", "chat.example.com"),
+        ("shop", "1001"),
+        ("shop", "1002"),
+        ("shop", "1003"),
+        ("shop", "1004"),
+    }
+    source, name, badge, _, started, duration, since, _ = page.imports[("shop", "1001")].cells
+    assert (source, name, badge) == ("shop", "nightly catalogue 1001", "succeeded SUCCESS")
+    # Running: started when first seen running, 150 s ago, and counting.
+    chat = page.imports[("chat", "chat.example.com")].cells
+    assert chat[2] == "running importer_importing_messages"
+    assert chat[4] == "2023-11-14 22:13:20"
+    assert chat[5] == "2m"
+    assert chat[6] == "2m ago polled 2m ago"
+    assert (started, duration, since) == ("", "", "2m ago polled 2m ago")  # SUCCESS only
+    assert page.imports[("shop", "1004")].cells[2] == "pending"
+    assert page.imports[("shop", "1004")].cells[6] == "polled never"
+    assert "5 of 5" in page.text
+    for href in ("/metrics", "/-/healthy", "/-/ready", "/api/v1/imports"):
+        assert href in page.links
+    assert page.tags.count("script") == 0 and "link" not in page.tags  # no assets
+
+
+def test_upstream_and_configured_text_is_shown_as_text(state: StateStore) -> None:
+    markup = render_status_page(state, T0)
+    page = Page(markup)
+    assert HOSTILE_REASON in page.imports[("shop", "1002")].cells[-1]
+    assert HOSTILE_NAME in page.imports[("shop", "1003")].cells[1]
+    assert HOSTILE_REASON not in markup and "<img" not in markup
+    assert "script" not in page.tags and "img" not in page.tags
+
+
+def test_badges_carry_a_class_per_state(state: StateStore) -> None:
+    markup = render_status_page(state, T0)
+    for label in ("succeeded", "failed", "waiting", "running", "pending"):
+        assert f'<span class="badge s-{label}">{label}</span>' in markup
+    # Every normalized state has a colour of its own (pending keeps the grey default).
+    for value in State:
+        if value is not State.NOT_FOUND:
+            assert f".s-{value.value}" in markup
+
+
+def test_progress_bar_shows_completed_of_expected(state: StateStore, clock: Clock) -> None:
+    row = render(state, T0).imports[("chat", "chat.example.com")]
+    assert row.progress == {"max": "456", "value": "123"}
+    assert row.cells[3] == "123 / 456 2 failed"
+    # More done than expected (upstreams do that) fills the bar, the numbers stay true.
+    state.record_observation(
+        "chat",
+        "chat.example.com",
+        Observation(State.RUNNING, "importer_finishing", items_completed=500, items_expected=456),
+    )
+    row = render(state, T0).imports[("chat", "chat.example.com")]
+    assert row.progress == {"max": "456", "value": "456"}
+    assert row.cells[3] == "500 / 456"
+    assert render(state, T0).imports[("shop", "1001")].progress is None  # no counts: no bar
+
+
+def test_sources_show_up_down_last_success_and_errors_of_the_last_15_minutes(
+    state: StateStore, clock: Clock
+) -> None:
+    page = render(state, T0 + 5)
+    assert page.sources["shop"].cells == ["shop", "elevate", "up", "5s ago", "0", "0", ""]
+    for offset in (0, 400, 800):
+        clock.now = T0 + 100 + offset
+        state.record_error("shop", "1001", SourceError(ErrorReason.TIMEOUT, "took > 10s"))
+    clock.now = T0 + 100 + 15 * 60 + 1  # the first error is now 15 min and 1 s old
+    assert state.sources["shop"].recent_errors(clock.now, 15 * 60) == 2
+    cells = render(state, clock.now).sources["shop"].cells
+    assert cells[2:6] == ["down", "16m ago", "2", "3"]
+    assert cells[6] == "timeout: took > 10s 101s ago"
+    # The recent-error record is bounded; a full record says "at least".
+    for _ in range(ERROR_TIMES_KEPT + 10):
+        state.record_error("shop", "1001", SourceError(ErrorReason.SERVER_ERROR, "503"))
+    assert len(state.sources["shop"].error_times) == ERROR_TIMES_KEPT
+    assert render(state, clock.now).sources["shop"].cells[4] == f"{ERROR_TIMES_KEPT}+"
+    # A poll error is shown on its import too, next to the upstream's own reason.
+    assert "poll error 0s ago: 503" in render(state, clock.now).imports[("shop", "1001")].text
+
+
+def test_a_source_never_polled_is_pending_not_down(clock: Clock) -> None:
+    store = StateStore(clock=clock)
+    store.add_source("new", "zilliant", 30.0)
+    page = render(store, T0)
+    assert page.sources["new"].cells[2:4] == ["pending", "never"]
+    assert "No imports tracked yet." in page.text
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({"source_filter": "chat"}, {("chat", "chat.example.com")}),
+        ({"state_filter": "failed"}, {("shop", "1002")}),
+        ({"state_filter": "pending"}, {("shop", "1004")}),
+        ({"source_filter": "shop", "state_filter": "running"}, set()),
+        ({"source_filter": "shop", "state_filter": "succeeded"}, {("shop", "1001")}),
+    ],
+)
+def test_filters_by_source_and_by_state(
+    state: StateStore, query: dict[str, str], expected: set[tuple[str, str]]
+) -> None:
+    page = render(state, T0, **query)
+    assert set(page.imports) == expected
+    assert f"{len(expected)} of 5" in page.text
+    # The form shows the filter in force.
+    assert page.selected.get("source", "") == query.get("source_filter", "")
+    assert page.selected.get("state", "") == query.get("state_filter", "")
+    if "source_filter" in query:
+        assert set(page.sources) == {query["source_filter"]}
+
+
+def test_unknown_and_hostile_filter_values_match_nothing_and_are_escaped(
+    state: StateStore,
+) -> None:
+    hostile = '"><script>alert(3)</script>'
+    markup = render_status_page(state, T0, source_filter=hostile, state_filter="sleeping")
+    page = Page(markup)
+    assert page.imports == {} and page.sources == {}
+    assert f"No source named “{hostile}”." in page.text
+    assert f"No imports match source “{hostile}” and state “sleeping”." in page.text
+    assert "script" not in page.tags and "<script>alert(3)" not in markup
+    assert page.selected == {}  # neither value is offered as an option
+    # The refresh keeps the filter, URL-encoded.
+    assert page.refresh is not None and "alert" in page.refresh and "<" not in page.refresh
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        (None, DEFAULT_REFRESH),
+        ("", DEFAULT_REFRESH),
+        ("abc", DEFAULT_REFRESH),
+        ("2.5", DEFAULT_REFRESH),
+        ("-5", DEFAULT_REFRESH),
+        ("9" * 5000, DEFAULT_REFRESH),
+        ("0", 0),
+        ("1", 1),
+        ("30", 30),
+        ("3600", 3600),
+        ("3601", 3600),
+        ("99999999", 3600),
+    ],
+)
+def test_refresh_parameter_is_bounded(raw: str | None, seconds: int) -> None:
+    assert parse_refresh(raw) == seconds
+
+
+def test_page_refreshes_itself_keeping_the_filter(state: StateStore) -> None:
+    assert render(state, T0).refresh == "10; url=./"
+    page = render(state, T0, source_filter="chat", state_filter="running")
+    assert page.refresh == "10; url=?source=chat&state=running"
+    assert page.hidden == {}
+    page = render(state, T0, source_filter="chat", refresh=5)
+    assert page.refresh == "5; url=?source=chat&refresh=5"
+    assert page.hidden == {"refresh": "5"}  # filtering keeps the chosen rate
+    assert "refreshes every 5 s" in page.text
+    assert render(state, T0, refresh=10**6).refresh == "3600; url=?refresh=3600"
+    off = render(state, T0, refresh=0)
+    assert off.refresh is None and "auto-refresh off" in off.text
+    assert off.hidden == {"refresh": "0"}
+
+
+async def test_the_route_reads_filter_and_refresh_from_the_query(
+    state: StateStore,
+    clock: Clock,
+    aiohttp_client: Callable[[Any], Awaitable[TestClient[Any, Any]]],
+) -> None:
+    client = await aiohttp_client(create_web_app(state, CollectorRegistry(), clock))
+    response = await client.get("/", params={"source": "chat", "refresh": "99999"})
+    assert response.status == 200 and response.content_type == "text/html"
+    page = Page(await response.text())
+    assert set(page.imports) == {("chat", "chat.example.com")}
+    assert page.refresh == "3600; url=?source=chat&refresh=3600"
+    # What the form sends for "all": empty values, no filter.
+    response = await client.get("/?source=&state=&refresh=nonsense")
+    page = Page(await response.text())
+    assert len(page.imports) == 5 and page.refresh == "10; url=./"
+
+
+# --- in a real browser ---------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # the tests run as root
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SPEED = 20.0
+ARTIFACTS = ROOT / "test-artifacts"
+FAILED_REASON = "Validation failed: 12 products reference unknown category 'shoes-xl'"
+PWNED_REASON = "<script>window.__pwned=1</script>"
+PWNED_NAME = "<img src=x onerror=window.__pwned=2> <b>bold</b>"
+
+
+@pytest.fixture
+async def demo_exporter() -> AsyncIterator[Exporter]:
+    async with start_demo_simulator(SPEED) as config:
+        running = Exporter(config, "127.0.0.1:0")
+        await running.start()
+        try:
+            yield running
+        finally:
+            await running.stop()
+
+
+def label(state: StateStore, source: str, import_id: str) -> str | None:
+    record = state.imports.get((source, import_id))
+    return None if record is None else state_label(record)
+
+
+async def test_status_page_in_chromium(demo_exporter: Exporter) -> None:
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip(f"{CHROMIUM} missing: run scripts/setup --test")
+    from playwright.async_api import async_playwright
+
+    state = demo_exporter.state
+
+    def settled() -> bool:
+        chat = state.imports_of("rocketchat-demo")
+        return (
+            label(state, "elevate-demo", "1001") == "succeeded"
+            and label(state, "elevate-demo", "1002") == "failed"
+            and label(state, "elevate-demo", "1005") == "aborted"
+            and bool(chat)
+            and chat[0].observation is not None
+            and (chat[0].observation.items_completed or 0) > 0
+        )
+
+    await wait_for(settled, timeout=30)
+    base = f"http://127.0.0.1:{demo_exporter.port}/"
+    started = time.monotonic()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1440, "height": 900})
+            chat_progress = page.locator('tr[data-source="rocketchat-demo"] .progress .num')
+
+            # 1. It reloads itself, keeping the filter: Rocket.Chat's count moves on.
+            await page.goto(f"{base}?source=rocketchat-demo&refresh=1")
+            first = await chat_progress.inner_text()
+            await page.evaluate("window.__loaded_first = true")
+            await page.wait_for_function(
+                """(before) => window.__loaded_first === undefined
+                && document.querySelector('tr[data-source="rocketchat-demo"] .progress .num')
+                    ?.textContent !== before""",
+                arg=first,
+                timeout=15_000,
+            )
+            assert "source=rocketchat-demo" in page.url and "refresh=1" in page.url
+            assert await page.locator("tr[data-import]").count() == 1
+
+            # 2. Every scripted import with its badge, reason and progress.
+            await page.goto(base)
+            assert await page.locator("meta[http-equiv=refresh]").get_attribute("content") == (
+                "10; url=./"
+            )
+
+            def row(source: str, import_id: str) -> Locator:
+                return page.locator(f'tr[data-source="{source}"][data-import="{import_id}"]')
+
+            expected = {
+                ("elevate-demo", "1001"): "succeeded",
+                ("elevate-demo", "1002"): "failed",
+                ("elevate-demo", "1003"): "blocked",
+                ("elevate-demo", "1004"): "running",
+                ("elevate-demo", "1005"): "aborted",
+                ("zilliant-demo", "2587c81c-bs9fc-4873-ae2f-421b292d2c2b"): "failed",
+            }
+            for (source, import_id), badge in expected.items():
+                assert await row(source, import_id).locator(".badge").inner_text() == badge
+            failed = row("elevate-demo", "1002")
+            assert FAILED_REASON in await failed.inner_text()
+            assert "price feed" in await failed.inner_text()
+            assert "FAILURE" in await failed.locator(".upstream").inner_text()
+            colours = {
+                await row("elevate-demo", i)
+                .locator(".badge")
+                .evaluate("el => getComputedStyle(el).backgroundColor")
+                for i in ("1001", "1002", "1003", "1004")
+            }
+            assert len(colours) == 4  # succeeded, failed, blocked, running look different
+            bar = page.locator('tr[data-source="rocketchat-demo"] progress')
+            done, total = await bar.get_attribute("value"), await bar.get_attribute("max")
+            assert total == "5000" and done is not None and 0 < int(done) <= 5000
+            text = await chat_progress.inner_text()
+            assert re.fullmatch(r"\d+ / 5000", text), text
+            for source in ("elevate-demo", "zilliant-demo", "rocketchat-demo"):
+                status = page.locator(f'table.sources tr[data-source="{source}"] .badge')
+                assert await status.inner_text() == "up"
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=ARTIFACTS / "status-page.png", full_page=True)
+
+            # 3. Filtering: with the inline script a choice submits itself ...
+            await page.select_option("select[name=source]", "elevate-demo")
+            await page.wait_for_url(f"{base}?source=elevate-demo&state=")
+            await page.select_option("select[name=state]", "failed")
+            await page.wait_for_url(f"{base}?source=elevate-demo&state=failed")
+            assert await page.locator("tr[data-import]").count() == 1
+            assert await row("elevate-demo", "1002").count() == 1
+
+            # ... and without JavaScript the button does it.
+            context = await browser.new_context(java_script_enabled=False)
+            plain = await context.new_page()
+            await plain.goto(base)
+            await plain.select_option("select[name=source]", "zilliant-demo")
+            await plain.select_option("select[name=state]", "running")
+            await plain.click("button[type=submit]")
+            await plain.wait_for_url(f"{base}?source=zilliant-demo&state=running")
+            shown = plain.locator("tr[data-import]")
+            assert await shown.count() == 1
+            assert await shown.get_attribute("data-import") == (
+                "7c9e6679-7425-40de-944b-e07fc1f69e29"
+            )
+            await context.close()
+
+            # 4. Upstream text is text, even when it is markup.
+            state.track("elevate-demo", "666", name=PWNED_NAME)
+            state.record_observation(
+                "elevate-demo", "666", Observation(State.FAILED, "FAILURE", reason=PWNED_REASON)
+            )
+            await page.goto(f"{base}?source=elevate-demo&state=failed")
+            hostile = row("elevate-demo", "666")
+            assert await hostile.locator(".reason").inner_text() == PWNED_REASON
+            assert await hostile.locator(".name").inner_text() == PWNED_NAME
+            assert await page.evaluate("typeof window.__pwned") == "undefined"
+            assert await page.locator("img, b, script").count() == 0
+        finally:
+            await browser.close()
+    print(f"chromium part took {time.monotonic() - started:.1f}s")
