@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] in (["track"], ["untrack"]):  # a pipeline's client of the API
+        from exporter.client import main as client_main
+
+        return client_main(given)
     args = build_parser().parse_args(argv)
     if args.command == "check-config" or args.check_config:
         return check_config(args.config_file)

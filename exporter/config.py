@@ -63,6 +63,9 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+ID_RULE = "must be 1-200 characters of letters, digits and . _ : @ -, not only dots"
+
+
 def _id_to_str(value: Any) -> Any:
     # Import ids are opaque strings; YAML reads a bare 5537431447739019570 as an int.
     if isinstance(value, int) and not isinstance(value, bool):
@@ -73,7 +76,11 @@ def _id_to_str(value: Any) -> Any:
 ImportId = Annotated[
     str,
     BeforeValidator(_id_to_str),
-    Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]+$"),
+    # At least one character that is not a dot: "." and ".." cannot be
+    # addressed in a URL path (clients collapse them).
+    Field(
+        min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]*[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*$"
+    ),
 ]
 
 
@@ -322,13 +329,21 @@ def parse_config_data(data: Any, origin: str, base_dir: Path | None = None) -> C
                 for loc, msg in _describe_errors(exc)
             ]
     errors += [f"{origin}: {loc}: {msg}" for loc, msg in _check_sources(valid, base_dir)]
-    if top is not None:
-        errors += [f"{origin}: {loc}: {msg}" for loc, msg in _read_api_tokens(top.api, base_dir)]
+    api = top.api if top is not None else _valid_or_none(ApiConfig, data.get("api", {}))
+    if api is not None:  # its tokens' problems too, even when other top-level keys are wrong
+        errors += [f"{origin}: {loc}: {msg}" for loc, msg in _read_api_tokens(api, base_dir)]
     if errors or top is None:
         raise ConfigError(errors)
     config = top.model_copy(update={"sources": [source for _, source in valid]})
     config._base_dir = base_dir
     return config
+
+
+def _valid_or_none(model: type[StrictModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None  # already reported by the top-level validation
 
 
 def _read_api_tokens(api: ApiConfig, base_dir: Path | None) -> Iterable[tuple[str, str]]:
@@ -398,7 +413,7 @@ def _describe_errors(exc: ValidationError) -> Iterable[tuple[str, str]]:
 def _pattern_message(loc: list[Any]) -> str:
     field = loc[-1] if loc else ""
     if field == "id":
-        return "must be 1-200 characters of letters, digits and . _ : @ -"
+        return ID_RULE
     if field == "name":
         return "must be letters, digits and . _ : - only"
     return "has characters that are not allowed"

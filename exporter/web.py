@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from exporter.api import add_api_routes, bearer_passes
 from exporter.pages import parse_refresh, render_status_page
 from exporter.state import StateStore
 from exporter.tracking import ImportTracker
@@ -31,7 +32,11 @@ def create_web_app(
     reload: Callable[[], Awaitable[list[str]]] | None = None,
     tracker: ImportTracker | None = None,
 ) -> web.Application:
-    middlewares = security_middlewares(web_config) if web_config is not None else []
+    middlewares = (
+        security_middlewares(web_config, bypass=bearer_passes(tracker))
+        if web_config is not None
+        else []
+    )
     app = web.Application(middlewares=middlewares)
     app[STATE_KEY] = state
 
@@ -68,6 +73,7 @@ def create_web_app(
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/", landing)
+    add_api_routes(app, tracker)
     return app
 
 

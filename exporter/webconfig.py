@@ -203,15 +203,24 @@ def _parse_basic(header: str | None) -> tuple[str, bytes] | None:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def security_middlewares(config: WebConfig) -> list[Middleware]:
-    """aiohttp middlewares applying basic auth and headers to every endpoint."""
+def security_middlewares(
+    config: WebConfig, bypass: Callable[[web.Request], bool] | None = None
+) -> list[Middleware]:
+    """aiohttp middlewares applying basic auth and headers to every endpoint.
+
+    A request for which ``bypass`` is true needs no basic auth (the API's own
+    bearer token, see ``exporter.api.bearer_passes``)."""
     middlewares: list[Middleware] = []
     headers = dict(config.http_server_config.headers) if config.http_server_config else {}
     auth = BasicAuth(config.basic_auth_users) if config.basic_auth_users else None
 
     @web.middleware
     async def protect(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if auth is not None and not await auth.check(request.headers.get("Authorization")):
+        if (
+            auth is not None
+            and not (bypass is not None and bypass(request))
+            and not await auth.check(request.headers.get("Authorization"))
+        ):
             response: web.StreamResponse = web.Response(
                 status=401,
                 text="Unauthorized\n",
