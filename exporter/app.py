@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import sys
 from collections.abc import Callable
@@ -31,6 +32,8 @@ DEFAULT_PORT = 10451
 RENDER_SWITCH_INTERVAL = 0.001
 PERSIST_INTERVAL = 1.0
 """Seconds between writes of what polls learnt (registrations are written at once)."""
+POLL_TIMES_EVERY = 30
+"""Write imports whose only news is a newer poll time every this many writes."""
 SHUTDOWN_TIMEOUT = 5.0
 
 
@@ -260,9 +263,9 @@ class Exporter:
 
     # --- persistence and retention -----------------------------------------
 
-    async def _write_changes(self) -> None:
+    async def _write_changes(self, *, with_poll_times: bool = False) -> None:
         """Write what changed since the last write; on failure keep it for the next."""
-        changed, forgotten = self.state.take_changes()
+        changed, forgotten = self.state.take_changes(with_poll_times=with_poll_times)
         if self.store is None or not (changed or forgotten):
             return
         rows = [to_row(record) for record in changed]  # a snapshot, taken on the loop
@@ -273,7 +276,7 @@ class Exporter:
             raise
 
     async def _persist_loop(self) -> None:
-        while True:
+        for round in itertools.count(1):
             await asyncio.sleep(PERSIST_INTERVAL)
             for record in self.state.expired(self.config.retention):
                 scheduler = self.poller.schedulers.get(record.source)
@@ -287,7 +290,7 @@ class Exporter:
                 )
             async with self._write_lock:
                 try:
-                    await self._write_changes()
+                    await self._write_changes(with_poll_times=round % POLL_TIMES_EVERY == 0)
                 except StoreError as exc:
                     log.error("cannot store the state of the imports: %s", exc)
 
@@ -303,7 +306,7 @@ class Exporter:
         if self.store is not None:
             async with self._write_lock:
                 try:
-                    await self._write_changes()
+                    await self._write_changes(with_poll_times=True)
                 except StoreError as exc:
                     log.error("cannot store the state of the imports: %s", exc)
             self.store.close()

@@ -127,8 +127,11 @@ class StateStore:
         self.clock = clock
         self.sources: dict[str, SourceRecord] = {}
         self.imports: dict[tuple[str, str], ImportRecord] = {}
-        # Keys written or dropped since the last take_changes(), for persistence.
+        # For persistence: imports that changed, imports whose only news is a
+        # newer poll time (written less often: most polls change nothing else),
+        # and imports forgotten, since they were last taken.
         self._changed: set[ImportKey] = set()
+        self._touched: set[ImportKey] = set()
         self._forgotten: set[ImportKey] = set()
         self.last_reload_successful = True
         self.last_reload_success_at: float | None = None
@@ -183,6 +186,7 @@ class StateStore:
         key = (source, import_id)
         if self.imports.pop(key, None) is not None:
             self._changed.discard(key)
+            self._touched.discard(key)
             self._forgotten.add(key)
 
     def restore(self, records: list[ImportRecord]) -> None:
@@ -201,12 +205,19 @@ class StateStore:
             self.untrack(record.source, record.import_id)
         return orphans
 
-    def take_changes(self) -> tuple[list[ImportRecord], list[ImportKey]]:
-        """Imports changed and keys forgotten since the last call."""
-        changed = [self.imports[key] for key in self._changed if key in self.imports]
+    def take_changes(
+        self, *, with_poll_times: bool = False
+    ) -> tuple[list[ImportRecord], list[ImportKey]]:
+        """Imports changed and keys forgotten since they were last taken; with
+        ``with_poll_times`` also the imports whose only news is a newer poll."""
+        keys = self._changed
+        if with_poll_times:
+            keys |= self._touched
+            self._touched = set()
+        changed = [self.imports[key] for key in keys if key in self.imports]
         forgotten = list(self._forgotten)
-        self._changed.clear()
-        self._forgotten.clear()
+        self._changed = set()
+        self._forgotten = set()
         return changed, forgotten
 
     def requeue(self, changed: list[ImportRecord], forgotten: list[ImportKey]) -> None:
@@ -258,6 +269,7 @@ class StateStore:
             # Untracked while the poll was in flight: the answer is dropped.
             return ImportRecord(source=source, import_id=import_id, system="", observation=obs)
         previous = record.observation
+        was_final = record.confirmed_final
         if record.first_seen is None:
             record.first_seen = now
         if previous is None or previous.state != obs.state:
@@ -281,7 +293,10 @@ class StateStore:
             record.seen_finished_at = None
         record.observation = obs
         record.last_success = now
-        self._changed.add((source, import_id))
+        if previous != obs or record.confirmed_final != was_final:
+            self._changed.add((source, import_id))
+        else:
+            self._touched.add((source, import_id))
         return record
 
     def record_error(self, source: str, import_id: str, error: SourceError) -> None:
@@ -296,10 +311,11 @@ class StateStore:
             source_record.error_times.append(now)
         record = self.imports.get((source, import_id))
         if record is not None:
+            news = record.last_error != message or record.last_error_reason != error.reason
             record.last_error = message
             record.last_error_reason = error.reason
             record.last_error_at = now
-            self._changed.add((source, import_id))
+            (self._changed if news else self._touched).add((source, import_id))
 
     # --- readers' helpers ---------------------------------------------------
 

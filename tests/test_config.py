@@ -239,3 +239,51 @@ def test_check_config_exits_1_and_lists_errors(tmp_path: Path) -> None:
     result = run_cli("check-config", "--config.file", str(bad))
     assert result.returncode == 1
     assert f"{bad}: sources[0].interval: must be a duration like 30s" in result.stderr
+
+
+def test_retention_storage_and_api_tokens(tmp_path: Path) -> None:
+    strong = "pipeline-token-0123456789"
+    weak = "short-secret"
+    (tmp_path / "tokens").write_text(f"# pipelines\n\n{strong}\n")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        "retention: 2h\nstorage: {path: data/state.db}\napi: {tokens_file: tokens}\n" + ELEVATE
+    )
+    config = load_config(config_file)
+    assert config.retention == 7200
+    assert config.storage_path() == str(tmp_path / "data" / "state.db")
+    assert config.api.tokens == (strong,)
+    assert config.api.max_imports_per_source == 10_000
+
+    # Defaults: no store path of its own, a day's retention, the write API off.
+    default = parse_config_text(ELEVATE, "config.yaml")
+    assert (default.retention, default.storage_path(), default.api.tokens) == (86400, None, ())
+
+    (tmp_path / "tokens").write_text(f"{weak}\n")
+    config_file.write_text(
+        "retention: a day\nstorage: {path: 7}\napi: {tokens_file: tokens}\n" + ELEVATE
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file)
+    errors = caught.value.errors
+    assert f"{config_file}: retention: must be a duration like 30s" in errors
+    assert f"{config_file}: storage.path: Input should be a valid string" in errors
+    assert (
+        f"{config_file}: api.tokens_file: line 1: a token must be at least 16 characters "
+        "without spaces" in errors
+    )
+    assert not any(weak in e for e in errors)  # a token is never echoed
+
+    config_file.write_text("api: {tokens_file: missing, max_imports_per_source: 0}\n" + ELEVATE)
+    errors = errors_of_file(config_file)
+    assert any(e.startswith(f"{config_file}: api.max_imports_per_source:") for e in errors)
+    config_file.write_text("api: {tokens_file: missing}\n" + ELEVATE)
+    assert f"{config_file}: api.tokens_file: cannot read missing" in str(
+        errors_of_file(config_file)
+    )
+
+
+def errors_of_file(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return caught.value.errors

@@ -1,0 +1,283 @@
+"""Registrations and what the exporter learnt survive restarts, SIGKILL included;
+a corrupt database stops the start; finished registered imports are forgotten
+after the retention."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from exporter.app import Exporter
+from exporter.config import load_config
+from exporter.model import ErrorReason, Observation, SourceError, State
+from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
+from exporter.state import StateStore
+from exporter.store import Store, StoreError, to_row
+from tests.fakes import wait_for
+from tests.test_reload_and_secrets import free_port
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "pipeline-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def write_config(tmp_path: Path, url: str, retention: str = "24h") -> Path:
+    (tmp_path / "key").write_text(DEMO_CREDENTIALS.elevate_api_key)
+    (tmp_path / "tokens").write_text(f"# pipelines\n{TOKEN}\n")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        f"""
+retention: {retention}
+storage:
+  path: state.db
+api:
+  tokens_file: tokens
+sources:
+  - name: elevate
+    type: elevate
+    url: {url}
+    api_key_file: key
+    interval: 0.2s
+    timeout: 0.2s
+    max_backoff: 0.2s
+    imports:
+      - id: '1005'
+"""
+    )
+    return config_file
+
+
+async def simulator_server(aiohttp_server: ServerFactory, speed: float = 1.0) -> TestServer:
+    return await aiohttp_server(create_app(Simulator(speed=speed)))
+
+
+def test_store_round_trip_keeps_everything_learnt(tmp_path: Path) -> None:
+    state = StateStore(clock=lambda: 1_700_000_000.0)
+    state.add_source("chat", "rocketchat", 30.0)
+    state.track("chat", "chat.example.com", name="history <migration>", origin="api")
+    state.record_observation(
+        "chat",
+        "chat.example.com",
+        Observation(
+            state=State.RUNNING,
+            upstream_state="importer_importing_messages",
+            step="importer_importing_messages",
+            reason=None,
+            items_completed=600,
+            items_expected=5000,
+            items_failed=2,
+            started_at=1_699_999_000.0,
+        ),
+    )
+    state.record_error(
+        "chat", "chat.example.com", SourceError(ErrorReason.TIMEOUT, "no answer within 10s")
+    )
+    (record,) = state.imports.values()
+    path = tmp_path / "state.db"
+    Store(path).write([to_row(record)])
+
+    (loaded,) = Store(path).load()
+    assert loaded == record
+
+
+def test_corrupt_or_unreadable_database_stops_the_start_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database, it is a shopping list\n" * 200)
+    before = garbage.read_bytes()
+    try:
+        Store(garbage)
+    except StoreError as exc:
+        assert str(garbage) in str(exc) and "corrupt" in str(exc)
+    else:
+        raise AssertionError("a corrupt database was accepted")
+    assert garbage.read_bytes() == before  # nothing was written over it
+
+    # The command line says so and exits 1, never starting on an empty state.
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("sources: []\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--config.file", str(config_file),
+         "--storage.path", str(garbage), "--web.listen-address", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert str(garbage) in result.stderr and "corrupt" in result.stderr
+
+    # A path that is a folder cannot be opened either.
+    try:
+        Store(tmp_path)
+    except StoreError as exc:
+        assert str(tmp_path) in str(exc)
+    else:
+        raise AssertionError("a folder was accepted as a database")
+
+    # A database from a newer exporter is not silently misread.
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as db:
+        db.execute("PRAGMA user_version=99")
+    try:
+        Store(newer)
+    except StoreError as exc:
+        assert "newer exporter" in str(exc)
+    else:
+        raise AssertionError("a newer schema was accepted")
+
+
+@asynccontextmanager
+async def exporter_process(
+    config_file: Path, port: int
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "exporter", "--config.file", str(config_file),
+        "--web.listen-address", f"127.0.0.1:{port}", cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def api_list(session: aiohttp.ClientSession, port: int) -> dict[str, dict[str, Any]] | None:
+    try:
+        async with session.get(f"http://127.0.0.1:{port}/api/v1/imports") as response:
+            if response.status != 200:
+                return None
+            body = await response.json()
+    except aiohttp.ClientError:
+        return None
+    return {item["id"]: item for item in body["imports"]}
+
+
+async def wait_listing(
+    session: aiohttp.ClientSession, port: int, done: Callable[[dict[str, dict[str, Any]]], bool]
+) -> dict[str, dict[str, Any]]:
+    async with asyncio.timeout(20):
+        while True:
+            listing = await api_list(session, port)
+            if listing is not None and done(listing):
+                return listing
+            await asyncio.sleep(0.05)
+
+
+def stored_states(path: Path) -> dict[str, str | None]:
+    if not path.exists():
+        return {}
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        return dict(db.execute("SELECT import_id, state FROM imports").fetchall())
+
+
+async def test_sigkill_loses_no_acknowledged_registration_and_keeps_state_and_stalls(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    database = tmp_path / "state.db"
+    port = free_port()
+    registered = ["1003", "1004", *(f"pipeline-{i}" for i in range(20))]
+    async with aiohttp.ClientSession() as session:
+        async with exporter_process(config_file, port) as proc:
+            await wait_listing(session, port, lambda listing: "1005" in listing)
+            for import_id in registered:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/api/v1/imports",
+                    json={"source": "elevate", "id": import_id, "name": f"job {import_id}"},
+                    headers=AUTH,
+                ) as response:
+                    assert response.status == 201
+            proc.send_signal(signal.SIGKILL)  # at once: nothing had time to flush
+            await proc.wait()
+
+        async with exporter_process(config_file, port) as proc:
+            listing = await wait_listing(session, port, lambda listing: len(listing) > 1)
+            assert set(registered) <= set(listing)
+            assert listing["1004"]["name"] == "job 1004"
+            assert listing["1004"]["origin"] == "api"
+
+            # Let polls fill the state and reach the database, then kill again.
+            def learnt() -> bool:
+                states = stored_states(database)
+                return (
+                    states.get("1004") == "running"
+                    and states.get("1003") == "blocked"
+                    and states.get("pipeline-0") == "not_found"
+                )
+
+            await wait_for(learnt, timeout=20)
+            before = await wait_listing(session, port, lambda listing: True)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+
+        # The upstream is gone now: whatever the restarted exporter shows about
+        # these imports can only come from what it kept.
+        await simulator.close()
+        async with exporter_process(config_file, port) as proc:
+            after = await wait_listing(session, port, lambda listing: len(listing) > 1)
+            assert set(registered) <= set(after)
+            for import_id in ("1003", "1004", "pipeline-0"):
+                for field in ("state", "upstream_state", "state_changed_at", "last_progress_at"):
+                    assert after[import_id][field] == before[import_id][field], (import_id, field)
+            assert after["1004"]["state"] == "running"
+            # The stall that began before the restarts is still one: the last
+            # progress time did not move, so the stuck alert keeps counting.
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                text = await response.text()
+            line = next(
+                line
+                for line in text.splitlines()
+                if line.startswith("import_last_progress_timestamp_seconds")
+                and 'import="1004"' in line
+            )
+            assert float(line.rsplit(" ", 1)[1]) > 0
+
+            # SIGTERM: exits 0 within a few seconds, having written what it knew.
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                assert await proc.wait() == 0
+    assert {"1003", "1004", "1005", *registered} <= set(stored_states(database))
+
+
+async def test_finished_registered_imports_are_forgotten_after_the_retention(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    # At 60x, 1002 fails after half a second and 1005 (listed in the config) aborts.
+    simulator = await simulator_server(aiohttp_server, speed=60.0)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"), "1s")
+    exporter = Exporter(
+        load_config(config_file), "127.0.0.1:0", storage_path=str(tmp_path / "state.db")
+    )
+    await exporter.start()
+    state = exporter.state
+    try:
+        _, created = await exporter.register("elevate", "1002", "price feed")
+        assert created
+        await exporter.register("elevate", "1004", "stuck")
+        await wait_for(lambda: state.imports[("elevate", "1002")].state is State.FAILED)
+        await wait_for(lambda: ("elevate", "1002") not in state.imports, timeout=10)
+
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{exporter.port}/metrics") as response:
+                text = await response.text()
+        assert 'import="1002"' not in text
+        assert 'import="1004"' in text  # still running: kept
+        # Listed in the config: kept while listed, finished or not.
+        assert state.imports[("elevate", "1005")].state is State.ABORTED
+        await wait_for(lambda: "1002" not in stored_states(tmp_path / "state.db"))
+    finally:
+        await exporter.stop()
+    assert set(stored_states(tmp_path / "state.db")) == {"1004", "1005"}
