@@ -12,8 +12,10 @@ import argparse
 import asyncio
 import gc
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,9 @@ async def measure_one(url: str, count: int) -> dict[str, float]:
         },
         "bench",
     )
-    exporter = Exporter(config, "127.0.0.1:0")
+    # With its SQLite store, as it runs in production (SQLite's page cache counts).
+    folder = tempfile.mkdtemp()
+    exporter = Exporter(config, "127.0.0.1:0", storage_path=f"{folder}/bench.db")
     await exporter.start()
     try:
         async with asyncio.timeout(300):
@@ -56,6 +60,7 @@ async def measure_one(url: str, count: int) -> dict[str, float]:
         rss = rss_bytes()
     finally:
         await exporter.stop()
+        shutil.rmtree(folder)
     return {"imports": count, "rss_bytes": rss}
 
 
