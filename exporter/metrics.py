@@ -22,7 +22,7 @@ from exporter import __version__
 from exporter.model import ErrorReason, State
 from exporter.state import REQUEST_DURATION_BUCKETS, StateStore
 
-POLLED = "Values come from background polls of the upstream API, not from scrape-time calls."
+POLLED = " Values come from background polls of the upstream API, not from scrape-time calls."
 STATES = tuple(State)
 REASONS = tuple(ErrorReason)
 _BUCKET_BOUNDS = [*(f"{b:g}" for b in REQUEST_DURATION_BUCKETS), "+Inf"]
@@ -62,60 +62,63 @@ class StateCollector(Collector):
         keys = ["source", "import"]
         state = GaugeMetricFamily(
             "import_state",
-            "1 for the import's current normalized state, 0 for the other states. " + POLLED,
+            "1 for the import's current normalized state, 0 for the other states." + POLLED,
             labels=[*keys, "state"],
         )
         info = GaugeMetricFamily(
             "import_info",
-            "Always 1; the upstream system, the raw upstream status and the import's name.",
+            "Always 1; the upstream system, the raw upstream status and the import's name."
+            + POLLED,
             labels=[*keys, "system", "upstream_state", "name"],
         )
         completed = GaugeMetricFamily(
             "import_items_completed",
-            "Items the upstream reports as imported so far (only where it reports counts).",
+            "Items the upstream reports as imported so far (only where it reports counts)."
+            + POLLED,
             labels=keys,
         )
         expected = GaugeMetricFamily(
             "import_items_expected",
             "Items the upstream reports the import will process in total "
-            "(only where it reports counts).",
+            "(only where it reports counts)." + POLLED,
             labels=keys,
         )
         failed = GaugeMetricFamily(
             "import_items_failed",
-            "Items the upstream reports as failed (only where it reports counts).",
+            "Items the upstream reports as failed (only where it reports counts)." + POLLED,
             labels=keys,
         )
         start = GaugeMetricFamily(
             "import_start_timestamp_seconds",
             "When the import started: the upstream's start time where it reports one "
-            "(Zilliant), else when the exporter first saw it running.",
+            "(Zilliant), else when the exporter first saw it running." + POLLED,
             labels=keys,
         )
         end = GaugeMetricFamily(
             "import_end_timestamp_seconds",
             "When the import finished: the upstream's stop time where it reports one "
-            "(Zilliant), else when the exporter first saw it in a final state.",
+            "(Zilliant), else when the exporter first saw it in a final state." + POLLED,
             labels=keys,
         )
         duration = GaugeMetricFamily(
             "import_duration_seconds",
-            "End minus start of a finished import, or now minus start while it runs.",
+            "End minus start of a finished import, or now minus start while it runs." + POLLED,
             labels=keys,
         )
         changed = GaugeMetricFamily(
             "import_state_change_timestamp_seconds",
-            "When the exporter first saw the import's current state.",
+            "When the exporter first saw the import's current state." + POLLED,
             labels=keys,
         )
         progress = GaugeMetricFamily(
             "import_last_progress_timestamp_seconds",
-            "When the exporter last saw the import's state, step or completed count change.",
+            "When the exporter last saw the import's state, step or completed count change."
+            + POLLED,
             labels=keys,
         )
         success = GaugeMetricFamily(
             "import_last_poll_success_timestamp_seconds",
-            "When a background poll last got an answer about the import.",
+            "When a background poll last got an answer about the import." + POLLED,
             labels=keys,
         )
         for record in list(self.state.imports.values()):
@@ -155,8 +158,8 @@ class StateCollector(Collector):
         keys = ["source", "system"]
         up = GaugeMetricFamily(
             "import_source_up",
-            "1 if the last background poll of the source reached its API and understood "
-            "the answer, else 0.",
+            "1 while the latest background poll of at least one watched import reached "
+            "the source's API and understood the answer; 0 when every one failed.",
             labels=keys,
         )
         requests = CounterMetricFamily(

@@ -29,6 +29,8 @@ START_SPREAD_FRACTION = 0.1
 """First polls are spread over this fraction of the interval (at most 5 s)."""
 MAX_START_SPREAD = 5.0
 BACKOFF_JITTER = 0.2
+MAX_RETRY_AFTER = 3600.0
+"""Longest hold an upstream's Retry-After gets (or max_backoff, if longer)."""
 
 
 class SourceScheduler:
@@ -166,9 +168,11 @@ class SourceScheduler:
         now = self.clock()
         if error.retry_after is not None:
             # The upstream told us when to come back: hold the whole source
-            # (rate limits are per client, not per import).
-            self._paused_until = max(self._paused_until, now + error.retry_after)
-            backoff = max(backoff, error.retry_after)
+            # (rate limits are per client, not per import), but not for ever:
+            # "Retry-After: 1e12" must not stop the watching for good.
+            retry_after = min(error.retry_after, max(self.max_backoff, MAX_RETRY_AFTER))
+            self._paused_until = max(self._paused_until, now + retry_after)
+            backoff = max(backoff, retry_after)
         return now + backoff
 
 

@@ -53,14 +53,12 @@ class ImportRecord:
     last_error_at: float | None = None
     confirmed_final: bool = False
     """A terminal state was seen twice in a row: no need to poll again."""
+    polled_this_run: bool = False
+    """A poll of this process answered (restored records start without)."""
 
     @property
     def state(self) -> State | None:
         return self.observation.state if self.observation else None
-
-    @property
-    def polled(self) -> bool:
-        return self.last_success is not None or self.last_error_at is not None
 
     @property
     def start_timestamp(self) -> float | None:
@@ -109,6 +107,9 @@ class SourceRecord:
     last_error_at: float | None = None
     error_times: deque[float] = field(default_factory=lambda: deque(maxlen=ERROR_TIMES_KEPT))
     """When the latest failed polls happened, oldest first."""
+    answering: set[str] = field(default_factory=set)
+    """Imports still polled whose latest poll got an answer. The source is up
+    while any has: one broken import among many does not make it flap."""
 
     def recent_errors(self, now: float, window: float) -> int:
         """Failed polls in the last ``window`` seconds (at most ERROR_TIMES_KEPT)."""
@@ -184,6 +185,9 @@ class StateStore:
 
     def untrack(self, source: str, import_id: str) -> None:
         key = (source, import_id)
+        source_record = self.sources.get(source)
+        if source_record is not None:
+            source_record.answering.discard(import_id)
         if self.imports.pop(key, None) is not None:
             self._changed.discard(key)
             self._touched.discard(key)
@@ -260,10 +264,6 @@ class StateStore:
 
     def record_observation(self, source: str, import_id: str, obs: Observation) -> ImportRecord:
         now = self.clock()
-        source_record = self.sources.get(source)
-        if source_record is not None:
-            source_record.up = True
-            source_record.last_success = now
         record = self.imports.get((source, import_id))
         if record is None:
             # Untracked while the poll was in flight: the answer is dropped.
@@ -272,6 +272,10 @@ class StateStore:
         was_final = record.confirmed_final
         if record.first_seen is None:
             record.first_seen = now
+        ended_before = previous is not None and previous.state in TERMINAL_STATES
+        if ended_before and obs.state not in TERMINAL_STATES:
+            # A server's next import (Rocket.Chat): its own start time.
+            record.seen_running_at = None
         if previous is None or previous.state != obs.state:
             record.state_since = now
             record.confirmed_final = False
@@ -293,6 +297,15 @@ class StateStore:
             record.seen_finished_at = None
         record.observation = obs
         record.last_success = now
+        record.polled_this_run = True
+        source_record = self.sources.get(source)
+        if source_record is not None:
+            source_record.up = True
+            source_record.last_success = now
+            if record.confirmed_final:
+                source_record.answering.discard(import_id)  # no longer polled
+            else:
+                source_record.answering.add(import_id)
         if previous != obs or record.confirmed_final != was_final:
             self._changed.add((source, import_id))
         else:
@@ -304,13 +317,15 @@ class StateStore:
         message = redact(error.message)
         source_record = self.sources.get(source)
         if source_record is not None:
-            source_record.up = False
+            source_record.answering.discard(import_id)
+            source_record.up = bool(source_record.answering)
             source_record.errors_total[error.reason] += 1
             source_record.last_error = f"{error.reason.value}: {message}"
             source_record.last_error_at = now
             source_record.error_times.append(now)
         record = self.imports.get((source, import_id))
         if record is not None:
+            record.polled_this_run = True
             news = record.last_error != message or record.last_error_reason != error.reason
             record.last_error = message
             record.last_error_reason = error.reason
@@ -320,5 +335,8 @@ class StateStore:
     # --- readers' helpers ---------------------------------------------------
 
     def ready(self) -> bool:
-        """Every tracked import has been polled at least once."""
-        return all(record.polled for record in self.imports.values())
+        """Every tracked import has been polled by this process (or is finished
+        and no longer polled): what was restored from the store is not news."""
+        return all(
+            record.polled_this_run or record.confirmed_final for record in self.imports.values()
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -12,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.metrics import build_registry
 from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.state import StateStore
+from exporter.store import Store, to_row
 
 
 class Clock:
@@ -173,3 +175,63 @@ def test_exposition_passes_promtool_check_metrics(world: tuple[StateStore, Clock
     text = generate_latest(build_registry(state))
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_a_servers_next_import_gets_its_own_start_time(world: tuple[StateStore, Clock]) -> None:
+    state, clock = world
+    chat = {"source": "chat", "import": "chat.example.com"}
+    state.record_observation(
+        "chat", "chat.example.com", Observation(State.RUNNING, "importer_importing_users")
+    )
+    first_start = clock.now
+    clock.now += 60
+    state.record_observation(
+        "chat", "chat.example.com", Observation(State.SUCCEEDED, "importer_done")
+    )
+    clock.now += 5000  # the server's next import starts much later
+    state.record_observation("chat", "chat.example.com", Observation(State.WAITING, "importer_new"))
+    clock.now += 10
+    state.record_observation(
+        "chat", "chat.example.com", Observation(State.RUNNING, "importer_importing_users")
+    )
+    next_start = clock.now
+    clock.now += 30
+    values = samples(state)
+    assert next_start > first_start
+    assert values[key("import_start_timestamp_seconds", **chat)] == next_start
+    assert values[key("import_duration_seconds", **chat)] == 30
+
+
+def test_one_broken_import_does_not_make_its_source_flap(world: tuple[StateStore, Clock]) -> None:
+    state, _ = world
+    state.track("elevate-prod", "1002")
+    up = key("import_source_up", source="elevate-prod", system="elevate")
+    broken = SourceError(ErrorReason.CLIENT_ERROR, "HTTP 400")
+    for _ in range(3):
+        state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+        state.record_error("elevate-prod", "1002", broken)
+        assert samples(state)[up] == 1
+    # Every watched import failing is the API being down.
+    state.record_error("elevate-prod", "1001", SourceError(ErrorReason.TIMEOUT, "no answer"))
+    assert samples(state)[up] == 0
+    state.record_observation("elevate-prod", "1002", Observation(State.RUNNING, "IN_PROGRESS"))
+    assert samples(state)[up] == 1
+
+
+def test_restored_imports_are_not_ready_until_polled_again(
+    world: tuple[StateStore, Clock], tmp_path: Path
+) -> None:
+    state, _ = world
+    state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    state.record_observation("chat", "chat.example.com", Observation(State.RUNNING, "x"))
+    assert state.ready()
+    restarted = StateStore()
+    store = Store(tmp_path / "state.db")
+    store.write([to_row(record) for record in state.imports.values()])
+    restarted.restore(store.load())
+    assert not restarted.ready()  # last run's answers are not this run's
+    restarted.add_source("elevate-prod", "elevate", 30.0)
+    restarted.add_source("chat", "rocketchat", 60.0)
+    restarted.record_error("elevate-prod", "1001", SourceError(ErrorReason.TIMEOUT, "no answer"))
+    restarted.record_observation("chat", "chat.example.com", Observation(State.RUNNING, "x"))
+    assert restarted.ready()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from exporter.model import ErrorReason, Observation, SourceError, State
-from exporter.poller import Poller, SourceScheduler
+from exporter.poller import BACKOFF_JITTER, MAX_RETRY_AFTER, Poller, SourceScheduler
 from exporter.state import StateStore
 from tests.fakes import FakeSource, raise_error, wait_for
 
@@ -73,6 +73,14 @@ async def test_retry_after_holds_the_whole_source() -> None:
     assert due is not None and due >= clock.now + 120.0
     assert sched._paused_until == clock.now + 120.0
     assert sched.state.sources["s"].errors_total[ErrorReason.RATE_LIMITED] == 1
+
+
+async def test_an_absurd_retry_after_holds_the_source_an_hour_at_most() -> None:
+    clock = Clock()
+    error = SourceError(ErrorReason.RATE_LIMITED, "HTTP 429", retry_after=float("inf"))
+    sched = scheduler(FakeSource("s", ["a"], raise_error(error)), clock)
+    due = await sched.poll_once("a")
+    assert due is not None and due <= clock.now + MAX_RETRY_AFTER * (1 + BACKOFF_JITTER)
 
 
 async def test_terminal_import_is_confirmed_once_then_no_longer_polled_but_kept() -> None:
