@@ -13,9 +13,16 @@ from typing import Any, ClassVar
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from exporter.model import ErrorReason, Observation, ParseError, SourceError
 from exporter.redact import redact
+
+MAX_DEFLATE_RATIO = 1032
+"""Deflate (gzip) cannot inflate more than about 1032 times: a compressed body of
+n bytes is at most n * 1032 bytes decompressed."""
+
+URL_CACHE_SIZE = 100_000
 
 RequestObserver = Callable[[float], None]
 """Called with the duration in seconds of every HTTP request a source makes."""
@@ -39,7 +46,7 @@ class ImportSpec:
 async def http_request(
     session: aiohttp.ClientSession,
     method: str,
-    url: str,
+    url: str | URL,
     *,
     timeout: float,
     max_bytes: int,
@@ -68,8 +75,12 @@ async def http_request(
             length = response.content_length
             if length is not None and length > max_bytes:
                 raise _too_large(max_bytes)
-            if length is not None and "Content-Encoding" not in response.headers:
-                # Plain body of a known, allowed size: one read.
+            if length is not None and (
+                "Content-Encoding" not in response.headers
+                or length * MAX_DEFLATE_RATIO <= max_bytes
+            ):
+                # A body of known size that cannot exceed the cap, even
+                # decompressed: one read.
                 return HttpResponse(response.status, response.headers, await response.read())
             body = bytearray()
             # Otherwise read in pieces so an oversized (or decompression-bomb)
@@ -174,6 +185,21 @@ class Source(ABC):
         self.max_bytes = max_bytes
         self.observe = observe
         self.client_timeout = aiohttp.ClientTimeout(total=timeout)
+        self._import_urls: dict[str, URL] = {}
+
+    def import_url(self, import_id: str) -> URL:
+        """The URL polled for one import, built once: building a URL with its
+        query or quoted path on every poll cost more than the rest of an adapter."""
+        url = self._import_urls.get(import_id)
+        if url is None:
+            if len(self._import_urls) >= URL_CACHE_SIZE:
+                self._import_urls.clear()  # ids come and go; stay bounded
+            url = self._import_urls[import_id] = self.build_import_url(import_id)
+        return url
+
+    def build_import_url(self, import_id: str) -> URL:
+        """Adapters that poll one URL per import id say how it is made."""
+        raise NotImplementedError
 
     @abstractmethod
     def imports(self) -> list[ImportSpec]:
@@ -186,7 +212,7 @@ class Source(ABC):
     async def request(
         self,
         method: str,
-        url: str,
+        url: str | URL,
         *,
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,

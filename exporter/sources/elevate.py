@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from exporter.config import ElevateConfig
 from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
@@ -90,8 +91,9 @@ class ElevateSource(Source):
     def imports(self) -> list[ImportSpec]:
         return [ImportSpec(entry.id, entry.name) for entry in self.config.imports]
 
+    def build_import_url(self, import_id: str) -> URL:
+        return URL(self.url).with_query(id=import_id)
+
     async def poll(self, import_id: str) -> Observation:
-        response = await self.request(
-            "GET", self.url, headers=self.headers, params={"id": import_id}
-        )
+        response = await self.request("GET", self.import_url(import_id), headers=self.headers)
         return parse_status(response, import_id)

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from exporter.config import SalesforceConfig, ZilliantConfig
 from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
@@ -165,8 +166,11 @@ class ZilliantSource(Source):
             log.info("source=%s fetched a new Salesforce token", self.name)
             return self._authorization
 
+    def build_import_url(self, import_id: str) -> URL:
+        return URL(f"{self.config.url}/v1/EntityImport/{quote(import_id, safe='')}/status")
+
     async def poll(self, import_id: str) -> Observation:
-        url = f"{self.config.url}/v1/EntityImport/{quote(import_id, safe='')}/status"
+        url = self.import_url(import_id)
         authorization = self._authorization
         if authorization is None:
             authorization = await self._fetch_token(None)
@@ -177,7 +181,7 @@ class ZilliantSource(Source):
             response = await self._get(url, authorization)
         return parse_status(response)
 
-    async def _get(self, url: str, authorization: str) -> HttpResponse:
+    async def _get(self, url: URL, authorization: str) -> HttpResponse:
         return await self.request(
             "GET",
             url,
