@@ -120,3 +120,21 @@ def write_json(name: str, data: dict[str, Any], out: Path | None = None) -> Path
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
     print(f"\nwrote {path}")
     return path
+
+
+def bench_config(url: str, imports: list[dict[str, str]], **settings: object) -> Any:
+    """A config with one Elevate source, ``bench``, watching ``imports`` on the
+    simulator at ``url``; ``settings`` are that source's other fields."""
+    # Imported here: memory.py measures a process that has not loaded them yet.
+    from exporter.config import parse_config_data
+    from exporter.simulator import DEMO_CREDENTIALS
+
+    source = {
+        "name": "bench",
+        "type": "elevate",
+        "url": url,
+        "api_key": DEMO_CREDENTIALS.elevate_api_key,
+        **settings,
+        "imports": imports,
+    }
+    return parse_config_data({"sources": [source]}, "bench")

@@ -25,10 +25,8 @@ import contextlib
 
 import aiohttp
 
-from bench.common import percentile, print_table, simulator_process, write_json
+from bench.common import bench_config, percentile, print_table, simulator_process, write_json
 from exporter.app import Exporter
-from exporter.config import parse_config_data
-from exporter.simulator import DEMO_CREDENTIALS
 
 CLIENTS = """
 import asyncio, json, sys, time
@@ -71,23 +69,13 @@ FAULT_ROTATION = [
 
 
 async def run(url: str, imports: int, clients: int, seconds: float) -> dict[str, Any]:
-    config = parse_config_data(
-        {
-            "sources": [
-                {
-                    "name": "bench",
-                    "type": "elevate",
-                    "url": url,
-                    "api_key": DEMO_CREDENTIALS.elevate_api_key,
-                    "interval": "2s",
-                    "timeout": "1s",
-                    "max_backoff": "4s",
-                    "concurrency": 16,
-                    "imports": [{"id": f"bench-{i}"} for i in range(imports)],
-                }
-            ]
-        },
-        "bench",
+    config = bench_config(
+        url,
+        [{"id": f"bench-{i}"} for i in range(imports)],
+        interval="2s",
+        timeout="1s",
+        max_backoff="4s",
+        concurrency=16,
     )
     exporter = Exporter(config, "127.0.0.1:0")
     await exporter.start()

@@ -21,31 +21,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, print_table, rss_bytes, simulator_process, write_json
+from bench.common import ROOT, bench_config, print_table, rss_bytes, simulator_process, write_json
 
 TARGET_BYTES_PER_IMPORT = 4096
 
 
 async def measure_one(url: str, count: int) -> dict[str, float]:
     from exporter.app import Exporter
-    from exporter.config import parse_config_data
-    from exporter.simulator import DEMO_CREDENTIALS
 
-    config = parse_config_data(
-        {
-            "sources": [
-                {
-                    "name": "bench",
-                    "type": "elevate",
-                    "url": url,
-                    "api_key": DEMO_CREDENTIALS.elevate_api_key,
-                    "interval": "1h",
-                    "concurrency": 16,
-                    "imports": [{"id": f"bench-{i}", "name": f"import {i}"} for i in range(count)],
-                }
-            ]
-        },
-        "bench",
+    config = bench_config(
+        url,
+        [{"id": f"bench-{i}", "name": f"import {i}"} for i in range(count)],
+        interval="1h",
+        concurrency=16,
     )
     # With its SQLite store, as it runs in production (SQLite's page cache counts).
     folder = tempfile.mkdtemp()

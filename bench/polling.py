@@ -23,9 +23,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_seconds, print_table, simulator_process, write_json
+from bench.common import bench_config, cpu_seconds, print_table, simulator_process, write_json
 from exporter.app import PERSIST_INTERVAL, Exporter
-from exporter.config import parse_config_data
 from exporter.simulator import DEMO_CREDENTIALS
 
 TARGET_RATE_RATIO = 0.85
@@ -74,22 +73,12 @@ async def measure_baseline(
 async def measure_exporter(
     url: str, count: int, concurrency: int, seconds: float, storage: bool = True
 ) -> dict[str, float]:
-    config = parse_config_data(
-        {
-            "sources": [
-                {
-                    "name": "bench",
-                    "type": "elevate",
-                    "url": url,
-                    "api_key": DEMO_CREDENTIALS.elevate_api_key,
-                    "concurrency": concurrency,
-                    "interval": "1h",
-                    "timeout": "10s",
-                    "imports": [{"id": i} for i in bench_ids(count)],
-                }
-            ]
-        },
-        "bench",
+    config = bench_config(
+        url,
+        [{"id": i} for i in bench_ids(count)],
+        concurrency=concurrency,
+        interval="1h",
+        timeout="10s",
     )
     # "As fast as the concurrency allows": every import is due again as soon
     # as its poll returns. (A config file cannot say this: interval >= timeout.)

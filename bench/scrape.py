@@ -22,12 +22,10 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import percentile, print_table, simulator_process, write_json
+from bench.common import bench_config, percentile, print_table, simulator_process, write_json
 from exporter.app import Exporter
-from exporter.config import parse_config_data
 from exporter.metrics import StateCollector
 from exporter.model import Observation, State
-from exporter.simulator import DEMO_CREDENTIALS
 from exporter.state import StateStore
 
 SCRAPER = """
@@ -94,22 +92,12 @@ def time_renders(render: Any, registry: CollectorRegistry, repeat: int) -> tuple
 
 
 async def loop_stall_during_scrapes(url: str, count: int, scrapes: int) -> dict[str, float]:
-    config = parse_config_data(
-        {
-            "sources": [
-                {
-                    "name": "bench",
-                    "type": "elevate",
-                    "url": url,
-                    "api_key": DEMO_CREDENTIALS.elevate_api_key,
-                    "interval": "2s",
-                    "timeout": "2s",
-                    "concurrency": 8,
-                    "imports": [{"id": f"bench-{i}"} for i in range(count)],
-                }
-            ]
-        },
-        "bench",
+    config = bench_config(
+        url,
+        [{"id": f"bench-{i}"} for i in range(count)],
+        interval="2s",
+        timeout="2s",
+        concurrency=8,
     )
     exporter = Exporter(config, "127.0.0.1:0")
     await exporter.start()
