@@ -78,9 +78,16 @@ def demo_config(base_url: str, speed: float = 1.0) -> Config:
 
 
 @asynccontextmanager
-async def start_demo_simulator(speed: float = 1.0) -> AsyncIterator[Config]:
-    """Run the simulator on a free loopback port; yield the demo config for it."""
-    runner = web.AppRunner(create_app(Simulator(speed=speed)), access_log=None)
+async def start_demo_simulator(
+    speed: float = 1.0, simulator: Simulator | None = None
+) -> AsyncIterator[Config]:
+    """Run the simulator on a free loopback port; yield the demo config for it.
+
+    ``simulator``: serve this one (a test adds scripted imports to it while it
+    runs) instead of a new ``Simulator(speed=speed)``; give it the same speed."""
+    if simulator is None:
+        simulator = Simulator(speed=speed)
+    runner = web.AppRunner(create_app(simulator), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

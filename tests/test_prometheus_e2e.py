@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -40,8 +41,12 @@ def binary(name: str) -> str:
     return path
 
 
+STOP_TIMEOUT = 10.0
+
+
 @contextlib.contextmanager
 def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``args``; at the end SIGTERM it and reap it (SIGKILL if it lingers)."""
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -49,10 +54,30 @@ def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
         finally:
             proc.terminate()
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                # The fields after the parenthesised command: state, then ppid.
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                if int(fields[1]) == pid:
+                    found.add(int(entry.name))
+    return found
+
+
+def assert_gone(proc: subprocess.Popen[bytes], name: str) -> None:
+    """Exited on SIGTERM by itself (not killed) and reaped: no such process left."""
+    assert proc.returncode == 0, f"{name} exited with {proc.returncode}, see its log"
+    with pytest.raises(ProcessLookupError):
+        os.kill(proc.pid, 0)
 
 
 async def wait_ready(
@@ -95,6 +120,7 @@ async def test_prometheus_scrapes_dashboards_have_data_and_alerts_reach_the_webh
     alertmanager = binary("prometheus-alertmanager")
     hook_port, received = webhook
     prom_port, am_port = free_port(), free_port()
+    children_before = children(os.getpid())
 
     (tmp_path / "rules.yaml").write_text(
         yaml.safe_dump(shortened_rules({"ImportStatusImportStuck": STUCK_AFTER}))
@@ -212,4 +238,10 @@ async def test_prometheus_scrapes_dashboards_have_data_and_alerts_reach_the_webh
     assert (stuck["severity"], stuck["name"]) == ("critical", "stuck promotions")
     # The healthy Rocket.Chat import, whose counts keep rising, raised nothing.
     assert not [a for a in received if a["labels"].get("source") == "rocketchat-demo"]
-    assert am_proc.returncode is not None and prom_proc.returncode is not None
+    # Nothing is left behind: both servers stopped on SIGTERM, within
+    # STOP_TIMEOUT, and were reaped; the exporter (in this process) closed its port.
+    assert_gone(am_proc, "alertmanager")
+    assert_gone(prom_proc, "prometheus")
+    assert children(os.getpid()) <= children_before
+    with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect(("127.0.0.1", exporter.port))

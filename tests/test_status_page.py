@@ -20,6 +20,7 @@ from exporter.app import Exporter
 from exporter.demo import start_demo_simulator
 from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.pages import DEFAULT_REFRESH, parse_refresh, render_status_page, state_label
+from exporter.simulator import Phase, Simulator, scenarios
 from exporter.state import ERROR_TIMES_KEPT, StateStore
 from exporter.web import create_web_app
 from tests.fakes import wait_for
@@ -227,10 +228,14 @@ def test_sources_show_up_down_last_success_and_errors_of_the_last_15_minutes(
     for offset in (0, 400, 800):
         clock.now = T0 + 100 + offset
         state.record_error("shop", "1001", SourceError(ErrorReason.TIMEOUT, "took > 10s"))
+    # One import failing while another still answers: the source is up.
+    assert render(state, clock.now).sources["shop"].cells[2] == "up"
+    for import_id in ("1002", "1003"):  # now every answering import fails: down
+        state.record_error("shop", import_id, SourceError(ErrorReason.TIMEOUT, "took > 10s"))
     clock.now = T0 + 100 + 15 * 60 + 1  # the first error is now 15 min and 1 s old
-    assert state.sources["shop"].recent_errors(clock.now, 15 * 60) == 2
+    assert state.sources["shop"].recent_errors(clock.now, 15 * 60) == 4
     cells = render(state, clock.now).sources["shop"].cells
-    assert cells[2:6] == ["down", "16m ago", "2", "3"]
+    assert cells[2:6] == ["down", "16m ago", "4", "5"]
     assert cells[6] == "timeout: took > 10s 101s ago"
     # The recent-error record is bounded; a full record says "at least".
     for _ in range(ERROR_TIMES_KEPT + 10):
@@ -360,8 +365,14 @@ PWNED_NAME = "<img src=x onerror=window.__pwned=2> <b>bold</b>"
 
 
 @pytest.fixture
-async def demo_exporter() -> AsyncIterator[Exporter]:
-    async with start_demo_simulator(SPEED) as config:
+def simulator() -> Simulator:
+    """The demo's upstreams; a test may add scripted imports while they run."""
+    return Simulator(speed=SPEED)
+
+
+@pytest.fixture
+async def demo_exporter(simulator: Simulator) -> AsyncIterator[Exporter]:
+    async with start_demo_simulator(SPEED, simulator) as config:
         running = Exporter(config, "127.0.0.1:0")
         await running.start()
         try:
@@ -375,7 +386,7 @@ def label(state: StateStore, source: str, import_id: str) -> str | None:
     return None if record is None else state_label(record)
 
 
-async def test_status_page_in_chromium(demo_exporter: Exporter) -> None:
+async def test_status_page_in_chromium(demo_exporter: Exporter, simulator: Simulator) -> None:
     if shutil.which(CHROMIUM) is None:
         pytest.skip(f"{CHROMIUM} missing: run scripts/setup --test")
     from playwright.async_api import async_playwright
@@ -482,11 +493,14 @@ async def test_status_page_in_chromium(demo_exporter: Exporter) -> None:
             )
             await context.close()
 
-            # 4. Upstream text is text, even when it is markup.
-            state.track("elevate-demo", "666", name=PWNED_NAME)
-            state.record_observation(
-                "elevate-demo", "666", Observation(State.FAILED, "FAILURE", reason=PWNED_REASON)
+            # 4. Upstream text is text, even when it is markup: the upstream
+            # answers with a script as the failure reason, and the import was
+            # registered with markup as its name.
+            simulator.add_elevate_import(
+                "666", scenarios.elevate(Phase(0, "FAILURE", PWNED_REASON))
             )
+            await demo_exporter.register("elevate-demo", "666", PWNED_NAME)
+            await wait_for(lambda: label(state, "elevate-demo", "666") == "failed", timeout=10)
             await page.goto(f"{base}?source=elevate-demo&state=failed")
             hostile = row("elevate-demo", "666")
             assert await hostile.locator(".reason").inner_text() == PWNED_REASON
