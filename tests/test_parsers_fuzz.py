@@ -1,16 +1,25 @@
 """Each adapter's response parser, fuzzed: for any status, headers and body it
-returns an observation or raises the one error type, never anything else."""
+returns an observation or raises the one error type, never anything else.
+
+The precise contract: a 200 answer gives an observation or exactly
+:class:`ParseError`; any other status gives the source's answer for it (an
+observation where the status means "not found") or a plain :class:`SourceError`
+whose reason follows from the status, never a ParseError. A wait the upstream
+asks for is a finite number of seconds, or none."""
 
 from __future__ import annotations
 
+import email.utils
 import json
+import math
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from exporter.model import Observation, SourceError
+from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
 from exporter.sources import elevate, rocketchat, zilliant
 from exporter.sources.base import HttpResponse
 
@@ -24,9 +33,14 @@ json_values = st.recursive(
 statuses = st.sampled_from([200, 200, 200, 400, 401, 403, 404, 406, 429, 500, 503]) | st.integers(
     100, 599
 )
+# Waits as upstreams send them, and the numbers float() takes but no one can wait for.
+WAITS = ["1", "120", "-5", "0.5", "inf", "-inf", "nan", "1e999", "Infinity", "1790000000000"]
 header_values = st.dictionaries(
     st.sampled_from(["Retry-After", "X-RateLimit-Reset", "Content-Type"]),
-    st.text(max_size=30).filter(lambda v: "\n" not in v and "\r" not in v),
+    st.sampled_from(WAITS)
+    | st.floats().map(repr)
+    | st.integers(0, 2000).map(lambda s: email.utils.formatdate(1.79e9 + s, usegmt=True))
+    | st.text(max_size=30).filter(lambda v: "\n" not in v and "\r" not in v),
     max_size=3,
 )
 
@@ -40,26 +54,92 @@ elevate_bodies = shaped(["id", "reason", "status"])
 zilliant_bodies = shaped(
     ["status", "startDate", "stopDate", "clientErrorCallingService", "entityImportId"]
 )
+NOT_FOUND_TEXTS = st.sampled_from(
+    ["error-operation-not-found", "Import Operation Not Found [error-operation-not-found]"]
+)
 rocketchat_bodies = st.fixed_dictionaries(
     {},
     optional={
         "step": json_values,
         "success": json_values,
         "count": shaped(["completed", "total", "error"]) | json_values,
+        "errorType": NOT_FOUND_TEXTS | json_values,
+        "error": NOT_FOUND_TEXTS | json_values,
     },
 )
+
+
+def never_imported(r: HttpResponse) -> bool:
+    """Rocket.Chat's 400 whose error (errorType, else error, else message) is
+    error-operation-not-found: the server has never imported anything."""
+    if r.status != 400:
+        return False
+    try:
+        body = json.loads(r.body)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(body, dict):
+        return False
+    said = next(
+        (v for k in ("errorType", "error", "message") if isinstance(v := body.get(k), str)), ""
+    )
+    return "error-operation-not-found" in said
 
 
 def response(status: int, headers: dict[str, str], body: bytes) -> HttpResponse:
     return HttpResponse(status, CIMultiDictProxy(CIMultiDict(headers)), body)
 
 
-def assert_total(parse: Any, *args: Any) -> None:
+def reason_for(status: int) -> ErrorReason:
+    """How a non-200 status is classified (``error_for_status``)."""
+    if status in (401, 403):
+        return ErrorReason.UNAUTHORIZED
+    if status == 429:
+        return ErrorReason.RATE_LIMITED
+    return ErrorReason.SERVER_ERROR if status >= 500 else ErrorReason.CLIENT_ERROR
+
+
+def assert_total(
+    parse: Callable[[HttpResponse], Any],
+    response: HttpResponse,
+    *,
+    overrides: dict[int, ErrorReason] | None = None,
+    not_found: Callable[[HttpResponse], bool] = lambda _: False,
+) -> Any:
+    """Check the contract above; returns what the parser returned (None if it raised).
+
+    ``overrides``: statuses a parser classifies its own way; ``not_found``: the
+    non-200 answers that mean "no such import" (an observation, not an error).
+    """
     try:
-        result = parse(*args)
-    except SourceError:
-        return
-    assert isinstance(result, Observation)
+        result = parse(response)
+    except ParseError as error:
+        assert response.status == 200, f"ParseError for HTTP {response.status}: {error}"
+        assert error.reason is ErrorReason.INVALID_RESPONSE
+        assert error.retry_after is None
+        return None
+    except SourceError as error:
+        assert response.status != 200, f"{type(error).__name__} for a 200 answer: {error}"
+        assert type(error) is SourceError, type(error)
+        assert error.reason is (overrides or {}).get(response.status, reason_for(response.status))
+        assert not_found(response) is False, "a not-found answer raised"
+        wait = error.retry_after
+        assert wait is None or (math.isfinite(wait) and wait >= 0), wait
+        if error.reason not in (ErrorReason.RATE_LIMITED, ErrorReason.SERVER_ERROR):
+            assert wait is None
+        return None
+    if response.status != 200:
+        assert not_found(response), f"an observation for HTTP {response.status}"
+        assert isinstance(result, Observation) and result.state is State.NOT_FOUND
+    if isinstance(result, Observation):
+        assert isinstance(result.upstream_state, str) and len(result.upstream_state) <= 100
+        for count in (result.items_completed, result.items_expected, result.items_failed):
+            assert count is None or (type(count) is int and count >= 0)
+    return result
+
+
+# JSON nested deeper than the decoder's recursion limit, well within the size cap.
+DEEP = st.sampled_from([b"[" * 100_000, b'{"status": ' * 50_000, b"[" * 5_000 + b"]" * 5_000])
 
 
 def bodies(objects: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
@@ -67,19 +147,30 @@ def bodies(objects: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
         st.binary(max_size=200)
         | objects.map(lambda o: json.dumps(o).encode())
         | json_values.map(lambda o: json.dumps(o).encode())
+        | DEEP
     )
 
 
 @settings(max_examples=300, deadline=None)
 @given(statuses, header_values, bodies(elevate_bodies))
 def test_elevate_parser_is_total(status: int, headers: dict[str, str], body: bytes) -> None:
-    assert_total(elevate.parse_status, response(status, headers, body), "1")
+    result = assert_total(
+        lambda r: elevate.parse_status(r, "1"),
+        response(status, headers, body),
+        overrides={404: ErrorReason.CLIENT_ERROR},  # "cluster not found": a bad URL
+    )
+    assert result is None or isinstance(result, Observation)
 
 
 @settings(max_examples=300, deadline=None)
 @given(statuses, header_values, bodies(zilliant_bodies))
 def test_zilliant_parser_is_total(status: int, headers: dict[str, str], body: bytes) -> None:
-    assert_total(zilliant.parse_status, response(status, headers, body))
+    result = assert_total(
+        zilliant.parse_status,
+        response(status, headers, body),
+        not_found=lambda r: r.status == 404,  # "Import ID not found."
+    )
+    assert result is None or isinstance(result, Observation)
 
 
 @settings(max_examples=200, deadline=None)
@@ -87,17 +178,23 @@ def test_zilliant_parser_is_total(status: int, headers: dict[str, str], body: by
 def test_salesforce_token_parser_is_total(
     status: int, headers: dict[str, str], body: bytes
 ) -> None:
-    try:
-        token = zilliant.parse_token(response(status, headers, body))
-    except SourceError:
-        return
-    assert json.loads(token)["access_token"]
+    token = assert_total(
+        zilliant.parse_token,
+        response(status, headers, body),
+        # Salesforce answers bad credentials with 400 invalid_grant / invalid_client.
+        overrides=dict.fromkeys([400, 401, 403], ErrorReason.UNAUTHORIZED),
+    )
+    if token is not None:
+        assert isinstance(json.loads(token)["access_token"], str)
 
 
 @settings(max_examples=300, deadline=None)
 @given(statuses, header_values, bodies(rocketchat_bodies))
 def test_rocketchat_parser_is_total(status: int, headers: dict[str, str], body: bytes) -> None:
-    assert_total(rocketchat.parse_progress, response(status, headers, body))
+    result = assert_total(
+        rocketchat.parse_progress, response(status, headers, body), not_found=never_imported
+    )
+    assert result is None or isinstance(result, Observation)
 
 
 @settings(max_examples=200, deadline=None)

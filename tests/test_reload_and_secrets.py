@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import io
+import json
 import logging
-import os
+import re
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import bcrypt
@@ -20,9 +24,20 @@ from aiohttp.test_utils import TestServer
 
 from exporter.app import Exporter
 from exporter.config import load_config
+from exporter.logs import setup_logging
 from exporter.model import ErrorReason, State
-from exporter.simulator import DEMO_CREDENTIALS, Fault, Simulator, create_app
+from exporter.simulator import DEMO_CREDENTIALS, DemoCredentials, Fault, Simulator, create_app
 from tests.fakes import wait_for
+from tests.test_faults import (
+    CAP,
+    CASES,
+    Metrics,
+    Upstream,
+    World,
+    apply,
+    clear,
+    steady_simulator,
+)
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,75 +209,280 @@ async def test_basic_auth_guards_every_endpoint_of_a_running_exporter(
         await exporter.stop()
 
 
+# Random-looking, so that any 8 characters of one found in the output are a leak.
 SECRETS = {
-    "api_key": "elevate-KEY-7f3a9c",
-    "client_secret": "sf-CLIENT-SECRET-1b2c",
-    "password": "sf-PASSWORD-9e8d",
-    "auth_token": "rc-TOKEN-4d5e6f",
+    "api_key": "EkQ7vXw2KxPlm9f3aD",
+    "client_secret": "Sf8cLsEcR3t5b2cQxW",
+    "password": "Pw9dSfPaSs8e4kZqTu",
+    "auth_token": "Rc4dTkN6e6fGh2JmVb",
+    "token_json's access token": "00DzQ3stAtIcTkN8yRp",
+    "api bearer token": "ApiBrR7tKn5q2Wz9LmX0",
 }
+STATIC_TOKEN_JSON = json.dumps(
+    {
+        "access_token": SECRETS["token_json's access token"],
+        "instance_url": "https://acme.my.salesforce.com",
+        "token_type": "Bearer",
+        "signature": "c2lnOlJ4N0t3UXBaMnZN",
+    }
+)
+ZILLIANT_ID = "7c9e6679-7425-40de-944b-e07fc1f69e29"
+WHOLE_SECRETS = [STATIC_TOKEN_JSON, *SECRETS.values()]
+"""Each also in its base64 form, as headers carry them."""
+ECHO = "echo: " + " ".join(
+    [*WHOLE_SECRETS, *(base64.b64encode(s.encode()).decode() for s in WHOLE_SECRETS)]
+)
 
 
-async def test_no_secret_appears_in_logs_pages_metrics_or_errors(
-    aiohttp_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    simulator = Simulator()
-    url = await simulator_url(aiohttp_server, simulator)
-    os.environ["TEST_RC_TOKEN"] = SECRETS["auth_token"]
-    (tmp_path / "key").write_text(SECRETS["api_key"])
-    (tmp_path / "config.yaml").write_text(
-        f"""
+def leaks(text: str) -> list[str]:
+    """What of the secrets shows in ``text``: any 8 characters in a row of one
+    (a secret cut short is still a leak), or a whole one or its base64 form."""
+    found = []
+    for name, secret in SECRETS.items():
+        if any(secret[i : i + 8] in text for i in range(len(secret) - 7)):
+            found.append(name)
+    for secret in WHOLE_SECRETS:
+        if base64.b64encode(secret.encode()).decode() in text:
+            found.append(f"base64 of {secret[:6]}...")
+    if STATIC_TOKEN_JSON in text or json.loads(STATIC_TOKEN_JSON)["signature"] in text:
+        found.append("token_json (whole or part)")
+    return found
+
+
+@contextlib.contextmanager
+def formatted_logs() -> Iterator[dict[str, io.StringIO]]:
+    """Everything logged at debug level, as the exporter's own handlers write it
+    in both formats (setup_logging, pointed at buffers instead of stderr)."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    access = logging.getLogger("aiohttp.access")
+    saved_access = access.level
+    streams = {"logfmt": io.StringIO(), "json": io.StringIO()}
+    ours: list[logging.Handler] = []
+    try:
+        for fmt, stream in streams.items():
+            with contextlib.redirect_stderr(stream):
+                setup_logging("debug", fmt)
+            ours += root.handlers
+        root.handlers[:] = [*saved_handlers, *ours]
+        yield streams
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        access.setLevel(saved_access)
+
+
+def secrets_config(url: str) -> str:
+    """Every kind of secret, given every way: file, inline, environment."""
+    # The cap the fault list is made for.
+    fast = f"interval: 0.1s, timeout: 0.1s, max_backoff: 0.1s, max_response_bytes: {CAP}"
+    host = DEMO_CREDENTIALS.forwarded_host
+    return f"""
+api: {{tokens_file: tokens}}
 sources:
-  - {{name: elevate, type: elevate, url: "{url}", api_key_file: key, interval: 0.3s,
-      timeout: 0.3s, max_backoff: 0.3s, imports: [{{id: "1004"}}]}}
+  - {{name: elevate, type: elevate, url: "{url}", api_key_file: key, {fast},
+      imports: [{{id: "1004"}}]}}
   - name: zilliant
     type: zilliant
     url: "{url}"
-    forwarded_host: {DEMO_CREDENTIALS.forwarded_host}
-    interval: 0.3s
-    timeout: 0.3s
-    max_backoff: 0.3s
+    forwarded_host: {host}
     salesforce:
       token_url: "{url}/services/oauth2/token"
       client_id: {DEMO_CREDENTIALS.client_id}
       client_secret: {SECRETS["client_secret"]}
       username: {DEMO_CREDENTIALS.username}
-      password: {SECRETS["password"]}
-    imports: [{{id: "7c9e6679-7425-40de-944b-e07fc1f69e29"}}]
+      password_file: password
+    imports: [{{id: "{ZILLIANT_ID}"}}]
+    interval: 0.1s
+    timeout: 0.1s
+    max_backoff: 0.1s
+    max_response_bytes: {CAP}
+  - {{name: zilliant-static, type: zilliant, url: "{url}", forwarded_host: {host},
+      token_json_env: TEST_TOKEN_JSON, imports: [{{id: "{ZILLIANT_ID}"}}], {fast}}}
   - {{name: chat, type: rocketchat, url: "{url}", user_id: u1, auth_token_env: TEST_RC_TOKEN,
-      interval: 0.3s, timeout: 0.3s, max_backoff: 0.3s}}
+      {fast}}}
 """
+
+
+def broken_config(url: str) -> str:
+    """Invalid, with secrets inline right next to the mistakes."""
+    return f"""
+api: {{tokens_file: tokens-broken}}
+sources:
+  - {{name: elevate, type: elevate, url: "{url}", api_key: {SECRETS["api_key"]}, interval: soon}}
+  - {{name: chat, type: rocketchat, url: "{url}", user_id: u1,
+      auth_token: {SECRETS["auth_token"]}, auth_tokn: {SECRETS["auth_token"]}}}
+  - {{name: zilliant-static, type: zilliant, url: "{url}", forwarded_host: x,
+      token_json: '{{"access_token": "{SECRETS["token_json's access token"]}"'}}
+"""
+
+
+def failed_anew(exporter: Exporter, sources: list[str], reason: ErrorReason) -> Callable[[], bool]:
+    """True once one of ``sources`` has failed a poll for ``reason`` since now."""
+    seen = {name: exporter.state.sources[name].errors_total[reason] for name in sources}
+    return lambda: any(
+        exporter.state.sources[name].errors_total[reason] > count for name, count in seen.items()
     )
-    caplog.set_level(logging.DEBUG)
-    exporter = Exporter(load_config(tmp_path / "config.yaml"), "127.0.0.1:0")
-    await exporter.start()
-    outputs: list[str] = []
-    try:
-        # Every upstream answers badly, echoing the secrets back at us.
-        echo = ("error: bad key " + " ".join(SECRETS.values())).encode()
-        for kind in ("elevate", "token", "zilliant", "rocketchat_progress"):
-            simulator.faults[kind] = Fault(status=500, body=echo)
-        state = exporter.state
-        await wait_for(lambda: all(s.errors_total for s in state.sources.values()))
-        for kind in ("elevate", "rocketchat_progress"):
-            simulator.faults[kind] = Fault(status=200, body=echo)
-        await wait_for(
-            lambda: state.sources["elevate"].errors_total[ErrorReason.INVALID_RESPONSE] >= 1
+
+
+async def test_no_secret_appears_in_logs_pages_metrics_or_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    static_token = SECRETS["token_json's access token"]
+    creds = DemoCredentials(
+        elevate_api_key=SECRETS["api_key"],
+        rocketchat_user_id="u1",
+        rocketchat_auth_token=SECRETS["auth_token"],
+        client_secret=SECRETS["client_secret"],
+        password=SECRETS["password"],
+    )
+    upstream = Upstream(steady_simulator(credentials=creds))
+    simulator = upstream.simulator
+    simulator.tokens.add(static_token)  # the static token_json is valid
+    monkeypatch.setenv("TEST_RC_TOKEN", SECRETS["auth_token"])
+    monkeypatch.setenv("TEST_TOKEN_JSON", STATIC_TOKEN_JSON)
+    (tmp_path / "key").write_text(SECRETS["api_key"])
+    (tmp_path / "password").write_text(SECRETS["password"])
+    (tmp_path / "tokens").write_text(f"# pipelines\n{SECRETS['api bearer token']}\n")
+    (tmp_path / "tokens-broken").write_text(f"{SECRETS['api bearer token']} x\nshort\n")
+    answers: dict[str, str] = {}
+    with formatted_logs() as logs:
+        await upstream.start()
+        url = upstream.url
+        (tmp_path / "config.yaml").write_text(secrets_config(url))
+        (tmp_path / "broken.yaml").write_text(broken_config(url))
+        exporter = Exporter(
+            load_config(tmp_path / "config.yaml"),
+            "127.0.0.1:0",
+            None,
+            lambda: load_config(tmp_path / "broken.yaml"),
         )
-        async with aiohttp.ClientSession() as session:
-            for path in ("/metrics", "/", "/-/ready"):
-                async with session.get(f"http://127.0.0.1:{exporter.port}{path}") as response:
-                    outputs.append(await response.text())
-            async with session.post(f"http://127.0.0.1:{exporter.port}/-/reload") as response:
-                outputs.append(await response.text())
-        outputs += [r.getMessage() for r in caplog.records]
-        outputs += [str(r.exc_info) for r in caplog.records if r.exc_info]
-        outputs += [f"{s.last_error}" for s in state.sources.values()]
-        outputs += [f"{r.last_error} {r.observation}" for r in state.imports.values()]
-    finally:
-        await exporter.stop()
-        del os.environ["TEST_RC_TOKEN"]
-    text = "\n".join(outputs)
-    assert "unauthorized" in text or "server_error" in text  # the errors were recorded
-    for name, secret in SECRETS.items():
-        assert secret not in text, name
-        assert base64.b64encode(secret.encode()).decode() not in text, name
+        await exporter.start()
+        state = exporter.state
+        world = World(simulator, upstream, exporter)
+        try:
+            # With the right secrets every source works...
+            await wait_for(lambda: all(s.up for s in state.sources.values()))
+
+            # ...then every fault of the list, each until a poll failed of it.
+            for case in CASES.values():
+                faults = await apply(world, case)
+                simulator.tokens.add(static_token)
+                await wait_for(failed_anew(exporter, case.affected(faults), case.reason))
+                await clear(world, case)
+
+            # Upstreams echo every secret back in their errors (some cut short,
+            # where the exporter quotes them shortened)...
+            pad = "x" * 30
+            simulator.faults.update(
+                {
+                    "elevate": Fault(body=json.dumps({"id": pad + SECRETS["api_key"]}).encode()),
+                    # a 401 sends the Salesforce source for a new token
+                    "zilliant": Fault(status=401, body=ECHO.encode()),
+                    "token": Fault(
+                        status=400,
+                        body=json.dumps({"error": pad * 2 + SECRETS["client_secret"]}).encode(),
+                    ),
+                    "rocketchat_progress": Fault(
+                        status=400, body=json.dumps({"success": False, "error": ECHO}).encode()
+                    ),
+                }
+            )
+            token_calls = simulator.counters["token"]
+            echoed = [
+                lambda: simulator.counters["token"] > token_calls,
+                failed_anew(exporter, ["elevate"], ErrorReason.INVALID_RESPONSE),
+                failed_anew(exporter, ["zilliant"], ErrorReason.UNAUTHORIZED),
+                failed_anew(exporter, ["zilliant-static"], ErrorReason.UNAUTHORIZED),
+                failed_anew(exporter, ["chat"], ErrorReason.CLIENT_ERROR),
+            ]
+            await wait_for(lambda: all(done() for done in echoed))
+            # ...and in answers that are otherwise fine, which are shown.
+            simulator.faults = {
+                "elevate": Fault(
+                    body=json.dumps({"id": "1004", "status": ECHO, "reason": ECHO}).encode()
+                ),
+                "zilliant": Fault(body=json.dumps({"status": pad + ECHO}).encode()),
+                "rocketchat_progress": Fault(
+                    body=json.dumps({"success": True, "step": ECHO}).encode()
+                ),
+                "rocketchat_operation": Fault(
+                    body=json.dumps({"operation": {"valid": True, "status": ECHO}}).encode()
+                ),
+            }
+            await wait_for(
+                lambda: all(r.state is State.UNKNOWN for r in state.imports.values()), timeout=10
+            )
+
+            async with aiohttp.ClientSession() as session:
+
+                async def call(method: str, path: str, **kwargs: Any) -> int:
+                    target = f"http://127.0.0.1:{exporter.port}{path}"
+                    async with session.request(method, target, **kwargs) as response:
+                        key = f"{method} {path} {kwargs.get('headers', '')}"
+                        answers[key] = f"{response.headers}\n{await response.text()}"
+                        return response.status
+
+                bearer = {"Authorization": f"Bearer {SECRETS['api bearer token']}"}
+                new = {"source": "zilliant-static", "id": "2587c81c-b9fc-4873-ae2f-421b292d2c2b"}
+                assert await call("POST", "/api/v1/imports", json=new, headers=bearer) == 201
+                mixup = {"Authorization": f"Bearer {SECRETS['api_key']}"}
+                assert await call("POST", "/api/v1/imports", json=new, headers=mixup) == 401
+                bad = {"source": "elevate", "id": "../1004"}
+                assert await call("POST", "/api/v1/imports", json=bad, headers=bearer) == 400
+                server = url.removeprefix("http://")
+                for path in (
+                    "/metrics",
+                    "/",
+                    "/?source=zilliant-static&state=unknown",
+                    "/?source=chat&refresh=0",
+                    "/?state=unknown",
+                    "/api/v1/imports",
+                    "/api/v1/imports?source=zilliant&state=unknown",
+                    "/api/v1/imports/elevate/1004",
+                    f"/api/v1/imports/zilliant/{ZILLIANT_ID}",
+                    f"/api/v1/imports/zilliant-static/{ZILLIANT_ID}",
+                    f"/api/v1/imports/chat/{server}",
+                    "/api/v1/openapi.json",
+                ):
+                    assert await call("GET", path) == 200, path
+                # 503 while the import just registered waits for its first poll
+                assert await call("GET", "/-/ready") in (200, 503)
+                openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
+                assert await call("GET", "/metrics", headers=openmetrics) == 200
+                assert await call("POST", "/-/reload") == 400  # the broken config
+            errors = [f"{s.last_error}" for s in state.sources.values()]
+            errors += [f"{r.last_error} {r.observation}" for r in state.imports.values()]
+        finally:
+            await exporter.stop()
+            await upstream.stop()
+
+    text = "\n".join([*answers.values(), *errors])
+    for fmt, stream in logs.items():
+        lines = stream.getvalue().splitlines()
+        assert any("reason=timeout" in line for line in lines), fmt
+        assert any("config reload failed" in line for line in lines), fmt
+        if fmt == "json":
+            assert all(isinstance(json.loads(line), dict) for line in lines)
+        else:
+            assert all(line.startswith("ts=") for line in lines)
+        text += "\n" + stream.getvalue()
+    # No secret shows anywhere, whole or in part...
+    assert leaks(text) == []
+
+    # ...though the faults and the echoes did reach all of that output.
+    metrics = Metrics(answers["GET /metrics "].split("\n", 1)[1])
+    for reason in ErrorReason:
+        counted = [
+            metrics.get("import_source_errors_total", source=n, reason=reason.value)
+            for n in state.sources
+        ]
+        assert any(counted), reason
+    assert re.search(r'upstream_state="echo: <redacted> <redacted>', answers["GET /metrics "])
+    page = answers["GET /?source=zilliant-static&state=unknown "]
+    assert "echo: &lt;redacted&gt; &lt;redacted&gt;" in page
+    assert re.search(r'"upstream_state": ?"x*echo: <redacted>', answers["GET /api/v1/imports "])
+    assert re.search(r'"reason": ?"echo: <redacted>', answers["GET /api/v1/imports/elevate/1004 "])
+    assert "sources[0].interval: must be a duration" in answers["POST /-/reload "]
+    assert "Salesforce token: HTTP 400 (xxxxx" in (state.sources["zilliant"].last_error or "")
+    assert any("<redacted>" in e for e in errors)

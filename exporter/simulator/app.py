@@ -23,6 +23,7 @@ from aiohttp import web
 from exporter.simulator.scenarios import Scenarios, Script, demo_scenarios
 
 JSON_TYPE = "application/json;charset=UTF-8"
+STREAM_CHUNK = 64 * 1024
 KINDS = ("elevate", "zilliant", "token", "rocketchat_progress", "rocketchat_operation")
 
 
@@ -48,14 +49,15 @@ class Fault:
     ``mode``: ``answer`` (status/body/headers after ``delay``), ``close``
     (drop the connection without answering), ``reset`` (send half the body,
     then drop the connection), ``drip`` (send the body a byte at a time,
-    ``drip_interval`` apart).
+    ``drip_interval`` apart), ``stream`` (send the body in chunks with no
+    Content-Length, as a server streaming a huge answer would).
     """
 
     status: int | None = None
     delay: float = 0.0
     body: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    mode: Literal["answer", "close", "reset", "drip"] = "answer"
+    mode: Literal["answer", "close", "reset", "drip", "stream"] = "answer"
     drip_interval: float = 0.2
 
     @classmethod
@@ -88,8 +90,11 @@ class Simulator:
         rocketchat_rate_limit: int | None = None,
         scenarios: Scenarios | None = None,
         wall_clock: Callable[[], float] = time.time,
+        credentials: DemoCredentials = DEMO_CREDENTIALS,
     ) -> None:
         self.speed = speed
+        self.credentials = credentials
+        """The credentials the fake upstreams accept."""
         self.clock = clock
         self.start = clock()
         self.wall_start = wall_clock()
@@ -157,6 +162,18 @@ async def _apply_fault(request: web.Request, fault: Fault) -> web.StreamResponse
     body = fault.body if fault.body is not None else b"{}"
     headers = {"Content-Type": JSON_TYPE, **fault.headers}
     status = fault.status or 200
+    if fault.mode == "stream":
+        response = web.StreamResponse(status=status, headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        view = memoryview(body)
+        try:
+            for start in range(0, len(view), STREAM_CHUNK):
+                await response.write(view[start : start + STREAM_CHUNK])
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client hung up (e.g. at its size cap)
+        return response
     if fault.mode in ("reset", "drip"):
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = len(body)
@@ -188,7 +205,7 @@ async def elevate_status(request: web.Request) -> web.StreamResponse:
     if fault is not None:
         return await _apply_fault(request, fault)
     sim = request.app[SIMULATOR]
-    if request.headers.get("Api-Key") != DEMO_CREDENTIALS.elevate_api_key:
+    if request.headers.get("Api-Key") != sim.credentials.elevate_api_key:
         return _json({"message": "Invalid API key"}, status=403)
     import_id = request.query.get("id")
     if not import_id:
@@ -220,7 +237,7 @@ async def salesforce_token(request: web.Request) -> web.StreamResponse:
         return await _apply_fault(request, fault)
     sim = request.app[SIMULATOR]
     form = await request.post()
-    creds = DEMO_CREDENTIALS
+    creds = sim.credentials
     grant = form.get("grant_type")
     if form.get("client_id") != creds.client_id or form.get("client_secret") != creds.client_secret:
         return _json(
@@ -269,7 +286,7 @@ async def zilliant_status(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIMULATOR]
     if not _zilliant_token_ok(sim, request.headers.get("Authorization", "")):
         return _json({"message": "Unauthorized"}, status=401)
-    if request.headers.get("X-Forwarded-Host") != DEMO_CREDENTIALS.forwarded_host:
+    if request.headers.get("X-Forwarded-Host") != sim.credentials.forwarded_host:
         return _json({"message": "Bad request: missing or unknown X-Forwarded-Host"}, status=400)
     import_id = request.match_info["import_id"]
     if import_id.startswith("bench-"):
@@ -302,7 +319,7 @@ async def zilliant_status(request: web.Request) -> web.StreamResponse:
 
 
 def _rocketchat_auth(request: web.Request) -> web.Response | None:
-    creds = DEMO_CREDENTIALS
+    creds = request.app[SIMULATOR].credentials
     if (
         request.headers.get("X-User-Id") != creds.rocketchat_user_id
         or request.headers.get("X-Auth-Token") != creds.rocketchat_auth_token
