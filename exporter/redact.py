@@ -9,22 +9,38 @@ from __future__ import annotations
 
 import base64
 import threading
+from collections import deque
 
 REDACTED = "<redacted>"
 _MIN_LENGTH = 4  # shorter strings would redact ordinary words
+TRANSIENT_KEPT = 64
+"""Fetched tokens kept for redaction: the latest few refreshes' worth, so a
+process that refreshes tokens for months does not check ever more strings."""
 
 _lock = threading.Lock()
-_secrets: frozenset[str] = frozenset()
+_configured: set[str] = set()
+_transient: deque[str] = deque(maxlen=TRANSIENT_KEPT)
+_secrets: tuple[str, ...] = ()
+"""Longest first: a secret that contains another (a token JSON and its access
+token) is replaced whole, not around the inner one."""
 
 
-def register_secret(value: str) -> None:
-    """Remember a secret (and its base64 form, which some upstreams send)."""
+def register_secret(value: str, *, transient: bool = False) -> None:
+    """Remember a secret (and its base64 form, which some upstreams send).
+
+    ``transient`` secrets (tokens the exporter fetched) are kept only until
+    newer ones push them out; configured ones are kept for good."""
     global _secrets
     if len(value) < _MIN_LENGTH:
         return
     forms = {value, base64.b64encode(value.encode()).decode()}
     with _lock:
-        _secrets = _secrets | forms
+        if transient:
+            _transient.extend(forms - _configured - set(_transient))
+        else:
+            _configured.update(forms)
+        everything = _configured.union(_transient)
+        _secrets = tuple(sorted(everything, key=len, reverse=True))
 
 
 def redact(text: str) -> str:
@@ -39,4 +55,6 @@ def clear_secrets() -> None:
     """Forget every registered secret (tests, config reload)."""
     global _secrets
     with _lock:
-        _secrets = frozenset()
+        _configured.clear()
+        _transient.clear()
+        _secrets = ()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -115,6 +116,19 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ParseError(f"body is not JSON ({len(body)} bytes)") from exc
+    except RecursionError as exc:  # e.g. 100,000 "[": small, but deeper than Python recurses
+        raise ParseError(f"body is JSON nested too deeply ({len(body)} bytes)") from exc
+
+
+def upstream_text(value: str, limit: int) -> str:
+    """A string from an upstream's answer as it may be shown: configured secrets
+    redacted first (an upstream may echo one back), then cut to ``limit``."""
+    return redact(value)[:limit]
+
+
+def wait_seconds(seconds: float) -> float | None:
+    """A wait an upstream asked for, or None when it is no usable number (``inf``, ``nan``)."""
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -123,7 +137,7 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        return wait_seconds(float(value))
     except ValueError:
         pass
     try:

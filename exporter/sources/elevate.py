@@ -16,6 +16,7 @@ from exporter.sources.base import (
     Source,
     error_for_status,
     parse_json,
+    upstream_text,
 )
 
 STATUS_MAP = {
@@ -49,7 +50,9 @@ def parse_status(response: HttpResponse, import_id: str) -> Observation:
     # The id is a string in one doc version and a JSON number in another.
     if answered_id is not None and not isinstance(answered_id, bool):
         if isinstance(answered_id, str | int) and str(answered_id) != import_id:
-            raise ParseError(f"import/status: answer is about import {str(answered_id)[:40]!r}")
+            raise ParseError(
+                f"import/status: answer is about import {upstream_text(str(answered_id), 40)!r}"
+            )
         if not isinstance(answered_id, str | int):
             raise ParseError("import/status: id is neither a string nor an integer")
     reason = body.get("reason")
@@ -57,8 +60,8 @@ def parse_status(response: HttpResponse, import_id: str) -> Observation:
         raise ParseError("import/status: reason is neither a string nor null")
     return Observation(
         state=STATUS_MAP.get(status, State.UNKNOWN),
-        upstream_state=status[:100],
-        reason=reason[:1000] if reason else None,
+        upstream_state=upstream_text(status, 100),
+        reason=upstream_text(reason, 1000) if reason else None,
     )
 
 

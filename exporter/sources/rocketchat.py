@@ -25,6 +25,8 @@ from exporter.sources.base import (
     error_for_status,
     parse_json,
     retry_after_seconds,
+    upstream_text,
+    wait_seconds,
 )
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def rate_limit_error(response: HttpResponse, what: str, now: float | None = None
     reset = response.headers.get("X-RateLimit-Reset")
     if reset is not None:
         with contextlib.suppress(ValueError):
-            wait = max(0.0, float(reset) / 1000 - (time.time() if now is None else now))
+            wait = wait_seconds(float(reset) / 1000 - (time.time() if now is None else now))
     return SourceError(ErrorReason.RATE_LIMITED, f"{what}: HTTP 429 (rate limited)", wait)
 
 
@@ -137,8 +139,8 @@ def parse_progress(response: HttpResponse) -> Observation:
         raise ParseError("getImportProgress: count is not an object")
     return Observation(
         state=state_of_step(step),
-        upstream_state=step[:100],
-        step=step[:100],
+        upstream_state=upstream_text(step, 100),
+        step=upstream_text(step, 100),
         items_completed=_count(count.get("completed"), "count.completed"),
         items_expected=_count(count.get("total"), "count.total"),
         items_failed=_count(count.get("error"), "count.error"),

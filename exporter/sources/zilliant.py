@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import logging
 from datetime import datetime
 from typing import Any
@@ -27,6 +29,7 @@ from exporter.sources.base import (
     Source,
     error_for_status,
     parse_json,
+    upstream_text,
 )
 
 log = logging.getLogger(__name__)
@@ -80,7 +83,7 @@ def parse_status(response: HttpResponse) -> Observation:
         raise ParseError("EntityImport status: clientErrorCallingService is not a boolean")
     return Observation(
         state=STATUS_MAP.get(status, State.UNKNOWN),
-        upstream_state=status[:100],
+        upstream_state=upstream_text(status, 100),
         reason="client error calling service" if client_error else None,
         started_at=started,
         ended_at=stopped,
@@ -94,7 +97,7 @@ def parse_token(response: HttpResponse) -> str:
         try:
             body = parse_json(response.body)
             if isinstance(body, dict) and isinstance(body.get("error"), str):
-                error = f" ({body['error'][:60]})"
+                error = f" ({upstream_text(body['error'], 60)})"
         except ParseError:
             pass
         raise SourceError(
@@ -102,7 +105,10 @@ def parse_token(response: HttpResponse) -> str:
         )
     if response.status != 200:
         raise error_for_status(response, "Salesforce token")
-    body = parse_json(response.body)
+    try:
+        body = parse_json(response.body)
+    except ParseError as exc:
+        raise ParseError(f"Salesforce token: {exc.message}") from exc
     if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
         raise ParseError("Salesforce token: answer has no access_token")
     try:
@@ -132,14 +138,22 @@ class ZilliantSource(Source):
         self._authorization: str | None = None
         static = config.secret("token_json")
         if static is not None:
-            self._authorization = self._encode(static)
+            self._authorization = self._encode(static, fetched=False)
         self._token_lock = asyncio.Lock()
         self.token_requests = 0
 
     @staticmethod
-    def _encode(token_json: str) -> str:
+    def _encode(token_json: str, *, fetched: bool) -> str:
+        # The token JSON, its access token and the header's base64 form are all
+        # secrets: an upstream may echo any of them back. Fetched ones give way
+        # to newer ones in time; a configured one is kept.
+        register_secret(token_json, transient=fetched)
+        with contextlib.suppress(ValueError, RecursionError):
+            parsed = json.loads(token_json)
+            if isinstance(parsed, dict) and isinstance(parsed.get("access_token"), str):
+                register_secret(parsed["access_token"], transient=fetched)
         encoded = base64.b64encode(token_json.encode("utf-8")).decode("ascii")
-        register_secret(encoded)
+        register_secret(encoded, transient=fetched)
         return f"OAuth {encoded}"
 
     def imports(self) -> list[ImportSpec]:
@@ -158,11 +172,17 @@ class ZilliantSource(Source):
                 form["username"] = sf.username or ""
                 form["password"] = sf.secret("password") or ""
             self.token_requests += 1
-            response = await self.request(
-                "POST", sf.token_url, data=form, headers={"Accept": "application/json"}
-            )
+            try:
+                response = await self.request(
+                    "POST", sf.token_url, data=form, headers={"Accept": "application/json"}
+                )
+            except SourceError as exc:
+                # Say which endpoint failed: the status endpoint may be fine.
+                raise SourceError(
+                    exc.reason, f"Salesforce token: {exc.message}", exc.retry_after
+                ) from exc
             token_json = parse_token(response)
-            self._authorization = self._encode(token_json)
+            self._authorization = self._encode(token_json, fetched=True)
             log.info("source=%s fetched a new Salesforce token", self.name)
             return self._authorization
 
