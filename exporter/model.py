@@ -6,8 +6,8 @@ API's answer into an :class:`Observation` or raises a :class:`SourceError`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class State(StrEnum):
@@ -43,13 +43,13 @@ class ErrorReason(StrEnum):
     TOO_LARGE = "too_large"
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
+class Observation(NamedTuple):
     """One upstream answer about one import, normalized.
 
     ``started_at``/``ended_at`` are epoch seconds reported by the upstream
     (None where the upstream does not report them). Counts are None where the
-    upstream does not report them.
+    upstream does not report them. A NamedTuple, not a frozen dataclass: one
+    is made per poll, and it is immutable all the same at a third of the cost.
     """
 
     state: State

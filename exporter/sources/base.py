@@ -8,9 +8,9 @@ import json
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -29,8 +29,9 @@ RequestObserver = Callable[[float], None]
 """Called with the duration in seconds of every HTTP request a source makes."""
 
 
-@dataclass(frozen=True, slots=True)
-class HttpResponse:
+class HttpResponse(NamedTuple):
+    """One upstream answer, its body already read (and capped)."""
+
     status: int
     headers: CIMultiDictProxy[str]
     body: bytes
@@ -120,9 +121,13 @@ def parse_json(body: bytes) -> Any:
         raise ParseError(f"body is JSON nested too deeply ({len(body)} bytes)") from exc
 
 
-def upstream_text(value: str, limit: int) -> str:
+def upstream_text(value: str, limit: int, known: Container[str] = ()) -> str:
     """A string from an upstream's answer as it may be shown: configured secrets
-    redacted first (an upstream may echo one back), then cut to ``limit``."""
+    redacted first (an upstream may echo one back), then cut to ``limit``. A
+    ``known`` value (a documented status) is shown as it is: the common case,
+    once a poll."""
+    if value in known:
+        return value
     return redact(value)[:limit]
 
 

@@ -60,7 +60,7 @@ def parse_status(response: HttpResponse, import_id: str) -> Observation:
         raise ParseError("import/status: reason is neither a string nor null")
     return Observation(
         state=STATUS_MAP.get(status, State.UNKNOWN),
-        upstream_state=upstream_text(status, 100),
+        upstream_state=upstream_text(status, 100, STATUS_MAP),
         reason=upstream_text(reason, 1000) if reason else None,
     )
 

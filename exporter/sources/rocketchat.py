@@ -8,7 +8,6 @@ restart leaves behind) reports the import as failed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -64,6 +63,9 @@ FINAL_STEPS = {
 }
 NO_IMPORT = "no_import"
 INVALID_REASON = "import operation marked invalid (server restarted during the import?)"
+
+
+KNOWN_STEPS = WAITING_STEPS | RUNNING_STEPS | FINAL_STEPS.keys()
 
 
 def state_of_step(step: str) -> State:
@@ -139,8 +141,8 @@ def parse_progress(response: HttpResponse) -> Observation:
         raise ParseError("getImportProgress: count is not an object")
     return Observation(
         state=state_of_step(step),
-        upstream_state=upstream_text(step, 100),
-        step=upstream_text(step, 100),
+        upstream_state=upstream_text(step, 100, KNOWN_STEPS),
+        step=upstream_text(step, 100, KNOWN_STEPS),
         items_completed=_count(count.get("completed"), "count.completed"),
         items_expected=_count(count.get("total"), "count.total"),
         items_failed=_count(count.get("error"), "count.error"),
@@ -201,7 +203,7 @@ class RocketChatSource(Source):
         observation = parse_progress(response)
         unfinished = observation.state in (State.WAITING, State.RUNNING)
         if self.check_operation and unfinished and await self._operation_is_dead():
-            return dataclasses.replace(observation, state=State.FAILED, reason=INVALID_REASON)
+            return observation._replace(state=State.FAILED, reason=INVALID_REASON)
         return observation
 
     async def _operation_is_dead(self) -> bool:

@@ -83,7 +83,7 @@ def parse_status(response: HttpResponse) -> Observation:
         raise ParseError("EntityImport status: clientErrorCallingService is not a boolean")
     return Observation(
         state=STATUS_MAP.get(status, State.UNKNOWN),
-        upstream_state=upstream_text(status, 100),
+        upstream_state=upstream_text(status, 100, STATUS_MAP),
         reason="client error calling service" if client_error else None,
         started_at=started,
         ended_at=stopped,
