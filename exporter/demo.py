@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 DEMO_INTERVAL = 5.0
 """Real seconds between polls of each demo import at speed 1."""
+DEMO_API_TOKEN = "demo-api-token-not-a-secret"
+"""The demo's write API is on with this well-known token, so the registration
+API can be tried at once; a real config names a tokens file instead."""
 
 
 def demo_config(base_url: str, speed: float = 1.0) -> Config:
@@ -23,7 +26,7 @@ def demo_config(base_url: str, speed: float = 1.0) -> Config:
     interval = f"{max(0.2, DEMO_INTERVAL / speed):.3f}s"
     timeout = f"{max(0.2, min(2.0, DEMO_INTERVAL / speed)):.3f}s"
     common = {"interval": interval, "timeout": timeout}
-    return parse_config_data(
+    config = parse_config_data(
         {
             "sources": [
                 {
@@ -75,6 +78,8 @@ def demo_config(base_url: str, speed: float = 1.0) -> Config:
         },
         "built-in demo config",
     )
+    config.api._tokens = (DEMO_API_TOKEN,)
+    return config
 
 
 @asynccontextmanager
@@ -94,6 +99,7 @@ async def start_demo_simulator(
     port = runner.addresses[0][1]
     base_url = f"http://127.0.0.1:{port}"
     log.info("demo: simulator of the upstream APIs at %s (speed %g)", base_url, speed)
+    log.info("demo: the write API takes Authorization: Bearer %s", DEMO_API_TOKEN)
     try:
         yield demo_config(base_url, speed)
     finally:

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
-from exporter.demo import start_demo_simulator
+from exporter.demo import DEMO_API_TOKEN, start_demo_simulator
 from tests.fakes import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,3 +228,17 @@ async def test_demo_command_serves_lintable_metrics_and_stops_on_sigterm() -> No
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_the_demo_takes_registrations_with_its_documented_token(exporter: Exporter) -> None:
+    base = f"http://127.0.0.1:{exporter.port}"
+    body = {"source": "elevate-demo", "id": "4242", "name": "tried by hand"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/api/v1/imports", json=body) as response:
+            assert response.status == 401  # no token: refused
+        auth = {"Authorization": f"Bearer {DEMO_API_TOKEN}"}
+        async with session.post(f"{base}/api/v1/imports", json=body, headers=auth) as response:
+            assert response.status == 201
+        await wait_for(lambda: exporter.state.imports[("elevate-demo", "4242")].state is not None)
+        samples = parse(await scrape(session, exporter.port))
+        assert current_state(samples, "elevate-demo", "4242") == "not_found"
