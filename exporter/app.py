@@ -229,9 +229,10 @@ class Exporter:
             try:
                 await self._write_changes()
             except StoreError as exc:
+                # Not acknowledged, so not tracked; what else was pending stays
+                # queued for the next write.
                 if existing is None:
                     scheduler.remove(import_id)
-                self.state.take_changes()  # the store is where it was
                 raise TrackingError(503, f"cannot store the registration: {exc}") from exc
         record = self.state.imports[(source, import_id)]
         log.info(
@@ -276,7 +277,7 @@ class Exporter:
             raise
 
     async def _persist_loop(self) -> None:
-        for round in itertools.count(1):
+        for tick in itertools.count(1):
             await asyncio.sleep(PERSIST_INTERVAL)
             for record in self.state.expired(self.config.retention):
                 scheduler = self.poller.schedulers.get(record.source)
@@ -290,7 +291,7 @@ class Exporter:
                 )
             async with self._write_lock:
                 try:
-                    await self._write_changes(with_poll_times=round % POLL_TIMES_EVERY == 0)
+                    await self._write_changes(with_poll_times=tick % POLL_TIMES_EVERY == 0)
                 except StoreError as exc:
                     log.error("cannot store the state of the imports: %s", exc)
 

@@ -25,6 +25,7 @@ from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 from exporter.state import StateStore
 from exporter.store import Store, StoreError, to_row
+from exporter.tracking import TrackingError
 from tests.fakes import wait_for
 from tests.test_reload_and_secrets import free_port
 
@@ -306,3 +307,45 @@ async def test_finished_registered_imports_are_forgotten_after_the_retention(
     finally:
         await exporter.stop()
     assert set(stored_states(tmp_path / "state.db")) == {"1004", "1005"}
+
+
+async def test_a_registration_the_store_cannot_write_is_refused_and_nothing_is_lost(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    database = tmp_path / "state.db"
+    exporter = Exporter(load_config(config_file), "127.0.0.1:0", storage_path=str(database))
+    await exporter.start()
+    assert exporter.store is not None
+    assert exporter._persist_task is not None
+    exporter._persist_task.cancel()  # only registrations write now: the test decides when
+    writable = exporter.store._db
+    try:
+        await exporter.register("elevate", "1004", None)
+        # The disk turns read-only (a full or failing disk looks the same) while
+        # what the first poll learnt is not written yet.
+        await wait_for(lambda: exporter.state.imports[("elevate", "1004")].state is State.RUNNING)
+        assert stored_states(database)["1004"] is None
+        with exporter.store._lock:
+            exporter.store._db = sqlite3.connect(
+                f"file:{database}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+            )
+        try:
+            await exporter.register("elevate", "1003", None)
+        except TrackingError as exc:
+            assert exc.status == 503 and "cannot store the registration" in exc.message
+        else:
+            raise AssertionError("an unstored registration was acknowledged")
+        assert ("elevate", "1003") not in exporter.state.imports  # not acknowledged: not tracked
+
+        with exporter.store._lock:
+            exporter.store._db.close()
+            exporter.store._db = writable  # the disk is back
+        await exporter.register("elevate", "1003", None)
+        # What was learnt while writes failed was kept for the next write
+        # (this registration's), not dropped.
+        assert stored_states(database)["1004"] == "running"
+    finally:
+        await exporter.stop()
+    assert {"1003", "1004"} <= set(stored_states(database))
