@@ -51,7 +51,7 @@ def simulator_process(speed: float = 1.0) -> Iterator[str]:
         deadline = time.monotonic() + 20
         while True:
             try:
-                urllib.request.urlopen(f"{url}/api/admin/v3/import/status?id=x", timeout=1)
+                urllib.request.urlopen(f"{url}/api/admin/v4/import/status?id=x", timeout=1)
                 break
             except urllib.error.HTTPError:
                 break  # answering (403 without a key): up

@@ -50,7 +50,7 @@ async def measure_baseline(
         while not stop:
             params = {"id": next(ids)}
             async with session.get(
-                f"{url}/api/admin/v3/import/status", params=params, headers=headers
+                f"{url}/api/admin/v4/import/status", params=params, headers=headers
             ) as response:
                 json.loads(await response.read())
             if measuring:

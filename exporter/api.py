@@ -29,7 +29,7 @@ from pydantic.json_schema import JsonSchemaValue, models_json_schema
 from pydantic_core import CoreSchema, ErrorDetails
 
 from exporter import __version__
-from exporter.config import ID_RULE, ImportId
+from exporter.config import ID_RULE, DisplayName, ImportId
 from exporter.model import ErrorReason, State
 from exporter.state import ImportRecord
 from exporter.tracking import ImportTracker, TrackingError
@@ -39,7 +39,7 @@ MAX_BODY_BYTES = 4096
 """Larger request bodies are refused with 413 (a registration is ~100 bytes)."""
 API_OFF = "the write API is off: set api.tokens_file in the config"
 SOURCE_RULE = "must be a source name of 1-100 characters"
-NAME_RULE = "must be a string of at most 200 characters, or null"
+NAME_RULE = "must be a string of at most 200 characters without control characters, or null"
 _REALM = 'realm="import-status-exporter"'
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -104,8 +104,8 @@ class RegisterRequest(_Input):
     id: BodyImportId = Field(
         description="the upstream's import id; a JSON integer is taken as its decimal string"
     )
-    name: str | None = Field(
-        default=None, max_length=200, description="shown as the `name` label of `import_info`"
+    name: DisplayName | None = Field(
+        default=None, description="shown as the `name` label of `import_info`"
     )
 
 
@@ -149,9 +149,18 @@ class ImportView(BaseModel):
     last_progress_at: datetime | None
     last_poll_success_at: datetime | None
     first_seen_at: datetime | None
+    poll_failing: bool = Field(
+        description="the latest poll failed: `last_error` is current (else it is history)"
+    )
+    consecutive_poll_failures: int = Field(
+        description="polls in a row that failed since the last answer (0 once answered)"
+    )
+    last_poll_attempt_at: datetime | None = Field(
+        description="when the latest poll of this process came back, answered or failed"
+    )
     last_error: LastError | None = Field(
-        description="the last failed poll (kept after later successes: compare `at` "
-        "with `last_poll_success_at`)"
+        description="the last failed poll; current only while `poll_failing`, else kept "
+        "as history (see `at`)"
     )
 
 
@@ -202,6 +211,9 @@ def import_view(record: ImportRecord, now: float) -> ImportView:
         last_progress_at=_time(record.last_progress),
         last_poll_success_at=_time(record.last_success),
         first_seen_at=_time(record.first_seen),
+        poll_failing=record.poll_failing,
+        consecutive_poll_failures=record.consecutive_failures,
+        last_poll_attempt_at=_time(record.last_attempt),
         last_error=last_error,
     )
 

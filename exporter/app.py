@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import sys
@@ -100,6 +101,7 @@ class Exporter:
             restored = await asyncio.to_thread(self.store.load)
             self.state.restore(restored)
             log.info("restored %d imports from %s", len(restored), self.store.path)
+        self._warn_deprecations(self.config)
         await self._apply(self.config, previous=None)
         for orphan in self.state.drop_orphans():
             log.info(
@@ -148,7 +150,12 @@ class Exporter:
             ]
             if before is not None:
                 await self.poller.remove_source(name, keep_state=True)
-            source = build_source(source_config, self._session, observe=self._observer(name))
+            source = build_source(
+                source_config,
+                self._session,
+                observe=self._observer(name),
+                token_observer=functools.partial(self.state.record_token_request, name),
+            )
             configured = source.imports()
             scheduler = self.poller.add_source(
                 source,
@@ -165,6 +172,12 @@ class Exporter:
                     self.state.untrack(name, record.import_id)
             scheduler.start()
         self.config = config
+
+    @staticmethod
+    def _warn_deprecations(config: Config) -> None:
+        for source_config in config.sources:
+            for warning in source_config.deprecations():
+                log.warning("deprecated setting source=%s: %s", source_config.name, warning)
 
     def _observer(self, source: str) -> Callable[[float], None]:
         def observe(duration: float) -> None:
@@ -185,6 +198,7 @@ class Exporter:
                     "config reload failed, keeping the running config: %s", "; ".join(exc.errors)
                 )
                 return exc.errors
+            self._warn_deprecations(config)
             await self._apply(config, previous=self.config)
             self.state.record_reload(success=True)
             log.info("config reloaded: %d sources", len(config.sources))

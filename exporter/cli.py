@@ -114,6 +114,9 @@ def check_config(path: str) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 1
+    for source in config.sources:
+        for warning in source.deprecations():
+            print(f"{path}: warning: source {source.name}: {warning}", file=sys.stderr)
     imports = sum(len(source.import_entries()) for source in config.sources)
     print(f"{path}: OK ({len(config.sources)} sources, {imports} configured imports)")
     return 0

@@ -17,6 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -84,13 +85,33 @@ ImportId = Annotated[
 ]
 
 
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""C0 and C1 controls, DEL and the Unicode line and paragraph separators: in a
+label value or on the page they would reach a terminal or a log as they are."""
+
+
+def no_control_characters(value: str | None) -> str | None:
+    """Refuse text with control characters, naming the first one."""
+    if value is not None and (found := CONTROL_CHARACTERS.search(value)):
+        raise PydanticCustomError(
+            "control_characters",
+            "must not contain control characters (found U+{code})",
+            {"code": f"{ord(found.group()):04X}"},
+        )
+    return value
+
+
+DisplayName = Annotated[str, Field(max_length=200), AfterValidator(no_control_characters)]
+"""An import's human name: shown as the ``name`` label and on the page."""
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ImportEntry(StrictModel):
     id: ImportId
-    name: str | None = Field(default=None, max_length=200)
+    name: DisplayName | None = None
 
 
 class SourceConfig(StrictModel):
@@ -116,6 +137,10 @@ class SourceConfig(StrictModel):
     def import_entries(self) -> list[ImportEntry]:
         return []
 
+    def deprecations(self) -> list[str]:
+        """Settings that work today but will not for long; logged at (re)load."""
+        return []
+
 
 class ElevateConfig(SourceConfig):
     SECRETS: ClassVar[dict[str, bool]] = {"api_key": True}
@@ -123,7 +148,8 @@ class ElevateConfig(SourceConfig):
     type: Literal["elevate"]
     url: str | None = None
     cluster_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+$")
-    api_version: Literal["v3", "v4"] = "v3"
+    api_version: Literal["v3", "v4"] = "v4"
+    """v3 reaches its end of life on 2026-12-31 (Voyado): v4 by default."""
     api_key: str | None = None
     api_key_env: str | None = None
     api_key_file: str | None = None
@@ -139,6 +165,14 @@ class ElevateConfig(SourceConfig):
         if (self.url is None) == (self.cluster_id is None):
             raise PydanticCustomError("url", "give exactly one of url and cluster_id")
         return self
+
+    def deprecations(self) -> list[str]:
+        if self.api_version == "v3":
+            return [
+                "api_version v3: Voyado's admin import API v3 reaches its end of life on "
+                "2026-12-31; set api_version: v4 (the default)"
+            ]
+        return []
 
     @property
     def base_url(self) -> str:
@@ -274,7 +308,7 @@ class Config(StrictModel):
 def _check_http_url(value: str | None) -> str | None:
     if value is not None and not re.match(r"^https?://[^\s/]+", value):
         raise PydanticCustomError("url", "must be an http:// or https:// URL")
-    return value
+    return no_control_characters(value)
 
 
 # --- loading -----------------------------------------------------------------

@@ -40,6 +40,7 @@ def demo_config(base_url: str, speed: float = 1.0) -> Config:
                         {"id": "1003", "name": "stock levels"},
                         {"id": "1004", "name": "stuck promotions"},
                         {"id": "1005", "name": "cancelled import"},
+                        {"id": "1006", "name": "behind a broken proxy"},
                     ],
                     **common,
                 },

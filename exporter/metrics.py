@@ -19,12 +19,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
-from exporter.model import ErrorReason, State
+from exporter.model import PENDING, ErrorReason, State
 from exporter.state import REQUEST_DURATION_BUCKETS, StateStore
 
 POLLED = " Values come from background polls of the upstream API, not from scrape-time calls."
-STATES = tuple(State)
+STATES = (*(state.value for state in State), PENDING)
+"""The exported state set: the normalized states, and "pending" for an import
+no poll has answered yet (so a tracked import always has series)."""
 REASONS = tuple(ErrorReason)
+TOKEN_OUTCOMES = ("success", *(reason.value for reason in ErrorReason))
 _BUCKET_BOUNDS = [*(f"{b:g}" for b in REQUEST_DURATION_BUCKETS), "+Inf"]
 
 
@@ -33,6 +36,15 @@ class StateCollector(Collector):
 
     def __init__(self, state: StateStore) -> None:
         self.state = state
+
+    def describe(self) -> Iterator[Metric]:
+        """The families :meth:`collect` yields, without samples: what lets a
+        ``name[]`` filter find this collector (and no render at registration)."""
+        yield from self._import_metrics(empty=True)
+        yield from self._source_metrics(empty=True)
+        yield GaugeMetricFamily("import_exporter_build_info", "")
+        yield GaugeMetricFamily("import_exporter_config_last_reload_successful", "")
+        yield GaugeMetricFamily("import_exporter_config_last_reload_success_timestamp_seconds", "")
 
     def collect(self) -> Iterator[Metric]:
         yield from self._import_metrics()
@@ -57,7 +69,7 @@ class StateCollector(Collector):
                 value=self.state.last_reload_success_at,
             )
 
-    def _import_metrics(self) -> Iterator[Metric]:
+    def _import_metrics(self, *, empty: bool = False) -> Iterator[Metric]:
         now = self.state.clock()
         keys = ["source", "import"]
         state = GaugeMetricFamily(
@@ -67,9 +79,10 @@ class StateCollector(Collector):
         )
         info = GaugeMetricFamily(
             "import_info",
-            "Always 1; the upstream system, the raw upstream status and the import's name."
-            + POLLED,
-            labels=[*keys, "system", "upstream_state", "name"],
+            "Always 1; the upstream system, the raw upstream status (empty before the "
+            "first answer), the import's name and its origin (config: listed in the config "
+            "file, api: registered through the API)." + POLLED,
+            labels=[*keys, "system", "upstream_state", "name", "origin"],
         )
         completed = GaugeMetricFamily(
             "import_items_completed",
@@ -121,15 +134,44 @@ class StateCollector(Collector):
             "When a background poll last got an answer about the import." + POLLED,
             labels=keys,
         )
+        attempt = GaugeMetricFamily(
+            "import_last_poll_attempt_timestamp_seconds",
+            "When the latest background poll of the import came back, answered or failed.",
+            labels=keys,
+        )
+        failures = GaugeMetricFamily(
+            "import_consecutive_poll_failures",
+            "Background polls of the import that failed in a row since the last answer "
+            "about it (0 once a poll is answered). Above 0 the import's other series are "
+            "out of date; never answered, its state is pending.",
+            labels=keys,
+        )
+        families: tuple[Metric, ...] = (state, info, completed, expected, failed, start, end)
+        families += (duration, changed, progress, success, attempt, failures)
+        if empty:
+            yield from families
+            return
         for record in list(self.state.imports.values()):
+            labels = [record.source, record.import_id]
+            failures.add_metric(labels, record.consecutive_failures)
+            if record.last_attempt is not None:
+                attempt.add_metric(labels, record.last_attempt)
             obs = record.observation
+            current = obs.state.value if obs is not None else PENDING
+            for value in STATES:
+                state.add_metric([*labels, value], 1.0 if value == current else 0.0)
+            info.add_metric(
+                [
+                    *labels,
+                    record.system,
+                    obs.upstream_state if obs is not None else "",
+                    record.name or "",
+                    "config" if record.origin == "config" else "api",
+                ],
+                1.0,
+            )
             if obs is None:
                 continue
-            labels = [record.source, record.import_id]
-            current = obs.state
-            for value in STATES:
-                state.add_metric([*labels, value.value], 1.0 if value is current else 0.0)
-            info.add_metric([*labels, record.system, obs.upstream_state, record.name or ""], 1.0)
             if obs.items_completed is not None:
                 completed.add_metric(labels, obs.items_completed)
             if obs.items_expected is not None:
@@ -151,10 +193,9 @@ class StateCollector(Collector):
                 progress.add_metric(labels, record.last_progress)
             if record.last_success is not None:
                 success.add_metric(labels, record.last_success)
-        yield from (state, info, completed, expected, failed, start, end, duration)
-        yield from (changed, progress, success)
+        yield from families
 
-    def _source_metrics(self) -> Iterator[Metric]:
+    def _source_metrics(self, *, empty: bool = False) -> Iterator[Metric]:
         keys = ["source", "system"]
         up = GaugeMetricFamily(
             "import_source_up",
@@ -187,6 +228,16 @@ class StateCollector(Collector):
             "The configured interval between background polls of each import.",
             labels=keys,
         )
+        tokens = CounterMetricFamily(
+            "import_source_token_requests",
+            "Calls of the source's token endpoint (Salesforce for Zilliant) by outcome: "
+            "success or the error reason. Only for sources that fetch tokens.",
+            labels=[*keys, "outcome"],
+        )
+        families = (up, requests, errors, latency, tracked, interval, tokens)
+        if empty:
+            yield from families
+            return
         counts: dict[str, int] = {}
         for record in list(self.state.imports.values()):
             counts[record.source] = counts.get(record.source, 0) + 1
@@ -204,11 +255,16 @@ class StateCollector(Collector):
             latency.add_metric(labels, buckets, source.duration_sum)
             tracked.add_metric(labels, counts.get(source.name, 0))
             interval.add_metric(labels, source.interval)
-        yield from (up, requests, errors, latency, tracked, interval)
+            if source.token_requests is not None:
+                for outcome in TOKEN_OUTCOMES:
+                    tokens.add_metric([*labels, outcome], source.token_requests.get(outcome, 0))
+        yield from families
 
 
 def build_registry(state: StateStore) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
+    # auto_describe: the process and platform collectors have no describe();
+    # without it a ``name[]`` filter finds none of their names.
+    registry = CollectorRegistry(auto_describe=True)
     registry.register(StateCollector(state))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

@@ -25,6 +25,11 @@ class State(StrEnum):
 
 TERMINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED, State.ABORTED})
 
+PENDING = "pending"
+"""What an import is before any poll has answered about it (never read yet):
+shown on the page and exported as ``import_state{state="pending"}``, so a
+tracked import always has series."""
+
 
 class ErrorReason(StrEnum):
     """The fixed, bounded set of reasons an upstream request can fail for.
@@ -68,13 +73,26 @@ class SourceError(Exception):
 
     ``retry_after`` is how many seconds from now the upstream asked us to wait
     (Retry-After, X-RateLimit-Reset), if it said so.
+
+    ``source_wide`` says the failure is about the source, not this import: its
+    credentials were refused or its URL answers for no import (a route 404).
+    The poller then holds the whole source and shows the error on every one of
+    its imports, instead of repeating the same failing call once per import.
     """
 
-    def __init__(self, reason: ErrorReason, message: str, retry_after: float | None = None):
+    def __init__(
+        self,
+        reason: ErrorReason,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        source_wide: bool = False,
+    ):
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.retry_after = retry_after
+        self.source_wide = source_wide
 
     def __str__(self) -> str:
         return f"{self.reason.value}: {self.message}"

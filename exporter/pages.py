@@ -14,7 +14,7 @@ import time
 from urllib.parse import urlencode
 
 from exporter import __version__
-from exporter.model import State
+from exporter.model import PENDING, State
 from exporter.state import ERROR_TIMES_KEPT, ImportRecord, SourceRecord, StateStore
 
 DEFAULT_REFRESH = 10
@@ -22,8 +22,6 @@ DEFAULT_REFRESH = 10
 MAX_REFRESH = 3600
 RECENT_ERRORS_WINDOW = 15 * 60.0
 """The window of the sources' "recent errors" count."""
-PENDING = "pending"
-"""The state shown for an import that no poll has answered yet."""
 STATE_CHOICES = (PENDING, *(state.value for state in State))
 
 _e = html.escape
@@ -109,7 +107,13 @@ def _sources_table(sources: list[SourceRecord], now: float, source_filter: str |
         recent_text = f"{recent}+" if recent >= ERROR_TIMES_KEPT else str(recent)
         last_error = ""
         if s.last_error:
-            last_error = f'{_e(s.last_error)} <span class="sub">{_ago(now, s.last_error_at)}</span>'
+            when = _ago(now, s.last_error_at)
+            recovered = s.up and (s.last_success or 0) > (s.last_error_at or 0)
+            since = ", since answered" if recovered else ""
+            last_error = (
+                f'<span class="{"sub" if recovered else "error"}">{_e(s.last_error)}</span> '
+                f'<span class="sub">{when}{since}</span>'
+            )
         rows.append(
             f'<tr data-source="{_e(s.name)}"><td class="nw">{_e(s.name)}</td>'
             f"<td>{_e(s.system)}</td>"
@@ -153,10 +157,21 @@ def _imports_table(
         message = ""
         if obs is not None and obs.reason:
             message += f'<div class="reason">{_e(obs.reason)}</div>'
-        if r.last_error:
+        if r.last_error and r.poll_failing:
+            in_a_row = (
+                f" ({r.consecutive_failures} polls failed in a row)"
+                if r.consecutive_failures > 1
+                else ""
+            )
             message += (
                 f'<div class="error">poll error {_ago(now, r.last_error_at)}: '
-                f"{_e(r.last_error)}</div>"
+                f"{_e(r.last_error)}{in_a_row}</div>"
+            )
+        elif r.last_error:
+            # History: a later poll was answered, so this is no current problem.
+            message += (
+                f'<div class="sub past-error">last poll error {_ago(now, r.last_error_at)}, '
+                f"since answered: {_e(r.last_error)}</div>"
             )
         rows.append(
             f'<tr data-source="{_e(r.source)}" data-import="{_e(r.import_id)}" '

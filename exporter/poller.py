@@ -59,6 +59,10 @@ class SourceScheduler:
         self._scheduled: set[str] = set()
         self._failures: dict[str, int] = {}
         self._paused_until = 0.0
+        self._source_failures = 0
+        """Source-wide failures in a row: the schedule of the source's own hold."""
+        self._held_by: SourceError | None = None
+        """The source-wide failure holding the source (None: not held by one)."""
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -146,6 +150,10 @@ class SourceScheduler:
             return self._failed(import_id, bug)
         if self._failures.pop(import_id, None):
             log.info("source=%s import=%s recovered", name, import_id)
+        if self._held_by is not None:
+            log.info("source=%s recovered from %s", name, self._held_by.reason.value)
+            self._held_by = None
+        self._source_failures = 0
         record = self.state.record_observation(name, import_id, observation)
         if record.confirmed_final and not self.source.follows_server:
             log.debug("source=%s import=%s finished as %s", name, import_id, record.state)
@@ -153,6 +161,8 @@ class SourceScheduler:
         return self.clock() + self.interval
 
     def _failed(self, import_id: str, error: SourceError) -> float:
+        if error.source_wide:
+            return self._source_failed(import_id, error)
         failures = self._failures.get(import_id, 0) + 1
         self._failures[import_id] = failures
         self.state.record_error(self.source.name, import_id, error)
@@ -175,6 +185,35 @@ class SourceScheduler:
             backoff = max(backoff, retry_after)
         return now + backoff
 
+    def _source_failed(self, import_id: str, error: SourceError) -> float:
+        """Hold the whole source on its own backoff schedule (or as long as the
+        error asks), show the error on every import, and log it once per hold."""
+        now = self.clock()
+        name = self.source.name
+        if self._held_by is not None and now < self._paused_until:
+            # A poll that was in flight when the hold began: shown on its
+            # import, not logged again. One that shared the failed call (a
+            # token fetch) made no request of its own and is not counted.
+            if error is not self._held_by:
+                self.state.record_error(name, import_id, error)
+            return self._paused_until
+        self._source_failures += 1
+        hold: float = min(self.max_backoff, self.interval * 2.0 ** (self._source_failures - 1))
+        hold *= 1 + self.rng.uniform(-BACKOFF_JITTER, BACKOFF_JITTER)
+        if error.retry_after is not None:
+            hold = max(hold, min(error.retry_after, max(self.max_backoff, MAX_RETRY_AFTER)))
+        self._paused_until = max(self._paused_until, now + hold)
+        self._held_by = error
+        self.state.record_source_error(name, error, self._scheduled | {import_id})
+        log.warning(
+            "source held: every import fails alike source=%s reason=%s error=%s hold_seconds=%.0f",
+            name,
+            error.reason.value,
+            redact(error.message),
+            self._paused_until - now,
+        )
+        return self._paused_until
+
 
 class Poller:
     """All source schedulers of one running configuration."""
@@ -193,7 +232,9 @@ class Poller:
         imports: Iterable[ImportSpec] = (),
         rng: random.Random | None = None,
     ) -> SourceScheduler:
-        self.state.add_source(source.name, source.system, interval)
+        self.state.add_source(
+            source.name, source.system, interval, fetches_tokens=source.fetches_tokens
+        )
         scheduler = SourceScheduler(
             source,
             self.state,

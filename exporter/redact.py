@@ -8,8 +8,10 @@ secret that an upstream echoes back in an error body is still never shown.
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from collections import deque
+from urllib.parse import quote, quote_plus
 
 REDACTED = "<redacted>"
 _MIN_LENGTH = 4  # shorter strings would redact ordinary words
@@ -25,15 +27,30 @@ _secrets: tuple[str, ...] = ()
 token) is replaced whole, not around the inner one."""
 
 
+def encodings(value: str) -> set[str]:
+    """Every form in which the exporter itself may send a secret, and so in which
+    an upstream may echo it back: raw, base64 (headers), percent-encoded with
+    ``%20`` or ``+`` for spaces (URLs, form bodies) and JSON-escaped (ASCII-only
+    and not)."""
+    return {
+        value,
+        base64.b64encode(value.encode()).decode(),
+        quote(value, safe=""),
+        quote_plus(value),
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+    }
+
+
 def register_secret(value: str, *, transient: bool = False) -> None:
-    """Remember a secret (and its base64 form, which some upstreams send).
+    """Remember a secret in each of its :func:`encodings`.
 
     ``transient`` secrets (tokens the exporter fetched) are kept only until
     newer ones push them out; configured ones are kept for good."""
     global _secrets
     if len(value) < _MIN_LENGTH:
         return
-    forms = {value, base64.b64encode(value.encode()).decode()}
+    forms = {form for form in encodings(value) if len(form) >= _MIN_LENGTH}
     with _lock:
         if transient:
             _transient.extend(forms - _configured - set(_transient))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from exporter.model import TERMINAL_STATES, ErrorReason, Observation, SourceError, State
@@ -48,6 +48,10 @@ class ImportRecord:
     seen_finished_at: float | None = None
     """When the exporter first saw the import in a terminal state (end fallback)."""
     last_success: float | None = None
+    last_attempt: float | None = None
+    """When the latest poll of this process came back, answered or failed."""
+    consecutive_failures: int = 0
+    """Polls in a row that failed since the last answer (0 after an answer)."""
     last_error: str | None = None
     last_error_reason: ErrorReason | None = None
     last_error_at: float | None = None
@@ -59,6 +63,11 @@ class ImportRecord:
     @property
     def state(self) -> State | None:
         return self.observation.state if self.observation else None
+
+    @property
+    def poll_failing(self) -> bool:
+        """The latest poll failed: ``last_error`` is current, not history."""
+        return self.consecutive_failures > 0
 
     @property
     def start_timestamp(self) -> float | None:
@@ -107,6 +116,8 @@ class SourceRecord:
     last_error_at: float | None = None
     error_times: deque[float] = field(default_factory=lambda: deque(maxlen=ERROR_TIMES_KEPT))
     """When the latest failed polls happened, oldest first."""
+    token_requests: Counter[str] | None = None
+    """Token-endpoint calls by outcome; None for a source that fetches no tokens."""
     answering: set[str] = field(default_factory=set)
     """Imports still polled whose latest poll got an answer. The source is up
     while any has: one broken import among many does not make it flap."""
@@ -144,12 +155,18 @@ class StateStore:
 
     # --- registration -------------------------------------------------------
 
-    def add_source(self, name: str, system: str, interval: float) -> SourceRecord:
+    def add_source(
+        self, name: str, system: str, interval: float, *, fetches_tokens: bool = False
+    ) -> SourceRecord:
         record = self.sources.get(name)
         if record is None or record.system != system:
             record = SourceRecord(name=name, system=system, interval=interval)
             self.sources[name] = record
         record.interval = interval
+        if fetches_tokens and record.token_requests is None:
+            record.token_requests = Counter()
+        elif not fetches_tokens:
+            record.token_requests = None
         return record
 
     def remove_source(self, name: str) -> None:
@@ -197,6 +214,13 @@ class StateStore:
         """Put back what a previous run knew (before its sources are applied)."""
         for record in records:
             self.imports[(record.source, record.import_id)] = record
+            # The count of failures in a row is not stored; an error newer than
+            # the last answer still means the import could not be read.
+            error_at = record.last_error_at
+            if error_at is not None and (
+                record.last_success is None or error_at > record.last_success
+            ):
+                record.consecutive_failures = max(record.consecutive_failures, 1)
 
     def drop_orphans(self) -> list[ImportRecord]:
         """Forget restored imports whose source is gone or changed type."""
@@ -262,6 +286,11 @@ class StateStore:
         record.duration_sum += duration
         record.duration_bucket_counts[bisect.bisect_left(REQUEST_DURATION_BUCKETS, duration)] += 1
 
+    def record_token_request(self, source: str, outcome: str) -> None:
+        record = self.sources.get(source)
+        if record is not None and record.token_requests is not None:
+            record.token_requests[outcome] += 1
+
     def record_observation(self, source: str, import_id: str, obs: Observation) -> ImportRecord:
         now = self.clock()
         record = self.imports.get((source, import_id))
@@ -297,6 +326,10 @@ class StateStore:
             record.seen_finished_at = None
         record.observation = obs
         record.last_success = now
+        record.last_attempt = now
+        if record.consecutive_failures:
+            record.consecutive_failures = 0
+            self._changed.add((source, import_id))
         record.polled_this_run = True
         source_record = self.sources.get(source)
         if source_record is not None:
@@ -313,24 +346,54 @@ class StateStore:
         return record
 
     def record_error(self, source: str, import_id: str, error: SourceError) -> None:
+        """A poll of one import failed."""
         now = self.clock()
         message = redact(error.message)
         source_record = self.sources.get(source)
         if source_record is not None:
             source_record.answering.discard(import_id)
             source_record.up = bool(source_record.answering)
-            source_record.errors_total[error.reason] += 1
-            source_record.last_error = f"{error.reason.value}: {message}"
-            source_record.last_error_at = now
-            source_record.error_times.append(now)
-        record = self.imports.get((source, import_id))
-        if record is not None:
-            record.polled_this_run = True
-            news = record.last_error != message or record.last_error_reason != error.reason
-            record.last_error = message
-            record.last_error_reason = error.reason
-            record.last_error_at = now
-            (self._changed if news else self._touched).add((source, import_id))
+            self._count_error(source_record, error, message, now)
+        self._import_failed((source, import_id), error, message, now)
+
+    def record_source_error(
+        self, source: str, error: SourceError, import_ids: Iterable[str]
+    ) -> None:
+        """A failure about the whole source (refused credentials, a wrong URL):
+        counted once, the source down, shown on every import in ``import_ids``."""
+        now = self.clock()
+        message = redact(error.message)
+        source_record = self.sources.get(source)
+        if source_record is not None:
+            source_record.answering.clear()
+            source_record.up = False
+            self._count_error(source_record, error, message, now)
+        for import_id in import_ids:
+            self._import_failed((source, import_id), error, message, now)
+
+    @staticmethod
+    def _count_error(record: SourceRecord, error: SourceError, message: str, now: float) -> None:
+        record.errors_total[error.reason] += 1
+        record.last_error = f"{error.reason.value}: {message}"
+        record.last_error_at = now
+        record.error_times.append(now)
+
+    def _import_failed(self, key: ImportKey, error: SourceError, message: str, now: float) -> None:
+        record = self.imports.get(key)
+        if record is None:
+            return
+        record.polled_this_run = True
+        news = (
+            record.last_error != message
+            or record.last_error_reason != error.reason
+            or not record.consecutive_failures
+        )
+        record.consecutive_failures += 1
+        record.last_error = message
+        record.last_error_reason = error.reason
+        record.last_error_at = now
+        record.last_attempt = now
+        (self._changed if news else self._touched).add(key)
 
     # --- readers' helpers ---------------------------------------------------
 

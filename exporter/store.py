@@ -20,7 +20,8 @@ from pathlib import Path
 from exporter.model import ErrorReason, Observation, State
 from exporter.state import ImportRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first; 2: adds last_attempt and consecutive_failures."""
 
 _COLUMNS = (
     "source",
@@ -47,7 +48,11 @@ _COLUMNS = (
     "last_error_reason",
     "last_error_at",
     "confirmed_final",
+    "last_attempt",
+    "consecutive_failures",
 )
+_ADDED_IN = {2: ("last_attempt", "consecutive_failures")}
+"""Columns each schema version added to the one before (ALTER TABLE on upgrade)."""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS imports (
     {", ".join(_COLUMNS)},
@@ -101,6 +106,14 @@ class Store:
             )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        exists = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'imports'"
+        ).fetchone()
+        if exists:
+            for added_in, columns in sorted(_ADDED_IN.items()):
+                if version < added_in:
+                    for column in columns:
+                        db.execute(f"ALTER TABLE imports ADD COLUMN {column}")
         db.execute(_SCHEMA)
         if version < SCHEMA_VERSION:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -164,6 +177,8 @@ def to_row(record: ImportRecord) -> Row:
         record.last_error_reason.value if record.last_error_reason else None,
         record.last_error_at,
         int(record.confirmed_final),
+        record.last_attempt,
+        record.consecutive_failures,
     )
 
 
@@ -200,6 +215,8 @@ def _from_row(row: Row) -> ImportRecord:
         last_error_reason=ErrorReason(str(reason)) if reason is not None else None,
         last_error_at=_float(values["last_error_at"]),
         confirmed_final=bool(values["confirmed_final"]),
+        last_attempt=_float(values["last_attempt"]),
+        consecutive_failures=_int(values["consecutive_failures"]) or 0,
     )
 
 

@@ -17,8 +17,19 @@ from typing import Any
 OUT = Path(__file__).resolve().parent / "dashboards" / "import-status.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'job=~"$job", instance=~"$instance", source=~"$source"'
-STATES = ["waiting", "blocked", "running", "succeeded", "failed", "aborted", "not_found", "unknown"]
+STATES = [
+    "waiting",
+    "blocked",
+    "running",
+    "succeeded",
+    "failed",
+    "aborted",
+    "not_found",
+    "unknown",
+    "pending",
+]
 STATE_COLORS = {
+    "pending": "dark-orange",
     "waiting": "yellow",
     "blocked": "orange",
     "running": "blue",
@@ -283,6 +294,21 @@ def panels() -> list[dict[str, Any]]:
                 ),
             ],
             (16, 38, 8, 8),
+        ),
+        panel(
+            "timeseries",
+            "Imports that cannot be read",
+            "Polls in a row that failed for each import that is not being read (state "
+            "pending if it was never read); the status page and the exporter's log say why. "
+            "Empty while every import answers.",
+            "none",
+            [
+                target(
+                    f"import_consecutive_poll_failures{{{SEL}}} > 0",
+                    "{{source}} {{import}}",
+                )
+            ],
+            (0, 46, 24, 8),
         ),
     ]
 

@@ -167,20 +167,20 @@ def elevate_config(**fields: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("fields", "base", "polled"),
     [
-        (
+        (  # v4 by default: v3 reaches its end of life on 2026-12-31
             {"cluster_id": "w1a2b3c4"},
             "https://w1a2b3c4.elevate-api.cloud",
-            "https://w1a2b3c4.elevate-api.cloud/api/admin/v3/import/status",
+            "https://w1a2b3c4.elevate-api.cloud/api/admin/v4/import/status",
         ),
         (
-            {"cluster_id": "w1a2b3c4", "api_version": "v4"},
+            {"cluster_id": "w1a2b3c4", "api_version": "v3"},
             "https://w1a2b3c4.elevate-api.cloud",
-            "https://w1a2b3c4.elevate-api.cloud/api/admin/v4/import/status",
+            "https://w1a2b3c4.elevate-api.cloud/api/admin/v3/import/status",
         ),
         (  # an older cluster, by URL; a trailing slash does not double
             {"url": "https://w1a2b3c4.api.esales.apptus.cloud/"},
             "https://w1a2b3c4.api.esales.apptus.cloud",
-            "https://w1a2b3c4.api.esales.apptus.cloud/api/admin/v3/import/status",
+            "https://w1a2b3c4.api.esales.apptus.cloud/api/admin/v4/import/status",
         ),
     ],
 )

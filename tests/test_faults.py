@@ -234,6 +234,8 @@ class Case:
     """The upstream named a time: no request to it for at least this long."""
     down: bool = False
     """The upstream does not listen at all: connections are refused."""
+    source_wide: bool = False
+    """About the source, not the import (credentials): the source is held, one log line a hold."""
 
     def affected(self, faults: dict[str, Fault]) -> list[str]:
         if self.down:
@@ -265,6 +267,7 @@ CASES: dict[str, Case] = {
         everywhere(Fault(status=401, body=b'{"success": false}')),
         ErrorReason.UNAUTHORIZED,
         "HTTP 401",
+        source_wide=True,
     ),
     "500": Case(everywhere(Fault(status=500)), ErrorReason.SERVER_ERROR, "HTTP 500"),
     "502": Case(everywhere(Fault(status=502)), ErrorReason.SERVER_ERROR, "HTTP 502"),
@@ -342,25 +345,34 @@ CASES: dict[str, Case] = {
         TIMED_OUT,
     ),
     "token endpoint: latency beyond the timeout": Case(
-        token(Fault(delay=1.0)), ErrorReason.TIMEOUT, "Salesforce token: no complete answer"
+        token(Fault(delay=1.0)),
+        ErrorReason.TIMEOUT,
+        "Salesforce token: no complete answer",
+        source_wide=True,
     ),
     "token endpoint: 500": Case(
-        token(Fault(status=500)), ErrorReason.SERVER_ERROR, "Salesforce token: HTTP 500"
+        token(Fault(status=500)),
+        ErrorReason.SERVER_ERROR,
+        "Salesforce token: HTTP 500",
+        source_wide=True,
     ),
     "token endpoint: 200 non-JSON": Case(
         token(Fault(body=b"<html>login</html>")),
         ErrorReason.INVALID_RESPONSE,
         "Salesforce token: body is not JSON",
+        source_wide=True,
     ),
     "token endpoint: JSON without a token": Case(
         token(Fault(body=b'{"token_type": "Bearer"}')),
         ErrorReason.INVALID_RESPONSE,
         "Salesforce token: answer has no access_token",
+        source_wide=True,
     ),
     "token endpoint: body far over the cap": Case(
         token(Fault(mode="stream", body=b" " * 100_000)),
         ErrorReason.TOO_LARGE,
         "Salesforce token: response body over",
+        source_wide=True,
     ),
 }
 
@@ -448,10 +460,18 @@ async def test_fault_is_counted_logged_contained_and_recovered(
     for name in affected:
         # Logged: one line per failed poll, saying where and what happened.
         lines = poll_failed_lines(caplog, name, case.reason)
-        assert len(lines) == world.source(name).errors_total[case.reason], lines
         for line in lines:
             assert "\n" not in line
-            assert f"import={world.target(name)} reason={case.reason.value} error=" in line
+        if case.source_wide:
+            # The whole source is held: one line a hold, not one per import.
+            assert 1 <= len(lines) <= world.source(name).errors_total[case.reason], lines
+            for line in lines:
+                assert f"source held: every import fails alike source={name} " in line
+                assert f"reason={case.reason.value} error=" in line
+        else:
+            assert len(lines) == world.source(name).errors_total[case.reason], lines
+            for line in lines:
+                assert f"import={world.target(name)} reason={case.reason.value} error=" in line
         assert any(case.text(name) in line for line in lines), lines
         record = world.record(name)
         assert record.state is before[name], name

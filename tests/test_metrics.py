@@ -62,19 +62,88 @@ def test_state_set_is_emitted_whole(world: tuple[StateStore, Clock]) -> None:
         system="elevate",
         upstream_state="IN_PROGRESS",
         name="nightly catalogue",
+        origin="config",
     )
     assert values[info] == 1
+    assert values[key("import_state", **ids, state="pending")] == 0
+    assert values[key("import_consecutive_poll_failures", **ids)] == 0
 
 
-def test_not_yet_polled_imports_export_nothing_but_count_as_tracked(
+def test_a_tracked_import_has_series_before_any_answer(
     world: tuple[StateStore, Clock],
 ) -> None:
-    state, _ = world
+    """Never read is a state of its own: pending, with its failures counted."""
+    state, clock = world
+    ids = {"source": "elevate-prod", "import": "1001"}
     values = samples(state)
-    assert not any(name == "import_state" for name, _ in values)
+    assert values[key("import_state", **ids, state="pending")] == 1
+    assert values[key("import_state", **ids, state="running")] == 0
+    info = key(
+        "import_info", **ids, system="elevate", upstream_state="", name="nightly catalogue",
+        origin="config",
+    )  # fmt: skip
+    assert values[info] == 1
+    assert values[key("import_consecutive_poll_failures", **ids)] == 0
+    assert key("import_last_poll_attempt_timestamp_seconds", **ids) not in values
     assert (
         values[key("import_source_tracked_imports", source="elevate-prod", system="elevate")] == 1
     )
+    for _ in range(3):
+        clock.now += 30
+        state.record_error("elevate-prod", "1001", SourceError(ErrorReason.INVALID_RESPONSE, "x"))
+    values = samples(state)
+    assert values[key("import_consecutive_poll_failures", **ids)] == 3
+    assert values[key("import_last_poll_attempt_timestamp_seconds", **ids)] == clock.now
+    assert values[key("import_state", **ids, state="pending")] == 1
+    clock.now += 30
+    state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    values = samples(state)
+    assert values[key("import_consecutive_poll_failures", **ids)] == 0
+    assert values[key("import_state", **ids, state="pending")] == 0
+    assert values[key("import_last_poll_attempt_timestamp_seconds", **ids)] == clock.now
+
+
+def test_registered_imports_say_so_in_import_info(world: tuple[StateStore, Clock]) -> None:
+    state, _ = world
+    state.track("elevate-prod", "1009", origin="api")
+    values = samples(state)
+    ids = {"source": "elevate-prod", "import": "1009"}
+    info = key("import_info", **ids, system="elevate", upstream_state="", name="", origin="api")
+    assert values[info] == 1
+
+
+def test_name_filter_finds_a_metric_of_each_collector(world: tuple[StateStore, Clock]) -> None:
+    """``/metrics?name[]=...`` as the README documents it, for every collector."""
+    state, _ = world
+    state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    registry = build_registry(state)
+    for name, family in (
+        ("import_source_up", "import_source_up"),
+        ("import_state", "import_state"),
+        ("import_source_errors_total", "import_source_errors"),
+        ("import_exporter_build_info", "import_exporter_build_info"),
+        ("process_cpu_seconds_total", "process_cpu_seconds"),
+        ("python_info", "python_info"),
+    ):
+        text = generate_latest(registry.restricted_registry([name])).decode()
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert names == {family}, (name, names)
+
+
+def test_token_requests_are_counted_by_outcome(world: tuple[StateStore, Clock]) -> None:
+    state, _ = world
+    state.add_source("zilliant-prod", "zilliant", 30.0, fetches_tokens=True)
+    state.record_token_request("zilliant-prod", "unauthorized")
+    state.record_token_request("zilliant-prod", "unauthorized")
+    state.record_token_request("zilliant-prod", "success")
+    values = samples(state)
+    src = {"source": "zilliant-prod", "system": "zilliant"}
+    name = "import_source_token_requests_total"
+    assert values[key(name, **src, outcome="unauthorized")] == 2
+    assert values[key(name, **src, outcome="success")] == 1
+    assert values[key(name, **src, outcome="timeout")] == 0
+    # Sources without a token endpoint have no such series.
+    assert not [k for k in values if k[0] == name and ("source", "elevate-prod") in k[1]]
 
 
 def test_timestamps_fall_back_to_what_the_exporter_saw(world: tuple[StateStore, Clock]) -> None:

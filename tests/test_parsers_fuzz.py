@@ -166,9 +166,10 @@ def test_elevate_parser_is_total(status: int, headers: dict[str, str], body: byt
 @given(statuses, header_values, bodies(zilliant_bodies))
 def test_zilliant_parser_is_total(status: int, headers: dict[str, str], body: bytes) -> None:
     result = assert_total(
-        zilliant.parse_status,
+        lambda r: zilliant.parse_status(r, "1"),
         response(status, headers, body),
-        not_found=lambda r: r.status == 404,  # "Import ID not found."
+        overrides={404: ErrorReason.CLIENT_ERROR},  # a 404 not about the import: a bad URL
+        not_found=lambda r: r.status == 404 and zilliant.is_import_not_found(r, "1"),
     )
     assert result is None or isinstance(result, Observation)
 

@@ -24,6 +24,8 @@ from exporter.config import load_config
 from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 from exporter.state import StateStore
+from exporter.store import _COLUMNS as STORE_COLUMNS
+from exporter.store import SCHEMA_VERSION as STORE_SCHEMA_VERSION
 from exporter.store import Store, StoreError, to_row
 from exporter.tracking import TrackingError
 from tests.fakes import wait_for
@@ -138,6 +140,38 @@ def test_corrupt_or_unreadable_database_stops_the_start_with_a_clear_error(
         assert "newer exporter" in str(exc)
     else:
         raise AssertionError("a newer schema was accepted")
+
+
+def test_a_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Schema 1 (before the poll-failure columns) keeps every import on upgrade."""
+    old = tmp_path / "v1.db"
+    first_columns = [c for c in STORE_COLUMNS if c not in ("last_attempt", "consecutive_failures")]
+    with sqlite3.connect(old) as db:
+        db.execute(
+            f"CREATE TABLE imports ({', '.join(first_columns)}, "
+            "PRIMARY KEY (source, import_id)) WITHOUT ROWID"
+        )
+        row = dict.fromkeys(first_columns)
+        row |= {"source": "shop", "import_id": "1001", "system": "elevate", "origin": "api"}
+        row |= {"state": "running", "upstream_state": "IN_PROGRESS", "confirmed_final": 0}
+        row |= {"last_error": "HTTP 500", "last_error_reason": "server_error"}
+        row |= {"last_error_at": 20.0, "last_success": 10.0}
+        db.execute(
+            f"INSERT INTO imports VALUES ({', '.join('?' for _ in first_columns)})",
+            [row[c] for c in first_columns],
+        )
+        db.execute("PRAGMA user_version=1")
+    store = Store(old)
+    (record,) = store.load()
+    assert (record.import_id, record.state, record.origin) == ("1001", State.RUNNING, "api")
+    assert record.last_attempt is None and record.consecutive_failures == 0
+    state = StateStore()
+    state.restore([record])
+    assert record.poll_failing  # its newest news was an error
+    store.write([to_row(record)])
+    store.close()
+    with sqlite3.connect(old) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == STORE_SCHEMA_VERSION
 
 
 @asynccontextmanager

@@ -223,6 +223,9 @@ async def test_prometheus_scrapes_dashboards_have_data_and_alerts_reach_the_webh
                     while not (
                         any(a["import"] == "1002" for a in firing("ImportStatusImportFailed"))
                         and any(a["import"] == "1004" for a in firing("ImportStatusImportStuck"))
+                        and any(
+                            a["import"] == "1006" for a in firing("ImportStatusImportUnreadable")
+                        )
                     ):
                         await asyncio.sleep(0.2)
         finally:
@@ -236,6 +239,10 @@ async def test_prometheus_scrapes_dashboards_have_data_and_alerts_reach_the_webh
     assert failed["job"] == "import-status"
     stuck = next(a for a in firing("ImportStatusImportStuck") if a["import"] == "1004")
     assert (stuck["severity"], stuck["name"]) == ("critical", "stuck promotions")
+    # The import behind a broken proxy was never read: it shows, and alerts.
+    unreadable = next(a for a in firing("ImportStatusImportUnreadable") if a["import"] == "1006")
+    assert (unreadable["name"], unreadable["origin"]) == ("behind a broken proxy", "config")
+    assert not [a for a in firing("ImportStatusImportUnreadable") if a["import"] != "1006"]
     # The healthy Rocket.Chat import, whose counts keep rising, raised nothing.
     assert not [a for a in received if a["labels"].get("source") == "rocketchat-demo"]
     # Nothing is left behind: both servers stopped on SIGTERM, within

@@ -86,7 +86,7 @@ async def test_elevate_maps_every_status(
         seen.append(request)
         return json_response({"id": request.query["id"], "reason": "why", "status": status})
 
-    url = await serve(aiohttp_server, [web.get("/api/admin/v3/import/status", handler)])
+    url = await serve(aiohttp_server, [web.get("/api/admin/v4/import/status", handler)])
     obs = await build(elevate_settings(url), session).poll("5537431447739019570")
     assert (obs.state, obs.upstream_state, obs.reason) == (state, status, "why")
     assert seen[0].headers["Api-Key"] == "pkA123456789AB1BE"
@@ -127,7 +127,7 @@ async def test_elevate_error_codes(
             {"message": "Cluster not found"}, status=status, **{"Retry-After": "7"}
         )
 
-    url = await serve(aiohttp_server, [web.get("/api/admin/v3/import/status", handler)])
+    url = await serve(aiohttp_server, [web.get("/api/admin/v4/import/status", handler)])
     with pytest.raises(SourceError) as caught:
         await build(elevate_settings(url), session).poll("1")
     assert caught.value.reason is reason
@@ -145,7 +145,7 @@ async def test_elevate_bad_bodies_are_invalid_responses(
     async def handler(_: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
 
-    url = await serve(aiohttp_server, [web.get("/api/admin/v3/import/status", handler)])
+    url = await serve(aiohttp_server, [web.get("/api/admin/v4/import/status", handler)])
     with pytest.raises(SourceError) as caught:
         await build(elevate_settings(url), session).poll("1")
     assert caught.value.reason is ErrorReason.INVALID_RESPONSE
@@ -186,7 +186,7 @@ async def test_timeout_and_connection_refused(
         await never.wait()
         return web.Response()
 
-    url = await serve(aiohttp_server, [web.get("/api/admin/v3/import/status", hang)])
+    url = await serve(aiohttp_server, [web.get("/api/admin/v4/import/status", hang)])
     with pytest.raises(SourceError) as caught:
         await build(elevate_settings(url, timeout="0.2s"), session).poll("1")
     assert caught.value.reason is ErrorReason.TIMEOUT

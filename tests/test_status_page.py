@@ -246,6 +246,29 @@ def test_sources_show_up_down_last_success_and_errors_of_the_last_15_minutes(
     assert "poll error 0s ago: 503" in render(state, clock.now).imports[("shop", "1001")].text
 
 
+def test_an_error_is_current_only_while_the_latest_poll_failed(clock: Clock) -> None:
+    """One 500, then an answer: the 500 is history, not a current problem."""
+    state = StateStore(clock=clock)
+    state.add_source("shop", "elevate", 30.0)
+    state.track("shop", "1001")
+    state.record_observation("shop", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    clock.now = T0 + 30
+    state.record_error("shop", "1001", SourceError(ErrorReason.SERVER_ERROR, "HTTP 500"))
+    clock.now = T0 + 60
+    state.record_error("shop", "1001", SourceError(ErrorReason.SERVER_ERROR, "HTTP 500"))
+    markup = render_status_page(state, clock.now)
+    row = Page(markup).imports[("shop", "1001")].text
+    assert "poll error 0s ago: HTTP 500 (2 polls failed in a row)" in row
+    assert 'class="error">poll error' in markup
+    clock.now = T0 + 90
+    state.record_observation("shop", "1001", Observation(State.SUCCEEDED, "SUCCESS"))
+    markup = render_status_page(state, clock.now + 60)
+    row = Page(markup).imports[("shop", "1001")].text
+    assert "poll error" not in row.replace("last poll error", "")
+    assert "last poll error 90s ago, since answered: HTTP 500" in row
+    assert 'class="error"' not in markup
+
+
 def test_a_source_never_polled_is_pending_not_down(clock: Clock) -> None:
     store = StateStore(clock=clock)
     store.add_source("new", "zilliant", 30.0)

@@ -197,6 +197,16 @@ def _fault(request: web.Request, kind: str) -> Fault | None:
     return sim.faults.get(kind)
 
 
+PROXY_ERROR_PAGE = b"<html><body><h1>502 Bad Gateway</h1><p>upstream unavailable</p></body></html>"
+
+
+def _unreadable(sim: Simulator, import_id: str) -> web.Response | None:
+    """A proxy's error page for an unreadable import, with status 200 as some send it."""
+    if import_id not in sim.scenarios.unreadable:
+        return None
+    return web.Response(body=PROXY_ERROR_PAGE, content_type="text/html")
+
+
 # --- Elevate -----------------------------------------------------------------
 
 
@@ -210,6 +220,8 @@ async def elevate_status(request: web.Request) -> web.StreamResponse:
     import_id = request.query.get("id")
     if not import_id:
         return _json({"message": "Missing required query parameter: id"}, status=400)
+    if (broken := _unreadable(sim, import_id)) is not None:
+        return broken
     reason: str | None = None
     if import_id.startswith("bench-"):
         status = "IN_PROGRESS"
@@ -289,6 +301,8 @@ async def zilliant_status(request: web.Request) -> web.StreamResponse:
     if request.headers.get("X-Forwarded-Host") != sim.credentials.forwarded_host:
         return _json({"message": "Bad request: missing or unknown X-Forwarded-Host"}, status=400)
     import_id = request.match_info["import_id"]
+    if (broken := _unreadable(sim, import_id)) is not None:
+        return broken
     if import_id.startswith("bench-"):
         return _json(
             {

@@ -104,6 +104,9 @@ class Scenarios:
     rocketchat: Script | None
     rocketchat_cycle: float | None
     """A new Rocket.Chat import starts every this many simulated seconds."""
+    unreadable: set[str] = field(default_factory=set)
+    """Elevate and Zilliant ids whose status is answered by a proxy's HTML
+    error page (200, text/html): imports that can never be read."""
 
 
 def demo_scenarios() -> Scenarios:
@@ -160,4 +163,6 @@ def demo_scenarios() -> Scenarios:
             Phase(140, "importer_done", total=total, completed=total, errors_per_1000=2),
         ),
         rocketchat_cycle=200.0,
+        # behind a broken proxy: never readable
+        unreadable={"1006"},
     )

@@ -16,6 +16,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from exporter.config import CONTROL_CHARACTERS
 from exporter.model import ErrorReason, Observation, ParseError, SourceError
 from exporter.redact import redact
 
@@ -123,12 +124,14 @@ def parse_json(body: bytes) -> Any:
 
 def upstream_text(value: str, limit: int, known: Container[str] = ()) -> str:
     """A string from an upstream's answer as it may be shown: configured secrets
-    redacted first (an upstream may echo one back), then cut to ``limit``. A
+    redacted first (an upstream may echo one back), then cut to ``limit``,
+    control characters replaced. A
     ``known`` value (a documented status) is shown as it is: the common case,
     once a poll."""
     if value in known:
         return value
-    return redact(value)[:limit]
+    # Control characters would reach terminals raw through labels and logs.
+    return CONTROL_CHARACTERS.sub("\ufffd", redact(value)[:limit])
 
 
 def wait_seconds(seconds: float) -> float | None:
@@ -159,7 +162,8 @@ def error_for_status(response: HttpResponse, what: str) -> SourceError:
     status = response.status
     detail = redact(f"{what}: HTTP {status}")
     if status in (401, 403):
-        return SourceError(ErrorReason.UNAUTHORIZED, detail)
+        # Credentials are the source's, not the import's.
+        return SourceError(ErrorReason.UNAUTHORIZED, detail, source_wide=True)
     if status == 429:
         return SourceError(
             ErrorReason.RATE_LIMITED,
@@ -184,6 +188,9 @@ class Source(ABC):
 
     system: ClassVar[str]
     """The upstream system, e.g. ``elevate``; the ``system`` label."""
+
+    fetches_tokens: bool = False
+    """True where the source calls a token endpoint of its own (counted by outcome)."""
 
     follows_server: ClassVar[bool] = False
     """True where the target is a server whose *current* import can change

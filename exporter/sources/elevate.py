@@ -34,10 +34,18 @@ def parse_status(response: HttpResponse, import_id: str) -> Observation:
     """Turn one import-status answer into an observation (or raise SourceError)."""
     if response.status == 404:
         # Elevate documents 404 as "Cluster not found": the URL or cluster id
-        # is wrong, which says nothing about the import itself.
-        raise SourceError(ErrorReason.CLIENT_ERROR, "import/status: HTTP 404 (cluster not found)")
+        # is wrong, which says nothing about the import itself (an unknown
+        # import is a 200 with status NOT_FOUND).
+        raise SourceError(
+            ErrorReason.CLIENT_ERROR,
+            "import/status: HTTP 404 (cluster not found: endpoint not found, check url "
+            "or cluster_id)",
+            source_wide=True,
+        )
     if response.status == 403:
-        raise SourceError(ErrorReason.UNAUTHORIZED, "import/status: HTTP 403 (bad API key)")
+        raise SourceError(
+            ErrorReason.UNAUTHORIZED, "import/status: HTTP 403 (bad API key)", source_wide=True
+        )
     if response.status != 200:
         raise error_for_status(response, "import/status")
     body: Any = parse_json(response.body)

@@ -117,10 +117,23 @@ def parse_progress(response: HttpResponse) -> Observation:
             return Observation(state=State.NOT_FOUND, upstream_state=NO_IMPORT)
         raise SourceError(ErrorReason.CLIENT_ERROR, "getImportProgress: HTTP 400")
     if response.status == 401:
-        raise SourceError(ErrorReason.UNAUTHORIZED, "getImportProgress: HTTP 401 (not logged in)")
+        raise SourceError(
+            ErrorReason.UNAUTHORIZED,
+            "getImportProgress: HTTP 401 (not logged in)",
+            source_wide=True,
+        )
     if response.status == 403:
         raise SourceError(
-            ErrorReason.UNAUTHORIZED, "getImportProgress: HTTP 403 (user lacks run-import)"
+            ErrorReason.UNAUTHORIZED,
+            "getImportProgress: HTTP 403 (user lacks run-import)",
+            source_wide=True,
+        )
+    if response.status == 404:
+        # The route exists on every Rocket.Chat server: a 404 is a wrong URL.
+        raise SourceError(
+            ErrorReason.CLIENT_ERROR,
+            "getImportProgress: HTTP 404 (endpoint not found, check url)",
+            source_wide=True,
         )
     if response.status == 429:
         raise rate_limit_error(response, "getImportProgress")

@@ -12,6 +12,8 @@ import base64
 import contextlib
 import json
 import logging
+import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -59,14 +61,42 @@ def parse_date(value: Any, field: str) -> float | None:
         raise ParseError(f"EntityImport status: {field} is out of range") from exc
 
 
-def parse_status(response: HttpResponse) -> Observation:
+NOT_FOUND_MESSAGE = re.compile(r"\bimport\b.*\bnot found\b", re.IGNORECASE)
+"""The documented 404 answer is "Import ID not found."."""
+
+
+def is_import_not_found(response: HttpResponse, import_id: str) -> bool:
+    """A 404 is about the import only when its body is the API's JSON about
+    it: an object naming the import (``entityImportId``) or saying "Import ID
+    not found". A proxy's page, a plain-text 404 or JSON about something else
+    (an unknown tenant) means the URL is wrong, not that the import is gone."""
+    try:
+        body = parse_json(response.body)
+    except ParseError:
+        return False
+    if not isinstance(body, dict):
+        return False
+    if body.get("entityImportId") == import_id:
+        return True
+    return any(isinstance(v, str) and NOT_FOUND_MESSAGE.search(v) for v in body.values())
+
+
+def parse_status(response: HttpResponse, import_id: str) -> Observation:
     """Turn one status answer into an observation (or raise SourceError)."""
     if response.status == 404:
-        # "Import ID not found" is an answer about the import, not a failure.
-        return Observation(state=State.NOT_FOUND, upstream_state="NOT_FOUND")
+        if is_import_not_found(response, import_id):
+            return Observation(state=State.NOT_FOUND, upstream_state="NOT_FOUND")
+        raise SourceError(
+            ErrorReason.CLIENT_ERROR,
+            "EntityImport status: HTTP 404 that is not the API's 'Import ID not found' "
+            "(endpoint not found, check url)",
+            source_wide=True,
+        )
     if response.status == 401:
         raise SourceError(
-            ErrorReason.UNAUTHORIZED, "EntityImport status: HTTP 401 (token rejected)"
+            ErrorReason.UNAUTHORIZED,
+            "EntityImport status: HTTP 401 (token rejected)",
+            source_wide=True,
         )
     if response.status != 200:
         raise error_for_status(response, "EntityImport status")
@@ -91,7 +121,10 @@ def parse_status(response: HttpResponse) -> Observation:
 
 
 def parse_token(response: HttpResponse) -> str:
-    """Check a Salesforce token answer; return its raw JSON text."""
+    """Check a Salesforce token answer; return its raw JSON text.
+
+    A 400, 401 or 403 (``invalid_grant``, ``invalid_client``: wrong
+    credentials, not a passing fault) raises reason ``unauthorized``."""
     if response.status in (400, 401, 403):
         error = ""
         try:
@@ -117,6 +150,10 @@ def parse_token(response: HttpResponse) -> str:
         raise ParseError("Salesforce token: answer is not UTF-8") from exc
 
 
+TokenObserver = Callable[[str], None]
+"""Called with the outcome of every token request: ``success`` or an error reason."""
+
+
 class ZilliantSource(Source):
     system = "zilliant"
 
@@ -125,6 +162,7 @@ class ZilliantSource(Source):
         config: ZilliantConfig,
         session: aiohttp.ClientSession,
         observe: RequestObserver | None = None,
+        token_observer: TokenObserver | None = None,
     ) -> None:
         super().__init__(
             config.name,
@@ -135,12 +173,16 @@ class ZilliantSource(Source):
         )
         self.config = config
         self.salesforce: SalesforceConfig | None = config.salesforce
+        self.fetches_tokens = config.salesforce is not None
+        self.token_observer = token_observer
         self._authorization: str | None = None
         static = config.secret("token_json")
         if static is not None:
             self._authorization = self._encode(static, fetched=False)
         self._token_lock = asyncio.Lock()
-        self.token_requests = 0
+        self._token_fetches = 0
+        """Token fetches finished: a poll that waited through one shares its outcome."""
+        self._token_failure: SourceError | None = None
 
     @staticmethod
     def _encode(token_json: str, *, fetched: bool) -> str:
@@ -159,32 +201,64 @@ class ZilliantSource(Source):
     def imports(self) -> list[ImportSpec]:
         return [ImportSpec(entry.id, entry.name) for entry in self.config.imports]
 
-    async def _fetch_token(self, rejected: str | None) -> str:
-        """A fresh Authorization value; concurrent callers share one fetch."""
+    async def _token(self, rejected: str | None) -> str:
+        """An Authorization value other than ``rejected``; single-flight: polls
+        that need one while a fetch is under way wait for it and share its
+        outcome, failure included (one login attempt, not one per import)."""
+        fetches = self._token_fetches
         async with self._token_lock:
+            if self._token_fetches != fetches and self._token_failure is not None:
+                raise self._token_failure
             if self._authorization is not None and self._authorization != rejected:
                 return self._authorization  # someone else refreshed meanwhile
-            sf = self.salesforce
-            assert sf is not None
-            form = {"grant_type": sf.grant_type, "client_id": sf.client_id}
-            form["client_secret"] = sf.secret("client_secret") or ""
-            if sf.grant_type == "password":
-                form["username"] = sf.username or ""
-                form["password"] = sf.secret("password") or ""
-            self.token_requests += 1
             try:
-                response = await self.request(
-                    "POST", sf.token_url, data=form, headers={"Accept": "application/json"}
-                )
+                token_json = await self._fetch_token()
             except SourceError as exc:
-                # Say which endpoint failed: the status endpoint may be fine.
-                raise SourceError(
-                    exc.reason, f"Salesforce token: {exc.message}", exc.retry_after
-                ) from exc
-            token_json = parse_token(response)
+                self._token_failure = exc
+                raise
+            finally:
+                self._token_fetches += 1
+            self._token_failure = None
             self._authorization = self._encode(token_json, fetched=True)
             log.info("source=%s fetched a new Salesforce token", self.name)
             return self._authorization
+
+    async def _fetch_token(self) -> str:
+        """One call of the token endpoint. Any failure is source-wide: it holds
+        the source, and refused credentials hold it for ``max_backoff``
+        (Salesforce locks a user out after repeated failed logins)."""
+        sf = self.salesforce
+        assert sf is not None
+        form = {"grant_type": sf.grant_type, "client_id": sf.client_id}
+        form["client_secret"] = sf.secret("client_secret") or ""
+        if sf.grant_type == "password":
+            form["username"] = sf.username or ""
+            form["password"] = sf.secret("password") or ""
+        try:
+            response = await self.request(
+                "POST", sf.token_url, data=form, headers={"Accept": "application/json"}
+            )
+            token_json = parse_token(response)
+        except SourceError as exc:
+            self._count_token(exc.reason.value)
+            refused = exc.reason is ErrorReason.UNAUTHORIZED
+            hold = max(self.config.max_backoff, self.config.interval) if refused else None
+            message = exc.message
+            if not message.startswith("Salesforce token"):
+                # Say which endpoint failed: the status endpoint may be fine.
+                message = f"Salesforce token: {message}"
+            raise SourceError(
+                exc.reason,
+                message,
+                hold if hold is not None else exc.retry_after,
+                source_wide=True,
+            ) from exc
+        self._count_token("success")
+        return token_json
+
+    def _count_token(self, outcome: str) -> None:
+        if self.token_observer is not None:
+            self.token_observer(outcome)
 
     def build_import_url(self, import_id: str) -> URL:
         return URL(f"{self.config.url}/v1/EntityImport/{quote(import_id, safe='')}/status")
@@ -193,13 +267,21 @@ class ZilliantSource(Source):
         url = self.import_url(import_id)
         authorization = self._authorization
         if authorization is None:
-            authorization = await self._fetch_token(None)
+            authorization = await self._token(None)
         response = await self._get(url, authorization)
         if response.status == 401 and self.salesforce is not None:
-            # Salesforce tokens carry no expiry: a 401 is how expiry shows.
-            authorization = await self._fetch_token(authorization)
+            # Salesforce tokens carry no expiry: a 401 is how expiry shows. A
+            # rejected token is never sent again.
+            self._forget(authorization)
+            authorization = await self._token(authorization)
             response = await self._get(url, authorization)
-        return parse_status(response)
+            if response.status == 401:
+                self._forget(authorization)
+        return parse_status(response, import_id)
+
+    def _forget(self, authorization: str) -> None:
+        if self._authorization == authorization:
+            self._authorization = None
 
     async def _get(self, url: URL, authorization: str) -> HttpResponse:
         return await self.request(
