@@ -8,6 +8,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,10 @@ def parse_listen_address(address: str) -> tuple[str | None, int]:
 ConfigLoader = Callable[[], Config]
 
 
+class ListenError(Exception):
+    """The listen address cannot be bound (in use, not an address of this host)."""
+
+
 class Exporter:
     """One exporter process's moving parts, started and stopped together."""
 
@@ -67,6 +72,7 @@ class Exporter:
         self.config_loader = config_loader
         # Opened first: a corrupt database stops the start-up with a clear error.
         self.store = Store(storage_path) if storage_path is not None else None
+        self.listen_address = listen_address
         self.host, self.port = parse_listen_address(listen_address)
         self.web_config = load_web_config(web_config_file) if web_config_file else None
         self.ssl_context = None
@@ -116,7 +122,13 @@ class Exporter:
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()  # nothing left open behind the one-line error
+            # asyncio's message repeats the address; the errno says it plainly.
+            cause = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise ListenError(f"cannot listen on {self.listen_address}: {cause}") from None
         if self.port == 0:
             self.port = self.bound_port()
         log.info(

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from exporter import __version__
-from exporter.app import DEFAULT_PORT, Exporter, parse_listen_address
+from exporter.app import DEFAULT_PORT, Exporter, ListenError, parse_listen_address
 from exporter.config import Config, ConfigError, load_config
 from exporter.logs import LEVELS, setup_logging
 from exporter.store import StoreError
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 1
-    except StoreError as exc:
+    except (StoreError, ListenError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

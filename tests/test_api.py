@@ -222,6 +222,16 @@ async def test_register_poll_show_and_unregister(
 
 GOOD = {"source": "elevate-prod", "id": "bench-9"}
 ID_MESSAGE = f"id: {ID_RULE}"
+CONTROL_CHARACTERS = {
+    "NUL": "\x00",
+    "ESC": "\x1b",
+    "a C1 control": "\x9b",
+    "DEL": "\x7f",
+    "U+2028": "\u2028",
+    "U+2029": "\u2029",
+}
+"""Each would reach anyone's terminal raw through /metrics or a log."""
+
 BAD_BODIES: list[tuple[str, Any, int, str | None, str]] = [
     ("unknown source", {"source": "nope", "id": "1"}, 404, "source", "nope"),
     ("Rocket.Chat takes no ids", {"source": "chat", "id": "1"}, 400, "source", "chat"),
@@ -241,6 +251,10 @@ BAD_BODIES: list[tuple[str, Any, int, str | None, str]] = [
     ("source a number", {**GOOD, "source": 7}, 400, "source", "source: must be"),
     ("name too long", {**GOOD, "name": "n" * 201}, 400, "name", "name: must be"),
     ("name a number", {**GOOD, "name": 5}, 400, "name", "name: must be"),
+    *(
+        (f"name with {what}", {**GOOD, "name": f"a{char}b"}, 400, "name", "control characters")
+        for what, char in CONTROL_CHARACTERS.items()
+    ),
     ("unknown field", {**GOOD, "priority": 1}, 400, "priority", "priority: unknown field"),
     ("a JSON array", [GOOD], 400, None, "must be a JSON object"),
     ("a JSON string", "bench-9", 400, None, "must be a JSON object"),

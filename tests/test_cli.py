@@ -58,6 +58,18 @@ def test_a_bad_listen_address_exits_2_naming_the_flag(tmp_path: Path, address: s
     assert "host:port" in result.stderr  # and says what is expected
 
 
+def test_a_busy_listen_address_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        result = run_cli("--demo", "--web.listen-address", address, cwd=tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "level=" not in line]
+    assert errors == [f"error: cannot listen on {address}: address already in use"]
+    assert "Traceback" not in result.stderr and "Unclosed" not in result.stderr
+
+
 # --- logs of a real run ------------------------------------------------------------
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from exporter.config import ConfigError, load_config, parse_config_text
+from exporter.config import ConfigError, ElevateConfig, load_config, parse_config_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,6 +145,37 @@ sources:
 def test_bad_config_names_file_field_and_problem(text: str, expected: str) -> None:
     errors = errors_of(text)
     assert any(line.startswith(expected) for line in errors), errors
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x1b", "\x85", "\u2028", "\u2029"])
+def test_control_characters_in_names_and_urls_are_refused(char: str) -> None:
+    named = ELEVATE.replace('imports: [{id: "1"}]', 'imports: [{id: "1", name: "a%sb"}]')
+    escaped = json.dumps(char)[1:-1]  # YAML double-quoted strings take JSON escapes
+    code = f"U+{ord(char):04X}"
+    errors = errors_of(named % escaped)
+    assert errors == [
+        f"config.yaml: sources[0].imports[0].name: must not contain control characters "
+        f"(found {code})"
+    ]
+    url = ELEVATE.replace("cluster_id: c1", f'url: "https://e.example/x{escaped}"')
+    assert errors_of(url) == [
+        f"config.yaml: sources[0].url: must not contain control characters (found {code})"
+    ]
+
+
+def test_elevate_v3_is_deprecated_and_v4_the_default(tmp_path: Path) -> None:
+    config = parse_config_text(ELEVATE, "config.yaml")
+    (source,) = config.sources
+    assert isinstance(source, ElevateConfig) and source.api_version == "v4"
+    assert source.deprecations() == []
+    v3 = ELEVATE.replace("cluster_id: c1", "cluster_id: c1\n    api_version: v3")
+    (source,) = parse_config_text(v3, "config.yaml").sources
+    assert "end of life on 2026-12-31" in source.deprecations()[0]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(v3)
+    result = run_cli("check-config", "--config.file", str(config_file))
+    assert result.returncode == 0, result.stderr
+    assert "warning: source e: api_version v3" in result.stderr
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
+from urllib.parse import quote, quote_plus
 
 import pytest
 
@@ -32,3 +35,20 @@ def test_a_secret_holding_another_is_replaced_whole() -> None:
     redact.register_secret("00Dxx!AQ0AQ")
     redact.register_secret(token_json)
     assert redact.redact(f"echo {token_json}") == "echo <redacted>"
+
+
+@pytest.mark.parametrize("secret", ["pä&ss word+=/", 'quo"te\\back ä€'])
+def test_every_encoding_the_exporter_sends_a_secret_in_is_redacted(secret: str) -> None:
+    """An upstream may echo a secret back as it received it: in a header
+    (base64), a URL or form body (percent-encoded, spaces as %20 or +) or JSON."""
+    redact.register_secret(secret)
+    forms = {
+        "raw": secret,
+        "base64": base64.b64encode(secret.encode()).decode(),
+        "percent": quote(secret, safe=""),
+        "form": quote_plus(secret),
+        "JSON": json.dumps(secret)[1:-1],
+        "JSON, not ASCII-escaped": json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
+    for kind, form in forms.items():
+        assert redact.redact(f"echo {form}!") == "echo <redacted>!", kind
