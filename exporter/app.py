@@ -78,7 +78,12 @@ class Exporter:
         self.poller = Poller(self.state)
         self.registry = build_registry(self.state)
         self.web_app = create_web_app(
-            self.state, self.registry, web_config=self.web_config, reload=self.reload, tracker=self
+            self.state,
+            self.registry,
+            web_config=self.web_config,
+            reload=self.reload,
+            tracker=self,
+            store_failing=self._store_failing,
         )
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -166,6 +171,9 @@ class Exporter:
             scheduler.start()
         self.config = config
 
+    def _store_failing(self) -> str | None:
+        return self.store.health.failing if self.store is not None else None
+
     def _observer(self, source: str) -> Callable[[float], None]:
         def observe(duration: float) -> None:
             self.state.record_request(source, duration)
@@ -233,7 +241,7 @@ class Exporter:
                 # queued for the next write.
                 if existing is None:
                     scheduler.remove(import_id)
-                raise TrackingError(503, f"cannot store the registration: {exc}") from exc
+                raise TrackingError(503, f"cannot store the registration: {exc.public}") from exc
         record = self.state.imports[(source, import_id)]
         log.info(
             "%s source=%s import=%s via the API",
@@ -293,7 +301,8 @@ class Exporter:
                 try:
                     await self._write_changes(with_poll_times=tick % POLL_TIMES_EVERY == 0)
                 except StoreError as exc:
-                    log.error("cannot store the state of the imports: %s", exc)
+                    # The store logged it when writes began to fail.
+                    log.debug("cannot store the state of the imports: %s", exc)
 
     async def stop(self) -> None:
         """Stop accepting, stop polling, write what the store must keep, close."""

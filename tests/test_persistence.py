@@ -88,9 +88,13 @@ def test_store_round_trip_keeps_everything_learnt(tmp_path: Path) -> None:
     )
     (record,) = state.imports.values()
     path = tmp_path / "state.db"
-    Store(path).write([to_row(record)])
+    store = Store(path)
+    store.write([to_row(record)])
+    store.close()  # one process (here: one Store) owns the file at a time
 
-    (loaded,) = Store(path).load()
+    store = Store(path)
+    (loaded,) = store.load()
+    store.close()
     # Everything but whether *this* process has polled it (the next one has not).
     assert loaded == replace(record, polled_this_run=False)
 
