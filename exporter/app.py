@@ -193,7 +193,10 @@ class Exporter:
                     "config reload failed, keeping the running config: %s", "; ".join(exc.errors)
                 )
                 return exc.errors
-            await self._apply(config, previous=self.config)
+            # Under the write lock: no registration runs between the
+            # snapshot of an old scheduler's imports and its replacement.
+            async with self._write_lock:
+                await self._apply(config, previous=self.config)
             self.state.record_reload(success=True)
             log.info("config reloaded: %d sources", len(config.sources))
             return []
@@ -213,17 +216,20 @@ class Exporter:
     async def register(
         self, source: str, import_id: str, name: str | None
     ) -> tuple[ImportRecord, bool]:
-        scheduler = self.poller.schedulers.get(source)
-        if scheduler is None:
-            raise TrackingError(404, f"no source named {source!r}", "source")
-        if scheduler.source.follows_server:
-            raise TrackingError(
-                400,
-                f"source {source!r} is a {scheduler.source.system} server: it watches the "
-                "server's current import and takes no import ids",
-                "source",
-            )
+        # The scheduler is looked up under the write lock, which a reload
+        # holds while it replaces schedulers: a registration lands wholly
+        # before a reload (which keeps it) or wholly after (on the new one).
         async with self._write_lock:
+            scheduler = self.poller.schedulers.get(source)
+            if scheduler is None:
+                raise TrackingError(404, f"no source named {source!r}", "source")
+            if scheduler.source.follows_server:
+                raise TrackingError(
+                    400,
+                    f"source {source!r} is a {scheduler.source.system} server: it watches the "
+                    "server's current import and takes no import ids",
+                    "source",
+                )
             existing = self.state.imports.get((source, import_id))
             if existing is None:
                 limit = self.config.api.max_imports_per_source
@@ -242,7 +248,7 @@ class Exporter:
                 if existing is None:
                     scheduler.remove(import_id)
                 raise TrackingError(503, f"cannot store the registration: {exc.public}") from exc
-        record = self.state.imports[(source, import_id)]
+            record = self.state.imports[(source, import_id)]
         log.info(
             "%s source=%s import=%s via the API",
             "tracking" if existing is None else "already tracking",
@@ -252,16 +258,19 @@ class Exporter:
         return record, existing is None
 
     async def unregister(self, source: str, import_id: str) -> None:
-        record = self.state.imports.get((source, import_id))
-        scheduler = self.poller.schedulers.get(source)
-        if record is None or scheduler is None:
-            raise TrackingError(404, f"import {import_id!r} of source {source!r} is not tracked")
-        if record.origin == "config":
-            raise TrackingError(
-                409,
-                f"import {import_id!r} is listed in the config file; remove it there and reload",
-            )
-        async with self._write_lock:
+        async with self._write_lock:  # ordered with reloads, as in register()
+            record = self.state.imports.get((source, import_id))
+            scheduler = self.poller.schedulers.get(source)
+            if record is None or scheduler is None:
+                raise TrackingError(
+                    404, f"import {import_id!r} of source {source!r} is not tracked"
+                )
+            if record.origin == "config":
+                raise TrackingError(
+                    409,
+                    f"import {import_id!r} is listed in the config file; "
+                    "remove it there and reload",
+                )
             scheduler.remove(import_id)
             try:
                 await self._write_changes()
@@ -287,17 +296,17 @@ class Exporter:
     async def _persist_loop(self) -> None:
         for tick in itertools.count(1):
             await asyncio.sleep(PERSIST_INTERVAL)
-            for record in self.state.expired(self.config.retention):
-                scheduler = self.poller.schedulers.get(record.source)
-                if scheduler is not None:
-                    scheduler.remove(record.import_id)
-                log.info(
-                    "forgetting import source=%s import=%s: finished over %gs ago",
-                    record.source,
-                    record.import_id,
-                    self.config.retention,
-                )
             async with self._write_lock:
+                for record in self.state.expired(self.config.retention):
+                    scheduler = self.poller.schedulers.get(record.source)
+                    if scheduler is not None:
+                        scheduler.remove(record.import_id)
+                    log.info(
+                        "forgetting import source=%s import=%s: finished over %gs ago",
+                        record.source,
+                        record.import_id,
+                        self.config.retention,
+                    )
                 try:
                     await self._write_changes(with_poll_times=tick % POLL_TIMES_EVERY == 0)
                 except StoreError as exc:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,11 +24,14 @@ from aiohttp.test_utils import TestServer
 
 from exporter.app import Exporter
 from exporter.config import load_config
+from exporter.simulator import DEMO_CREDENTIALS
 from exporter.store import Store, StoreError
 from tests.fakes import wait_for
 from tests.test_persistence import (
     AUTH,
     ROOT,
+    TOKEN,
+    api_list,
     exporter_process,
     simulator_server,
     wait_listing,
@@ -143,3 +148,98 @@ async def test_a_deleted_database_is_noticed_and_nothing_more_is_acknowledged(
         assert len(lines) == 1, lines
         assert str(database) in lines[0]
         assert not database.exists()  # not quietly recreated half-empty
+
+
+# --- 1. registrations and reloads are ordered ------------------------------------
+
+
+def write_race_config(tmp_path: Path, url: str, interval: str) -> Path:
+    (tmp_path / "key").write_text(DEMO_CREDENTIALS.elevate_api_key)
+    (tmp_path / "tokens").write_text(f"{TOKEN}\n")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        f"""
+storage:
+  path: state.db
+api:
+  tokens_file: tokens
+sources:
+  - name: elevate
+    type: elevate
+    url: {url}
+    api_key_file: key
+    interval: {interval}
+    timeout: 1s
+"""
+    )
+    return config_file
+
+
+async def test_registrations_racing_reloads_are_all_answered_and_all_polled(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = str(simulator.make_url("")).rstrip("/")
+    config_file = write_race_config(tmp_path, url, "2s")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    answers: dict[str, int] = {}
+    reloads = 40
+    done = asyncio.Event()
+
+    async def interval_shown(session: aiohttp.ClientSession) -> float | None:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(f"{base}/metrics") as response:
+                for line in (await response.text()).splitlines():
+                    if line.startswith("import_source_poll_interval_seconds{"):
+                        return float(line.rsplit(" ", 1)[1])
+        return None
+
+    async def client(session: aiohttp.ClientSession, number: int) -> None:
+        for n in itertools.count():
+            if done.is_set():
+                return
+            import_id = f"bench-{number}-{n}"
+            body = {"source": "elevate", "id": import_id}
+            async with session.post(f"{base}{IMPORTS}", json=body, headers=AUTH) as response:
+                answers[import_id] = response.status
+                await response.read()
+
+    async with aiohttp.ClientSession() as session, exporter_process(config_file, port) as proc:
+        async with asyncio.timeout(30):
+            while await interval_shown(session) != 2.0:
+                await asyncio.sleep(0.05)
+        clients = [asyncio.create_task(client(session, number)) for number in range(4)]
+        try:
+            for i in range(reloads):
+                interval = 3.0 if i % 2 == 0 else 2.0
+                write_race_config(tmp_path, url, f"{interval:g}s")
+                if i % 4 == 3:  # every fourth by signal, the rest by the endpoint
+                    proc.send_signal(signal.SIGHUP)
+                else:
+                    async with session.post(f"{base}/-/reload") as response:
+                        assert response.status == 200, await response.text()
+                async with asyncio.timeout(30):
+                    while await interval_shown(session) != interval:
+                        await asyncio.sleep(0.01)
+        finally:
+            done.set()
+            await asyncio.gather(*clients)
+        assert proc.returncode is None
+        assert len(answers) > reloads  # the registrations did race the reloads
+        refused = {import_id: status for import_id, status in answers.items() if status != 201}
+        assert refused == {}
+
+        # Every acknowledged import is polled (the interval is 2 s now; the
+        # deadline is generous for a loaded machine, but a lost one never is).
+        def all_polled(listing: dict[str, dict[str, Any]]) -> bool:
+            return all(
+                listing.get(import_id, {}).get("last_poll_success_at") is not None
+                for import_id in answers
+            )
+
+        async with asyncio.timeout(60):
+            while (listing := await api_list(session, port)) is None or not all_polled(listing):
+                await asyncio.sleep(0.2)
+        async with session.get(f"{base}/-/ready") as response:
+            assert response.status == 200
