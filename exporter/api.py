@@ -600,6 +600,7 @@ def openapi_document() -> dict[str, Any]:
                         **write_errors,
                         "404": _error("unknown source, or the import is not tracked"),
                         "409": _error("listed in the config file: remove it there"),
+                        "503": _error("the removal could not be stored: still tracked"),
                     },
                 },
             },

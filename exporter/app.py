@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -20,8 +21,8 @@ from exporter.metrics import build_registry
 from exporter.poller import Poller
 from exporter.sources import build_source
 from exporter.sources.base import ImportSpec
-from exporter.state import ImportRecord, StateStore
-from exporter.store import Store, StoreError, to_row
+from exporter.state import ImportKey, ImportRecord, StateStore
+from exporter.store import Row, Store, StoreError, to_row
 from exporter.tracking import TrackingError
 from exporter.web import create_web_app
 from exporter.webconfig import build_ssl_context, load_web_config
@@ -239,15 +240,24 @@ class Exporter:
                         f"source {source!r} already tracks {limit} imports, the most "
                         "api.max_imports_per_source allows",
                     )
-            scheduler.add(ImportSpec(import_id, name), origin="api")
+            # Stored first, then applied: a refused write changes nothing.
+            if existing is None:
+                wanted: ImportRecord | None = ImportRecord(
+                    source=source,
+                    import_id=import_id,
+                    system=scheduler.source.system,
+                    name=name,
+                    origin="api",
+                )
+            elif name is not None and name != existing.name:
+                wanted = dataclasses.replace(existing, name=name)
+            else:
+                wanted = None
             try:
-                await self._write_changes()
+                await self._write_changes(rows=[to_row(wanted)] if wanted else [])
             except StoreError as exc:
-                # Not acknowledged, so not tracked; what else was pending stays
-                # queued for the next write.
-                if existing is None:
-                    scheduler.remove(import_id)
                 raise TrackingError(503, f"cannot store the registration: {exc.public}") from exc
+            scheduler.add(ImportSpec(import_id, name), origin="api")
             record = self.state.imports[(source, import_id)]
         log.info(
             "%s source=%s import=%s via the API",
@@ -271,24 +281,35 @@ class Exporter:
                     f"import {import_id!r} is listed in the config file; "
                     "remove it there and reload",
                 )
-            scheduler.remove(import_id)
+            # Deleted from the store first: a refused delete leaves it tracked
+            # (a 204 that a restart takes back would be a lie).
             try:
-                await self._write_changes()
+                await self._write_changes(deleted=[(source, import_id)])
             except StoreError as exc:
-                # Gone from metrics at once all the same; the next write retries.
-                log.error("cannot store the removal of %s/%s: %s", source, import_id, exc)
+                raise TrackingError(503, f"cannot store the removal: {exc.public}") from exc
+            scheduler.remove(import_id)
         log.info("stopped tracking source=%s import=%s via the API", source, import_id)
 
     # --- persistence and retention -----------------------------------------
 
-    async def _write_changes(self, *, with_poll_times: bool = False) -> None:
-        """Write what changed since the last write; on failure keep it for the next."""
+    async def _write_changes(
+        self,
+        *,
+        with_poll_times: bool = False,
+        rows: Sequence[Row] = (),
+        deleted: Sequence[ImportKey] = (),
+    ) -> None:
+        """Write what changed since the last write, and a request's ``rows`` and
+        ``deleted`` keys (not yet applied in memory), in one transaction; on
+        failure keep what was pending for the next write."""
         changed, forgotten = self.state.take_changes(with_poll_times=with_poll_times)
-        if self.store is None or not (changed or forgotten):
+        if self.store is None or not (changed or forgotten or rows or deleted):
             return
-        rows = [to_row(record) for record in changed]  # a snapshot, taken on the loop
+        gone = set(deleted)
+        # A snapshot, taken on the loop; the request's rows last, so they win.
+        pending = [to_row(r) for r in changed if (r.source, r.import_id) not in gone]
         try:
-            await asyncio.to_thread(self.store.write, rows, forgotten)
+            await asyncio.to_thread(self.store.write, [*pending, *rows], [*forgotten, *deleted])
         except StoreError:
             self.state.requeue(changed, forgotten)
             raise

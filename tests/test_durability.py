@@ -12,9 +12,10 @@ import itertools
 import logging
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,64 @@ async def test_registrations_racing_reloads_are_all_answered_and_all_polled(
                 await asyncio.sleep(0.2)
         async with session.get(f"{base}/-/ready") as response:
             assert response.status == 200
+
+
+# --- 5. memory changes only after the store accepted ------------------------------
+
+
+@contextlib.contextmanager
+def read_only_disk(store: Store, database: Path) -> Iterator[None]:
+    """The disk turns read-only (a full or failing disk looks the same to the
+    exporter) until the block ends."""
+    writable = store._db
+    with store._lock:
+        store._db = sqlite3.connect(
+            f"file:{database}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+        )
+    try:
+        yield
+    finally:
+        with store._lock:
+            store._db.close()
+            store._db = writable
+
+
+def stored_names(database: Path) -> dict[str, str | None]:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        return dict(db.execute("SELECT import_id, name FROM imports").fetchall())
+
+
+async def test_a_refused_delete_or_rename_changes_nothing_anywhere(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    database = tmp_path / "state.db"
+    one = f"{IMPORTS}/elevate/{RUNNING}"
+    async with aiohttp.ClientSession() as http:
+        async with running_exporter(config_file, database) as exporter:
+            assert exporter.store is not None
+            assert (await register(http, exporter, RUNNING, "prices"))[0] == 201
+            await wait_for(lambda: exporter.state.ready(), timeout=20)
+            with read_only_disk(exporter.store, database):
+                status, body = await call(http, "DELETE", exporter, one, headers=AUTH)
+                assert status == 503, body
+                assert str(database) not in str(body)
+                status, shown = await call(http, "GET", exporter, one)
+                assert status == 200 and shown["name"] == "prices"
+
+                status, body = await register(http, exporter, RUNNING, "renamed")
+                assert status == 503, body
+                status, shown = await call(http, "GET", exporter, one)
+                assert status == 200 and shown["name"] == "prices"
+            assert stored_names(database)[RUNNING] == "prices"
+
+        # A restart shows the same: neither the delete nor the rename happened.
+        async with running_exporter(config_file, database) as exporter:
+            status, shown = await call(http, "GET", exporter, one)
+            assert status == 200 and shown["name"] == "prices"
+            # And once the store accepts, a delete is durable when answered.
+            status, _ = await call(http, "DELETE", exporter, one, headers=AUTH)
+            assert status == 204
+            assert RUNNING not in stored_names(database)
+            assert (await call(http, "GET", exporter, one))[0] == 404
