@@ -153,6 +153,11 @@ class ImportView(BaseModel):
         description="the last failed poll (kept after later successes: compare `at` "
         "with `last_poll_success_at`)"
     )
+    parked: bool = Field(
+        default=False,
+        description="registered, but its source is no longer configured: kept, neither "
+        "polled nor exported, until a source of that name returns (at most `retention`)",
+    )
 
 
 class ImportList(BaseModel):
@@ -203,6 +208,7 @@ def import_view(record: ImportRecord, now: float) -> ImportView:
         last_poll_success_at=_time(record.last_success),
         first_seen_at=_time(record.first_seen),
         last_error=last_error,
+        parked=record.parked_at is not None,
     )
 
 
@@ -365,10 +371,11 @@ class _Api:
         self.document = json.dumps(openapi_document(), indent=1).encode()
 
     def _record(self, source: str, import_id: str) -> ImportRecord:
-        record = self.tracker.state.imports.get((source, import_id))
+        state = self.tracker.state
+        record = state.imports.get((source, import_id)) or state.parked.get((source, import_id))
         if record is not None:
             return record
-        if source not in self.tracker.state.sources:
+        if source not in state.sources:
             raise ApiError(404, f"unknown source {source!r}", "source")
         raise ApiError(404, f"{source}/{import_id} is not tracked", "id")
 
@@ -379,12 +386,14 @@ class _Api:
     async def list_imports(self, request: web.Request) -> web.Response:
         query = _query(request)
         state = self.tracker.state
-        if query.source is not None and query.source not in state.sources:
+        everything = [*state.imports.values(), *state.parked.values()]  # parked: listed too
+        known = {*state.sources, *(record.source for record in state.parked.values())}
+        if query.source is not None and query.source not in known:
             raise ApiError(404, f"unknown source {query.source!r}", "source")
         now = state.clock()
         views = [
             import_view(record, now)
-            for record in sorted(state.imports.values(), key=lambda r: (r.source, r.import_id))
+            for record in sorted(everything, key=lambda r: (r.source, r.import_id))
             if (query.source is None or record.source == query.source)
             and (query.state is None or record.state == query.state)
         ]

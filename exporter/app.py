@@ -107,12 +107,12 @@ class Exporter:
             self.state.restore(restored)
             log.info("restored %d imports from %s", len(restored), self.store.path)
         await self._apply(self.config, previous=None)
-        for orphan in self.state.drop_orphans():
-            log.info(
-                "forgetting stored import source=%s import=%s: its source is no longer configured",
-                orphan.source,
-                orphan.import_id,
-            )
+        # Stored imports of sources the config no longer has: registered ones
+        # are parked (a config edit never deletes what a pipeline registered).
+        configured = {source.name for source in self.config.sources}
+        for name in sorted({record.source for record in self.state.imports.values()}):
+            if name not in configured:
+                self._park(name)
         self.state.record_reload(success=True)
         self._persist_task = asyncio.create_task(self._persist_loop(), name="persist")
         self._runner = web.AppRunner(
@@ -138,6 +138,7 @@ class Exporter:
         old = {source.name: source for source in previous.sources} if previous else {}
         new_names = {source.name for source in config.sources}
         for name in old.keys() - new_names:
+            self._park(name)
             await self.poller.remove_source(name)
             log.info("source %s removed", name)
         for source_config in config.sources:
@@ -145,6 +146,13 @@ class Exporter:
             before = old.get(name)
             if before is not None and before == source_config:
                 continue  # unchanged, secrets included: keep it running as it is
+            source = build_source(source_config, self._session, observe=self._observer(name))
+            # Imports of another system than the source's now cannot be polled
+            # by it; those parked earlier of this system come back.
+            self._park(name, unless_system=source.system)
+            back = self.state.unpark(name, source.system)
+            if back:
+                log.info("brought back %d parked imports of source %s", len(back), name)
             # Registered at runtime (or restored from the store): kept across
             # a rebuild of the source.
             kept_runtime = [
@@ -154,7 +162,6 @@ class Exporter:
             ]
             if before is not None:
                 await self.poller.remove_source(name, keep_state=True)
-            source = build_source(source_config, self._session, observe=self._observer(name))
             configured = source.imports()
             scheduler = self.poller.add_source(
                 source,
@@ -171,6 +178,23 @@ class Exporter:
                     self.state.untrack(name, record.import_id)
             scheduler.start()
         self.config = config
+
+    def _park(self, source: str, unless_system: str | None = None) -> None:
+        parked, forgotten = self.state.park(source, unless_system=unless_system)
+        for record in forgotten:
+            log.info(
+                "forgetting import source=%s import=%s: its source is no longer configured",
+                record.source,
+                record.import_id,
+            )
+        if parked:
+            log.info(
+                "parked %d imports of source %s: registered through the API, they are kept "
+                "(not polled, not exported) until a source of that name returns, at most %gs",
+                len(parked),
+                source,
+                self.config.retention,
+            )
 
     def _store_failing(self) -> str | None:
         return self.store.health.failing if self.store is not None else None
@@ -269,6 +293,14 @@ class Exporter:
 
     async def unregister(self, source: str, import_id: str) -> None:
         async with self._write_lock:  # ordered with reloads, as in register()
+            if (source, import_id) in self.state.parked:
+                try:
+                    await self._write_changes(deleted=[(source, import_id)])
+                except StoreError as exc:
+                    raise TrackingError(503, f"cannot store the removal: {exc.public}") from exc
+                self.state.forget_parked(source, import_id)
+                log.info("forgot parked import source=%s import=%s via the API", source, import_id)
+                return
             record = self.state.imports.get((source, import_id))
             scheduler = self.poller.schedulers.get(source)
             if record is None or scheduler is None:
@@ -324,6 +356,15 @@ class Exporter:
                         scheduler.remove(record.import_id)
                     log.info(
                         "forgetting import source=%s import=%s: finished over %gs ago",
+                        record.source,
+                        record.import_id,
+                        self.config.retention,
+                    )
+                for record in self.state.expired_parked(self.config.retention):
+                    self.state.forget_parked(record.source, record.import_id)
+                    log.info(
+                        "forgetting parked import source=%s import=%s: parked or finished "
+                        "over %gs ago",
                         record.source,
                         record.import_id,
                         self.config.retention,

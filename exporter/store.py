@@ -34,7 +34,8 @@ from pathlib import Path
 from exporter.model import ErrorReason, Observation, State
 from exporter.state import ImportRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first; 2: ``parked_at`` (registered imports of a source no longer configured)."""
 
 _COLUMNS = (
     "source",
@@ -61,6 +62,7 @@ _COLUMNS = (
     "last_error_reason",
     "last_error_at",
     "confirmed_final",
+    "parked_at",
 )
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS imports (
@@ -171,9 +173,21 @@ class Store:
             )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.execute(_SCHEMA)
-        if version < SCHEMA_VERSION:
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # One transaction: a crash mid-migration leaves the old schema whole.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            existed = db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'imports'"
+            ).fetchone()[0]
+            db.execute(_SCHEMA)
+            if existed and version < 2:
+                db.execute("ALTER TABLE imports ADD COLUMN parked_at")
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def load(self) -> list[ImportRecord]:
         try:
@@ -323,6 +337,7 @@ def to_row(record: ImportRecord) -> Row:
         record.last_error_reason.value if record.last_error_reason else None,
         record.last_error_at,
         int(record.confirmed_final),
+        record.parked_at,
     )
 
 
@@ -359,6 +374,7 @@ def _from_row(row: Row) -> ImportRecord:
         last_error_reason=ErrorReason(str(reason)) if reason is not None else None,
         last_error_at=_float(values["last_error_at"]),
         confirmed_final=bool(values["confirmed_final"]),
+        parked_at=_float(values["parked_at"]),
     )
 
 

@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestServer
 from exporter.app import Exporter
 from exporter.config import load_config
 from exporter.simulator import DEMO_CREDENTIALS
-from exporter.store import Store, StoreError
+from exporter.store import _COLUMNS, Store, StoreError
 from tests.fakes import wait_for
 from tests.test_persistence import (
     AUTH,
@@ -35,6 +35,7 @@ from tests.test_persistence import (
     api_list,
     exporter_process,
     simulator_server,
+    stored_states,
     wait_listing,
     write_config,
 )
@@ -305,3 +306,127 @@ async def test_a_refused_delete_or_rename_changes_nothing_anywhere(
             assert status == 204
             assert RUNNING not in stored_names(database)
             assert (await call(http, "GET", exporter, one))[0] == 404
+
+
+# --- 4. a config edit parks registered imports, never deletes them ----------------
+
+
+def rename_source(config_file: Path, old: str, new: str) -> None:
+    text = config_file.read_text()
+    config_file.write_text(text.replace(f"- name: {old}\n", f"- name: {new}\n"))
+
+
+async def exported(http: aiohttp.ClientSession, exporter: Exporter) -> str:
+    return (await call(http, "GET", exporter, "/metrics"))[1]
+
+
+async def test_a_reload_without_the_source_parks_its_registered_imports_until_it_returns(
+    aiohttp_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    database = tmp_path / "state.db"
+    one = f"{IMPORTS}/elevate/{RUNNING}"
+    async with (
+        running_exporter(config_file, database, reloadable=True) as exporter,
+        aiohttp.ClientSession() as http,
+    ):
+        for import_id in (RUNNING, "bench-2"):
+            assert (await register(http, exporter, import_id, f"job {import_id}"))[0] == 201
+        state = exporter.state
+        await wait_for(lambda: state.ready() and len(state.imports) == 3, timeout=20)
+
+        rename_source(config_file, "elevate", "elevate-new")
+        assert await exporter.reload() == []
+        assert "parked 2 imports of source elevate" in caplog.text
+        text = await exported(http, exporter)
+        assert f'import="{RUNNING}"' not in text and 'source="elevate"' not in text
+        status, shown = await call(http, "GET", exporter, one)
+        assert status == 200 and shown["parked"] is True and shown["name"] == f"job {RUNNING}"
+        status, listing = await call(http, "GET", exporter, IMPORTS)
+        parked = {item["id"] for item in listing["imports"] if item["parked"]}
+        assert parked == {RUNNING, "bench-2"}
+        await wait_for(lambda: {RUNNING, "bench-2"} <= set(stored_states(database)))
+        # Parked imports are not polled, so readiness does not wait for them.
+        await wait_for(state.ready, timeout=20)
+        assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
+
+        rename_source(config_file, "elevate-new", "elevate")
+        assert await exporter.reload() == []
+        status, shown = await call(http, "GET", exporter, one)
+        assert status == 200 and shown["parked"] is False and shown["origin"] == "api"
+        before = shown["last_poll_success_at"]
+
+        async def polled_again() -> bool:
+            _, again = await call(http, "GET", exporter, one)
+            return bool(again["last_poll_success_at"] != before)
+
+        async with asyncio.timeout(20):
+            while not await polled_again():
+                await asyncio.sleep(0.05)
+        assert f'import="{RUNNING}"' in await exported(http, exporter)
+
+
+async def test_a_restart_without_the_source_parks_its_stored_registrations(
+    aiohttp_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    database = tmp_path / "state.db"
+    async with aiohttp.ClientSession() as http:
+        async with running_exporter(config_file, database) as exporter:
+            assert (await register(http, exporter, RUNNING))[0] == 201
+        rename_source(config_file, "elevate", "other")
+        async with running_exporter(config_file, database) as exporter:
+            assert "parked 1 imports of source elevate" in caplog.text
+            status, shown = await call(http, "GET", exporter, f"{IMPORTS}/elevate/{RUNNING}")
+            assert status == 200 and shown["parked"] is True
+            assert ("elevate", RUNNING) not in exporter.state.imports
+        assert RUNNING in stored_states(database)
+        rename_source(config_file, "other", "elevate")
+        async with running_exporter(config_file, database) as exporter:
+            await wait_for(
+                lambda: exporter.state.imports[("elevate", RUNNING)].polled_this_run, timeout=20
+            )
+
+
+async def test_parked_imports_are_forgotten_after_the_retention(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"), "1s")
+    database = tmp_path / "state.db"
+    async with (
+        running_exporter(config_file, database, reloadable=True) as exporter,
+        aiohttp.ClientSession() as http,
+    ):
+        assert (await register(http, exporter, RUNNING))[0] == 201
+        rename_source(config_file, "elevate", "elevate-new")
+        assert await exporter.reload() == []
+        assert (await call(http, "GET", exporter, f"{IMPORTS}/elevate/{RUNNING}"))[0] == 200
+        await wait_for(lambda: RUNNING not in stored_states(database), timeout=20)
+        assert (await call(http, "GET", exporter, f"{IMPORTS}/elevate/{RUNNING}"))[0] == 404
+
+
+def test_a_database_of_the_previous_schema_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    database = tmp_path / "state.db"
+    columns = [c for c in _COLUMNS if c != "parked_at"]
+    with sqlite3.connect(database) as db:
+        db.execute(f"CREATE TABLE imports ({', '.join(columns)}, PRIMARY KEY (source, import_id))")
+        row = {name: None for name in columns}
+        row.update(source="elevate", import_id="7", system="elevate", origin="api")
+        row["confirmed_final"] = 0
+        db.execute(
+            f"INSERT INTO imports ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)})",
+            [row[name] for name in columns],
+        )
+        db.execute("PRAGMA user_version=1")
+    store = Store(database)
+    try:
+        (record,) = store.load()
+        assert record.import_id == "7" and record.origin == "api" and record.parked_at is None
+    finally:
+        store.close()
