@@ -17,7 +17,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
-from exporter.metrics import build_registry
+from exporter.metrics import StoreHealthCollector, build_registry
 from exporter.poller import Poller
 from exporter.sources import build_source
 from exporter.sources.base import ImportSpec
@@ -78,6 +78,8 @@ class Exporter:
         self.state = StateStore()
         self.poller = Poller(self.state)
         self.registry = build_registry(self.state)
+        if self.store is not None:
+            self.registry.register(StoreHealthCollector(self.store.health))
         self.web_app = create_web_app(
             self.state,
             self.registry,

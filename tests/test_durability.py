@@ -430,3 +430,55 @@ def test_a_database_of_the_previous_schema_is_migrated_and_keeps_its_rows(tmp_pa
         assert record.import_id == "7" and record.origin == "api" and record.parked_at is None
     finally:
         store.close()
+
+
+# --- 6. store failures are visible to monitoring ----------------------------------
+
+
+def sample(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(f"{name} ") or line.startswith(f"{name}{{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def test_failing_writes_show_in_metrics_and_readiness_but_not_the_path_to_clients(
+    aiohttp_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    database = tmp_path / "state.db"
+    ok = "import_exporter_store_last_write_successful"
+    read_only = 'import_exporter_store_write_errors_total{reason="read_only"}'
+    async with running_exporter(config_file, database) as exporter, aiohttp.ClientSession() as http:
+        assert exporter.store is not None
+        assert (await register(http, exporter, RUNNING))[0] == 201
+        await wait_for(exporter.state.ready, timeout=20)
+        text = await exported(http, exporter)
+        assert sample(text, ok) == 1.0 and sample(text, read_only) == 0.0
+        promtool = shutil.which("promtool")
+        if promtool is not None:  # the naming conventions hold for the new series too
+            lint = subprocess.run(
+                [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+            )
+            assert lint.returncode == 0, lint.stdout + lint.stderr
+        assert sample(text, "import_exporter_store_last_write_success_timestamp_seconds")
+        assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
+
+        with read_only_disk(exporter.store, database):
+            status, body = await register(http, exporter, "bench-2")
+            assert status == 503 and "read-only" in body["error"], body
+            text = await exported(http, exporter)
+            assert sample(text, ok) == 0.0
+            assert (sample(text, read_only) or 0) >= 1
+            status, page = await call(http, "GET", exporter, "/-/ready")
+            assert status == 503 and "read_only" in page
+            for answer in (body, page, text):
+                assert str(tmp_path) not in str(answer)
+            assert any(str(database) in r.getMessage() for r in caplog.records)
+
+        # The disk is back: the next write succeeds and readiness returns.
+        assert (await register(http, exporter, "bench-2"))[0] == 201
+        assert sample(await exported(http, exporter), ok) == 1.0
+        await wait_for(exporter.state.ready, timeout=20)
+        assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
