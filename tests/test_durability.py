@@ -12,9 +12,11 @@ import itertools
 import logging
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,10 @@ from aiohttp.test_utils import TestServer
 
 from exporter.app import Exporter
 from exporter.config import load_config
+from exporter.model import Observation, State
 from exporter.simulator import DEMO_CREDENTIALS
-from exporter.store import _COLUMNS, Store, StoreError
+from exporter.state import ImportRecord
+from exporter.store import _COLUMNS, Store, StoreError, to_row
 from tests.fakes import wait_for
 from tests.test_persistence import (
     AUTH,
@@ -482,3 +486,91 @@ async def test_failing_writes_show_in_metrics_and_readiness_but_not_the_path_to_
         assert sample(await exported(http, exporter), ok) == 1.0
         await wait_for(exporter.state.ready, timeout=20)
         assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
+
+
+# --- 7. SIGHUP during start-up ----------------------------------------------------
+
+
+def catches_sighup(pid: int) -> bool:
+    """Whether the process has a handler for SIGHUP (Linux: SigCgt bit 0)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & 1)
+    return False
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def write_finished_imports(database: Path, count: int) -> None:
+    """A large database: imports that finished (so they are restored, not polled)."""
+    now = time.time()
+    done = Observation(state=State.SUCCEEDED, upstream_state="SUCCESS", ended_at=now)
+    rows = [
+        to_row(
+            ImportRecord(
+                source="elevate",
+                import_id=f"done-{i}",
+                system="elevate",
+                origin="api",
+                observation=done,
+                seen_finished_at=now,
+                confirmed_final=True,
+            )
+        )
+        for i in range(count)
+    ]
+    store = Store(database)
+    try:
+        store.write(rows)
+    finally:
+        store.close()
+
+
+async def test_sighup_during_start_up_is_a_reload_once_started_not_a_kill(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    await asyncio.to_thread(write_finished_imports, tmp_path / "state.db", 100_000)
+    port = free_port()
+    log_file = tmp_path / "exporter.log"
+    with log_file.open("wb") as log_out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "exporter", "--config.file", str(config_file),
+            "--web.listen-address", f"127.0.0.1:{port}", cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL, stderr=log_out,
+        )  # fmt: skip
+    try:
+        # As soon as it can be sent without killing the process by design.
+        async with asyncio.timeout(30):
+            while not catches_sighup(proc.pid) and proc.returncode is None:
+                await asyncio.sleep(0.002)
+        assert not listening(port), "SIGHUP was caught only once start-up was over"
+        for _ in range(3):
+            proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.01)  # spacing, not synchronisation: several during start-up
+        assert not listening(port), "the database was too small to make start-up slow"
+
+        def log_text() -> str:
+            return log_file.read_text(errors="replace")
+
+        await wait_for(lambda: "config reloaded" in log_text() or proc.returncode is not None, 60)
+        assert proc.returncode is None, log_text()
+        text = log_text()
+        assert text.index("listening on") < text.index("config reloaded")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/-/healthy") as response,
+        ):
+            assert response.status == 200
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
