@@ -356,8 +356,13 @@ async def test_a_reload_without_the_source_parks_its_registered_imports_until_it
         await wait_for(state.ready, timeout=20)
         assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
 
+        # A parked import can be forgotten for good.
+        status, _ = await call(http, "DELETE", exporter, f"{IMPORTS}/elevate/bench-2", headers=AUTH)
+        assert status == 204 and "bench-2" not in stored_states(database)
+
         rename_source(config_file, "elevate-new", "elevate")
         assert await exporter.reload() == []
+        assert ("elevate", "bench-2") not in state.imports
         status, shown = await call(http, "GET", exporter, one)
         assert status == 200 and shown["parked"] is False and shown["origin"] == "api"
         before = shown["last_poll_success_at"]
