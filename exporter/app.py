@@ -376,6 +376,8 @@ class Exporter:
                 except StoreError as exc:
                     # The store logged it when writes began to fail.
                     log.debug("cannot store the state of the imports: %s", exc)
+            if self.store is not None:
+                self.store.verify()  # a stat: cheap enough for every tick
 
     async def stop(self) -> None:
         """Stop accepting, stop polling, write what the store must keep, close."""

@@ -226,6 +226,17 @@ class Store:
                 raise
             self._succeeded()
 
+    def verify(self) -> None:
+        """Check, without writing, that the file is still in place: a database
+        deleted while nothing changes must fail readiness all the same."""
+        with self._lock:
+            if self.health.failing == "vanished":
+                return  # known, counted and logged once
+            try:
+                self._check_in_place()
+            except StoreError as exc:
+                self._failed(exc)
+
     def _check_in_place(self) -> None:
         """Fail unless the open file is still the file at the path."""
         if self._identity is None:

@@ -579,3 +579,24 @@ async def test_sighup_during_start_up_is_a_reload_once_started_not_a_kill(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_deleted_database_fails_readiness_even_when_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("sources: []\n")  # nothing polled: nothing to write
+    folder = tmp_path / "data"
+    async with (
+        running_exporter(config_file, folder / "state.db") as exporter,
+        aiohttp.ClientSession() as http,
+    ):
+        assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
+        shutil.rmtree(folder)
+
+        async def not_ready() -> bool:
+            return (await call(http, "GET", exporter, "/-/ready"))[0] == 503
+
+        async with asyncio.timeout(20):
+            while not await not_ready():
+                await asyncio.sleep(0.05)
