@@ -30,7 +30,7 @@ from exporter.config import load_config
 from exporter.model import Observation, State
 from exporter.simulator import DEMO_CREDENTIALS
 from exporter.state import ImportRecord
-from exporter.store import _COLUMNS, Store, StoreError, to_row
+from exporter.store import Store, StoreError, to_row
 from tests.fakes import wait_for
 from tests.test_persistence import (
     AUTH,
@@ -421,7 +421,14 @@ async def test_parked_imports_are_forgotten_after_the_retention(
 
 def test_a_database_of_the_previous_schema_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
     database = tmp_path / "state.db"
-    columns = [c for c in _COLUMNS if c != "parked_at"]
+    # The columns of schema 1, as its exporter created them.
+    columns = [
+        "source", "import_id", "system", "name", "origin", "state", "upstream_state", "step",
+        "reason", "items_completed", "items_expected", "items_failed", "started_at",
+        "ended_at", "first_seen", "state_since", "last_progress", "seen_running_at",
+        "seen_finished_at", "last_success", "last_error", "last_error_reason",
+        "last_error_at", "confirmed_final",
+    ]  # fmt: skip
     with sqlite3.connect(database) as db:
         db.execute(f"CREATE TABLE imports ({', '.join(columns)}, PRIMARY KEY (source, import_id))")
         row = {name: None for name in columns}
