@@ -377,7 +377,8 @@ class Exporter:
                     # The store logged it when writes began to fail.
                     log.debug("cannot store the state of the imports: %s", exc)
             if self.store is not None:
-                self.store.verify()  # a stat: cheap enough for every tick
+                # A stat, but behind the store's lock, which a write may hold.
+                await asyncio.to_thread(self.store.verify)
 
     async def stop(self) -> None:
         """Stop accepting, stop polling, write what the store must keep, close."""
