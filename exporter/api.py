@@ -162,6 +162,11 @@ class ImportView(BaseModel):
         description="the last failed poll; current only while `poll_failing`, else kept "
         "as history (see `at`)"
     )
+    parked: bool = Field(
+        default=False,
+        description="registered, but its source is no longer configured: kept, neither "
+        "polled nor exported, until a source of that name returns (at most `retention`)",
+    )
 
 
 class ImportList(BaseModel):
@@ -215,6 +220,7 @@ def import_view(record: ImportRecord, now: float) -> ImportView:
         consecutive_poll_failures=record.consecutive_failures,
         last_poll_attempt_at=_time(record.last_attempt),
         last_error=last_error,
+        parked=record.parked_at is not None,
     )
 
 
@@ -377,10 +383,11 @@ class _Api:
         self.document = json.dumps(openapi_document(), indent=1).encode()
 
     def _record(self, source: str, import_id: str) -> ImportRecord:
-        record = self.tracker.state.imports.get((source, import_id))
+        state = self.tracker.state
+        record = state.imports.get((source, import_id)) or state.parked.get((source, import_id))
         if record is not None:
             return record
-        if source not in self.tracker.state.sources:
+        if source not in state.sources:
             raise ApiError(404, f"unknown source {source!r}", "source")
         raise ApiError(404, f"{source}/{import_id} is not tracked", "id")
 
@@ -391,12 +398,14 @@ class _Api:
     async def list_imports(self, request: web.Request) -> web.Response:
         query = _query(request)
         state = self.tracker.state
-        if query.source is not None and query.source not in state.sources:
+        everything = [*state.imports.values(), *state.parked.values()]  # parked: listed too
+        known = {*state.sources, *(record.source for record in state.parked.values())}
+        if query.source is not None and query.source not in known:
             raise ApiError(404, f"unknown source {query.source!r}", "source")
         now = state.clock()
         views = [
             import_view(record, now)
-            for record in sorted(state.imports.values(), key=lambda r: (r.source, r.import_id))
+            for record in sorted(everything, key=lambda r: (r.source, r.import_id))
             if (query.source is None or record.source == query.source)
             and (query.state is None or record.state == query.state)
         ]
@@ -612,6 +621,7 @@ def openapi_document() -> dict[str, Any]:
                         **write_errors,
                         "404": _error("unknown source, or the import is not tracked"),
                         "409": _error("listed in the config file: remove it there"),
+                        "503": _error("the removal could not be stored: still tracked"),
                     },
                 },
             },

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -18,12 +19,12 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
-from exporter.metrics import build_registry
+from exporter.metrics import StoreHealthCollector, build_registry
 from exporter.poller import Poller
 from exporter.sources import build_source
 from exporter.sources.base import ImportSpec
-from exporter.state import ImportRecord, StateStore
-from exporter.store import Store, StoreError, to_row
+from exporter.state import ImportKey, ImportRecord, StateStore
+from exporter.store import Row, Store, StoreError, to_row
 from exporter.tracking import TrackingError
 from exporter.web import create_web_app
 from exporter.webconfig import build_ssl_context, load_web_config
@@ -84,8 +85,15 @@ class Exporter:
         self.state = StateStore()
         self.poller = Poller(self.state)
         self.registry = build_registry(self.state)
+        if self.store is not None:
+            self.registry.register(StoreHealthCollector(self.store.health))
         self.web_app = create_web_app(
-            self.state, self.registry, web_config=self.web_config, reload=self.reload, tracker=self
+            self.state,
+            self.registry,
+            web_config=self.web_config,
+            reload=self.reload,
+            tracker=self,
+            store_failing=self._store_failing,
         )
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -109,12 +117,12 @@ class Exporter:
             log.info("restored %d imports from %s", len(restored), self.store.path)
         self._warn_deprecations(self.config)
         await self._apply(self.config, previous=None)
-        for orphan in self.state.drop_orphans():
-            log.info(
-                "forgetting stored import source=%s import=%s: its source is no longer configured",
-                orphan.source,
-                orphan.import_id,
-            )
+        # Stored imports of sources the config no longer has: registered ones
+        # are parked (a config edit never deletes what a pipeline registered).
+        configured = {source.name for source in self.config.sources}
+        for name in sorted({record.source for record in self.state.imports.values()}):
+            if name not in configured:
+                self._park(name)
         self.state.record_reload(success=True)
         self._persist_task = asyncio.create_task(self._persist_loop(), name="persist")
         self._runner = web.AppRunner(
@@ -146,6 +154,7 @@ class Exporter:
         old = {source.name: source for source in previous.sources} if previous else {}
         new_names = {source.name for source in config.sources}
         for name in old.keys() - new_names:
+            self._park(name)
             await self.poller.remove_source(name)
             log.info("source %s removed", name)
         for source_config in config.sources:
@@ -153,6 +162,18 @@ class Exporter:
             before = old.get(name)
             if before is not None and before == source_config:
                 continue  # unchanged, secrets included: keep it running as it is
+            source = build_source(
+                source_config,
+                self._session,
+                observe=self._observer(name),
+                token_observer=functools.partial(self.state.record_token_request, name),
+            )
+            # Imports of another system than the source's now cannot be polled
+            # by it; those parked earlier of this system come back.
+            self._park(name, unless_system=source.system)
+            back = self.state.unpark(name, source.system)
+            if back:
+                log.info("brought back %d parked imports of source %s", len(back), name)
             # Registered at runtime (or restored from the store): kept across
             # a rebuild of the source.
             kept_runtime = [
@@ -162,12 +183,6 @@ class Exporter:
             ]
             if before is not None:
                 await self.poller.remove_source(name, keep_state=True)
-            source = build_source(
-                source_config,
-                self._session,
-                observe=self._observer(name),
-                token_observer=functools.partial(self.state.record_token_request, name),
-            )
             configured = source.imports()
             scheduler = self.poller.add_source(
                 source,
@@ -191,6 +206,26 @@ class Exporter:
             for warning in source_config.deprecations():
                 log.warning("deprecated setting source=%s: %s", source_config.name, warning)
 
+    def _park(self, source: str, unless_system: str | None = None) -> None:
+        parked, forgotten = self.state.park(source, unless_system=unless_system)
+        for record in forgotten:
+            log.info(
+                "forgetting import source=%s import=%s: its source is no longer configured",
+                record.source,
+                record.import_id,
+            )
+        if parked:
+            log.info(
+                "parked %d imports of source %s: registered through the API, they are kept "
+                "(not polled, not exported) until a source of that name returns, at most %gs",
+                len(parked),
+                source,
+                self.config.retention,
+            )
+
+    def _store_failing(self) -> str | None:
+        return self.store.health.failing if self.store is not None else None
+
     def _observer(self, source: str) -> Callable[[float], None]:
         def observe(duration: float) -> None:
             self.state.record_request(source, duration)
@@ -211,7 +246,10 @@ class Exporter:
                 )
                 return exc.errors
             self._warn_deprecations(config)
-            await self._apply(config, previous=self.config)
+            # Under the write lock: no registration runs between the
+            # snapshot of an old scheduler's imports and its replacement.
+            async with self._write_lock:
+                await self._apply(config, previous=self.config)
             self.state.record_reload(success=True)
             log.info("config reloaded: %d sources", len(config.sources))
             return []
@@ -231,17 +269,20 @@ class Exporter:
     async def register(
         self, source: str, import_id: str, name: str | None
     ) -> tuple[ImportRecord, bool]:
-        scheduler = self.poller.schedulers.get(source)
-        if scheduler is None:
-            raise TrackingError(404, f"no source named {source!r}", "source")
-        if scheduler.source.follows_server:
-            raise TrackingError(
-                400,
-                f"source {source!r} is a {scheduler.source.system} server: it watches the "
-                "server's current import and takes no import ids",
-                "source",
-            )
+        # The scheduler is looked up under the write lock, which a reload
+        # holds while it replaces schedulers: a registration lands wholly
+        # before a reload (which keeps it) or wholly after (on the new one).
         async with self._write_lock:
+            scheduler = self.poller.schedulers.get(source)
+            if scheduler is None:
+                raise TrackingError(404, f"no source named {source!r}", "source")
+            if scheduler.source.follows_server:
+                raise TrackingError(
+                    400,
+                    f"source {source!r} is a {scheduler.source.system} server: it watches the "
+                    "server's current import and takes no import ids",
+                    "source",
+                )
             existing = self.state.imports.get((source, import_id))
             if existing is None:
                 limit = self.config.api.max_imports_per_source
@@ -251,16 +292,25 @@ class Exporter:
                         f"source {source!r} already tracks {limit} imports, the most "
                         "api.max_imports_per_source allows",
                     )
-            scheduler.add(ImportSpec(import_id, name), origin="api")
+            # Stored first, then applied: a refused write changes nothing.
+            if existing is None:
+                wanted: ImportRecord | None = ImportRecord(
+                    source=source,
+                    import_id=import_id,
+                    system=scheduler.source.system,
+                    name=name,
+                    origin="api",
+                )
+            elif name is not None and name != existing.name:
+                wanted = dataclasses.replace(existing, name=name)
+            else:
+                wanted = None
             try:
-                await self._write_changes()
+                await self._write_changes(rows=[to_row(wanted)] if wanted else [])
             except StoreError as exc:
-                # Not acknowledged, so not tracked; what else was pending stays
-                # queued for the next write.
-                if existing is None:
-                    scheduler.remove(import_id)
-                raise TrackingError(503, f"cannot store the registration: {exc}") from exc
-        record = self.state.imports[(source, import_id)]
+                raise TrackingError(503, f"cannot store the registration: {exc.public}") from exc
+            scheduler.add(ImportSpec(import_id, name), origin="api")
+            record = self.state.imports[(source, import_id)]
         log.info(
             "%s source=%s import=%s via the API",
             "tracking" if existing is None else "already tracking",
@@ -270,34 +320,56 @@ class Exporter:
         return record, existing is None
 
     async def unregister(self, source: str, import_id: str) -> None:
-        record = self.state.imports.get((source, import_id))
-        scheduler = self.poller.schedulers.get(source)
-        if record is None or scheduler is None:
-            raise TrackingError(404, f"import {import_id!r} of source {source!r} is not tracked")
-        if record.origin == "config":
-            raise TrackingError(
-                409,
-                f"import {import_id!r} is listed in the config file; remove it there and reload",
-            )
-        async with self._write_lock:
-            scheduler.remove(import_id)
+        async with self._write_lock:  # ordered with reloads, as in register()
+            if (source, import_id) in self.state.parked:
+                try:
+                    await self._write_changes(deleted=[(source, import_id)])
+                except StoreError as exc:
+                    raise TrackingError(503, f"cannot store the removal: {exc.public}") from exc
+                self.state.forget_parked(source, import_id)
+                log.info("forgot parked import source=%s import=%s via the API", source, import_id)
+                return
+            record = self.state.imports.get((source, import_id))
+            scheduler = self.poller.schedulers.get(source)
+            if record is None or scheduler is None:
+                raise TrackingError(
+                    404, f"import {import_id!r} of source {source!r} is not tracked"
+                )
+            if record.origin == "config":
+                raise TrackingError(
+                    409,
+                    f"import {import_id!r} is listed in the config file; "
+                    "remove it there and reload",
+                )
+            # Deleted from the store first: a refused delete leaves it tracked
+            # (a 204 that a restart takes back would be a lie).
             try:
-                await self._write_changes()
+                await self._write_changes(deleted=[(source, import_id)])
             except StoreError as exc:
-                # Gone from metrics at once all the same; the next write retries.
-                log.error("cannot store the removal of %s/%s: %s", source, import_id, exc)
+                raise TrackingError(503, f"cannot store the removal: {exc.public}") from exc
+            scheduler.remove(import_id)
         log.info("stopped tracking source=%s import=%s via the API", source, import_id)
 
     # --- persistence and retention -----------------------------------------
 
-    async def _write_changes(self, *, with_poll_times: bool = False) -> None:
-        """Write what changed since the last write; on failure keep it for the next."""
+    async def _write_changes(
+        self,
+        *,
+        with_poll_times: bool = False,
+        rows: Sequence[Row] = (),
+        deleted: Sequence[ImportKey] = (),
+    ) -> None:
+        """Write what changed since the last write, and a request's ``rows`` and
+        ``deleted`` keys (not yet applied in memory), in one transaction; on
+        failure keep what was pending for the next write."""
         changed, forgotten = self.state.take_changes(with_poll_times=with_poll_times)
-        if self.store is None or not (changed or forgotten):
+        if self.store is None or not (changed or forgotten or rows or deleted):
             return
-        rows = [to_row(record) for record in changed]  # a snapshot, taken on the loop
+        gone = set(deleted)
+        # A snapshot, taken on the loop; the request's rows last, so they win.
+        pending = [to_row(r) for r in changed if (r.source, r.import_id) not in gone]
         try:
-            await asyncio.to_thread(self.store.write, rows, forgotten)
+            await asyncio.to_thread(self.store.write, [*pending, *rows], [*forgotten, *deleted])
         except StoreError:
             self.state.requeue(changed, forgotten)
             raise
@@ -305,21 +377,34 @@ class Exporter:
     async def _persist_loop(self) -> None:
         for tick in itertools.count(1):
             await asyncio.sleep(PERSIST_INTERVAL)
-            for record in self.state.expired(self.config.retention):
-                scheduler = self.poller.schedulers.get(record.source)
-                if scheduler is not None:
-                    scheduler.remove(record.import_id)
-                log.info(
-                    "forgetting import source=%s import=%s: finished over %gs ago",
-                    record.source,
-                    record.import_id,
-                    self.config.retention,
-                )
             async with self._write_lock:
+                for record in self.state.expired(self.config.retention):
+                    scheduler = self.poller.schedulers.get(record.source)
+                    if scheduler is not None:
+                        scheduler.remove(record.import_id)
+                    log.info(
+                        "forgetting import source=%s import=%s: finished over %gs ago",
+                        record.source,
+                        record.import_id,
+                        self.config.retention,
+                    )
+                for record in self.state.expired_parked(self.config.retention):
+                    self.state.forget_parked(record.source, record.import_id)
+                    log.info(
+                        "forgetting parked import source=%s import=%s: parked or finished "
+                        "over %gs ago",
+                        record.source,
+                        record.import_id,
+                        self.config.retention,
+                    )
                 try:
                     await self._write_changes(with_poll_times=tick % POLL_TIMES_EVERY == 0)
                 except StoreError as exc:
-                    log.error("cannot store the state of the imports: %s", exc)
+                    # The store logged it when writes began to fail.
+                    log.debug("cannot store the state of the imports: %s", exc)
+            if self.store is not None:
+                # A stat, but behind the store's lock, which a write may hold.
+                await asyncio.to_thread(self.store.verify)
 
     async def stop(self) -> None:
         """Stop accepting, stop polling, write what the store must keep, close."""

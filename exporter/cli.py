@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from exporter import __version__
 from exporter.app import DEFAULT_PORT, Exporter, ListenError, parse_listen_address
 from exporter.config import Config, ConfigError, load_config
+from exporter.hup import catch_early, take_early
 from exporter.logs import LEVELS, setup_logging
 from exporter.store import StoreError
 
@@ -87,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.client import main as client_main
 
         return client_main(given)
+    catch_early()  # for the console script (python -m exporter did it already)
     args = build_parser().parse_args(argv)
     if args.command == "check-config" or args.check_config:
         return check_config(args.config_file)
@@ -127,6 +129,30 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP first of all: during start-up (loading a large store can take
+    # seconds) it is remembered, and the reload runs once start-up is done.
+    exporter: Exporter | None = None
+    reload_asked = False
+    reloads: set[asyncio.Task[list[str]]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(exporter.reload()) if exporter is not None else None
+        if task is not None:
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    def on_sighup() -> None:
+        nonlocal reload_asked
+        if exporter is None:
+            if not reload_asked:
+                log.info("reload asked for during start-up: it runs once start-up is done")
+            reload_asked = True
+        else:
+            reload()
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    if take_early():  # one that came before the loop took the signal over
+        reload_asked = True
     async with contextlib.AsyncExitStack() as stack:
         config: Config
         loader = None
@@ -142,12 +168,14 @@ async def run(args: argparse.Namespace) -> int:
             def loader() -> Config:
                 return load_config(args.config_file)
 
-        exporter = Exporter(
+        starting = Exporter(
             config, args.listen_address, args.web_config_file, loader, storage_path=storage_path
         )
-        await exporter.start()
-        stack.push_async_callback(exporter.stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(exporter.reload()))
+        await starting.start()
+        stack.push_async_callback(starting.stop)
+        exporter = starting
+        if reload_asked:
+            reload()
         await stop.wait()
         log.info("shutting down")
     return 0

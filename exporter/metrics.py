@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from exporter import __version__
 from exporter.model import PENDING, ErrorReason, State
 from exporter.state import REQUEST_DURATION_BUCKETS, StateStore
+from exporter.store import WRITE_ERROR_REASONS, StoreHealth
 
 POLLED = " Values come from background polls of the upstream API, not from scrape-time calls."
 STATES = (*(state.value for state in State), PENDING)
@@ -269,3 +270,34 @@ def build_registry(state: StateStore) -> CollectorRegistry:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry
+
+
+class StoreHealthCollector(Collector):
+    """The health of the store's writes: a failing store refuses registrations
+    (503) and keeps what polls learn only in memory, so it must be alertable."""
+
+    def __init__(self, health: StoreHealth) -> None:
+        self.health = health
+
+    def collect(self) -> Iterator[Metric]:
+        health = self.health
+        errors = CounterMetricFamily(
+            "import_exporter_store_write_errors",
+            "Writes to the exporter's database that failed, by reason.",
+            labels=["reason"],
+        )
+        for reason in WRITE_ERROR_REASONS:  # all of them, so rate() sees the first error
+            errors.add_metric([reason], health.write_errors.get(reason, 0))
+        yield errors
+        yield GaugeMetricFamily(
+            "import_exporter_store_last_write_successful",
+            "1 if the last write to the exporter's database succeeded, else 0 (registrations "
+            "are refused and the exporter is not ready while writes fail).",
+            value=1.0 if health.last_write_ok else 0.0,
+        )
+        if health.last_write_success_at is not None:
+            yield GaugeMetricFamily(
+                "import_exporter_store_last_write_success_timestamp_seconds",
+                "When a write to the exporter's database last succeeded.",
+                value=health.last_write_success_at,
+            )

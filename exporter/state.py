@@ -59,6 +59,9 @@ class ImportRecord:
     """A terminal state was seen twice in a row: no need to poll again."""
     polled_this_run: bool = False
     """A poll of this process answered (restored records start without)."""
+    parked_at: float | None = None
+    """When its source left the config (registered imports only): kept, but
+    neither polled nor exported, until a source of that name returns."""
 
     @property
     def state(self) -> State | None:
@@ -139,6 +142,8 @@ class StateStore:
         self.clock = clock
         self.sources: dict[str, SourceRecord] = {}
         self.imports: dict[tuple[str, str], ImportRecord] = {}
+        self.parked: dict[tuple[str, str], ImportRecord] = {}
+        """Registered imports of sources no longer configured (see :meth:`park`)."""
         # For persistence: imports that changed, imports whose only news is a
         # newer poll time (written less often: most polls change nothing else),
         # and imports forgotten, since they were last taken.
@@ -213,25 +218,15 @@ class StateStore:
     def restore(self, records: list[ImportRecord]) -> None:
         """Put back what a previous run knew (before its sources are applied)."""
         for record in records:
-            self.imports[(record.source, record.import_id)] = record
-            # The count of failures in a row is not stored; an error newer than
-            # the last answer still means the import could not be read.
+            key = (record.source, record.import_id)
+            (self.imports if record.parked_at is None else self.parked)[key] = record
+            # A row of schema 1 has no count of failures in a row; an error
+            # newer than the last answer still means the import could not be read.
             error_at = record.last_error_at
             if error_at is not None and (
                 record.last_success is None or error_at > record.last_success
             ):
                 record.consecutive_failures = max(record.consecutive_failures, 1)
-
-    def drop_orphans(self) -> list[ImportRecord]:
-        """Forget restored imports whose source is gone or changed type."""
-        orphans = [
-            record
-            for record in self.imports.values()
-            if (source := self.sources.get(record.source)) is None or source.system != record.system
-        ]
-        for record in orphans:
-            self.untrack(record.source, record.import_id)
-        return orphans
 
     def take_changes(
         self, *, with_poll_times: bool = False
@@ -242,7 +237,9 @@ class StateStore:
         if with_poll_times:
             keys |= self._touched
             self._touched = set()
-        changed = [self.imports[key] for key in keys if key in self.imports]
+        changed = [
+            record for key in keys if (record := self.imports.get(key) or self.parked.get(key))
+        ]
         forgotten = list(self._forgotten)
         self._changed = set()
         self._forgotten = set()
@@ -252,9 +249,11 @@ class StateStore:
         """Give back changes that could not be written, to be taken again."""
         for record in changed:
             key = (record.source, record.import_id)
-            if key in self.imports:
+            if key in self.imports or key in self.parked:
                 self._changed.add(key)
-        self._forgotten.update(key for key in forgotten if key not in self.imports)
+        self._forgotten.update(
+            key for key in forgotten if key not in self.imports and key not in self.parked
+        )
 
     def expired(self, retention: float) -> list[ImportRecord]:
         """Registered imports that ended (or were not found) over ``retention`` ago.
@@ -403,3 +402,58 @@ class StateStore:
         return all(
             record.polled_this_run or record.confirmed_final for record in self.imports.values()
         )
+
+    # --- parking: registered imports of sources no longer configured ---------
+
+    def park(
+        self, source: str, *, unless_system: str | None = None
+    ) -> tuple[list[ImportRecord], list[ImportRecord]]:
+        """Set aside the imports of a source that left the config (or, with
+        ``unless_system``, those of another system than the source's now).
+
+        Registered ones are parked: kept and stored, but neither polled nor
+        exported; ones the config listed are forgotten (the file owned them).
+        Returns (parked, forgotten)."""
+        now = self.clock()
+        parked, forgotten = [], []
+        for key, record in list(self.imports.items()):
+            if key[0] != source or record.system == unless_system:
+                continue
+            if record.origin == "config":
+                self.untrack(*key)
+                forgotten.append(record)
+                continue
+            self.untrack(*key)
+            self._forgotten.discard(key)
+            record.parked_at = now
+            record.polled_this_run = False
+            self.parked[key] = record
+            self._changed.add(key)
+            parked.append(record)
+        return parked, forgotten
+
+    def unpark(self, source: str, system: str) -> list[ImportRecord]:
+        """Bring back the parked imports of a returning source of the same system."""
+        back = [r for k, r in self.parked.items() if k[0] == source and r.system == system]
+        for record in back:
+            key = (record.source, record.import_id)
+            del self.parked[key]
+            record.parked_at = None
+            self.imports[key] = record
+            self._changed.add(key)
+        return back
+
+    def expired_parked(self, retention: float) -> list[ImportRecord]:
+        """Parked imports parked (or ended) over ``retention`` ago."""
+        cutoff = self.clock() - retention
+        return [
+            record
+            for record in self.parked.values()
+            if (record.parked_at is not None and record.parked_at < cutoff)
+            or ((ended := record.end_timestamp) is not None and ended < cutoff)
+        ]
+
+    def forget_parked(self, source: str, import_id: str) -> None:
+        if self.parked.pop((source, import_id), None) is not None:
+            self._changed.discard((source, import_id))
+            self._forgotten.add((source, import_id))

@@ -8,20 +8,35 @@ stall that began before the restart is still seen as a stall.
 
 Writes are transactions in WAL mode with ``synchronous=FULL``: once a write
 returns, a SIGKILL (or a power cut) cannot take it back.
+
+One process owns the file: the store holds an exclusive ``flock`` on
+``<path>.lock`` for its life, so a second exporter on the same file refuses to
+start instead of diverging from the first. A write also checks that the file
+it wrote is still the file at the path (device and inode), so a database
+deleted or replaced under the running exporter fails every write from then on
+instead of acknowledging writes that only reach a deleted file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
+import os
 import sqlite3
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.model import ErrorReason, Observation, State
 from exporter.state import ImportRecord
 
-SCHEMA_VERSION = 2
-"""1: the first; 2: adds last_attempt and consecutive_failures."""
+SCHEMA_VERSION = 3
+"""1: the first; 2: ``last_attempt`` and ``consecutive_failures``; 3: ``parked_at``
+(registered imports of a source no longer configured)."""
 
 _COLUMNS = (
     "source",
@@ -50,8 +65,9 @@ _COLUMNS = (
     "confirmed_final",
     "last_attempt",
     "consecutive_failures",
+    "parked_at",
 )
-_ADDED_IN = {2: ("last_attempt", "consecutive_failures")}
+_ADDED_IN = {2: ("last_attempt", "consecutive_failures"), 3: ("parked_at",)}
 """Columns each schema version added to the one before (ALTER TABLE on upgrade)."""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS imports (
@@ -66,9 +82,52 @@ _UPSERT = (
 
 Row = tuple[object, ...]
 
+log = logging.getLogger(__name__)
+
+WRITE_ERROR_REASONS = ("disk_full", "read_only", "busy", "io_error", "vanished", "other")
+"""Why a write failed: a small fixed set, exported as a metric label."""
+_REASON_BY_SQLITE_CODE = {
+    13: "disk_full",  # SQLITE_FULL
+    8: "read_only",  # SQLITE_READONLY
+    3: "read_only",  # SQLITE_PERM
+    5: "busy",  # SQLITE_BUSY
+    6: "busy",  # SQLITE_LOCKED
+    10: "io_error",  # SQLITE_IOERR
+    14: "io_error",  # SQLITE_CANTOPEN
+}
+_PUBLIC_REASON = {
+    "disk_full": "the disk is full",
+    "read_only": "the database is read-only",
+    "busy": "the database is locked",
+    "io_error": "the disk failed",
+    "vanished": "the database file was deleted or replaced while in use",
+    "other": "the database refused the write",
+}
+
 
 class StoreError(Exception):
-    """The database cannot be used; the message says which file and why."""
+    """The database cannot be used; the message says which file and why
+    (for logs); :attr:`public` says why without the path (for API clients)."""
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    @property
+    def public(self) -> str:
+        why = _PUBLIC_REASON.get(self.reason, _PUBLIC_REASON["other"])
+        return f"{why} (see the exporter's log)"
+
+
+@dataclass(slots=True)
+class StoreHealth:
+    """How the writes have gone, for metrics and readiness."""
+
+    write_errors: Counter[str] = field(default_factory=Counter)
+    last_write_ok: bool = True
+    last_write_success_at: float | None = None
+    failing: str | None = None
+    """The reason of the failure the last write ended in; None while writes succeed."""
 
 
 class Store:
@@ -78,16 +137,29 @@ class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._lock = threading.Lock()
+        self.health = StoreHealth()
+        self._lock_fd: int | None = None
+        self._identity: tuple[int, int] | None = None
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                # Before SQLite touches the file: a second process must not
+                # even run its integrity check or migration on it.
+                self._lock_fd = _take_lock(self.path)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except (sqlite3.Error, OSError) as exc:
+            self._release_lock()
             raise StoreError(f"{self.path}: cannot open the database: {exc}") from exc
+        except StoreError:
+            self._release_lock()
+            raise
         try:
             self._check_and_migrate()
-        except sqlite3.DatabaseError as exc:
+            if self.path != ":memory:":
+                self._identity = _identity(self.path)
+        except (sqlite3.DatabaseError, OSError) as exc:
             self._db.close()
+            self._release_lock()
             raise StoreError(
                 f"{self.path}: the database is unreadable or corrupt ({exc}); "
                 "move it away to start afresh, or restore it from a backup"
@@ -106,17 +178,24 @@ class Store:
             )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        exists = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'imports'"
-        ).fetchone()
-        if exists:
-            for added_in, columns in sorted(_ADDED_IN.items()):
-                if version < added_in:
-                    for column in columns:
-                        db.execute(f"ALTER TABLE imports ADD COLUMN {column}")
-        db.execute(_SCHEMA)
-        if version < SCHEMA_VERSION:
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # One transaction: a crash mid-migration leaves the old schema whole.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            existed = db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'imports'"
+            ).fetchone()[0]
+            if existed:
+                for added_in, columns in sorted(_ADDED_IN.items()):
+                    if version < added_in:
+                        for column in columns:
+                            db.execute(f"ALTER TABLE imports ADD COLUMN {column}")
+            db.execute(_SCHEMA)
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def load(self) -> list[ImportRecord]:
         try:
@@ -129,24 +208,124 @@ class Store:
     def write(self, rows: Iterable[Row], deleted: Iterable[tuple[str, str]] = ()) -> None:
         """Upsert ``rows`` (from :func:`to_row`) and delete ``deleted`` keys, in
         one transaction. Raises :class:`StoreError`."""
-        try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
+        with self._lock:
+            try:
+                self._check_in_place()
                 try:
-                    self._db.executemany(
-                        "DELETE FROM imports WHERE source = ? AND import_id = ?", deleted
-                    )
-                    self._db.executemany(_UPSERT, rows)
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot write: {exc}") from exc
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._db.executemany(
+                            "DELETE FROM imports WHERE source = ? AND import_id = ?", deleted
+                        )
+                        self._db.executemany(_UPSERT, rows)
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    code = getattr(exc, "sqlite_errorcode", None)
+                    reason = _REASON_BY_SQLITE_CODE.get(code & 0xFF, "other") if code else "other"
+                    raise StoreError(f"{self.path}: cannot write: {exc}", reason) from exc
+                # Checked again after the commit: a file deleted during the
+                # write got the write, the path did not.
+                self._check_in_place()
+            except StoreError as exc:
+                self._failed(exc)
+                raise
+            self._succeeded()
+
+    def verify(self) -> None:
+        """Check, without writing, that the file is still in place: a database
+        deleted while nothing changes must fail readiness all the same."""
+        with self._lock:
+            if self.health.failing == "vanished":
+                return  # known, counted and logged once
+            try:
+                self._check_in_place()
+            except StoreError as exc:
+                self._failed(exc)
+
+    def _check_in_place(self) -> None:
+        """Fail unless the open file is still the file at the path."""
+        if self._identity is None:
+            return
+        try:
+            now = _identity(self.path)
+        except OSError:
+            now = None
+        if now != self._identity:
+            raise StoreError(
+                f"{self.path}: the database file was deleted or replaced while the exporter "
+                "had it open; nothing more is written, and registrations are refused, until "
+                "the exporter is restarted (it then starts from what is at that path)",
+                "vanished",
+            )
+
+    def _failed(self, exc: StoreError) -> None:
+        health = self.health
+        health.write_errors[exc.reason] += 1
+        health.last_write_ok = False
+        if health.failing != exc.reason:
+            # One line when writes start failing (or fail differently), not
+            # one per retry.
+            log.error("cannot write the database: %s", exc)
+        health.failing = exc.reason
+
+    def _succeeded(self) -> None:
+        health = self.health
+        if health.failing is not None:
+            log.info("the database %s can be written again", self.path)
+        health.failing = None
+        health.last_write_ok = True
+        health.last_write_success_at = time.time()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            # The lock file stays: deleting it would let a process starting
+            # now lock a new file while another still holds the old one.
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _identity(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def _take_lock(path: str) -> int:
+    """An exclusive lock on ``<path>.lock``, held until the descriptor closes
+    (the kernel drops it when the process dies, SIGKILL included).
+
+    A file beside the database rather than the database itself: SQLite's own
+    locks on that file are POSIX locks, which a second descriptor of ours
+    would silently release when closed."""
+    lock_path = f"{path}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = b""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 32, 0).strip()
+        os.close(fd)
+        pid = f" (pid {holder.decode(errors='replace')})" if holder.isdigit() else ""
+        raise StoreError(
+            f"{path}: in use by another exporter process{pid}; stop it, or give this one "
+            "its own --storage.path",
+            "busy",
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    with contextlib.suppress(OSError):  # only informative: who holds it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def to_row(record: ImportRecord) -> Row:
@@ -179,6 +358,7 @@ def to_row(record: ImportRecord) -> Row:
         int(record.confirmed_final),
         record.last_attempt,
         record.consecutive_failures,
+        record.parked_at,
     )
 
 
@@ -217,6 +397,7 @@ def _from_row(row: Row) -> ImportRecord:
         confirmed_final=bool(values["confirmed_final"]),
         last_attempt=_float(values["last_attempt"]),
         consecutive_failures=_int(values["consecutive_failures"]) or 0,
+        parked_at=_float(values["parked_at"]),
     )
 
 

@@ -31,7 +31,10 @@ def create_web_app(
     web_config: WebConfig | None = None,
     reload: Callable[[], Awaitable[list[str]]] | None = None,
     tracker: ImportTracker | None = None,
+    store_failing: Callable[[], str | None] | None = None,
 ) -> web.Application:
+    """``store_failing`` says why the last write of the store failed (None: it
+    succeeded); while it fails the exporter is not ready."""
     middlewares = (
         security_middlewares(web_config, bypass=bearer_passes(tracker))
         if web_config is not None
@@ -44,6 +47,12 @@ def create_web_app(
         return web.Response(text="OK\n")
 
     async def ready(_: web.Request) -> web.Response:
+        failing = store_failing() if store_failing is not None else None
+        if failing is not None:
+            # The reason only: the database's path is for the logs.
+            return web.Response(
+                status=503, text=f"the store cannot be written ({failing}); see the log\n"
+            )
         if state.ready():
             return web.Response(text="OK\n")
         return web.Response(status=503, text="waiting for the first poll of every import\n")

@@ -538,6 +538,8 @@ async def test_openapi_document_matches_the_routes_and_their_status_codes(
 
         monkeypatch.setattr(exporter, "register", failing_store)
         await check(("POST", IMPORTS), IMPORTS, {"headers": BEARER, "json": good}, 503)
+        monkeypatch.setattr(exporter, "unregister", failing_store)
+        await check(("DELETE", one), f"{IMPORTS}/elevate-prod/1001", {"headers": BEARER}, 503)
 
         assert reached == documented
 

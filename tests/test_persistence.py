@@ -90,9 +90,13 @@ def test_store_round_trip_keeps_everything_learnt(tmp_path: Path) -> None:
     )
     (record,) = state.imports.values()
     path = tmp_path / "state.db"
-    Store(path).write([to_row(record)])
+    store = Store(path)
+    store.write([to_row(record)])
+    store.close()  # one process (here: one Store) owns the file at a time
 
-    (loaded,) = Store(path).load()
+    store = Store(path)
+    (loaded,) = store.load()
+    store.close()
     # Everything but whether *this* process has polled it (the next one has not).
     assert loaded == replace(record, polled_this_run=False)
 
@@ -145,7 +149,8 @@ def test_corrupt_or_unreadable_database_stops_the_start_with_a_clear_error(
 def test_a_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> None:
     """Schema 1 (before the poll-failure columns) keeps every import on upgrade."""
     old = tmp_path / "v1.db"
-    first_columns = [c for c in STORE_COLUMNS if c not in ("last_attempt", "consecutive_failures")]
+    later = ("last_attempt", "consecutive_failures", "parked_at")
+    first_columns = [c for c in STORE_COLUMNS if c not in later]
     with sqlite3.connect(old) as db:
         db.execute(
             f"CREATE TABLE imports ({', '.join(first_columns)}, "
