@@ -3,7 +3,10 @@ headers, in the Prometheus exporter-toolkit format (the subset that matters).
 
 It protects every endpoint (metrics, pages, API) alike. bcrypt checks are
 cached, and an unknown user costs one bcrypt check too, so response times do
-not tell which user names exist.
+not tell which user names exist. Checks run on their own small worker pool with
+a bounded queue: a client guessing passwords gets 429 once the queue is full and
+never delays cached credentials, renders of /metrics or store writes (which use
+the default executor).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hmac
 import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +58,11 @@ ALLOWED_HEADERS = frozenset(
     }
 )
 _CACHE_SIZE = 1024
+BCRYPT_WORKERS = 1
+"""Threads checking passwords: one leaves the other cores to the event loop,
+renders and polls however many wrong passwords arrive."""
+BCRYPT_MAX_PENDING = 8
+"""Distinct uncached checks running or queued at once; more answer 429 at once."""
 
 
 class _Strict(BaseModel):
@@ -143,14 +152,33 @@ def build_ssl_context(tls: TLSServerConfig, base_dir: Path | None = None) -> ssl
     return context
 
 
-class BasicAuth:
-    """Checks ``Authorization: Basic`` against bcrypt hashes, with a cache."""
+class PasswordChecksBusy(Exception):
+    """Too many uncached password checks are queued: answer 429, do not wait."""
 
-    def __init__(self, users: dict[str, str]) -> None:
+
+class BasicAuth:
+    """Checks ``Authorization: Basic`` against bcrypt hashes, with a cache.
+
+    Uncached checks run on a pool of their own (``workers`` threads) and at most
+    ``max_pending`` distinct ones run or wait at once; beyond that :meth:`check`
+    raises :class:`PasswordChecksBusy` at once. Concurrent requests with the
+    same credentials share one check.
+    """
+
+    def __init__(
+        self,
+        users: dict[str, str],
+        *,
+        workers: int = BCRYPT_WORKERS,
+        max_pending: int = BCRYPT_MAX_PENDING,
+    ) -> None:
         self.users = {user: hashed.encode() for user, hashed in users.items()}
         # A real hash of a random password, so unknown users cost a check too.
         self._dummy = bcrypt.hashpw(b"unknown-user", bcrypt.gensalt(rounds=_cost(users)))
         self._cache: OrderedDict[bytes, bool] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcrypt")
+        self._max_pending = max_pending
+        self._pending: dict[bytes, asyncio.Future[bool]] = {}
 
     async def check(self, header: str | None) -> bool:
         credentials = _parse_basic(header)
@@ -164,15 +192,30 @@ class BasicAuth:
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
-        target = hashed if hashed is not None else self._dummy
-        ok = await asyncio.get_running_loop().run_in_executor(
-            None, bcrypt.checkpw, password, target
-        )
-        ok = ok and hashed is not None
-        self._cache[key] = ok
+        future = self._pending.get(key)
+        if future is None:
+            if len(self._pending) >= self._max_pending:
+                raise PasswordChecksBusy
+            target = hashed if hashed is not None else self._dummy
+            future = asyncio.get_running_loop().run_in_executor(
+                self._pool, bcrypt.checkpw, password, target
+            )
+            self._pending[key] = future
+            future.add_done_callback(lambda done: self._settle(key, done, hashed is not None))
+        # Shielded: a client hanging up does not cancel a check others share.
+        return await asyncio.shield(future) and hashed is not None
+
+    def _settle(self, key: bytes, done: asyncio.Future[bool], known: bool) -> None:
+        self._pending.pop(key, None)
+        if done.cancelled() or done.exception() is not None:
+            return
+        self._cache[key] = done.result() and known
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
-        return ok
+
+    def close(self) -> None:
+        """Stop the worker threads (running checks finish; nobody waits)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _cost(users: dict[str, str]) -> int:
@@ -216,17 +259,24 @@ def security_middlewares(
 
     @web.middleware
     async def protect(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if (
-            auth is not None
-            and not (bypass is not None and bypass(request))
-            and not await auth.check(request.headers.get("Authorization"))
-        ):
-            response: web.StreamResponse = web.Response(
-                status=401,
-                text="Unauthorized\n",
-                headers={"WWW-Authenticate": 'Basic realm="import-status-exporter"'},
-            )
-        else:
+        response: web.StreamResponse | None = None
+        if auth is not None and not (bypass is not None and bypass(request)):
+            try:
+                passed = await auth.check(request.headers.get("Authorization"))
+            except PasswordChecksBusy:
+                passed = False
+                response = web.Response(
+                    status=429,
+                    text="Too many password checks waiting; retry later\n",
+                    headers={"Retry-After": "1"},
+                )
+            if not passed and response is None:
+                response = web.Response(
+                    status=401,
+                    text="Unauthorized\n",
+                    headers={"WWW-Authenticate": 'Basic realm="import-status-exporter"'},
+                )
+        if response is None:
             try:
                 response = await handler(request)
             except web.HTTPException as exc:

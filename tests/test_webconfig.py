@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,9 +14,12 @@ import bcrypt
 import pytest
 import trustme
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge
 
 from exporter.config import ConfigError
+from exporter.web import metrics_handler
 from exporter.webconfig import (
+    BCRYPT_MAX_PENDING,
     BasicAuth,
     build_ssl_context,
     load_web_config,
@@ -201,3 +206,62 @@ def test_bad_web_config_is_rejected_with_the_field(
         load_web_config(path)
     assert any(expected in line for line in caught.value.errors), caught.value.errors
     assert all(line.startswith(str(path)) for line in caught.value.errors)
+
+
+async def test_password_guessing_gets_429_and_never_delays_cached_users_or_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guesses queue on bcrypt's own pool; beyond its bound they get 429 at
+    once, while a cached user and /metrics (rendered on the default executor)
+    keep being served."""
+    path = write(tmp_path, f'basic_auth_users: {{prometheus: "{HASH}"}}\n')
+    config = load_web_config(path)
+    registry = CollectorRegistry()
+    Gauge("answer", "a metric", registry=registry).set(42)
+    app = web.Application(middlewares=security_middlewares(config))
+    app.router.add_get("/metrics", metrics_handler(registry))
+    gate = threading.Event()
+    real = bcrypt.checkpw
+
+    def slow_for_guesses(password: bytes, hashed: bytes) -> bool:
+        if password.startswith(b"guess"):
+            gate.wait(30)  # a bcrypt check that takes as long as the test wants
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", slow_for_guesses)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
+    good = {"Authorization": basic("prometheus", "right-password")}
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def get(headers: dict[str, str]) -> int:
+                async with session.get(url, headers=headers) as response:
+                    await response.read()
+                    return response.status
+
+            assert await get(good) == 200  # now cached
+            guesses = [
+                asyncio.create_task(get({"Authorization": basic("prometheus", f"guess-{n}")}))
+                for n in range(3 * BCRYPT_MAX_PENDING)
+            ]
+            for refused, done in enumerate(asyncio.as_completed(guesses, timeout=10), 1):
+                assert await done == 429
+                if refused == 2 * BCRYPT_MAX_PENDING:
+                    break
+            # The pool is stuck on guesses; the cached user and /metrics are not.
+            for _ in range(5):
+                async with asyncio.timeout(5):
+                    async with session.get(url, headers=good) as response:
+                        assert response.status == 200
+                        assert "answer 42.0" in await response.text()
+            gate.set()
+            statuses = await asyncio.wait_for(asyncio.gather(*guesses), 30)
+            assert statuses.count(401) == BCRYPT_MAX_PENDING
+            assert statuses.count(429) == 2 * BCRYPT_MAX_PENDING
+    finally:
+        gate.set()
+        await runner.cleanup()
