@@ -10,6 +10,7 @@ import gc
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
@@ -60,7 +61,10 @@ def create_web_app(
         )
         return web.Response(text=page, content_type="text/html")
 
-    async def reload_config(_: web.Request) -> web.Response:
+    async def reload_config(request: web.Request) -> web.Response:
+        refused = cross_site_refusal(request)
+        if refused is not None:
+            return web.json_response({"status": "refused", "errors": [refused]}, status=403)
         if reload is None:
             return web.json_response({"error": "reload is not available"}, status=501)
         errors = await reload()
@@ -78,6 +82,31 @@ def create_web_app(
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+FORM_CONTENT_TYPES = frozenset(
+    {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
+)
+"""What an HTML form can send to another site without a CORS preflight."""
+
+
+def cross_site_refusal(request: web.Request) -> str | None:
+    """Why a state-changing request may come from another site's page, or None.
+
+    A browser names the page's origin in ``Origin`` on every cross-site POST;
+    a form can only send the content types above (a script's ``fetch`` with
+    another type needs a preflight, which this server never grants). Tools
+    like curl send neither, so they keep working without a flag.
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        parsed = urlsplit(origin)
+        if parsed.scheme not in ("http", "https") or parsed.netloc.lower() != request.host.lower():
+            return f"Origin {origin[:100]!r} is not this exporter ({request.host[:100]})"
+    if request.headers.get("Sec-Fetch-Site", "") == "cross-site":
+        return "a cross-site request (Sec-Fetch-Site)"
+    if request.content_type in FORM_CONTENT_TYPES and "Content-Type" in request.headers:
+        return f"Content-Type {request.content_type} (what a cross-site HTML form sends)"
+    return None
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:
