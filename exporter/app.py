@@ -10,12 +10,14 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
+from exporter.logs import RateLimitedLog
 from exporter.metrics import build_registry
 from exporter.poller import Poller
 from exporter.sources import build_source
@@ -35,6 +37,11 @@ PERSIST_INTERVAL = 1.0
 POLL_TIMES_EVERY = 30
 """Write imports whose only news is a newer poll time every this many writes."""
 SHUTDOWN_TIMEOUT = 5.0
+DEFAULT_MAX_REQUESTS = 40
+"""``--web.max-requests``: as node_exporter's default."""
+HEADER_READ_TIMEOUT = 10.0
+"""Seconds a connection may take to send a request's headers (from the
+connection's start or the end of the previous answer); then it is closed."""
 
 
 def parse_listen_address(address: str) -> tuple[str | None, int]:
@@ -61,6 +68,9 @@ class Exporter:
         web_config_file: str | None = None,
         config_loader: ConfigLoader | None = None,
         storage_path: str | None = None,
+        *,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+        header_timeout: float = HEADER_READ_TIMEOUT,
     ) -> None:
         self.config = config
         self.config_loader = config_loader
@@ -78,13 +88,21 @@ class Exporter:
         self.poller = Poller(self.state)
         self.registry = build_registry(self.state)
         self.web_app = create_web_app(
-            self.state, self.registry, web_config=self.web_config, reload=self.reload, tracker=self
+            self.state,
+            self.registry,
+            web_config=self.web_config,
+            reload=self.reload,
+            tracker=self,
+            max_requests=max_requests,
         )
+        self.header_timeout = header_timeout
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self._persist_task: asyncio.Task[None] | None = None
+        self._quiet_log = RateLimitedLog(log)
+        self._previous_exception_handler: Any = None
 
     async def start(self) -> None:
         # Renders run in a worker thread; a short GIL switch interval keeps
@@ -109,8 +127,18 @@ class Exporter:
             )
         self.state.record_reload(success=True)
         self._persist_task = asyncio.create_task(self._persist_loop(), name="persist")
+        loop = asyncio.get_running_loop()
+        self._previous_exception_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_exception)
+        # aiohttp's keep-alive timer runs from a connection's start and from
+        # each answer until the next request's headers are complete: it is a
+        # header-read timeout too, so a slow or silent client (slowloris)
+        # cannot hold a connection.
         self._runner = web.AppRunner(
-            self.web_app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+            self.web_app,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            keepalive_timeout=self.header_timeout,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
@@ -293,7 +321,20 @@ class Exporter:
                 try:
                     await self._write_changes(with_poll_times=tick % POLL_TIMES_EVERY == 0)
                 except StoreError as exc:
-                    log.error("cannot store the state of the imports: %s", exc)
+                    self._quiet_log.log(
+                        logging.ERROR,
+                        "store-write",
+                        "cannot store the state of the imports: %s",
+                        exc,
+                    )
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Errors the event loop reports (accept() failing with EMFILE retries
+        every second), logged at most a few times a minute per kind."""
+        message = str(context.get("message", "unhandled error in the event loop"))
+        exc = context.get("exception")
+        detail = f"{message}: {exc}" if exc is not None else message
+        self._quiet_log.log(logging.ERROR, ("loop", message, type(exc)), "%s", detail)
 
     async def stop(self) -> None:
         """Stop accepting, stop polling, write what the store must keep, close."""
@@ -313,3 +354,4 @@ class Exporter:
             self.store.close()
         if self._session is not None:
             await self._session.close()
+        asyncio.get_running_loop().set_exception_handler(self._previous_exception_handler)

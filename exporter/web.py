@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -32,12 +33,14 @@ def create_web_app(
     web_config: WebConfig | None = None,
     reload: Callable[[], Awaitable[list[str]]] | None = None,
     tracker: ImportTracker | None = None,
+    max_requests: int = 0,
 ) -> web.Application:
-    middlewares = (
-        security_middlewares(web_config, bypass=bearer_passes(tracker))
-        if web_config is not None
-        else []
-    )
+    """``max_requests`` > 0: requests served at once, beyond which 503 (the
+    health endpoints are exempt, so an orchestrator does not kill a busy
+    exporter)."""
+    middlewares = [request_cap(max_requests)] if max_requests > 0 else []
+    if web_config is not None:
+        middlewares += security_middlewares(web_config, bypass=bearer_passes(tracker))
     app = web.Application(middlewares=middlewares)
     app[STATE_KEY] = state
 
@@ -82,6 +85,33 @@ def create_web_app(
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+UNCAPPED_PATHS = frozenset({"/-/healthy", "/-/ready"})
+
+
+def request_cap(limit: int) -> Middleware:
+    """``--web.max-requests``: answer 503 at once beyond ``limit`` requests in flight."""
+    in_flight = 0
+
+    @web.middleware
+    async def cap(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal in_flight
+        if request.path in UNCAPPED_PATHS:
+            return await handler(request)
+        if in_flight >= limit:
+            return web.Response(
+                status=503,
+                text=f"Too many requests at once (--web.max-requests={limit}); retry later\n",
+                headers={"Retry-After": "1"},
+            )
+        in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            in_flight -= 1
+
+    return cap
+
 
 FORM_CONTENT_TYPES = frozenset(
     {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
