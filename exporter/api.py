@@ -16,9 +16,14 @@ This module only speaks HTTP and JSON: the exporter, behind
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import bisect
 import hmac
 import json
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
 
@@ -31,7 +36,7 @@ from pydantic_core import CoreSchema, ErrorDetails
 from exporter import __version__
 from exporter.config import ID_RULE, ImportId
 from exporter.model import ErrorReason, State
-from exporter.state import ImportRecord
+from exporter.state import ImportIndex, ImportRecord
 from exporter.tracking import ImportTracker, TrackingError
 
 PREFIX = "/api/v1"
@@ -41,6 +46,11 @@ API_OFF = "the write API is off: set api.tokens_file in the config"
 SOURCE_RULE = "must be a source name of 1-100 characters"
 NAME_RULE = "must be a string of at most 200 characters, or null"
 _REALM = 'realm="import-status-exporter"'
+DEFAULT_PAGE = 500
+MAX_PAGE = 5000
+SCAN_PER_PAGE = 20_000
+"""Imports looked at for one page at most: a filter matching few of 50,000
+imports ends a page early (with a ``next``) instead of scanning them all."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -112,6 +122,18 @@ class RegisterRequest(_Input):
 class ListQuery(_Input):
     source: SourceName | None = Field(default=None, description="only this source's imports")
     state: State | None = Field(default=None, description="only imports in this state")
+    limit: int = Field(
+        default=DEFAULT_PAGE,
+        ge=1,
+        le=MAX_PAGE,
+        description=f"imports per page, at most {MAX_PAGE}",
+    )
+    after: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="continue after this cursor: the `next` of the previous page "
+        "(keep the same filters)",
+    )
 
 
 class ImportPath(_Input):
@@ -156,7 +178,14 @@ class ImportView(BaseModel):
 
 
 class ImportList(BaseModel):
+    """One page of tracked imports, by source and id."""
+
     imports: list[ImportView]
+    next: str | None = Field(
+        description="pass as `?after=` (with the same filters) for the next page; "
+        "null on the last page. A page may hold fewer than `limit` imports and "
+        "still have a `next` (a filter matched few of the imports scanned)"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -250,6 +279,8 @@ def _first_problem(exc: ValidationError, kind_of_field: str = "field") -> ApiErr
         message = _FIELD_RULES[field]
     elif field == "state":
         message = "must be one of " + ", ".join(state.value for state in State)
+    elif field == "limit":
+        message = f"must be a whole number from 1 to {MAX_PAGE}"
     else:
         message = error["msg"]
     return ApiError(400, f"{field}: {message}" if field is not None else message, field)
@@ -340,9 +371,27 @@ def _query(request: web.Request) -> ListQuery:
             raise ApiError(400, f"{key[:100]}: given more than once", key[:100])
         params[key] = value
     try:
-        return ListQuery.model_validate(params)
+        query = ListQuery.model_validate(params)
     except ValidationError as exc:
         raise _first_problem(exc, "query parameter") from None
+    if query.after is not None:
+        _cursor_key(query.after)  # a bad cursor is a 400 before any work
+    return query
+
+
+def _cursor(key: tuple[str, str]) -> str:
+    """An opaque cursor for the page after ``key`` (URL-safe)."""
+    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode().rstrip("=")
+
+
+def _cursor_key(cursor: str) -> tuple[str, str]:
+    try:
+        key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error):
+        key = None
+    if not (isinstance(key, list) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+        raise ApiError(400, "after: not a cursor from this API (use the `next` of a page)", "after")
+    return key[0], key[1]
 
 
 def _path(request: web.Request) -> ImportPath:
@@ -363,6 +412,9 @@ class _Api:
     def __init__(self, tracker: ImportTracker) -> None:
         self.tracker = tracker
         self.document = json.dumps(openapi_document(), indent=1).encode()
+        # Pages are serialized here, not on the default executor that renders
+        # /metrics and writes the store.
+        self.reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-reads")
 
     def _record(self, source: str, import_id: str) -> ImportRecord:
         record = self.tracker.state.imports.get((source, import_id))
@@ -377,18 +429,18 @@ class _Api:
         return web.json_response(view.model_dump(mode="json"), status=status)
 
     async def list_imports(self, request: web.Request) -> web.Response:
+        """One page of imports. The page is chosen on the event loop from the
+        state's sorted index (bounded work: at most SCAN_PER_PAGE imports
+        looked at); its views are built and serialized in a worker thread."""
         query = _query(request)
         state = self.tracker.state
         if query.source is not None and query.source not in state.sources:
             raise ApiError(404, f"unknown source {query.source!r}", "source")
-        now = state.clock()
-        views = [
-            import_view(record, now)
-            for record in sorted(state.imports.values(), key=lambda r: (r.source, r.import_id))
-            if (query.source is None or record.source == query.source)
-            and (query.state is None or record.state == query.state)
-        ]
-        return web.json_response(ImportList(imports=views).model_dump(mode="json"))
+        records, next_key = _page(state.imports, query)
+        body = await asyncio.get_running_loop().run_in_executor(
+            self.reads, _page_body, records, state.clock(), next_key
+        )
+        return web.Response(body=body, content_type="application/json")
 
     async def register(self, request: web.Request) -> web.Response:
         _require_writer(request, self.tracker)
@@ -418,6 +470,41 @@ class _Api:
 
     async def openapi(self, _: web.Request) -> web.Response:
         return web.Response(body=self.document, content_type="application/json")
+
+
+def _page(
+    imports: ImportIndex, query: ListQuery
+) -> tuple[list[ImportRecord], tuple[str, str] | None]:
+    """The records of one page and the key to continue after (None: no more)."""
+    keys = imports.ordered
+    if query.after is not None:
+        start = bisect.bisect_right(keys, _cursor_key(query.after))
+    elif query.source is not None:
+        start = bisect.bisect_left(keys, (query.source, ""))
+    else:
+        start = 0
+    end = len(keys)
+    if query.source is not None:
+        start = max(start, bisect.bisect_left(keys, (query.source, "")))
+        end = bisect.bisect_left(keys, (query.source + "\0", ""), start)
+    records: list[ImportRecord] = []
+    index = start
+    stop = min(end, start + SCAN_PER_PAGE)
+    while index < stop and len(records) < query.limit:
+        key = keys[index]
+        index += 1
+        record = imports.get(key)
+        if record is not None and (query.state is None or record.state == query.state):
+            records.append(record)
+    if index >= end:
+        return records, None
+    return records, keys[index - 1]
+
+
+def _page_body(records: list[ImportRecord], now: float, next_key: tuple[str, str] | None) -> bytes:
+    views = [import_view(record, now) for record in records]
+    page = ImportList(imports=views, next=_cursor(next_key) if next_key else None)
+    return page.model_dump_json().encode()
 
 
 def add_api_routes(app: web.Application, tracker: ImportTracker | None) -> None:
@@ -538,12 +625,18 @@ def openapi_document() -> dict[str, Any]:
             f"{PREFIX}/imports": {
                 "get": {
                     "operationId": "listImports",
-                    "summary": "every tracked import",
+                    "summary": "tracked imports, a page at a time",
+                    "description": f"Pages of `limit` imports (default {DEFAULT_PAGE}, "
+                    f"at most {MAX_PAGE}) by source and id; follow `next` with "
+                    "`?after=` and the same filters until it is null.",
                     "security": reads,
                     "parameters": query,
                     "responses": {
-                        "200": _json("ImportList", "the tracked imports, by source and id"),
-                        "400": _error("a query parameter is invalid, unknown or repeated"),
+                        "200": _json("ImportList", "a page of tracked imports, by source and id"),
+                        "400": _error(
+                            "a query parameter is invalid, unknown or repeated, or `after` "
+                            "is not a cursor of this API"
+                        ),
                         "401": UNAUTHORIZED_READ,
                         "404": _error("unknown source"),
                     },

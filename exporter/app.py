@@ -247,7 +247,7 @@ class Exporter:
             existing = self.state.imports.get((source, import_id))
             if existing is None:
                 limit = self.config.api.max_imports_per_source
-                if len(self.state.imports_of(source)) >= limit:
+                if self.state.imports.count_of(source) >= limit:
                     raise TrackingError(
                         409,
                         f"source {source!r} already tracks {limit} imports, the most "

@@ -175,3 +175,30 @@ def test_a_repeated_error_is_logged_a_few_times_per_interval_with_a_count(
         assert [r.getMessage() for r in caplog.records] == [
             "accept failed: EMFILE again (9997 more like this in the last 60s were not logged)"
         ]
+
+
+def test_the_state_counts_imports_per_source_and_keeps_them_sorted() -> None:
+    """What lets a registration check its limit, and the list API find a page,
+    without a scan of every import."""
+    from exporter.state import ImportRecord
+
+    state = StateStore()
+    state.add_source("b", "elevate", 1.0)
+    state.add_source("a", "elevate", 1.0)
+    for n in (3, 1, 2):
+        state.track("b", f"id-{n}")
+    state.track("a", "x")
+    state.restore([ImportRecord("a", "w", "elevate"), ImportRecord("a", "x", "elevate")])
+    assert state.imports.count_of("a") == 2 and state.imports.count_of("b") == 3
+    assert state.imports.ordered == [
+        ("a", "w"),
+        ("a", "x"),
+        ("b", "id-1"),
+        ("b", "id-2"),
+        ("b", "id-3"),
+    ]
+    state.untrack("b", "id-2")
+    state.untrack("b", "never-tracked")
+    state.remove_source("a")
+    assert state.imports.count_of("a") == 0 and state.imports.count_of("b") == 2
+    assert state.imports.ordered == [("b", "id-1"), ("b", "id-3")] == sorted(state.imports)
