@@ -10,6 +10,7 @@ import gc
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -18,7 +19,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.api import add_api_routes, bearer_passes
-from exporter.pages import parse_refresh, render_status_page
+from exporter.pages import parse_refresh, parse_show, prepare_status_page
 from exporter.state import StateStore
 from exporter.tracking import ImportTracker
 from exporter.webconfig import WebConfig, security_middlewares
@@ -52,16 +53,22 @@ def create_web_app(
             return web.Response(text="OK\n")
         return web.Response(status=503, text="waiting for the first poll of every import\n")
 
+    # The page's counts, ordering and table are rendered here, not on the
+    # event loop nor on the default executor (which renders /metrics).
+    pages = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-page")
+
     async def landing(request: web.Request) -> web.Response:
         query = request.query
-        page = render_status_page(
+        render = prepare_status_page(
             state,
             clock(),
             # An empty value is the form's "all".
             source_filter=query.get("source") or None,
             state_filter=query.get("state") or None,
             refresh=parse_refresh(query.get("refresh")),
+            show=parse_show(query.get("show")),
         )
+        page = await asyncio.get_running_loop().run_in_executor(pages, render)
         return web.Response(text=page, content_type="text/html")
 
     async def reload_config(request: web.Request) -> web.Response:
