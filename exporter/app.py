@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,14 @@ from exporter.state import ImportRecord, StateStore
 from exporter.store import Store, StoreError, to_row
 from exporter.tracking import TrackingError
 from exporter.web import create_web_app
-from exporter.webconfig import build_ssl_context, load_web_config
+from exporter.webconfig import (
+    WebConfig,
+    WebSecurity,
+    build_ssl_context,
+    configure_ssl_context,
+    dropped_client_cas,
+    load_web_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +85,22 @@ class Exporter:
         # Opened first: a corrupt database stops the start-up with a clear error.
         self.store = Store(storage_path) if storage_path is not None else None
         self.host, self.port = parse_listen_address(listen_address)
+        self.web_config_file = web_config_file
         self.web_config = load_web_config(web_config_file) if web_config_file else None
+        self.web_security = WebSecurity(self.web_config) if self.web_config else None
         self.ssl_context = None
-        if self.web_config is not None and self.web_config.tls_server_config is not None:
+        if self.web_config is not None and self.web_config.tls is not None:
             assert web_config_file is not None
-            self.ssl_context = build_ssl_context(
-                self.web_config.tls_server_config, Path(web_config_file).parent
-            )
+            self.ssl_context = build_ssl_context(self.web_config.tls, Path(web_config_file).parent)
+            if self.web_config.http_server_config and self.web_config.http_server_config.http2:
+                log.info("http2 in %s: aiohttp serves HTTP/1.1 only", web_config_file)
         self.state = StateStore()
         self.poller = Poller(self.state)
         self.registry = build_registry(self.state)
         self.web_app = create_web_app(
             self.state,
             self.registry,
-            web_config=self.web_config,
+            web_config=self.web_security,
             reload=self.reload,
             tracker=self,
             max_requests=max_requests,
@@ -206,6 +216,8 @@ class Exporter:
             return ["this exporter was not started from a config file"]
         async with self._reload_lock:
             try:
+                # Both files are checked before either is applied.
+                web_config = self._load_web_config_again()
                 config = self.config_loader()
             except ConfigError as exc:
                 self.state.record_reload(success=False)
@@ -213,10 +225,52 @@ class Exporter:
                     "config reload failed, keeping the running config: %s", "; ".join(exc.errors)
                 )
                 return exc.errors
+            if web_config is not None:
+                await self._apply_web_config(web_config)
             await self._apply(config, previous=self.config)
             self.state.record_reload(success=True)
             log.info("config reloaded: %d sources", len(config.sources))
             return []
+
+    def _load_web_config_again(self) -> WebConfig | None:
+        """``--web.config.file`` read again (None without one); ConfigError if
+        it is invalid or asks for what needs a restart."""
+        if self.web_config_file is None:
+            return None
+        web_config = load_web_config(self.web_config_file)
+        if (web_config.tls is None) != (self.ssl_context is None):
+            raise ConfigError(
+                [
+                    f"{self.web_config_file}: tls_server_config: turning TLS on or off "
+                    "needs a restart"
+                ]
+            )
+        return web_config
+
+    async def _apply_web_config(self, web_config: WebConfig) -> None:
+        """Basic auth, headers and rate limit take effect at once; TLS settings
+        and certificates are loaded into the serving SSLContext, so the next
+        connection uses them (a rotated certificate needs no restart)."""
+        assert self.web_config_file is not None and self.web_security is not None
+        base_dir = Path(self.web_config_file).parent
+        tls = web_config.tls
+        if tls is not None and self.ssl_context is not None:
+            # Checked by load_web_config on a scratch context: this cannot fail
+            # unless the files changed in between; then the old settings stay.
+            try:
+                configure_ssl_context(self.ssl_context, tls, base_dir)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.error("cannot load the new TLS settings, keeping the old: %s", exc)
+            dropped = dropped_client_cas(self.ssl_context, tls, base_dir)
+            if dropped:
+                log.warning(
+                    "%d client CA(s) removed from %s are still trusted until a restart: "
+                    "a running TLS context can add CAs, not drop them",
+                    dropped,
+                    self.web_config_file,
+                )
+        self.web_security.apply(await WebSecurity.prepare(web_config))
+        self.web_config = web_config
 
     def bound_port(self) -> int:
         assert self._runner is not None

@@ -22,7 +22,7 @@ from exporter.api import add_api_routes, bearer_passes
 from exporter.pages import parse_refresh, parse_show, prepare_status_page
 from exporter.state import StateStore
 from exporter.tracking import ImportTracker
-from exporter.webconfig import WebConfig, security_middlewares
+from exporter.webconfig import WebConfig, WebSecurity, security_middlewares
 
 STATE_KEY = web.AppKey("state", StateStore)
 
@@ -31,7 +31,7 @@ def create_web_app(
     state: StateStore,
     registry: CollectorRegistry,
     clock: Callable[[], float] = time.time,
-    web_config: WebConfig | None = None,
+    web_config: WebConfig | WebSecurity | None = None,
     reload: Callable[[], Awaitable[list[str]]] | None = None,
     tracker: ImportTracker | None = None,
     max_requests: int = 0,
