@@ -16,14 +16,13 @@ This module only speaks HTTP and JSON: the exporter, behind
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import bisect
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
 
@@ -36,6 +35,7 @@ from pydantic_core import CoreSchema, ErrorDetails
 from exporter import __version__
 from exporter.config import ID_RULE, ImportId
 from exporter.model import ErrorReason, State
+from exporter.reads import BulkReads, unpaced
 from exporter.state import ImportIndex, ImportRecord
 from exporter.tracking import ImportTracker, TrackingError
 
@@ -48,6 +48,7 @@ NAME_RULE = "must be a string of at most 200 characters, or null"
 _REALM = 'realm="import-status-exporter"'
 DEFAULT_PAGE = 500
 MAX_PAGE = 5000
+VIEWS_PER_SLICE = 250
 SCAN_PER_PAGE = 5000
 """Imports looked at for one page at most (about 2 ms on the event loop): a
 filter matching few of 50,000 imports ends a page early (with a ``next``)
@@ -410,12 +411,12 @@ def _tracking_error(exc: TrackingError) -> ApiError:
 
 
 class _Api:
-    def __init__(self, tracker: ImportTracker) -> None:
+    def __init__(self, tracker: ImportTracker, reads: BulkReads | None = None) -> None:
         self.tracker = tracker
         self.document = json.dumps(openapi_document(), indent=1).encode()
-        # Pages are serialized here, not on the default executor that renders
-        # /metrics and writes the store.
-        self.reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-reads")
+        # Pages are serialized on the app's paced reads thread, not on the
+        # default executor that renders /metrics and writes the store.
+        self.reads = reads or BulkReads()
 
     def _record(self, source: str, import_id: str) -> ImportRecord:
         record = self.tracker.state.imports.get((source, import_id))
@@ -438,9 +439,8 @@ class _Api:
         if query.source is not None and query.source not in state.sources:
             raise ApiError(404, f"unknown source {query.source!r}", "source")
         records, next_key = _page(state.imports, query)
-        body = await asyncio.get_running_loop().run_in_executor(
-            self.reads, _page_body, records, state.clock(), next_key
-        )
+        now = state.clock()
+        body = await self.reads.run(lambda reads: _page_body(records, now, next_key, reads.pace))
         return web.Response(body=body, content_type="application/json")
 
     async def register(self, request: web.Request) -> web.Response:
@@ -502,17 +502,31 @@ def _page(
     return records, keys[index - 1]
 
 
-def _page_body(records: list[ImportRecord], now: float, next_key: tuple[str, str] | None) -> bytes:
-    views = [import_view(record, now) for record in records]
-    page = ImportList(imports=views, next=_cursor(next_key) if next_key else None)
-    return page.model_dump_json().encode()
+def _page_body(
+    records: list[ImportRecord],
+    now: float,
+    next_key: tuple[str, str] | None,
+    pace: Callable[[float], float] = unpaced,
+) -> bytes:
+    """The JSON of a page (an ``ImportList``), built in slices with ``pace``
+    between them."""
+    parts = []
+    started = time.perf_counter()
+    for first in range(0, len(records), VIEWS_PER_SLICE):
+        views = [import_view(r, now) for r in records[first : first + VIEWS_PER_SLICE]]
+        parts += [view.model_dump_json() for view in views]
+        started = pace(started)
+    cursor = json.dumps(_cursor(next_key) if next_key else None)
+    return f'{{"imports":[{",".join(parts)}],"next":{cursor}}}'.encode()
 
 
-def add_api_routes(app: web.Application, tracker: ImportTracker | None) -> None:
+def add_api_routes(
+    app: web.Application, tracker: ImportTracker | None, reads: BulkReads | None = None
+) -> None:
     """Serve the API on ``app`` (nothing without a tracker)."""
     if tracker is None:
         return
-    api = _Api(tracker)
+    api = _Api(tracker, reads)
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 
 from exporter import __version__
 from exporter.model import State
+from exporter.reads import unpaced
 from exporter.state import ERROR_TIMES_KEPT, ImportRecord, SourceRecord, StateStore
 
 DEFAULT_REFRESH = 10
@@ -28,6 +29,7 @@ RECENT_ERRORS_WINDOW = 15 * 60.0
 PENDING = "pending"
 """The state shown for an import that no poll has answered yet."""
 STATE_CHOICES = (PENDING, *(state.value for state in State))
+RECORDS_PER_SLICE = 5000
 DEFAULT_SHOWN = 200
 """Imports listed by default, those that most need attention first."""
 MAX_SHOWN = 5000
@@ -89,7 +91,7 @@ def prepare_status_page(
     state_filter: str | None = None,
     refresh: int = DEFAULT_REFRESH,
     show: int = DEFAULT_SHOWN,
-) -> Callable[[], str]:
+) -> Callable[..., str]:
     """Take what the page needs from the state, on the event loop (the sources
     table and a snapshot list of the imports: cheap at any size); return the
     rest of the rendering (counts, ordering, the bounded table), which may run
@@ -101,15 +103,20 @@ def prepare_status_page(
     source_names = sorted(state.sources)
     every_import = list(state.imports.values())
 
-    def render() -> str:
+    def render(pace: Callable[[float], float] = unpaced) -> str:
+        """``pace`` is called between slices of work (see exporter.reads)."""
         counts: Counter[tuple[str, str]] = Counter()
         shown: list[ImportRecord] = []
-        for record in every_import:
-            label = state_label(record)
-            counts[(record.source, label)] += 1
-            if source_filter in (None, record.source) and state_filter in (None, label):
-                shown.append(record)
+        started = time.perf_counter()
+        for start in range(0, len(every_import), RECORDS_PER_SLICE):
+            for record in every_import[start : start + RECORDS_PER_SLICE]:
+                label = state_label(record)
+                counts[(record.source, label)] += 1
+                if source_filter in (None, record.source) and state_filter in (None, label):
+                    shown.append(record)
+            started = pace(started)
         first = heapq.nsmallest(show, shown, key=attention_key)
+        started = pace(started)
         keep = _query(source_filter, state_filter, refresh, show)
         more = ""
         if len(shown) > len(first):

@@ -10,7 +10,6 @@ import gc
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -20,6 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.api import add_api_routes, bearer_passes
 from exporter.pages import parse_refresh, parse_show, prepare_status_page
+from exporter.reads import BulkReads
 from exporter.state import StateStore
 from exporter.tracking import ImportTracker
 from exporter.webconfig import WebConfig, WebSecurity, security_middlewares
@@ -53,9 +53,10 @@ def create_web_app(
             return web.Response(text="OK\n")
         return web.Response(status=503, text="waiting for the first poll of every import\n")
 
-    # The page's counts, ordering and table are rendered here, not on the
-    # event loop nor on the default executor (which renders /metrics).
-    pages = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-page")
+    # The page's counts, ordering and table are rendered on the paced reads
+    # thread (shared with the list API), not on the event loop nor on the
+    # default executor (which renders /metrics).
+    reads = BulkReads()
 
     async def landing(request: web.Request) -> web.Response:
         query = request.query
@@ -68,7 +69,7 @@ def create_web_app(
             refresh=parse_refresh(query.get("refresh")),
             show=parse_show(query.get("show")),
         )
-        page = await asyncio.get_running_loop().run_in_executor(pages, render)
+        page = await reads.run(lambda bulk: render(bulk.pace))
         return web.Response(text=page, content_type="text/html")
 
     async def reload_config(request: web.Request) -> web.Response:
@@ -87,7 +88,7 @@ def create_web_app(
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/", landing)
-    add_api_routes(app, tracker)
+    add_api_routes(app, tracker, reads)
     return app
 
 

@@ -100,6 +100,8 @@ _CACHE_SIZE = 1024
 BCRYPT_WORKERS = 1
 """Threads checking passwords: one leaves the other cores to the event loop,
 renders and polls however many wrong passwords arrive."""
+BCRYPT_REST = 1.0
+"""After each check the password thread rests this many times as long."""
 BCRYPT_MAX_PENDING = 8
 """Distinct uncached checks running or queued at once; more answer 429 at once."""
 
@@ -482,7 +484,7 @@ class BasicAuth:
                 raise PasswordChecksBusy
             target = hashed if hashed is not None else self._dummy
             future = asyncio.get_running_loop().run_in_executor(
-                self._pool, bcrypt.checkpw, password, target
+                self._pool, _paced_check, password, target
             )
             self._pending[key] = future
             future.add_done_callback(lambda done: self._settle(key, done, hashed is not None))
@@ -500,6 +502,16 @@ class BasicAuth:
     def close(self) -> None:
         """Stop the worker threads (running checks finish; nobody waits)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _paced_check(password: bytes, hashed: bytes) -> bool:
+    """bcrypt, then a rest as long as the check took: under a flood of
+    guesses the password thread keeps at most half a core busy."""
+    started = time.perf_counter()
+    try:
+        return bcrypt.checkpw(password, hashed)
+    finally:
+        time.sleep((time.perf_counter() - started) * BCRYPT_REST)
 
 
 def _cost(users: dict[str, str]) -> int:

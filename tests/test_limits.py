@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import aiohttp
@@ -202,3 +203,23 @@ def test_the_state_counts_imports_per_source_and_keeps_them_sorted() -> None:
     state.remove_source("a")
     assert state.imports.count_of("a") == 0 and state.imports.count_of("b") == 2
     assert state.imports.ordered == [("b", "id-1"), ("b", "id-3")] == sorted(state.imports)
+
+
+async def test_big_reads_take_at_most_their_share_of_the_time() -> None:
+    """A client looping on big reads gets them paced: after each slice of work
+    the reads thread sleeps (holding no GIL) for the rest of its share."""
+    from exporter.reads import SHARE, BulkReads
+
+    def busy(reads: BulkReads) -> float:
+        worked = 0.0
+        started = time.perf_counter()
+        for _ in range(3):
+            while time.perf_counter() - started < 0.01:
+                pass
+            worked += time.perf_counter() - started
+            started = reads.pace(started)
+        return worked
+
+    began = time.perf_counter()
+    worked = await BulkReads().run(busy)
+    assert time.perf_counter() - began >= worked / SHARE * 0.99
