@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
-    if given[:1] in (["track"], ["untrack"]):  # a pipeline's client of the API
+    if given[:1] in (["track"], ["untrack"], ["list"]):  # a pipeline's client of the API
         from exporter.client import main as client_main
 
         return client_main(given)

@@ -645,3 +645,23 @@ async def test_the_list_comes_in_pages_with_a_cursor_that_keeps_the_filters(
         assert status == 400 and answer["field"] == field, answer
     status, answer, _ = await call(http, "GET", url(exporter, IMPORTS), params={"limit": "5000"})
     assert status == 200 and answer["next"] is None
+
+
+async def test_cli_list_follows_the_pages(exporter: Exporter) -> None:
+    base = f"http://127.0.0.1:{exporter.port}"
+    for n in range(7):
+        code, _, err = await run_cli(
+            "track", "--source", "elevate-prod", "--id", f"bench-{n}", "--url", base, token=TOKEN
+        )
+        assert code == 0, err
+    code, out, err = await run_cli(
+        "list", "--url", base, "--source", "elevate-prod", "--page-size", "3", token=TOKEN
+    )
+    assert code == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [line[:2] for line in lines] == [
+        ["elevate-prod", i] for i in sorted(["1001", *(f"bench-{n}" for n in range(7))])
+    ]
+    assert lines[0][3] == "nightly catalogue"
+    code, out, err = await run_cli("list", "--url", base, "--state", "sideways")
+    assert code == 1 and "400" in err and "state" in err
