@@ -46,7 +46,8 @@ POLL_TIMES_EVERY = 30
 """Write imports whose only news is a newer poll time every this many writes."""
 SHUTDOWN_TIMEOUT = 5.0
 DEFAULT_MAX_REQUESTS = 40
-"""``--web.max-requests``: as node_exporter's default."""
+"""``--web.max-requests``: as node_exporter's default (the command line's;
+an ``Exporter`` built in code has no limit unless given one)."""
 HEADER_READ_TIMEOUT = 10.0
 """Seconds a connection may take to send a request's headers (from the
 connection's start or the end of the previous answer); then it is closed."""
@@ -77,7 +78,7 @@ class Exporter:
         config_loader: ConfigLoader | None = None,
         storage_path: str | None = None,
         *,
-        max_requests: int = DEFAULT_MAX_REQUESTS,
+        max_requests: int = 0,
         header_timeout: float = HEADER_READ_TIMEOUT,
     ) -> None:
         self.config = config
@@ -387,8 +388,10 @@ class Exporter:
         every second), logged at most a few times a minute per kind."""
         message = str(context.get("message", "unhandled error in the event loop"))
         exc = context.get("exception")
-        detail = f"{message}: {exc}" if exc is not None else message
-        self._quiet_log.log(logging.ERROR, ("loop", message, type(exc)), "%s", detail)
+        exc_info = (type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None
+        self._quiet_log.log(
+            logging.ERROR, ("loop", message, type(exc)), "%s", message, exc_info=exc_info
+        )
 
     async def stop(self) -> None:
         """Stop accepting, stop polling, write what the store must keep, close."""

@@ -88,7 +88,7 @@ class RateLimitedLog:
         # key -> [window start, lines logged in it, lines left out since last logged]
         self._windows: dict[Hashable, list[float]] = {}
 
-    def log(self, level: int, key: Hashable, msg: str, *args: object) -> bool:
+    def log(self, level: int, key: Hashable, msg: str, *args: object, exc_info: Any = None) -> bool:
         """Log ``msg % args`` unless ``key`` used up its lines; True if logged."""
         now = self.clock()
         window = self._windows.get(key)
@@ -105,5 +105,5 @@ class RateLimitedLog:
         else:
             window[2] += 1
             return False
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         return True

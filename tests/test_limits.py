@@ -223,3 +223,30 @@ async def test_big_reads_take_at_most_their_share_of_the_time() -> None:
     began = time.perf_counter()
     worked = await BulkReads().run(busy)
     assert time.perf_counter() - began >= worked / SHARE * 0.99
+
+
+async def test_accept_errors_of_a_running_exporter_do_not_flood_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio retries accept() every second when out of file descriptors and
+    reports each failure: the exporter logs a few, not every one."""
+    from exporter.app import Exporter
+    from exporter.config import parse_config_data
+
+    exporter = Exporter(parse_config_data({"sources": []}, "test"), "127.0.0.1:0")
+    await exporter.start()
+    loop = asyncio.get_running_loop()
+    try:
+        with caplog.at_level(logging.ERROR, logger="exporter.app"):
+            for _ in range(1000):
+                loop.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": OSError(24, "Too many open files"),
+                    }
+                )
+        lines = [r for r in caplog.records if "accept() out of system resource" in r.getMessage()]
+        assert 1 <= len(lines) <= 5
+        assert lines[0].exc_info is not None and "Too many open files" in caplog.text
+    finally:
+        await exporter.stop()
