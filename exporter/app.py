@@ -10,15 +10,18 @@ import functools
 import itertools
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
+from exporter.logs import RateLimitedLog
 from exporter.metrics import StoreHealthCollector, build_registry
 from exporter.poller import Poller
 from exporter.sources import build_source
@@ -27,7 +30,14 @@ from exporter.state import ImportKey, ImportRecord, StateStore
 from exporter.store import Row, Store, StoreError, to_row
 from exporter.tracking import TrackingError
 from exporter.web import create_web_app
-from exporter.webconfig import build_ssl_context, load_web_config
+from exporter.webconfig import (
+    WebConfig,
+    WebSecurity,
+    build_ssl_context,
+    configure_ssl_context,
+    dropped_client_cas,
+    load_web_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,12 @@ PERSIST_INTERVAL = 1.0
 POLL_TIMES_EVERY = 30
 """Write imports whose only news is a newer poll time every this many writes."""
 SHUTDOWN_TIMEOUT = 5.0
+DEFAULT_MAX_REQUESTS = 40
+"""``--web.max-requests``: as node_exporter's default (the command line's;
+an ``Exporter`` built in code has no limit unless given one)."""
+HEADER_READ_TIMEOUT = 10.0
+"""Seconds a connection may take to send a request's headers (from the
+connection's start or the end of the previous answer); then it is closed."""
 
 
 def parse_listen_address(address: str) -> tuple[str | None, int]:
@@ -68,6 +84,9 @@ class Exporter:
         web_config_file: str | None = None,
         config_loader: ConfigLoader | None = None,
         storage_path: str | None = None,
+        *,
+        max_requests: int = 0,
+        header_timeout: float = HEADER_READ_TIMEOUT,
     ) -> None:
         self.config = config
         self.config_loader = config_loader
@@ -75,13 +94,15 @@ class Exporter:
         self.store = Store(storage_path) if storage_path is not None else None
         self.listen_address = listen_address
         self.host, self.port = parse_listen_address(listen_address)
+        self.web_config_file = web_config_file
         self.web_config = load_web_config(web_config_file) if web_config_file else None
+        self.web_security = WebSecurity(self.web_config) if self.web_config else None
         self.ssl_context = None
-        if self.web_config is not None and self.web_config.tls_server_config is not None:
+        if self.web_config is not None and self.web_config.tls is not None:
             assert web_config_file is not None
-            self.ssl_context = build_ssl_context(
-                self.web_config.tls_server_config, Path(web_config_file).parent
-            )
+            self.ssl_context = build_ssl_context(self.web_config.tls, Path(web_config_file).parent)
+            if self.web_config.http_server_config and self.web_config.http_server_config.http2:
+                log.info("http2 in %s: aiohttp serves HTTP/1.1 only", web_config_file)
         self.state = StateStore()
         self.poller = Poller(self.state)
         self.registry = build_registry(self.state)
@@ -90,16 +111,20 @@ class Exporter:
         self.web_app = create_web_app(
             self.state,
             self.registry,
-            web_config=self.web_config,
+            web_config=self.web_security,
             reload=self.reload,
             tracker=self,
             store_failing=self._store_failing,
+            max_requests=max_requests,
         )
+        self.header_timeout = header_timeout
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self._persist_task: asyncio.Task[None] | None = None
+        self._quiet_log = RateLimitedLog(log)
+        self._previous_exception_handler: Any = None
 
     async def start(self) -> None:
         # Renders run in a worker thread; a short GIL switch interval keeps
@@ -125,8 +150,18 @@ class Exporter:
                 self._park(name)
         self.state.record_reload(success=True)
         self._persist_task = asyncio.create_task(self._persist_loop(), name="persist")
+        loop = asyncio.get_running_loop()
+        self._previous_exception_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_exception)
+        # aiohttp's keep-alive timer runs from a connection's start and from
+        # each answer until the next request's headers are complete: it is a
+        # header-read timeout too, so a slow or silent client (slowloris)
+        # cannot hold a connection.
         self._runner = web.AppRunner(
-            self.web_app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+            self.web_app,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            keepalive_timeout=self.header_timeout,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
@@ -238,6 +273,8 @@ class Exporter:
             return ["this exporter was not started from a config file"]
         async with self._reload_lock:
             try:
+                # Both files are checked before either is applied.
+                web_config = self._load_web_config_again()
                 config = self.config_loader()
             except ConfigError as exc:
                 self.state.record_reload(success=False)
@@ -246,6 +283,8 @@ class Exporter:
                 )
                 return exc.errors
             self._warn_deprecations(config)
+            if web_config is not None:
+                await self._apply_web_config(web_config)
             # Under the write lock: no registration runs between the
             # snapshot of an old scheduler's imports and its replacement.
             async with self._write_lock:
@@ -253,6 +292,46 @@ class Exporter:
             self.state.record_reload(success=True)
             log.info("config reloaded: %d sources", len(config.sources))
             return []
+
+    def _load_web_config_again(self) -> WebConfig | None:
+        """``--web.config.file`` read again (None without one); ConfigError if
+        it is invalid or asks for what needs a restart."""
+        if self.web_config_file is None:
+            return None
+        web_config = load_web_config(self.web_config_file)
+        if (web_config.tls is None) != (self.ssl_context is None):
+            raise ConfigError(
+                [
+                    f"{self.web_config_file}: tls_server_config: turning TLS on or off "
+                    "needs a restart"
+                ]
+            )
+        return web_config
+
+    async def _apply_web_config(self, web_config: WebConfig) -> None:
+        """Basic auth, headers and rate limit take effect at once; TLS settings
+        and certificates are loaded into the serving SSLContext, so the next
+        connection uses them (a rotated certificate needs no restart)."""
+        assert self.web_config_file is not None and self.web_security is not None
+        base_dir = Path(self.web_config_file).parent
+        tls = web_config.tls
+        if tls is not None and self.ssl_context is not None:
+            # Checked by load_web_config on a scratch context: this cannot fail
+            # unless the files changed in between; then the old settings stay.
+            try:
+                configure_ssl_context(self.ssl_context, tls, base_dir)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.error("cannot load the new TLS settings, keeping the old: %s", exc)
+            dropped = dropped_client_cas(self.ssl_context, tls, base_dir)
+            if dropped:
+                log.warning(
+                    "%d client CA(s) removed from %s are still trusted until a restart: "
+                    "a running TLS context can add CAs, not drop them",
+                    dropped,
+                    self.web_config_file,
+                )
+        self.web_security.apply(await WebSecurity.prepare(web_config))
+        self.web_config = web_config
 
     def bound_port(self) -> int:
         assert self._runner is not None
@@ -286,7 +365,7 @@ class Exporter:
             existing = self.state.imports.get((source, import_id))
             if existing is None:
                 limit = self.config.api.max_imports_per_source
-                if len(self.state.imports_of(source)) >= limit:
+                if self.state.imports.count_of(source) >= limit:
                     raise TrackingError(
                         409,
                         f"source {source!r} already tracks {limit} imports, the most "
@@ -406,6 +485,16 @@ class Exporter:
                 # A stat, but behind the store's lock, which a write may hold.
                 await asyncio.to_thread(self.store.verify)
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Errors the event loop reports (accept() failing with EMFILE retries
+        every second), logged at most a few times a minute per kind."""
+        message = str(context.get("message", "unhandled error in the event loop"))
+        exc = context.get("exception")
+        exc_info = (type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None
+        self._quiet_log.log(
+            logging.ERROR, ("loop", message, type(exc)), "%s", message, exc_info=exc_info
+        )
+
     async def stop(self) -> None:
         """Stop accepting, stop polling, write what the store must keep, close."""
         if self._runner is not None:
@@ -424,3 +513,4 @@ class Exporter:
             self.store.close()
         if self._session is not None:
             await self._session.close()
+        asyncio.get_running_loop().set_exception_handler(self._previous_exception_handler)

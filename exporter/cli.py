@@ -11,9 +11,17 @@ import sys
 from collections.abc import Sequence
 
 from exporter import __version__
-from exporter.app import DEFAULT_PORT, Exporter, ListenError, parse_listen_address
+from exporter.app import (
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_PORT,
+    HEADER_READ_TIMEOUT,
+    Exporter,
+    ListenError,
+    parse_listen_address,
+)
 from exporter.config import Config, ConfigError, load_config
 from exporter.hup import catch_early, take_early
+from exporter.limits import raise_open_file_limit
 from exporter.logs import LEVELS, setup_logging
 from exporter.store import StoreError
 
@@ -57,6 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: storage.path of the config file, else {DEFAULT_STORAGE_PATH}; "
         "with --demo: none, state is kept in memory only)",
     )
+    parser.add_argument(
+        "--web.max-requests",
+        dest="max_requests",
+        type=int,
+        default=DEFAULT_MAX_REQUESTS,
+        help=f"requests served at once, beyond which 503 (0: no limit; default "
+        f"{DEFAULT_MAX_REQUESTS}; /-/healthy and /-/ready are exempt)",
+    )
+    parser.add_argument(
+        "--web.read-header-timeout",
+        dest="header_timeout",
+        type=float,
+        default=HEADER_READ_TIMEOUT,
+        help=f"seconds a connection may take to send a request's headers, and stay idle "
+        f"between requests (default {HEADER_READ_TIMEOUT:g})",
+    )
     parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
     parser.add_argument(
         "--log.format", dest="log_format", choices=["logfmt", "json"], default="logfmt"
@@ -84,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
-    if given[:1] in (["track"], ["untrack"]):  # a pipeline's client of the API
+    if given[:1] in (["track"], ["untrack"], ["list"]):  # a pipeline's client of the API
         from exporter.client import main as client_main
 
         return client_main(given)
@@ -93,6 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config" or args.check_config:
         return check_config(args.config_file)
     setup_logging(args.log_level, args.log_format)
+    if args.max_requests < 0 or args.header_timeout <= 0:
+        print("--web.max-requests must be >= 0 and --web.read-header-timeout > 0", file=sys.stderr)
+        return 2
+    before, after = raise_open_file_limit()
+    if after != before:
+        log.info("raised the open file limit from %d to %d", before, after)
     try:
         parse_listen_address(args.listen_address)
     except ValueError as exc:
@@ -169,7 +199,13 @@ async def run(args: argparse.Namespace) -> int:
                 return load_config(args.config_file)
 
         starting = Exporter(
-            config, args.listen_address, args.web_config_file, loader, storage_path=storage_path
+            config,
+            args.listen_address,
+            args.web_config_file,
+            loader,
+            storage_path=storage_path,
+            max_requests=args.max_requests,
+            header_timeout=args.header_timeout,
         )
         await starting.start()
         stack.push_async_callback(starting.stop)

@@ -6,6 +6,10 @@ library only, so a pipeline step needs nothing but this package::
     import-status-exporter track --source elevate-prod --id 5537431447739019570 \\
         --name "nightly catalogue" --url http://exporter:10451 --token-file /run/token
     import-status-exporter untrack --source elevate-prod --id 5537431447739019570
+    import-status-exporter list --source elevate-prod --state failed
+
+``list`` prints one tab-separated line per tracked import (source, id, state,
+name), following the API's pages to the end.
 
 Exit status: 0 done (one line on stdout), 1 the exporter said no or could not
 be reached (its error on stderr), 2 a usage error. The token comes from
@@ -23,7 +27,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from exporter import __version__
 
@@ -38,16 +42,24 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Tell a running exporter to start or stop tracking an import."
+        prog=PROG,
+        description="Tell a running exporter to start or stop tracking an import, or list them.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     track = commands.add_parser("track", help="start tracking an import")
     untrack = commands.add_parser("untrack", help="stop tracking an import")
+    listing = commands.add_parser("list", help="list tracked imports (source, id, state, name)")
     for sub in (track, untrack):
         sub.add_argument("--source", required=True, help="the source's name in the config")
         sub.add_argument(
             "--id", required=True, dest="import_id", metavar="ID", help="the upstream's import id"
         )
+    listing.add_argument("--source", help="only this source's imports")
+    listing.add_argument("--state", help="only imports in this state")
+    listing.add_argument(
+        "--page-size", type=int, default=None, help="imports asked for per request (1-5000)"
+    )
+    for sub in (track, untrack, listing):
         sub.add_argument(
             "--url", default=DEFAULT_URL, help=f"the exporter's base URL (default {DEFAULT_URL})"
         )
@@ -113,6 +125,51 @@ def build_request(args: argparse.Namespace, token: str | None) -> urllib.request
     return urllib.request.Request(f"{base}/api/v1/imports/{path}", headers=headers, method="DELETE")
 
 
+def list_imports(
+    args: argparse.Namespace, token: str | None, context: ssl.SSLContext | None
+) -> int:
+    """Print every tracked import the filters match, page after page."""
+    base = args.url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise UsageError(f"--url {args.url!r}: expected http://host:port or https://host:port")
+    if args.page_size is not None and not 1 <= args.page_size <= 5000:
+        raise UsageError("--page-size: must be from 1 to 5000")
+    headers = {"User-Agent": f"{PROG}/{__version__}", "Accept": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    params = {
+        key: value
+        for key, value in (
+            ("source", args.source),
+            ("state", args.state),
+            ("limit", None if args.page_size is None else str(args.page_size)),
+        )
+        if value is not None
+    }
+    while True:
+        request = urllib.request.Request(
+            f"{base}/api/v1/imports?{urlencode(params)}", headers=headers
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=args.timeout, context=context) as answer:
+                page = json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                message = _server_error(exc.code, exc.read(64 * 1024))
+            print(f"{PROG}: list: {message}", file=sys.stderr)
+            return 1
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            print(f"{PROG}: cannot list from {args.url}: {reason}", file=sys.stderr)
+            return 1
+        for item in page["imports"]:
+            fields = [item["source"], item["id"], item["state"] or "pending", item["name"] or ""]
+            print("\t".join(fields))
+        if page.get("next") is None:
+            return 0
+        params["after"] = page["next"]
+
+
 def _server_error(status: int, body: bytes) -> str:
     try:
         data = json.loads(body)
@@ -131,8 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        request = build_request(args, read_token(args.token_file))
+        token = read_token(args.token_file)
         context = ssl_context(args)
+        if args.command == "list":
+            return list_imports(args, token, context)
+        request = build_request(args, token)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: {exc}", file=sys.stderr)

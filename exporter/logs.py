@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from exporter.redact import redact
@@ -60,3 +61,49 @@ def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:
     root.setLevel(LEVELS[level])
     # aiohttp's access log is noise at info level for a scrape target.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class RateLimitedLog:
+    """Logs a repeated message at most ``burst`` times per ``interval`` per key;
+    the first line after a quiet spell says how many were left out.
+
+    For errors that can repeat thousands of times a second (accept errors,
+    store writes, polls of many imports failing alike): the log stays readable
+    and cannot fill a disk.
+    """
+
+    MAX_KEYS = 10_000
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 60.0,
+        burst: int = 5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.burst = burst
+        self.clock = clock
+        # key -> [window start, lines logged in it, lines left out since last logged]
+        self._windows: dict[Hashable, list[float]] = {}
+
+    def log(self, level: int, key: Hashable, msg: str, *args: object, exc_info: Any = None) -> bool:
+        """Log ``msg % args`` unless ``key`` used up its lines; True if logged."""
+        now = self.clock()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.interval:
+            left_out = int(window[2]) if window is not None else 0
+            if len(self._windows) >= self.MAX_KEYS:
+                self._windows.clear()
+            self._windows[key] = [now, 1, 0]
+            if left_out:
+                msg += " (%d more like this in the last %gs were not logged)"
+                args = (*args, left_out, self.interval)
+        elif window[1] < self.burst:
+            window[1] += 1
+        else:
+            window[2] += 1
+            return False
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+        return True

@@ -9,12 +9,16 @@ through :func:`html.escape`: upstreams are not trusted to send plain text.
 
 from __future__ import annotations
 
+import heapq
 import html
 import time
+from collections import Counter
+from collections.abc import Callable
 from urllib.parse import urlencode
 
 from exporter import __version__
 from exporter.model import PENDING, State
+from exporter.reads import unpaced
 from exporter.state import ERROR_TIMES_KEPT, ImportRecord, SourceRecord, StateStore
 
 DEFAULT_REFRESH = 10
@@ -23,6 +27,10 @@ MAX_REFRESH = 3600
 RECENT_ERRORS_WINDOW = 15 * 60.0
 """The window of the sources' "recent errors" count."""
 STATE_CHOICES = (PENDING, *(state.value for state in State))
+RECORDS_PER_SLICE = 5000
+DEFAULT_SHOWN = 200
+"""Imports listed by default, those that most need attention first."""
+MAX_SHOWN = 5000
 
 _e = html.escape
 
@@ -60,18 +68,58 @@ def render_status_page(
     source_filter: str | None = None,
     state_filter: str | None = None,
     refresh: int = DEFAULT_REFRESH,
+    show: int = DEFAULT_SHOWN,
 ) -> str:
     """The whole page. Filters match exactly; an unknown value matches nothing."""
+    return prepare_status_page(
+        state,
+        now,
+        source_filter=source_filter,
+        state_filter=state_filter,
+        refresh=refresh,
+        show=show,
+    )()
+
+
+def prepare_status_page(
+    state: StateStore,
+    now: float,
+    *,
+    source_filter: str | None = None,
+    state_filter: str | None = None,
+    refresh: int = DEFAULT_REFRESH,
+    show: int = DEFAULT_SHOWN,
+) -> Callable[..., str]:
+    """Take what the page needs from the state, on the event loop (the sources
+    table and a snapshot list of the imports: cheap at any size); return the
+    rest of the rendering (counts, ordering, the bounded table), which may run
+    in a worker thread: at 50,000 imports it takes tens of milliseconds."""
     refresh = bound_refresh(refresh)
+    show = bound_show(show)
     sources = [s for n, s in sorted(state.sources.items()) if source_filter in (None, n)]
-    every_import = sorted(state.imports.values(), key=lambda r: (r.source, r.import_id))
-    shown = [
-        record
-        for record in every_import
-        if source_filter in (None, record.source) and state_filter in (None, state_label(record))
-    ]
-    keep = _query(source_filter, state_filter, refresh)
-    return f"""<!doctype html>
+    sources_html = _sources_table(sources, now, source_filter if state.sources else None)
+    source_names = sorted(state.sources)
+    every_import = list(state.imports.values())
+
+    def render(pace: Callable[[float], float] = unpaced) -> str:
+        """``pace`` is called between slices of work (see exporter.reads)."""
+        counts: Counter[tuple[str, str]] = Counter()
+        shown: list[ImportRecord] = []
+        started = time.perf_counter()
+        for start in range(0, len(every_import), RECORDS_PER_SLICE):
+            for record in every_import[start : start + RECORDS_PER_SLICE]:
+                label = state_label(record)
+                counts[(record.source, label)] += 1
+                if source_filter in (None, record.source) and state_filter in (None, label):
+                    shown.append(record)
+            started = pace(started)
+        first = heapq.nsmallest(show, shown, key=attention_key)
+        started = pace(started)
+        keep = _query(source_filter, state_filter, refresh, show)
+        more = ""
+        if len(shown) > len(first):
+            more = _show_more(source_filter, state_filter, refresh, show, len(shown))
+        return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 {_refresh_meta(refresh, keep)}<title>Import status</title>
@@ -81,14 +129,57 @@ def render_status_page(
 <a href="/-/healthy">Health</a> · <a href="/-/ready">Readiness</a></nav></header>
 <p class="meta">Updated <time>{_e(_utc(now))}</time> UTC ·
 {_refresh_note(refresh, source_filter, state_filter)}</p>
+{_counts_table(counts, source_names, refresh)}
 <h2>Sources</h2>
-{_sources_table(sources, now, source_filter if state.sources else None)}
+{sources_html}
 <h2>Imports <span class="count">{len(shown)} of {len(every_import)}</span></h2>
-{_filter_form(state, source_filter, state_filter, refresh)}
-{_imports_table(shown, now, source_filter, state_filter, bool(every_import))}
+{_filter_form(source_names, source_filter, state_filter, refresh)}
+{_imports_table(first, now, source_filter, state_filter, bool(every_import))}
+{more}
 <footer>import-status-exporter {_e(__version__)}</footer>
 </body></html>
 """
+
+    return render
+
+
+ATTENTION_ORDER = (
+    State.FAILED.value,
+    State.ABORTED.value,
+    State.UNKNOWN.value,
+    State.NOT_FOUND.value,
+    State.BLOCKED.value,
+    State.RUNNING.value,
+    State.WAITING.value,
+    PENDING,
+    State.SUCCEEDED.value,
+)
+"""States by how much they need someone's attention, most first."""
+_RANK = {label: rank for rank, label in enumerate(ATTENTION_ORDER)}
+_ERRORING_RANK = _RANK[State.UNKNOWN.value]
+
+
+def attention_key(record: ImportRecord) -> tuple[int, float, str, str]:
+    """Failed first, then aborted, unreadable (unknown state, or the last poll
+    failed), not found, blocked, running, waiting, pending, succeeded last;
+    within each, the latest change first."""
+    rank = _RANK.get(state_label(record), len(_RANK))
+    error_at = record.last_error_at
+    if error_at is not None and (record.last_success is None or error_at > record.last_success):
+        rank = min(rank, _ERRORING_RANK)
+    return (rank, -(record.state_since or 0.0), record.source, record.import_id)
+
+
+def bound_show(rows: int) -> int:
+    return max(1, min(MAX_SHOWN, rows))
+
+
+def parse_show(raw: str | None) -> int:
+    """``?show=N``: how many imports the table lists (1-5,000; default 200)."""
+    try:
+        return bound_show(int(raw)) if raw is not None else DEFAULT_SHOWN
+    except ValueError:
+        return DEFAULT_SHOWN
 
 
 # --- pieces -----------------------------------------------------------------
@@ -194,8 +285,58 @@ def _imports_table(
     )
 
 
+def _counts_table(counts: Counter[tuple[str, str]], sources: list[str], refresh: int) -> str:
+    """Imports per source and state, each count a link to that filter."""
+    if not counts:
+        return ""
+    labels = [label for label in ATTENTION_ORDER if any(counts[(s, label)] for s in sources)]
+    labels += sorted({label for _, label in counts} - set(labels) - set(ATTENTION_ORDER))
+    names = sources + sorted({source for source, _ in counts} - set(sources))
+    head = "".join(
+        f'<th class="num"><span class="badge s-{_e(x)}">{_e(x)}</span></th>' for x in labels
+    )
+
+    def cell(source: str | None, label: str | None, value: int) -> str:
+        if not value:
+            return '<td class="num zero">0</td>'
+        href = _e(_href(_query(source, label, refresh)))
+        return f'<td class="num"><a href="{href}">{value}</a></td>'
+
+    rows = []
+    for source in [*names, None]:
+        row_counts = [
+            sum(counts[(s, label)] for s in names) if source is None else counts[(source, label)]
+            for label in labels
+        ]
+        title = "all" if source is None else _e(source)
+        rows.append(
+            f'<tr data-counts="{title}"><th>{title}</th>'
+            + "".join(cell(source, label, n) for label, n in zip(labels, row_counts, strict=True))
+            + cell(source, None, sum(row_counts))
+            + "</tr>"
+        )
+    return (
+        '<h2>Summary</h2><table class="counts"><thead><tr><th>Source</th>'
+        f'{head}<th class="num">total</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
+
+
+def _show_more(
+    source_filter: str | None, state_filter: str | None, refresh: int, show: int, matching: int
+) -> str:
+    shown = min(show, matching)
+    text = f'<p class="more">Showing the {shown} imports that most need attention of {matching}.'
+    if show < MAX_SHOWN:
+        more = bound_show(show * 2)
+        href = _e(_href(_query(source_filter, state_filter, refresh, more)))
+        text += f' <a href="{href}">Show {min(more, matching)}</a>.'
+    else:
+        text += " Filter by source or state, or use the JSON API, to see the rest."
+    return text + "</p>"
+
+
 def _filter_form(
-    state: StateStore, source_filter: str | None, state_filter: str | None, refresh: int
+    source_names: list[str], source_filter: str | None, state_filter: str | None, refresh: int
 ) -> str:
     def options(values: list[str], selected: str | None) -> str:
         return "".join(
@@ -213,7 +354,7 @@ def _filter_form(
     return (
         '<form method="get" class="filter">'
         '<label>Source <select name="source" onchange="this.form.submit()">'
-        f'<option value="">all</option>{options(sorted(state.sources), source_filter)}'
+        f'<option value="">all</option>{options(source_names, source_filter)}'
         "</select></label> "
         '<label>State <select name="state" onchange="this.form.submit()">'
         f'<option value="">all</option>{options(list(STATE_CHOICES), state_filter)}'
@@ -252,10 +393,14 @@ def _refresh_note(refresh: int, source_filter: str | None, state_filter: str | N
     return f'refreshes every {refresh} s (<a href="{_e(stop)}">stop</a>)'
 
 
-def _query(source: str | None, state: str | None, refresh: int) -> list[tuple[str, str]]:
+def _query(
+    source: str | None, state: str | None, refresh: int, show: int = DEFAULT_SHOWN
+) -> list[tuple[str, str]]:
     params = [("source", source or ""), ("state", state or "")]
     if refresh != DEFAULT_REFRESH:
         params.append(("refresh", str(refresh)))
+    if show != DEFAULT_SHOWN:
+        params.append(("show", str(show)))
     return [(k, v) for k, v in params if v]
 
 
@@ -313,4 +458,5 @@ background:#eaeef2;color:#424a53;white-space:nowrap}
 .s-unknown{background:#fbefff;color:#6639ba}
 .filter{margin:0 0 .8em}.filter select{margin-right:1em}
 .empty{color:#656d76;font-style:italic}
+table.counts{width:auto}td.zero{color:#afb8c1}.more{color:#656d76}
 """

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 
+from exporter.logs import RateLimitedLog
 from exporter.model import ErrorReason, SourceError
 from exporter.redact import redact
 from exporter.sources.base import ImportSpec, Source
@@ -58,6 +59,7 @@ class SourceScheduler:
         self._seq = itertools.count()
         self._scheduled: set[str] = set()
         self._failures: dict[str, int] = {}
+        self._poll_failures = RateLimitedLog(log, interval=60.0, burst=20)
         self._paused_until = 0.0
         self._source_failures = 0
         """Source-wide failures in a row: the schedule of the source's own hold."""
@@ -166,7 +168,11 @@ class SourceScheduler:
         failures = self._failures.get(import_id, 0) + 1
         self._failures[import_id] = failures
         self.state.record_error(self.source.name, import_id, error)
-        log.warning(
+        # Thousands of imports can fail alike at once (the upstream or the
+        # network is down): a few lines a minute per source and reason.
+        self._poll_failures.log(
+            logging.WARNING,
+            (self.source.name, error.reason),
             "poll failed source=%s import=%s reason=%s error=%s",
             self.source.name,
             import_id,

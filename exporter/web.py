@@ -10,16 +10,19 @@ import gc
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.api import add_api_routes, bearer_passes
-from exporter.pages import parse_refresh, render_status_page
+from exporter.pages import parse_refresh, parse_show, prepare_status_page
+from exporter.reads import BulkReads
 from exporter.state import StateStore
 from exporter.tracking import ImportTracker
-from exporter.webconfig import WebConfig, security_middlewares
+from exporter.webconfig import WebConfig, WebSecurity, security_middlewares
 
 STATE_KEY = web.AppKey("state", StateStore)
 
@@ -28,18 +31,19 @@ def create_web_app(
     state: StateStore,
     registry: CollectorRegistry,
     clock: Callable[[], float] = time.time,
-    web_config: WebConfig | None = None,
+    web_config: WebConfig | WebSecurity | None = None,
     reload: Callable[[], Awaitable[list[str]]] | None = None,
     tracker: ImportTracker | None = None,
     store_failing: Callable[[], str | None] | None = None,
+    max_requests: int = 0,
 ) -> web.Application:
     """``store_failing`` says why the last write of the store failed (None: it
-    succeeded); while it fails the exporter is not ready."""
-    middlewares = (
-        security_middlewares(web_config, bypass=bearer_passes(tracker))
-        if web_config is not None
-        else []
-    )
+    succeeded); while it fails the exporter is not ready. ``max_requests`` > 0:
+    requests served at once, beyond which 503 (the health endpoints are exempt,
+    so an orchestrator does not kill a busy exporter)."""
+    middlewares = [request_cap(max_requests)] if max_requests > 0 else []
+    if web_config is not None:
+        middlewares += security_middlewares(web_config, bypass=bearer_passes(tracker))
     app = web.Application(middlewares=middlewares)
     app[STATE_KEY] = state
 
@@ -57,19 +61,29 @@ def create_web_app(
             return web.Response(text="OK\n")
         return web.Response(status=503, text="waiting for the first poll of every import\n")
 
+    # The page's counts, ordering and table are rendered on the paced reads
+    # thread (shared with the list API), not on the event loop nor on the
+    # default executor (which renders /metrics).
+    reads = BulkReads()
+
     async def landing(request: web.Request) -> web.Response:
         query = request.query
-        page = render_status_page(
+        render = prepare_status_page(
             state,
             clock(),
             # An empty value is the form's "all".
             source_filter=query.get("source") or None,
             state_filter=query.get("state") or None,
             refresh=parse_refresh(query.get("refresh")),
+            show=parse_show(query.get("show")),
         )
+        page = await reads.run(lambda bulk: render(bulk.pace))
         return web.Response(text=page, content_type="text/html")
 
-    async def reload_config(_: web.Request) -> web.Response:
+    async def reload_config(request: web.Request) -> web.Response:
+        refused = cross_site_refusal(request)
+        if refused is not None:
+            return web.json_response({"status": "refused", "errors": [refused]}, status=403)
         if reload is None:
             return web.json_response({"error": "reload is not available"}, status=501)
         errors = await reload()
@@ -82,11 +96,63 @@ def create_web_app(
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/", landing)
-    add_api_routes(app, tracker)
+    add_api_routes(app, tracker, reads)
     return app
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+UNCAPPED_PATHS = frozenset({"/-/healthy", "/-/ready"})
+
+
+def request_cap(limit: int) -> Middleware:
+    """``--web.max-requests``: answer 503 at once beyond ``limit`` requests in flight."""
+    in_flight = 0
+
+    @web.middleware
+    async def cap(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal in_flight
+        if request.path in UNCAPPED_PATHS:
+            return await handler(request)
+        if in_flight >= limit:
+            return web.Response(
+                status=503,
+                text=f"Too many requests at once (--web.max-requests={limit}); retry later\n",
+                headers={"Retry-After": "1"},
+            )
+        in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            in_flight -= 1
+
+    return cap
+
+
+FORM_CONTENT_TYPES = frozenset(
+    {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
+)
+"""What an HTML form can send to another site without a CORS preflight."""
+
+
+def cross_site_refusal(request: web.Request) -> str | None:
+    """Why a state-changing request may come from another site's page, or None.
+
+    A browser names the page's origin in ``Origin`` on every cross-site POST;
+    a form can only send the content types above (a script's ``fetch`` with
+    another type needs a preflight, which this server never grants). Tools
+    like curl send neither, so they keep working without a flag.
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        parsed = urlsplit(origin)
+        if parsed.scheme not in ("http", "https") or parsed.netloc.lower() != request.host.lower():
+            return f"Origin {origin[:100]!r} is not this exporter ({request.host[:100]})"
+    if request.headers.get("Sec-Fetch-Site", "") == "cross-site":
+        return "a cross-site request (Sec-Fetch-Site)"
+    if request.content_type in FORM_CONTENT_TYPES and "Content-Type" in request.headers:
+        return f"Content-Type {request.content_type} (what a cross-site HTML form sends)"
+    return None
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:

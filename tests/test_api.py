@@ -143,6 +143,25 @@ async def metrics(http: aiohttp.ClientSession, exporter: Exporter, **headers: st
         return await response.text()
 
 
+async def list_all(
+    http: aiohttp.ClientSession, exporter: Exporter, limit: int | None = None, **filters: str
+) -> list[dict[str, Any]]:
+    """Every import the list API shows, following its pages to the end."""
+    params = dict(filters)
+    if limit is not None:
+        params["limit"] = str(limit)
+    found: list[dict[str, Any]] = []
+    for _ in range(10_000):
+        status, page, _ = await call(http, "GET", url(exporter, IMPORTS), params=params)
+        assert status == 200, page
+        assert limit is None or len(page["imports"]) <= limit
+        found += page["imports"]
+        if page["next"] is None:
+            return found
+        params["after"] = page["next"]
+    raise AssertionError("the pages never ended")
+
+
 async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
     async with asyncio.timeout(timeout):
         while not await condition():
@@ -192,16 +211,12 @@ async def test_register_poll_show_and_unregister(
     assert seen["duration_seconds"] >= 0 and seen["ended_at"] is None
     assert seen["last_error"] is None
 
-    status, listing, _ = await call(http, "GET", url(exporter, IMPORTS))
-    assert status == 200
-    listed = {(i["source"], i["id"]): i for i in listing["imports"]}
+    listed = {(i["source"], i["id"]): i for i in await list_all(http, exporter)}
     assert {("elevate-prod", RUNNING_ID), ("elevate-prod", "5537431447739019570")} <= set(listed)
     assert listed[("elevate-prod", "1001")]["origin"] == "config"
-    status, running, _ = await call(
-        http, "GET", url(exporter, IMPORTS), params={"source": "elevate-prod", "state": "running"}
-    )
-    assert status == 200 and RUNNING_ID in {i["id"] for i in running["imports"]}
-    assert all(i["state"] == "running" for i in running["imports"])
+    running = await list_all(http, exporter, source="elevate-prod", state="running")
+    assert RUNNING_ID in {i["id"] for i in running}
+    assert all(i["state"] == "running" for i in running)
 
     series = f'import_state{{import="{RUNNING_ID}",source="elevate-prod",state="running"}} 1.0'
     assert series in await metrics(http, exporter)
@@ -212,8 +227,7 @@ async def test_register_poll_show_and_unregister(
     status, _, _ = await call(http, "GET", one)
     assert status == 404
     assert f'import="{RUNNING_ID}"' not in await metrics(http, exporter)
-    status, listing, _ = await call(http, "GET", url(exporter, IMPORTS))
-    assert RUNNING_ID not in {i["id"] for i in listing["imports"]}
+    assert RUNNING_ID not in {i["id"] for i in await list_all(http, exporter)}
     status, again_gone, _ = await call(http, "DELETE", one, headers=BEARER)
     assert status == 404 and again_gone["error"]
 
@@ -608,3 +622,62 @@ async def test_cli_track_and_untrack(exporter: Exporter, tmp_path: Path) -> None
     assert code == 2 and "cannot read" in err
     assert ("elevate-prod", RUNNING_ID) not in exporter.state.imports
     assert TOKEN not in "".join(outputs)
+
+
+async def test_the_list_comes_in_pages_with_a_cursor_that_keeps_the_filters(
+    exporter: Exporter, http: aiohttp.ClientSession
+) -> None:
+    ids = [f"bench-{n:03d}" for n in range(12)] + ["5537431447739019570"]
+    for import_id in ids:
+        body = {"source": "elevate-prod", "id": import_id}
+        status, _, _ = await call(http, "POST", url(exporter, IMPORTS), json=body, headers=BEARER)
+        assert status == 201
+    everything = await list_all(http, exporter)
+    keys = [(i["source"], i["id"]) for i in everything]
+    assert keys == sorted(keys) and len(keys) == len(set(keys)) == len(exporter.state.imports)
+    # Small pages add up to the same list, each at most `limit` long.
+    assert [(i["source"], i["id"]) for i in await list_all(http, exporter, limit=4)] == keys
+    assert [i["id"] for i in await list_all(http, exporter, limit=5, source="elevate-prod")] == [
+        i for s, i in keys if s == "elevate-prod"
+    ]
+    status, first, _ = await call(
+        http, "GET", url(exporter, IMPORTS), params={"limit": "3", "source": "elevate-prod"}
+    )
+    assert status == 200 and len(first["imports"]) == 3 and first["next"]
+    status, rest, _ = await call(
+        http,
+        "GET",
+        url(exporter, IMPORTS),
+        params={"limit": "3", "source": "elevate-prod", "after": first["next"]},
+    )
+    assert [i["id"] for i in rest["imports"]] == [i for s, i in keys if s == "elevate-prod"][3:6]
+    for params, field in [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "5001"}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"after": "not-a-cursor"}, "after"),
+    ]:
+        status, answer, _ = await call(http, "GET", url(exporter, IMPORTS), params=params)
+        assert status == 400 and answer["field"] == field, answer
+    status, answer, _ = await call(http, "GET", url(exporter, IMPORTS), params={"limit": "5000"})
+    assert status == 200 and answer["next"] is None
+
+
+async def test_cli_list_follows_the_pages(exporter: Exporter) -> None:
+    base = f"http://127.0.0.1:{exporter.port}"
+    for n in range(7):
+        code, _, err = await run_cli(
+            "track", "--source", "elevate-prod", "--id", f"bench-{n}", "--url", base, token=TOKEN
+        )
+        assert code == 0, err
+    code, out, err = await run_cli(
+        "list", "--url", base, "--source", "elevate-prod", "--page-size", "3", token=TOKEN
+    )
+    assert code == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [line[:2] for line in lines] == [
+        ["elevate-prod", i] for i in sorted(["1001", *(f"bench-{n}" for n in range(7))])
+    ]
+    assert lines[0][3] == "nightly catalogue"
+    code, out, err = await run_cli("list", "--url", base, "--state", "sideways")
+    assert code == 1 and "400" in err and "state" in err

@@ -30,7 +30,7 @@ def run_quick(script: str, out: Path) -> dict[str, object]:
     return data
 
 
-@pytest.mark.parametrize("script", ["polling.py", "scrape.py", "memory.py", "load.py"])
+@pytest.mark.parametrize("script", ["polling.py", "scrape.py", "memory.py", "load.py", "abuse.py"])
 def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> None:
     data = run_quick(script, tmp_path / "out.json")
     results = data["results"]
@@ -45,5 +45,13 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["live"]["max_loop_stall_s"] >= 0
     elif script == "memory.py":
         assert row["rss_bytes"] > 0 and "bytes_per_import" in row
+    elif script == "abuse.py":
+        assert [r["scenario"] for r in results][1:] == [  # type: ignore[index]
+            "1 password guessing",
+            "2 half-sent requests",
+            "3 big reads",
+        ]
+        assert row["scrapes_p50_ratio"] > 0 and row["registrations_p99_ratio"] > 0
+        assert data["loop_hold"]["page_max_ms"] >= 0  # type: ignore[index]
     else:
         assert row["scrapes_served"] > 0 and row["failures"] >= 0 and row["polls"] > 0

@@ -20,13 +20,17 @@ from typing import Any
 import aiohttp
 import bcrypt
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
 
 from exporter.app import Exporter
 from exporter.config import load_config
 from exporter.logs import setup_logging
 from exporter.model import ErrorReason, State
 from exporter.simulator import DEMO_CREDENTIALS, DemoCredentials, Fault, Simulator, create_app
+from exporter.state import StateStore
+from exporter.web import create_web_app
 from tests.fakes import wait_for
 from tests.test_faults import (
     CAP,
@@ -486,3 +490,49 @@ async def test_no_secret_appears_in_logs_pages_metrics_or_errors(
     assert "sources[0].interval: must be a duration" in answers["POST /-/reload "]
     assert "Salesforce token: HTTP 400 (xxxxx" in (state.sources["zilliant"].last_error or "")
     assert any("<redacted>" in e for e in errors)
+
+
+async def test_reload_refuses_what_a_cross_site_page_can_send_but_not_curl() -> None:
+    """A page on another site can POST a form to /-/reload: an Origin naming
+    another host or a form content type is refused; curl -X POST still works."""
+    reloads: list[int] = []
+
+    async def reload() -> list[str]:
+        reloads.append(1)
+        return []
+
+    app = create_web_app(StateStore(), CollectorRegistry(), reload=reload)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://127.0.0.1:{port}/-/reload"
+    try:
+        async with aiohttp.ClientSession() as session:
+            refused: list[dict[str, str]] = [
+                {"Origin": "https://evil.example"},
+                {"Origin": f"http://127.0.0.1:{port + 1}"},
+                {"Origin": "null"},
+                {"Content-Type": "application/x-www-form-urlencoded"},
+                {"Content-Type": "multipart/form-data; boundary=x"},
+                {"Content-Type": "text/plain;charset=UTF-8"},
+            ]
+            for headers in refused:
+                async with session.post(url, headers=headers, data=b"a=b") as response:
+                    assert response.status == 403, headers
+                    assert (await response.json())["status"] == "refused"
+            assert reloads == []
+            # The exporter's own page (same origin) and JSON clients may reload.
+            same = {"Origin": f"http://127.0.0.1:{port}", "Content-Type": "application/json"}
+            async with session.post(url, headers=same, data=b"{}") as response:
+                assert response.status == 200
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", url,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(curl.communicate(), 30)
+        assert out == b"200"
+        assert len(reloads) == 2
+    finally:
+        await runner.cleanup()

@@ -19,7 +19,13 @@ from prometheus_client.registry import CollectorRegistry
 from exporter.app import Exporter
 from exporter.demo import start_demo_simulator
 from exporter.model import ErrorReason, Observation, SourceError, State
-from exporter.pages import DEFAULT_REFRESH, parse_refresh, render_status_page, state_label
+from exporter.pages import (
+    DEFAULT_REFRESH,
+    DEFAULT_SHOWN,
+    parse_refresh,
+    render_status_page,
+    state_label,
+)
 from exporter.simulator import Phase, Simulator, scenarios
 from exporter.state import ERROR_TIMES_KEPT, StateStore
 from exporter.web import create_web_app
@@ -62,6 +68,7 @@ class Page(HTMLParser):
         self.refresh: str | None = None
         self.imports: dict[tuple[str, str], Row] = {}
         self.sources: dict[str, Row] = {}
+        self.counts: dict[str, Row] = {}
         self.selected: dict[str, str] = {}
         self.hidden: dict[str, str] = {}
         self.text_parts: list[str] = []
@@ -84,6 +91,8 @@ class Page(HTMLParser):
             self.links.append(a["href"])
         elif tag == "meta" and a.get("http-equiv") == "refresh":
             self.refresh = a["content"]
+        elif tag == "tr" and "data-counts" in a:
+            self._row = self.counts[a["data-counts"]] = Row()
         elif tag == "tr" and "data-import" in a:
             self._row = self.imports[(a["data-source"], a["data-import"])] = Row()
         elif tag == "tr" and "data-source" in a:
@@ -366,6 +375,53 @@ async def test_the_route_reads_filter_and_refresh_from_the_query(
     response = await client.get("/?source=&state=&refresh=nonsense")
     page = Page(await response.text())
     assert len(page.imports) == 5 and page.refresh == "10; url=./"
+
+
+def test_counts_per_source_and_state_come_first_and_link_to_their_filter(
+    state: StateStore,
+) -> None:
+    page = render(state, T0)
+    # Columns: the states present, most urgent first, then the total.
+    assert page.counts["shop"].cells == ["1", "0", "1", "1", "1", "4"]
+    assert page.counts["chat"].cells == ["0", "1", "0", "0", "0", "1"]
+    assert page.counts["all"].cells == ["1", "1", "1", "1", "1", "5"]
+    assert "?source=shop&state=failed" in page.links
+    assert "?state=running" in page.links
+    assert page.text.index("Summary") < page.text.index("Sources") < page.text.index("Imports")
+
+
+def test_imports_that_need_attention_come_first(state: StateStore, clock: Clock) -> None:
+    # A succeeded import whose latest poll failed cannot be read: it moves up.
+    state.track("shop", "1005")
+    state.record_observation("shop", "1005", Observation(State.SUCCEEDED, "SUCCESS"))
+    clock.now = T0 + 60
+    state.record_error("shop", "1005", SourceError(ErrorReason.SERVER_ERROR, "HTTP 500"))
+    assert list(render(state, clock.now).imports) == [
+        ("shop", "1002"),  # failed
+        ("shop", "1005"),  # the last poll failed
+        ("chat", "chat.example.com"),  # running
+        ("shop", "1003"),  # waiting
+        ("shop", "1004"),  # pending
+        ("shop", "1001"),  # succeeded
+    ]
+
+
+def test_the_table_is_bounded_and_offers_to_show_more(clock: Clock) -> None:
+    store = StateStore(clock=clock)
+    store.add_source("shop", "elevate", 30.0)
+    for n in range(450):
+        store.track("shop", f"{n:04d}")
+        state_of = State.FAILED if n % 150 == 0 else State.SUCCEEDED
+        store.record_observation("shop", f"{n:04d}", Observation(state_of, state_of.value))
+    page = render(store, T0)
+    assert len(page.imports) == DEFAULT_SHOWN
+    # The three failed imports lead the first page, whatever their ids.
+    assert list(page.imports)[:3] == [("shop", "0000"), ("shop", "0150"), ("shop", "0300")]
+    assert "450 of 450" in page.text and "?show=400" in page.links
+    more = render(store, T0, show=400)
+    assert len(more.imports) == 400 and "?show=800" in more.links
+    assert len(render(store, T0, show=800).imports) == 450
+    assert "Show" not in render(store, T0, show=800).text.split("Imports")[-1]
 
 
 # --- in a real browser ---------------------------------------------------------
