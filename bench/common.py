@@ -126,7 +126,7 @@ def bench_config(url: str, imports: list[dict[str, str]], **settings: object) ->
     """A config with one Elevate source, ``bench``, watching ``imports`` on the
     simulator at ``url``; ``settings`` are that source's other fields."""
     # Imported here: memory.py measures a process that has not loaded them yet.
-    from exporter.config import parse_config_data
+    from exporter.config.loader import parse_config_data
     from exporter.simulator import DEMO_CREDENTIALS
 
     source = {

@@ -83,7 +83,6 @@ async def measure_exporter(
     # "As fast as the concurrency allows": every import is due again as soon
     # as its poll returns. (A config file cannot say this: interval >= timeout.)
     source = config.sources[0].model_copy(update={"interval": 1e-6})
-    source._secrets.update(config.sources[0]._secrets)
     config = config.model_copy(update={"sources": [source]})
     # With its SQLite store, as it runs in production: every poll changes the
     # state, so every import is written about once a second.

@@ -24,8 +24,9 @@ from exporter.config import Config, ConfigError
 from exporter.logs import RateLimitedLog
 from exporter.metrics import StoreHealthCollector, build_registry
 from exporter.poller import Poller
-from exporter.sources import build_source
-from exporter.sources.base import ImportSpec
+from exporter.redact import register_secret
+from exporter.sources.base import ImportSpec, SourceHooks
+from exporter.sources.registry import build_source
 from exporter.state import ImportKey, ImportRecord, StateStore
 from exporter.store import Row, Store, StoreError, to_row
 from exporter.tracking import TrackingError
@@ -140,7 +141,7 @@ class Exporter:
             restored = await asyncio.to_thread(self.store.load)
             self.state.restore(restored)
             log.info("restored %d imports from %s", len(restored), self.store.path)
-        self._warn_deprecations(self.config)
+        self._prepare_to_apply(self.config)
         await self._apply(self.config, previous=None)
         # Stored imports of sources the config no longer has: registered ones
         # are parked (a config edit never deletes what a pipeline registered).
@@ -197,12 +198,11 @@ class Exporter:
             before = old.get(name)
             if before is not None and before == source_config:
                 continue  # unchanged, secrets included: keep it running as it is
-            source = build_source(
-                source_config,
-                self._session,
-                observe=self._observer(name),
-                token_observer=functools.partial(self.state.record_token_request, name),
+            hooks = SourceHooks(
+                request=self._observer(name),
+                token=functools.partial(self.state.record_token_request, name),
             )
+            source = build_source(source_config, self._session, hooks)
             # Imports of another system than the source's now cannot be polled
             # by it; those parked earlier of this system come back.
             self._park(name, unless_system=source.system)
@@ -236,7 +236,11 @@ class Exporter:
         self.config = config
 
     @staticmethod
-    def _warn_deprecations(config: Config) -> None:
+    def _prepare_to_apply(config: Config) -> None:
+        """Also the moment a config is applied: its secrets are registered for
+        redaction now (a file that was only checked registers nothing)."""
+        for secret in config.secret_values():
+            register_secret(secret)
         for source_config in config.sources:
             for warning in source_config.deprecations():
                 log.warning("deprecated setting source=%s: %s", source_config.name, warning)
@@ -282,7 +286,7 @@ class Exporter:
                     "config reload failed, keeping the running config: %s", "; ".join(exc.errors)
                 )
                 return exc.errors
-            self._warn_deprecations(config)
+            self._prepare_to_apply(config)
             if web_config is not None:
                 await self._apply_web_config(web_config)
             # Under the write lock: no registration runs between the

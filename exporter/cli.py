@@ -19,7 +19,8 @@ from exporter.app import (
     ListenError,
     parse_listen_address,
 )
-from exporter.config import Config, ConfigError, load_config
+from exporter.config import Config, ConfigError
+from exporter.config.loader import load_config
 from exporter.hup import catch_early, take_early
 from exporter.limits import raise_open_file_limit
 from exporter.logs import LEVELS, setup_logging

@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
-from exporter.config import Config, parse_config_data
+from exporter.config import Config
+from exporter.config.loader import parse_config_data
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def demo_config(base_url: str, speed: float = 1.0) -> Config:
         },
         "built-in demo config",
     )
-    config.api._tokens = (DEMO_API_TOKEN,)
+    config.api.allow_tokens((DEMO_API_TOKEN,))
     return config
 
 

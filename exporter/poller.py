@@ -17,6 +17,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from exporter.logs import RateLimitedLog
 from exporter.model import ErrorReason, SourceError
@@ -39,7 +40,7 @@ class SourceScheduler:
 
     def __init__(
         self,
-        source: Source,
+        source: Source[Any],
         state: StateStore,
         *,
         interval: float,
@@ -230,7 +231,7 @@ class Poller:
 
     def add_source(
         self,
-        source: Source,
+        source: Source[Any],
         *,
         interval: float,
         concurrency: int,

@@ -39,7 +39,7 @@ from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
-from exporter.config import ConfigError, _describe_errors
+from exporter.config import ConfigError, describe_errors
 
 ClientAuth = Literal[
     "",
@@ -206,9 +206,7 @@ def load_web_config(path: str | Path) -> WebConfig:
     try:
         config = WebConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(
-            [f"{origin}: {loc}: {msg}" for loc, msg in _describe_errors(exc)]
-        ) from exc
+        raise ConfigError([f"{origin}: {loc}: {msg}" for loc, msg in describe_errors(exc)]) from exc
     errors = [f"{origin}: {problem}" for problem in web_config_problems(config, Path(path).parent)]
     if errors:
         raise ConfigError(errors)

@@ -5,20 +5,28 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable
+from typing import Literal
 
+from exporter.config import WithImports
 from exporter.model import Observation, SourceError
 from exporter.sources.base import ImportSpec, Source
 
 Behaviour = Callable[[str], Observation]
 
 
-class FakeSource(Source):
+class FakeConfig(WithImports):
+    type: Literal["fake"] = "fake"
+
+
+class FakeSource(Source[FakeConfig]):
     """A source whose answers the test scripts; counts polls per import."""
 
     system = "elevate"
+    config_model = FakeConfig
 
     def __init__(self, name: str, ids: list[str], behaviour: Behaviour) -> None:
-        super().__init__(name, session=None, timeout=1.0, max_bytes=1024)  # type: ignore[arg-type]
+        config = FakeConfig(name=name, timeout=1.0, max_response_bytes=1024)
+        super().__init__(config, session=None)  # type: ignore[arg-type]
         self.ids = ids
         self.behaviour = behaviour
         self.polls: Counter[str] = Counter()

@@ -23,7 +23,7 @@ from multidict import CIMultiDictProxy
 
 from exporter.api import API_OFF, ID_RULE, ImportView
 from exporter.app import Exporter
-from exporter.config import parse_config_data
+from exporter.config.loader import parse_config_data
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 from exporter.tracking import TrackingError
 

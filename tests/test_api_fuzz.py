@@ -21,7 +21,7 @@ import schemathesis
 from aiohttp import web
 
 from exporter.app import Exporter
-from exporter.config import parse_config_data
+from exporter.config.loader import parse_config_data
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 
 TOKEN = "fuzzing-pipeline-token-31c5e0"

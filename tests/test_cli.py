@@ -20,9 +20,9 @@ import aiohttp
 import pytest
 
 from exporter import __version__
-from exporter.config import ElevateConfig, parse_config_data
-from exporter.sources import build_source
-from exporter.sources.elevate import ElevateSource
+from exporter.config.loader import parse_config_data
+from exporter.sources.elevate import ElevateConfig, ElevateSource
+from exporter.sources.registry import build_source
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 LOGFMT_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"=]+)')

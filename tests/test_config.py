@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from exporter.config import ConfigError, ElevateConfig, load_config, parse_config_text
+from exporter.config import ConfigError
+from exporter.config.loader import load_config, parse_config_text
+from exporter.sources.elevate import ElevateConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -319,3 +322,27 @@ def errors_of_file(path: Path) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     return caught.value.errors
+
+
+def test_the_registry_is_the_one_list_of_source_types() -> None:
+    """Each registered type's model says its own type, and the loader's error
+    for an unknown type lists exactly the registered ones."""
+    from exporter.sources.registry import SOURCE_TYPES, SOURCES
+
+    for source in SOURCES:
+        field = source.config_model.model_fields["type"]
+        assert field.annotation is not None
+        assert get_args(field.annotation) == (source.system,), source
+    assert SOURCE_TYPES == ("elevate", "zilliant", "rocketchat")
+    (error,) = errors_of("sources: [{name: x, type: sap}]")
+    assert error == "config.yaml: sources[0].type: must be one of elevate, zilliant, rocketchat"
+
+
+def test_checking_a_config_registers_no_secret_for_redaction(tmp_path: Path) -> None:
+    """Secrets are registered when a config is applied, not when it is parsed:
+    check-config and a rejected reload add nothing to the redaction list."""
+    from exporter import redact
+
+    redact.clear_secrets()
+    parse_config_text(ELEVATE.replace("k-123456", "only-parsed-secret"), "config.yaml")
+    assert redact.redact("only-parsed-secret") == "only-parsed-secret"

@@ -26,7 +26,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from exporter.app import Exporter
-from exporter.config import load_config
+from exporter.config.loader import load_config
 from exporter.model import Observation, State
 from exporter.simulator import DEMO_CREDENTIALS
 from exporter.state import ImportRecord

@@ -21,12 +21,12 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
-from exporter.config import parse_config_data
+from exporter.config.loader import parse_config_data
 from exporter.logs import LogfmtFormatter
 from exporter.model import ErrorReason, SourceError, State
 from exporter.simulator import DEMO_CREDENTIALS, Fault, Phase, Simulator, create_app
 from exporter.simulator.scenarios import demo_scenarios, rocketchat
-from exporter.sources import build_source
+from exporter.sources.registry import build_source
 from exporter.state import ImportRecord, SourceRecord
 from tests.fakes import wait_for
 

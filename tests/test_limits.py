@@ -231,7 +231,7 @@ async def test_accept_errors_of_a_running_exporter_do_not_flood_the_log(
     """asyncio retries accept() every second when out of file descriptors and
     reports each failure: the exporter logs a few, not every one."""
     from exporter.app import Exporter
-    from exporter.config import parse_config_data
+    from exporter.config.loader import parse_config_data
 
     exporter = Exporter(parse_config_data({"sources": []}, "test"), "127.0.0.1:0")
     await exporter.start()

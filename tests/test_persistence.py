@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from exporter.app import Exporter
-from exporter.config import load_config
+from exporter.config.loader import load_config
 from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 from exporter.state import StateStore

@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from exporter.app import Exporter
-from exporter.config import load_config
+from exporter.config.loader import load_config
 from exporter.logs import setup_logging
 from exporter.model import ErrorReason, State
 from exporter.simulator import DEMO_CREDENTIALS, DemoCredentials, Fault, Simulator, create_app

@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from exporter.config import parse_config_data
+from exporter.config.loader import parse_config_data
 from exporter.model import ErrorReason, SourceError, State
-from exporter.sources import build_source
 from exporter.sources.base import Source
+from exporter.sources.registry import build_source
 from exporter.sources.zilliant import ZilliantSource
 
 ServerFactory = Callable[..., Awaitable[TestServer]]

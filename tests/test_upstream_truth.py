@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from exporter.app import Exporter
-from exporter.config import load_config, parse_config_data
+from exporter.config.loader import load_config, parse_config_data
 from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.pages import render_status_page
 from exporter.simulator import DEMO_CREDENTIALS, Fault, Simulator, create_app

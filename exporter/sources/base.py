@@ -10,13 +10,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from exporter.config import CONTROL_CHARACTERS
+from exporter.config import CONTROL_CHARACTERS, SourceConfig
 from exporter.model import ErrorReason, Observation, ParseError, SourceError
 from exporter.redact import redact
 
@@ -179,38 +179,55 @@ def error_for_status(response: HttpResponse, what: str) -> SourceError:
     return SourceError(ErrorReason.CLIENT_ERROR, detail)
 
 
-class Source(ABC):
+TokenObserver = Callable[[str], None]
+"""Called with the outcome of every token request: ``success`` or an error reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHooks:
+    """How a source tells the exporter what it did, without knowing the state."""
+
+    request: RequestObserver | None = None
+    """Every HTTP request's duration."""
+    token: TokenObserver | None = None
+    """Every token request's outcome (sources that fetch tokens)."""
+
+
+ConfigT = TypeVar("ConfigT", bound=SourceConfig)
+
+
+class Source(ABC, Generic[ConfigT]):
     """One configured upstream: knows its API, watches a set of imports.
 
+    A source type is one module: its config model (``config_model``, a
+    :class:`~exporter.config.SourceConfig` whose ``type`` is ``system``), this
+    adapter, and its wire format; listed once in :mod:`exporter.sources.registry`.
     The poller calls :meth:`poll` for each id in :meth:`imports`; it never
     sees the wire format.
     """
 
     system: ClassVar[str]
-    """The upstream system, e.g. ``elevate``; the ``system`` label."""
+    """The ``type`` in the config and the ``system`` label, e.g. ``elevate``."""
 
-    fetches_tokens: bool = False
-    """True where the source calls a token endpoint of its own (counted by outcome)."""
+    config_model: ClassVar[type[SourceConfig]]
 
     follows_server: ClassVar[bool] = False
     """True where the target is a server whose *current* import can change
     (Rocket.Chat): it is polled for ever, even after a terminal state."""
 
+    fetches_tokens: bool = False
+    """True where the source calls a token endpoint of its own (counted by outcome)."""
+
     def __init__(
-        self,
-        name: str,
-        session: aiohttp.ClientSession,
-        *,
-        timeout: float,
-        max_bytes: int,
-        observe: RequestObserver | None = None,
+        self, config: ConfigT, session: aiohttp.ClientSession, hooks: SourceHooks | None = None
     ) -> None:
-        self.name = name
+        self.config = config
+        self.name = config.name
         self.session = session
-        self.timeout = timeout
-        self.max_bytes = max_bytes
-        self.observe = observe
-        self.client_timeout = aiohttp.ClientTimeout(total=timeout)
+        self.timeout = config.timeout
+        self.max_bytes = config.max_response_bytes
+        self.hooks = hooks or SourceHooks()
+        self.client_timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._import_urls: dict[str, URL] = {}
 
     def import_url(self, import_id: str) -> URL:
@@ -227,9 +244,9 @@ class Source(ABC):
         """Adapters that poll one URL per import id say how it is made."""
         raise NotImplementedError
 
-    @abstractmethod
     def imports(self) -> list[ImportSpec]:
         """The imports this source watches by configuration."""
+        return [ImportSpec(entry.id, entry.name) for entry in self.config.import_entries()]
 
     @abstractmethod
     async def poll(self, import_id: str) -> Observation:
@@ -254,6 +271,6 @@ class Source(ABC):
             headers=headers,
             params=params,
             data=data,
-            observe=self.observe,
+            observe=self.hooks.request,
             client_timeout=self.client_timeout,
         )

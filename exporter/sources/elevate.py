@@ -2,22 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import aiohttp
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 from yarl import URL
 
-from exporter.config import ElevateConfig
+from exporter.config import HttpUrl, WithImports
 from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
 from exporter.sources.base import (
     HttpResponse,
-    ImportSpec,
-    RequestObserver,
     Source,
+    SourceHooks,
     error_for_status,
     parse_json,
     upstream_text,
 )
+
+
+class ElevateConfig(WithImports):
+    SECRETS: ClassVar[dict[str, bool]] = {"api_key": True}
+
+    type: Literal["elevate"]
+    url: HttpUrl | None = None
+    cluster_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+$")
+    api_version: Literal["v3", "v4"] = "v4"
+    """v3 reaches its end of life on 2026-12-31 (Voyado): v4 by default."""
+    api_key: str | None = None
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _url_or_cluster(self) -> ElevateConfig:
+        if (self.url is None) == (self.cluster_id is None):
+            raise PydanticCustomError("url", "give exactly one of url and cluster_id")
+        return self
+
+    def deprecations(self) -> list[str]:
+        if self.api_version == "v3":
+            return [
+                "api_version v3: Voyado's admin import API v3 reaches its end of life on "
+                "2026-12-31; set api_version: v4 (the default)"
+            ]
+        return []
+
+    @property
+    def base_url(self) -> str:
+        if self.url is not None:
+            return self.url
+        return f"https://{self.cluster_id}.elevate-api.cloud"
+
 
 STATUS_MAP = {
     "WAITING": State.WAITING,
@@ -73,23 +108,17 @@ def parse_status(response: HttpResponse, import_id: str) -> Observation:
     )
 
 
-class ElevateSource(Source):
+class ElevateSource(Source[ElevateConfig]):
     system = "elevate"
+    config_model = ElevateConfig
 
     def __init__(
         self,
         config: ElevateConfig,
         session: aiohttp.ClientSession,
-        observe: RequestObserver | None = None,
+        hooks: SourceHooks | None = None,
     ) -> None:
-        super().__init__(
-            config.name,
-            session,
-            timeout=config.timeout,
-            max_bytes=config.max_response_bytes,
-            observe=observe,
-        )
-        self.config = config
+        super().__init__(config, session, hooks)
         self.url = f"{config.base_url}/api/admin/{config.api_version}/import/status"
         api_key = config.secret("api_key")
         assert api_key is not None  # required; resolved when the config loaded
@@ -98,9 +127,6 @@ class ElevateSource(Source):
             "Accept": "application/json",
             "Accept-Encoding": "gzip",
         }
-
-    def imports(self) -> list[ImportSpec]:
-        return [ImportSpec(entry.id, entry.name) for entry in self.config.imports]
 
     def build_import_url(self, import_id: str) -> URL:
         return URL(self.url).with_query(id=import_id)

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import aiohttp
+from pydantic import Field
 
-from exporter.config import RocketChatConfig
+from exporter.config import HttpUrl, SourceConfig
 from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
 from exporter.sources.base import (
     HttpResponse,
     ImportSpec,
-    RequestObserver,
     Source,
+    SourceHooks,
     error_for_status,
     parse_json,
     retry_after_seconds,
@@ -29,6 +31,25 @@ from exporter.sources.base import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class RocketChatConfig(SourceConfig):
+    SECRETS: ClassVar[dict[str, bool]] = {"auth_token": True}
+
+    type: Literal["rocketchat"]
+    url: HttpUrl
+    user_id: str = Field(min_length=1)
+    auth_token: str | None = None
+    auth_token_env: str | None = None
+    auth_token_file: str | None = None
+    check_operation: bool = True
+    """Also ask getCurrentImportOperation, whose ``valid: false`` marks a dead import."""
+
+    @property
+    def server(self) -> str:
+        """The import label of a Rocket.Chat source: the server it watches."""
+        return re.sub(r"^https?://", "", self.url)
+
 
 WAITING_STEPS = frozenset(
     {
@@ -179,24 +200,18 @@ def parse_operation_valid(response: HttpResponse) -> bool | None:
     return valid if isinstance(valid, bool) else None
 
 
-class RocketChatSource(Source):
+class RocketChatSource(Source[RocketChatConfig]):
     system = "rocketchat"
+    config_model = RocketChatConfig
     follows_server = True
 
     def __init__(
         self,
         config: RocketChatConfig,
         session: aiohttp.ClientSession,
-        observe: RequestObserver | None = None,
+        hooks: SourceHooks | None = None,
     ) -> None:
-        super().__init__(
-            config.name,
-            session,
-            timeout=config.timeout,
-            max_bytes=config.max_response_bytes,
-            observe=observe,
-        )
-        self.config = config
+        super().__init__(config, session, hooks)
         token = config.secret("auth_token")
         assert token is not None  # required; resolved when the config loaded
         self.headers = {

@@ -13,28 +13,88 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
 import aiohttp
+from pydantic import Field
 from yarl import URL
 
-from exporter.config import SalesforceConfig, ZilliantConfig
+from exporter.config import HttpUrl, SecretHolder, WithImports
 from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
 from exporter.redact import register_secret
 from exporter.sources.base import (
     HttpResponse,
-    ImportSpec,
-    RequestObserver,
     Source,
+    SourceHooks,
     error_for_status,
     parse_json,
     upstream_text,
 )
 
 log = logging.getLogger(__name__)
+
+
+class SalesforceConfig(SecretHolder):
+    SECRETS: ClassVar[dict[str, bool]] = {"client_secret": False, "password": False}
+
+    token_url: HttpUrl = "https://login.salesforce.com/services/oauth2/token"
+    grant_type: Literal["password", "client_credentials"] = "password"
+    client_id: str = Field(min_length=1)
+    client_secret: str | None = None
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.grant_type == "password":
+            if not self.username:
+                yield "username", "required for grant_type password"
+            if self.given_field("password") is None:
+                yield "password", "required for grant_type password (or password_env/password_file)"
+        if self.given_field("client_secret") is None:
+            yield "client_secret", "required (or client_secret_env/client_secret_file)"
+
+
+class ZilliantConfig(WithImports):
+    SECRETS: ClassVar[dict[str, bool]] = {"token_json": False}
+
+    type: Literal["zilliant"]
+    url: HttpUrl
+    forwarded_host: str = Field(min_length=1)
+    token_json: str | None = None
+    token_json_env: str | None = None
+    token_json_file: str | None = None
+    salesforce: SalesforceConfig | None = None
+
+    def secret_holders(self) -> Iterator[tuple[str, SecretHolder]]:
+        yield "", self
+        if self.salesforce is not None:
+            yield "salesforce", self.salesforce
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if (self.given_field("token_json") is not None) == (self.salesforce is not None):
+            yield "", "give exactly one of token_json (or token_json_env/_file) and salesforce"
+        static = self.secret("token_json")
+        if static is not None:
+            try:
+                parsed = json.loads(static)
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict) or "access_token" not in parsed:
+                yield (
+                    self.given_field("token_json") or "token_json",
+                    "must hold the Salesforce token response (a JSON object with access_token)",
+                )
+        if self.salesforce is not None:
+            for field, problem in self.salesforce.check():
+                yield f"salesforce.{field}", problem
+
 
 STATUS_MAP = {
     "RUNNING": State.RUNNING,
@@ -150,31 +210,19 @@ def parse_token(response: HttpResponse) -> str:
         raise ParseError("Salesforce token: answer is not UTF-8") from exc
 
 
-TokenObserver = Callable[[str], None]
-"""Called with the outcome of every token request: ``success`` or an error reason."""
-
-
-class ZilliantSource(Source):
+class ZilliantSource(Source[ZilliantConfig]):
     system = "zilliant"
+    config_model = ZilliantConfig
 
     def __init__(
         self,
         config: ZilliantConfig,
         session: aiohttp.ClientSession,
-        observe: RequestObserver | None = None,
-        token_observer: TokenObserver | None = None,
+        hooks: SourceHooks | None = None,
     ) -> None:
-        super().__init__(
-            config.name,
-            session,
-            timeout=config.timeout,
-            max_bytes=config.max_response_bytes,
-            observe=observe,
-        )
-        self.config = config
+        super().__init__(config, session, hooks)
         self.salesforce: SalesforceConfig | None = config.salesforce
         self.fetches_tokens = config.salesforce is not None
-        self.token_observer = token_observer
         self._authorization: str | None = None
         static = config.secret("token_json")
         if static is not None:
@@ -197,9 +245,6 @@ class ZilliantSource(Source):
         encoded = base64.b64encode(token_json.encode("utf-8")).decode("ascii")
         register_secret(encoded, transient=fetched)
         return f"OAuth {encoded}"
-
-    def imports(self) -> list[ImportSpec]:
-        return [ImportSpec(entry.id, entry.name) for entry in self.config.imports]
 
     async def _token(self, rejected: str | None) -> str:
         """An Authorization value other than ``rejected``; single-flight: polls
@@ -257,8 +302,8 @@ class ZilliantSource(Source):
         return token_json
 
     def _count_token(self, outcome: str) -> None:
-        if self.token_observer is not None:
-            self.token_observer(outcome)
+        if self.hooks.token is not None:
+            self.hooks.token(outcome)
 
     def build_import_url(self, import_id: str) -> URL:
         return URL(f"{self.config.url}/v1/EntityImport/{quote(import_id, safe='')}/status")

@@ -1,0 +1,151 @@
+"""The loader: reads a config file, validates it strictly and resolves its
+secrets, reporting every problem at once with the file, field and problem,
+e.g. ``config.yaml: sources[1].interval: must be a duration like 30s``.
+
+Each entry of ``sources`` is validated by the model of its ``type``, taken
+from the source registry (:mod:`exporter.sources.registry`): the loader sits
+above the sources in the import graph, the config's building blocks below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from exporter.config.base import SourceConfig, StrictModel
+from exporter.config.errors import ConfigError, describe_errors, format_loc
+from exporter.config.model import API_TOKEN_MIN_LENGTH, ApiConfig, Config
+from exporter.config.secrets import resolve_secrets
+from exporter.sources.registry import SOURCE_CONFIG, SOURCE_TYPES
+
+# --- loading -----------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and resolve a config file; raise :class:`ConfigError`."""
+    origin = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{origin}: cannot read: {exc.strerror or exc}"]) from exc
+    return parse_config_text(text, origin, base_dir=Path(path).parent)
+
+
+def parse_config_text(text: str, origin: str, base_dir: Path | None = None) -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f"line {mark.line + 1}, column {mark.column + 1}: "
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{origin}: {where}invalid YAML: {problem}"]) from exc
+    return parse_config_data(data, origin, base_dir=base_dir)
+
+
+def parse_config_data(data: Any, origin: str, base_dir: Path | None = None) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{origin}: the top level must be a mapping with a 'sources' list"])
+    errors: list[str] = []
+    raw_sources = data.get("sources", [])
+    if not isinstance(raw_sources, list):
+        raise ConfigError([f"{origin}: sources: must be a list"])
+    # Validate each source on its own so that one broken source does not hide
+    # the problems (secrets, duplicates) of the others.
+    top: Config | None = None
+    try:
+        top = Config.model_validate({**data, "sources": []})
+    except ValidationError as exc:
+        errors += [f"{origin}: {loc}: {msg}" for loc, msg in describe_errors(exc, SOURCE_TYPES)]
+    valid: list[tuple[int, SourceConfig]] = []
+    for index, raw in enumerate(raw_sources):
+        try:
+            valid.append((index, SOURCE_CONFIG.validate_python(raw)))
+        except ValidationError as exc:
+            errors += [
+                f"{origin}: {format_loc(['sources', index])}{_join(loc)}: {msg}"
+                for loc, msg in describe_errors(exc, SOURCE_TYPES)
+            ]
+    errors += [f"{origin}: {loc}: {msg}" for loc, msg in _check_sources(valid, base_dir)]
+    api = top.api if top is not None else _valid_or_none(ApiConfig, data.get("api", {}))
+    if api is not None:  # its tokens' problems too, even when other top-level keys are wrong
+        errors += [f"{origin}: {loc}: {msg}" for loc, msg in _read_api_tokens(api, base_dir)]
+    if errors or top is None:
+        raise ConfigError(errors)
+    config = top.model_copy(update={"sources": [source for _, source in valid]})
+    config.relative_to(base_dir)
+    return config
+
+
+def _valid_or_none(model: type[StrictModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None  # already reported by the top-level validation
+
+
+def _read_api_tokens(api: ApiConfig, base_dir: Path | None) -> Iterable[tuple[str, str]]:
+    if api.tokens_file is None:
+        return
+    file = Path(api.tokens_file)
+    if base_dir is not None and not file.is_absolute():
+        file = base_dir / file
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        yield "api.tokens_file", f"cannot read {api.tokens_file}: {exc.strerror or exc}"
+        return
+    tokens: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if len(token) < API_TOKEN_MIN_LENGTH or any(c.isspace() for c in token):
+            # The line number, never the token: it may be a real secret.
+            yield (
+                "api.tokens_file",
+                f"line {number}: a token must be at least {API_TOKEN_MIN_LENGTH} characters "
+                "without spaces",
+            )
+            continue
+        tokens.append(token)
+    if not tokens:
+        yield "api.tokens_file", f"{api.tokens_file} holds no token"
+    api.allow_tokens(tuple(tokens))
+
+
+def _join(loc: str) -> str:
+    return "" if loc == "(top level)" else ("" if loc.startswith("[") else ".") + loc
+
+
+def _check_sources(
+    sources: list[tuple[int, SourceConfig]], base_dir: Path | None
+) -> Iterable[tuple[str, str]]:
+    seen: dict[str, int] = {}
+    for index, source in sources:
+        where = f"sources[{index}]"
+        if source.name in seen:
+            yield (
+                f"{where}.name",
+                f"{source.name!r} is already used by sources[{seen[source.name]}]",
+            )
+        else:
+            seen[source.name] = index
+        if source.timeout > source.interval:
+            yield f"{where}.timeout", "must not be longer than interval"
+        ids: dict[str, int] = {}
+        for i, entry in enumerate(source.import_entries()):
+            if entry.id in ids:
+                yield f"{where}.imports[{i}].id", f"{entry.id!r} is listed twice"
+            ids.setdefault(entry.id, i)
+        for path, holder in source.secret_holders():
+            yield from resolve_secrets(holder, f"{where}.{path}" if path else where, base_dir)
+        for field, problem in source.check():
+            yield (f"{where}.{field}" if field else where), problem
