@@ -26,7 +26,7 @@ import contextlib
 import aiohttp
 
 from bench.common import bench_config, percentile, print_table, simulator_process, write_json
-from exporter.app import Exporter
+from exporter.runtime import Exporter
 
 CLIENTS = """
 import asyncio, json, sys, time

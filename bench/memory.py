@@ -27,7 +27,7 @@ TARGET_BYTES_PER_IMPORT = 4096
 
 
 async def measure_one(url: str, count: int) -> dict[str, float]:
-    from exporter.app import Exporter
+    from exporter.runtime import Exporter
 
     config = bench_config(
         url,

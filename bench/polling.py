@@ -24,7 +24,8 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_config, cpu_seconds, print_table, simulator_process, write_json
-from exporter.app import PERSIST_INTERVAL, Exporter
+from exporter.persistence import PERSIST_INTERVAL
+from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS
 
 TARGET_RATE_RATIO = 0.85

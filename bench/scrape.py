@@ -23,9 +23,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_config, percentile, print_table, simulator_process, write_json
-from exporter.app import Exporter
 from exporter.metrics import StateCollector
 from exporter.model import Observation, State
+from exporter.runtime import Exporter
 from exporter.state import StateStore
 
 SCRAPER = """

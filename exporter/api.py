@@ -36,10 +36,10 @@ from pydantic_core import CoreSchema, ErrorDetails
 
 from exporter import __version__
 from exporter.config import ID_RULE, DisplayName, ImportId
-from exporter.model import ErrorReason, State
+from exporter.model import ErrorReason, Origin, State
 from exporter.reads import BulkReads, unpaced
 from exporter.state import ImportIndex, ImportRecord
-from exporter.tracking import ImportTracker, TrackingError
+from exporter.tracking import ImportTracker, Refusal, TrackingError
 
 PREFIX = "/api/v1"
 MAX_BODY_BYTES = 4096
@@ -158,9 +158,7 @@ class ImportView(BaseModel):
     id: str
     name: str | None
     system: str
-    origin: Literal["config", "api"] = Field(
-        description="listed in the config file, or registered through this API"
-    )
+    origin: Origin = Field(description="listed in the config file, or registered through this API")
     state: State | None = Field(description="the normalized state; null before the first poll")
     upstream_state: str | None
     step: str | None
@@ -234,7 +232,7 @@ def import_view(record: ImportRecord, now: float) -> ImportView:
         name=record.name,
         system=record.system,
         # Anything not from the config file was registered at runtime.
-        origin="config" if record.origin == "config" else "api",
+        origin=record.origin,
         state=obs.state if obs else None,
         upstream_state=obs.upstream_state if obs else None,
         step=obs.step if obs else None,
@@ -423,8 +421,19 @@ def _path(request: web.Request) -> ImportPath:
         raise _first_problem(exc) from None
 
 
+REFUSAL_STATUS = {
+    Refusal.UNKNOWN_SOURCE: 404,
+    Refusal.NOT_TRACKED: 404,
+    Refusal.TAKES_NO_IDS: 400,
+    Refusal.LIMIT_REACHED: 409,
+    Refusal.LISTED_IN_CONFIG: 409,
+    Refusal.NOT_STORED: 503,
+}
+"""The one place a domain refusal becomes an HTTP status."""
+
+
 def _tracking_error(exc: TrackingError) -> ApiError:
-    return ApiError(exc.status, exc.message, exc.field)
+    return ApiError(REFUSAL_STATUS[exc.refusal], exc.message, exc.field)
 
 
 # --- the routes ----------------------------------------------------------------

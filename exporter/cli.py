@@ -11,7 +11,12 @@ import sys
 from collections.abc import Sequence
 
 from exporter import __version__
-from exporter.app import (
+from exporter.config import Config, ConfigError
+from exporter.config.loader import load_config
+from exporter.hup import catch_early, take_early
+from exporter.limits import raise_open_file_limit
+from exporter.logs import LEVELS, setup_logging
+from exporter.runtime import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_PORT,
     HEADER_READ_TIMEOUT,
@@ -19,12 +24,7 @@ from exporter.app import (
     ListenError,
     parse_listen_address,
 )
-from exporter.config import Config, ConfigError
-from exporter.config.loader import load_config
-from exporter.hup import catch_early, take_early
-from exporter.limits import raise_open_file_limit
-from exporter.logs import LEVELS, setup_logging
-from exporter.store import StoreError
+from exporter.storage import StoreError
 
 log = logging.getLogger("exporter")
 

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from exporter import __version__
 from exporter.model import PENDING, ErrorReason, State
 from exporter.state import REQUEST_DURATION_BUCKETS, StateStore
-from exporter.store import WRITE_ERROR_REASONS, StoreHealth
+from exporter.storage import WRITE_ERROR_REASONS, StoreHealth
 
 POLLED = " Values come from background polls of the upstream API, not from scrape-time calls."
 STATES = (*(state.value for state in State), PENDING)
@@ -167,7 +167,7 @@ class StateCollector(Collector):
                     record.system,
                     obs.upstream_state if obs is not None else "",
                     record.name or "",
-                    "config" if record.origin == "config" else "api",
+                    record.origin.value,
                 ],
                 1.0,
             )

@@ -25,6 +25,16 @@ class State(StrEnum):
 
 TERMINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED, State.ABORTED})
 
+
+class Origin(StrEnum):
+    """Who asked the exporter to watch an import (the ``origin`` label)."""
+
+    CONFIG = "config"
+    """Listed in the config file: watched while it is listed."""
+    API = "api"
+    """Registered through the API: kept across restarts, forgotten after ``retention``."""
+
+
 PENDING = "pending"
 """What an import is before any poll has answered about it (never read yet):
 shown on the page and exported as ``import_state{state="pending"}``, so a

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from exporter.logs import RateLimitedLog
-from exporter.model import ErrorReason, SourceError
+from exporter.model import ErrorReason, Origin, SourceError
 from exporter.redact import redact
 from exporter.sources.base import ImportSpec, Source
 from exporter.state import StateStore
@@ -71,7 +71,7 @@ class SourceScheduler:
 
     # --- membership ---------------------------------------------------------
 
-    def add(self, spec: ImportSpec, *, origin: str = "config") -> None:
+    def add(self, spec: ImportSpec, *, origin: Origin = Origin.CONFIG) -> None:
         """Track an import and schedule its first poll (spread with jitter).
 
         An import restored in a final, confirmed state is kept but not polled."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.model import TERMINAL_STATES, ErrorReason, Observation, SourceError, State
+from exporter.model import TERMINAL_STATES, ErrorReason, Observation, Origin, SourceError, State
 from exporter.redact import redact
 
 REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -36,7 +36,7 @@ class ImportRecord:
     import_id: str
     system: str
     name: str | None = None
-    origin: str = "config"
+    origin: Origin = Origin.CONFIG
     observation: Observation | None = None
     first_seen: float | None = None
     """When the first successful poll of this import came back."""
@@ -181,7 +181,12 @@ class StateStore:
             self.untrack(*key)
 
     def track(
-        self, source: str, import_id: str, *, name: str | None = None, origin: str = "config"
+        self,
+        source: str,
+        import_id: str,
+        *,
+        name: str | None = None,
+        origin: Origin = Origin.CONFIG,
     ) -> ImportRecord:
         """Start (or keep) tracking an import; returns its record."""
         key = (source, import_id)
@@ -200,9 +205,9 @@ class StateStore:
             if name is not None and name != record.name:
                 record.name = name
                 self._changed.add(key)
-            if origin == "config" and record.origin != "config":
+            if origin is Origin.CONFIG and record.origin is not Origin.CONFIG:
                 # Listed in the config now: the file owns it from here on.
-                record.origin = "config"
+                record.origin = Origin.CONFIG
                 self._changed.add(key)
         return record
 
@@ -264,7 +269,7 @@ class StateStore:
         cutoff = self.clock() - retention
         out = []
         for record in self.imports.values():
-            if record.origin == "config":
+            if record.origin is Origin.CONFIG:
                 continue
             ended = record.end_timestamp
             if ended is None and record.state is State.NOT_FOUND:
@@ -420,7 +425,7 @@ class StateStore:
         for key, record in list(self.imports.items()):
             if key[0] != source or record.system == unless_system:
                 continue
-            if record.origin == "config":
+            if record.origin is Origin.CONFIG:
                 self.untrack(*key)
                 forgotten.append(record)
                 continue

@@ -1,25 +1,39 @@
 """What the registration API may ask of a running exporter, and how it says no.
 
-The API module speaks HTTP and JSON; the exporter (``exporter.app``) decides.
-This contract sits between them so that neither imports the other.
+The API (``exporter.api``) speaks HTTP and JSON; the registration room
+(``exporter.registration``) decides. This contract sits between them, so that
+neither imports the other: refusals are domain reasons, and the API alone
+maps them to HTTP statuses.
 """
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Protocol
 
 from exporter.state import ImportRecord, StateStore
 
 
+class Refusal(Enum):
+    """Why a registration or removal cannot be done."""
+
+    UNKNOWN_SOURCE = "unknown source"
+    TAKES_NO_IDS = "the source watches a server, not ids"
+    LIMIT_REACHED = "the source tracks as many imports as it may"
+    NOT_TRACKED = "not tracked"
+    LISTED_IN_CONFIG = "listed in the config file"
+    NOT_STORED = "the storage refused the write"
+
+
 class TrackingError(Exception):
-    """A registration that cannot be done, with the HTTP status that says why.
+    """A registration that cannot be done, and why.
 
     ``field`` names the request field at fault (None when it is no one field).
     """
 
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(self, refusal: Refusal, message: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.refusal = refusal
         self.message = message
         self.field = field
 
@@ -36,10 +50,9 @@ class ImportTracker(Protocol):
     ) -> tuple[ImportRecord, bool]:
         """Start tracking; True if it is new. Durable before it returns.
 
-        Raises :class:`TrackingError` (404 unknown source, 400 a source that takes
-        no ids, 409 the source's tracked-import limit is reached, 503 the store
-        could not write)."""
+        Raises :class:`TrackingError` (unknown source, a source that takes no
+        ids, the source's tracked-import limit reached, not stored)."""
 
     async def unregister(self, source: str, import_id: str) -> None:
-        """Stop tracking and forget at once. Raises :class:`TrackingError` (404 not
-        tracked, 409 listed in the config file)."""
+        """Stop tracking and forget at once. Raises :class:`TrackingError` (not
+        tracked, listed in the config file, not stored)."""

@@ -22,10 +22,11 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from exporter.api import API_OFF, ID_RULE, ImportView
-from exporter.app import Exporter
 from exporter.config.loader import parse_config_data
+from exporter.registration import Registration
+from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
-from exporter.tracking import TrackingError
+from exporter.tracking import Refusal, TrackingError
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "pipeline-token-7d1c9a4e2b"
@@ -542,17 +543,17 @@ async def test_openapi_document_matches_the_routes_and_their_status_codes(
 
         # The two that need the exporter in another state: the write API off,
         # and a store that cannot write.
-        monkeypatch.setattr(Exporter, "api_tokens", property(lambda self: ()))
+        monkeypatch.setattr(Registration, "api_tokens", property(lambda self: ()))
         for operation, path in [(("POST", IMPORTS), IMPORTS), (("DELETE", one), f"{IMPORTS}/e/1")]:
             await check(operation, path, {"headers": BASIC, "json": good}, 403)
         monkeypatch.undo()
 
         async def failing_store(*_: object) -> None:
-            raise TrackingError(503, "cannot store the registration: disk full")
+            raise TrackingError(Refusal.NOT_STORED, "cannot store the registration: disk full")
 
-        monkeypatch.setattr(exporter, "register", failing_store)
+        monkeypatch.setattr(exporter.registration, "register", failing_store)
         await check(("POST", IMPORTS), IMPORTS, {"headers": BEARER, "json": good}, 503)
-        monkeypatch.setattr(exporter, "unregister", failing_store)
+        monkeypatch.setattr(exporter.registration, "unregister", failing_store)
         await check(("DELETE", one), f"{IMPORTS}/elevate-prod/1001", {"headers": BEARER}, 503)
 
         assert reached == documented

@@ -20,8 +20,8 @@ import pytest
 import schemathesis
 from aiohttp import web
 
-from exporter.app import Exporter
 from exporter.config.loader import parse_config_data
+from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 
 TOKEN = "fuzzing-pipeline-token-31c5e0"

@@ -130,7 +130,7 @@ def check_lines(events: list[dict[str, Any]], port: int) -> None:
         assert event["level"] in {"debug", "info", "warn", "error"}, event
     listening = [e for e in events if e["msg"].startswith("listening on ")]
     assert len(listening) == 1
-    assert listening[0]["level"] == "info" and listening[0]["logger"] == "exporter.app"
+    assert listening[0]["level"] == "info" and listening[0]["logger"] == "exporter.runtime"
     assert f"127.0.0.1:{port}" in listening[0]["msg"]
     assert events[-1]["msg"] == "shutting down" and events[-1]["level"] == "info"
 

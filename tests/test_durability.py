@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import shutil
 import signal
@@ -25,12 +24,13 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from exporter.app import Exporter
 from exporter.config.loader import load_config
-from exporter.model import Observation, State
+from exporter.model import Observation, Origin, State
+from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS
 from exporter.state import ImportRecord
-from exporter.store import Store, StoreError, to_row
+from exporter.storage import StoreError, to_row
+from exporter.storage.sqlite import SQLiteStorage as Store
 from tests.fakes import wait_for
 from tests.test_persistence import (
     AUTH,
@@ -181,6 +181,9 @@ sources:
     return config_file
 
 
+REGISTRATIONS_PER_CLIENT = 300
+
+
 async def test_registrations_racing_reloads_are_all_answered_and_all_polled(
     aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:
@@ -202,7 +205,9 @@ async def test_registrations_racing_reloads_are_all_answered_and_all_polled(
         return None
 
     async def client(session: aiohttp.ClientSession, number: int) -> None:
-        for n in itertools.count():
+        # Bounded, so a slow machine (fewer reloads a second) does not pile up
+        # thousands of imports whose polling then takes longer than the deadline.
+        for n in range(REGISTRATIONS_PER_CLIENT):
             if done.is_set():
                 return
             import_id = f"bench-{number}-{n}"
@@ -527,7 +532,7 @@ def write_finished_imports(database: Path, count: int) -> None:
                 source="elevate",
                 import_id=f"done-{i}",
                 system="elevate",
-                origin="api",
+                origin=Origin.API,
                 observation=done,
                 seen_finished_at=now,
                 confirmed_final=True,

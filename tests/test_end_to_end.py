@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.app import Exporter
 from exporter.demo import DEMO_API_TOKEN, start_demo_simulator
+from exporter.runtime import Exporter
 from tests.fakes import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,10 +20,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.app import Exporter
 from exporter.config.loader import parse_config_data
 from exporter.logs import LogfmtFormatter
 from exporter.model import ErrorReason, SourceError, State
+from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS, Fault, Phase, Simulator, create_app
 from exporter.simulator.scenarios import demo_scenarios, rocketchat
 from exporter.sources.registry import build_source

@@ -230,14 +230,14 @@ async def test_accept_errors_of_a_running_exporter_do_not_flood_the_log(
 ) -> None:
     """asyncio retries accept() every second when out of file descriptors and
     reports each failure: the exporter logs a few, not every one."""
-    from exporter.app import Exporter
     from exporter.config.loader import parse_config_data
+    from exporter.runtime import Exporter
 
     exporter = Exporter(parse_config_data({"sources": []}, "test"), "127.0.0.1:0")
     await exporter.start()
     loop = asyncio.get_running_loop()
     try:
-        with caplog.at_level(logging.ERROR, logger="exporter.app"):
+        with caplog.at_level(logging.ERROR, logger="exporter.runtime"):
             for _ in range(1000):
                 loop.call_exception_handler(
                     {

@@ -11,9 +11,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.metrics import build_registry
-from exporter.model import ErrorReason, Observation, SourceError, State
+from exporter.model import ErrorReason, Observation, Origin, SourceError, State
 from exporter.state import StateStore
-from exporter.store import Store, to_row
+from exporter.storage import to_row
+from exporter.storage.sqlite import SQLiteStorage as Store
 
 
 class Clock:
@@ -105,10 +106,12 @@ def test_a_tracked_import_has_series_before_any_answer(
 
 def test_registered_imports_say_so_in_import_info(world: tuple[StateStore, Clock]) -> None:
     state, _ = world
-    state.track("elevate-prod", "1009", origin="api")
+    state.track("elevate-prod", "1009", origin=Origin.API)
     values = samples(state)
     ids = {"source": "elevate-prod", "import": "1009"}
-    info = key("import_info", **ids, system="elevate", upstream_state="", name="", origin="api")
+    info = key(
+        "import_info", **ids, system="elevate", upstream_state="", name="", origin=Origin.API
+    )
     assert values[info] == 1
 
 

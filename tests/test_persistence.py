@@ -19,15 +19,16 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from exporter.app import Exporter
 from exporter.config.loader import load_config
-from exporter.model import ErrorReason, Observation, SourceError, State
+from exporter.model import ErrorReason, Observation, Origin, SourceError, State
+from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 from exporter.state import StateStore
-from exporter.store import _COLUMNS as STORE_COLUMNS
-from exporter.store import SCHEMA_VERSION as STORE_SCHEMA_VERSION
-from exporter.store import Store, StoreError, to_row
-from exporter.tracking import TrackingError
+from exporter.storage import COLUMNS as STORE_COLUMNS
+from exporter.storage import StoreError, to_row
+from exporter.storage.sqlite import SCHEMA_VERSION as STORE_SCHEMA_VERSION
+from exporter.storage.sqlite import SQLiteStorage as Store
+from exporter.tracking import Refusal, TrackingError
 from tests.fakes import wait_for
 from tests.test_reload_and_secrets import free_port
 
@@ -70,7 +71,7 @@ async def simulator_server(aiohttp_server: ServerFactory, speed: float = 1.0) ->
 def test_store_round_trip_keeps_everything_learnt(tmp_path: Path) -> None:
     state = StateStore(clock=lambda: 1_700_000_000.0)
     state.add_source("chat", "rocketchat", 30.0)
-    state.track("chat", "chat.example.com", name="history <migration>", origin="api")
+    state.track("chat", "chat.example.com", name="history <migration>", origin=Origin.API)
     state.record_observation(
         "chat",
         "chat.example.com",
@@ -357,8 +358,8 @@ async def test_a_registration_the_store_cannot_write_is_refused_and_nothing_is_l
     exporter = Exporter(load_config(config_file), "127.0.0.1:0", storage_path=str(database))
     await exporter.start()
     assert exporter.store is not None
-    assert exporter._persist_task is not None
-    exporter._persist_task.cancel()  # only registrations write now: the test decides when
+    assert exporter.persistence.task is not None
+    exporter.persistence.task.cancel()  # only registrations write now: the test decides when
     writable = exporter.store._db
     try:
         await exporter.register("elevate", "1004", None)
@@ -373,7 +374,8 @@ async def test_a_registration_the_store_cannot_write_is_refused_and_nothing_is_l
         try:
             await exporter.register("elevate", "1003", None)
         except TrackingError as exc:
-            assert exc.status == 503 and "cannot store the registration" in exc.message
+            assert exc.refusal is Refusal.NOT_STORED
+            assert "cannot store the registration" in exc.message
         else:
             raise AssertionError("an unstored registration was acknowledged")
         assert ("elevate", "1003") not in exporter.state.imports  # not acknowledged: not tracked

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from exporter.app import Exporter
 from exporter.demo import start_demo_simulator
+from exporter.runtime import Exporter
 from grafana.dashboard import dashboard_queries
 from tests.grafana_helpers import shortened_rules, substitute_variables
 

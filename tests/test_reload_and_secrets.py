@@ -24,10 +24,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from exporter.app import Exporter
 from exporter.config.loader import load_config
 from exporter.logs import setup_logging
 from exporter.model import ErrorReason, State
+from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS, DemoCredentials, Fault, Simulator, create_app
 from exporter.state import StateStore
 from exporter.web import create_web_app

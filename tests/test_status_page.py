@@ -16,7 +16,6 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.registry import CollectorRegistry
 
-from exporter.app import Exporter
 from exporter.demo import start_demo_simulator
 from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.pages import (
@@ -26,6 +25,7 @@ from exporter.pages import (
     render_status_page,
     state_label,
 )
+from exporter.runtime import Exporter
 from exporter.simulator import Phase, Simulator, scenarios
 from exporter.state import ERROR_TIMES_KEPT, StateStore
 from exporter.web import create_web_app

@@ -19,10 +19,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from exporter.app import Exporter
 from exporter.config.loader import load_config, parse_config_data
-from exporter.model import ErrorReason, Observation, SourceError, State
+from exporter.model import ErrorReason, Observation, Origin, SourceError, State
 from exporter.pages import render_status_page
+from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS, Fault, Simulator, create_app
 from exporter.state import StateStore
 from tests.fakes import wait_for
@@ -433,8 +433,8 @@ def test_errors_never_expire_a_registered_import() -> None:
     ones whose polls fail: an error says nothing about the import."""
     state = StateStore(clock=lambda: 1_000.0)
     state.add_source("pricing", "zilliant", 30.0)
-    state.track("pricing", "failing", origin="api")
-    state.track("pricing", "gone", origin="api")
+    state.track("pricing", "failing", origin=Origin.API)
+    state.track("pricing", "gone", origin=Origin.API)
     error = SourceError(ErrorReason.CLIENT_ERROR, "HTTP 404", source_wide=True)
     state.record_source_error("pricing", error, ["failing"])
     state.record_observation("pricing", "gone", Observation(State.NOT_FOUND, "NOT_FOUND"))

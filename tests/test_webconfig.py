@@ -17,9 +17,9 @@ import trustme
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
-from exporter.app import Exporter
 from exporter.config import ConfigError
 from exporter.config.loader import parse_config_data
+from exporter.runtime import Exporter
 from exporter.web import metrics_handler
 from exporter.webconfig import (
     BCRYPT_MAX_PENDING,

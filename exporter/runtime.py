@@ -1,18 +1,17 @@
-"""Wires one running exporter: config -> sources -> poller -> state -> web,
-with the state kept in the store across restarts."""
+"""The runtime: wires one running exporter (config -> sources -> poller ->
+state -> readers), starts and stops it, and applies reloads. Registration
+(:mod:`exporter.registration`) and persistence (:mod:`exporter.persistence`)
+have rooms of their own; this module only connects them."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import functools
-import itertools
 import logging
 import os
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,16 @@ from exporter import __version__
 from exporter.config import Config, ConfigError
 from exporter.logs import RateLimitedLog
 from exporter.metrics import StoreHealthCollector, build_registry
+from exporter.model import Origin
+from exporter.persistence import Persistence
 from exporter.poller import Poller
 from exporter.redact import register_secret
+from exporter.registration import Registration
 from exporter.sources.base import ImportSpec, SourceHooks
 from exporter.sources.registry import build_source
-from exporter.state import ImportKey, ImportRecord, StateStore
-from exporter.store import Row, Store, StoreError, to_row
-from exporter.tracking import TrackingError
+from exporter.state import ImportRecord, StateStore
+from exporter.storage import Storage
+from exporter.storage.sqlite import SQLiteStorage
 from exporter.web import create_web_app
 from exporter.webconfig import (
     WebConfig,
@@ -44,10 +46,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10451
 RENDER_SWITCH_INTERVAL = 0.001
-PERSIST_INTERVAL = 1.0
-"""Seconds between writes of what polls learnt (registrations are written at once)."""
-POLL_TIMES_EVERY = 30
-"""Write imports whose only news is a newer poll time every this many writes."""
 SHUTDOWN_TIMEOUT = 5.0
 DEFAULT_MAX_REQUESTS = 40
 """``--web.max-requests``: as node_exporter's default (the command line's;
@@ -92,7 +90,9 @@ class Exporter:
         self.config = config
         self.config_loader = config_loader
         # Opened first: a corrupt database stops the start-up with a clear error.
-        self.store = Store(storage_path) if storage_path is not None else None
+        self.store: Storage | None = (
+            SQLiteStorage(storage_path) if storage_path is not None else None
+        )
         self.listen_address = listen_address
         self.host, self.port = parse_listen_address(listen_address)
         self.web_config_file = web_config_file
@@ -106,6 +106,12 @@ class Exporter:
                 log.info("http2 in %s: aiohttp serves HTTP/1.1 only", web_config_file)
         self.state = StateStore()
         self.poller = Poller(self.state)
+        self.persistence = Persistence(self.state, self.store)
+        self.registration = Registration(
+            self.state, self.poller, self.persistence, lambda: self.config
+        )
+        self.register = self.registration.register
+        self.unregister = self.registration.unregister
         self.registry = build_registry(self.state)
         if self.store is not None:
             self.registry.register(StoreHealthCollector(self.store.health))
@@ -114,16 +120,14 @@ class Exporter:
             self.registry,
             web_config=self.web_security,
             reload=self.reload,
-            tracker=self,
-            store_failing=self._store_failing,
+            tracker=self.registration,
+            store_failing=self.persistence.failing,
             max_requests=max_requests,
         )
         self.header_timeout = header_timeout
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
-        self._write_lock = asyncio.Lock()
-        self._persist_task: asyncio.Task[None] | None = None
         self._quiet_log = RateLimitedLog(log)
         self._previous_exception_handler: Any = None
 
@@ -150,7 +154,7 @@ class Exporter:
             if name not in configured:
                 self._park(name)
         self.state.record_reload(success=True)
-        self._persist_task = asyncio.create_task(self._persist_loop(), name="persist")
+        self.persistence.start(lambda: self.config.retention, self._forget)
         loop = asyncio.get_running_loop()
         self._previous_exception_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._loop_exception)
@@ -214,7 +218,7 @@ class Exporter:
             kept_runtime = [
                 ImportSpec(record.import_id, record.name)
                 for record in self.state.imports_of(name)
-                if record.origin != "config"
+                if record.origin is not Origin.CONFIG
             ]
             if before is not None:
                 await self.poller.remove_source(name, keep_state=True)
@@ -227,7 +231,7 @@ class Exporter:
                 imports=configured,
             )
             for spec in kept_runtime:
-                scheduler.add(spec, origin="api")
+                scheduler.add(spec, origin=Origin.API)
             wanted = {spec.id for spec in configured} | {spec.id for spec in kept_runtime}
             for record in self.state.imports_of(name):
                 if record.import_id not in wanted:
@@ -262,8 +266,10 @@ class Exporter:
                 self.config.retention,
             )
 
-    def _store_failing(self) -> str | None:
-        return self.store.health.failing if self.store is not None else None
+    def _forget(self, record: ImportRecord) -> None:
+        scheduler = self.poller.schedulers.get(record.source)
+        if scheduler is not None:
+            scheduler.remove(record.import_id)
 
     def _observer(self, source: str) -> Callable[[float], None]:
         def observe(duration: float) -> None:
@@ -291,7 +297,7 @@ class Exporter:
                 await self._apply_web_config(web_config)
             # Under the write lock: no registration runs between the
             # snapshot of an old scheduler's imports and its replacement.
-            async with self._write_lock:
+            async with self.persistence.lock:
                 await self._apply(config, previous=self.config)
             self.state.record_reload(success=True)
             log.info("config reloaded: %d sources", len(config.sources))
@@ -343,152 +349,6 @@ class Exporter:
             return int(address[1])
         raise RuntimeError("not listening")
 
-    # --- registration (the API's side of exporter.tracking) ------------------
-
-    @property
-    def api_tokens(self) -> tuple[str, ...]:
-        return self.config.api.tokens
-
-    async def register(
-        self, source: str, import_id: str, name: str | None
-    ) -> tuple[ImportRecord, bool]:
-        # The scheduler is looked up under the write lock, which a reload
-        # holds while it replaces schedulers: a registration lands wholly
-        # before a reload (which keeps it) or wholly after (on the new one).
-        async with self._write_lock:
-            scheduler = self.poller.schedulers.get(source)
-            if scheduler is None:
-                raise TrackingError(404, f"no source named {source!r}", "source")
-            if scheduler.source.follows_server:
-                raise TrackingError(
-                    400,
-                    f"source {source!r} is a {scheduler.source.system} server: it watches the "
-                    "server's current import and takes no import ids",
-                    "source",
-                )
-            existing = self.state.imports.get((source, import_id))
-            if existing is None:
-                limit = self.config.api.max_imports_per_source
-                if self.state.imports.count_of(source) >= limit:
-                    raise TrackingError(
-                        409,
-                        f"source {source!r} already tracks {limit} imports, the most "
-                        "api.max_imports_per_source allows",
-                    )
-            # Stored first, then applied: a refused write changes nothing.
-            if existing is None:
-                wanted: ImportRecord | None = ImportRecord(
-                    source=source,
-                    import_id=import_id,
-                    system=scheduler.source.system,
-                    name=name,
-                    origin="api",
-                )
-            elif name is not None and name != existing.name:
-                wanted = dataclasses.replace(existing, name=name)
-            else:
-                wanted = None
-            try:
-                await self._write_changes(rows=[to_row(wanted)] if wanted else [])
-            except StoreError as exc:
-                raise TrackingError(503, f"cannot store the registration: {exc.public}") from exc
-            scheduler.add(ImportSpec(import_id, name), origin="api")
-            record = self.state.imports[(source, import_id)]
-        log.info(
-            "%s source=%s import=%s via the API",
-            "tracking" if existing is None else "already tracking",
-            source,
-            import_id,
-        )
-        return record, existing is None
-
-    async def unregister(self, source: str, import_id: str) -> None:
-        async with self._write_lock:  # ordered with reloads, as in register()
-            if (source, import_id) in self.state.parked:
-                try:
-                    await self._write_changes(deleted=[(source, import_id)])
-                except StoreError as exc:
-                    raise TrackingError(503, f"cannot store the removal: {exc.public}") from exc
-                self.state.forget_parked(source, import_id)
-                log.info("forgot parked import source=%s import=%s via the API", source, import_id)
-                return
-            record = self.state.imports.get((source, import_id))
-            scheduler = self.poller.schedulers.get(source)
-            if record is None or scheduler is None:
-                raise TrackingError(
-                    404, f"import {import_id!r} of source {source!r} is not tracked"
-                )
-            if record.origin == "config":
-                raise TrackingError(
-                    409,
-                    f"import {import_id!r} is listed in the config file; "
-                    "remove it there and reload",
-                )
-            # Deleted from the store first: a refused delete leaves it tracked
-            # (a 204 that a restart takes back would be a lie).
-            try:
-                await self._write_changes(deleted=[(source, import_id)])
-            except StoreError as exc:
-                raise TrackingError(503, f"cannot store the removal: {exc.public}") from exc
-            scheduler.remove(import_id)
-        log.info("stopped tracking source=%s import=%s via the API", source, import_id)
-
-    # --- persistence and retention -----------------------------------------
-
-    async def _write_changes(
-        self,
-        *,
-        with_poll_times: bool = False,
-        rows: Sequence[Row] = (),
-        deleted: Sequence[ImportKey] = (),
-    ) -> None:
-        """Write what changed since the last write, and a request's ``rows`` and
-        ``deleted`` keys (not yet applied in memory), in one transaction; on
-        failure keep what was pending for the next write."""
-        changed, forgotten = self.state.take_changes(with_poll_times=with_poll_times)
-        if self.store is None or not (changed or forgotten or rows or deleted):
-            return
-        gone = set(deleted)
-        # A snapshot, taken on the loop; the request's rows last, so they win.
-        pending = [to_row(r) for r in changed if (r.source, r.import_id) not in gone]
-        try:
-            await asyncio.to_thread(self.store.write, [*pending, *rows], [*forgotten, *deleted])
-        except StoreError:
-            self.state.requeue(changed, forgotten)
-            raise
-
-    async def _persist_loop(self) -> None:
-        for tick in itertools.count(1):
-            await asyncio.sleep(PERSIST_INTERVAL)
-            async with self._write_lock:
-                for record in self.state.expired(self.config.retention):
-                    scheduler = self.poller.schedulers.get(record.source)
-                    if scheduler is not None:
-                        scheduler.remove(record.import_id)
-                    log.info(
-                        "forgetting import source=%s import=%s: finished over %gs ago",
-                        record.source,
-                        record.import_id,
-                        self.config.retention,
-                    )
-                for record in self.state.expired_parked(self.config.retention):
-                    self.state.forget_parked(record.source, record.import_id)
-                    log.info(
-                        "forgetting parked import source=%s import=%s: parked or finished "
-                        "over %gs ago",
-                        record.source,
-                        record.import_id,
-                        self.config.retention,
-                    )
-                try:
-                    await self._write_changes(with_poll_times=tick % POLL_TIMES_EVERY == 0)
-                except StoreError as exc:
-                    # The store logged it when writes began to fail.
-                    log.debug("cannot store the state of the imports: %s", exc)
-            if self.store is not None:
-                # A stat, but behind the store's lock, which a write may hold.
-                await asyncio.to_thread(self.store.verify)
-
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """Errors the event loop reports (accept() failing with EMFILE retries
         every second), logged at most a few times a minute per kind."""
@@ -504,17 +364,7 @@ class Exporter:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.poller.stop()
-        if self._persist_task is not None:
-            self._persist_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._persist_task
-        if self.store is not None:
-            async with self._write_lock:
-                try:
-                    await self._write_changes(with_poll_times=True)
-                except StoreError as exc:
-                    log.error("cannot store the state of the imports: %s", exc)
-            self.store.close()
+        await self.persistence.stop()
         if self._session is not None:
             await self._session.close()
         asyncio.get_running_loop().set_exception_handler(self._previous_exception_handler)

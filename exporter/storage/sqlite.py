@@ -1,10 +1,5 @@
-"""Keeps what the exporter knows about every import across restarts, in SQLite.
-
-One row per tracked import: its registration (source, id, name, origin) and
-everything the exporter learnt about it (the last observation, first-seen,
-state-change and last-progress times, the last error). The state is the one
-truth while the process runs; this file is how it survives a restart, so a
-stall that began before the restart is still seen as a stall.
+"""The embedded backend: one SQLite file, one row per import (its
+registration and everything the exporter learnt about it).
 
 Writes are transactions in WAL mode with ``synchronous=FULL``: once a write
 returns, a SIGKILL (or a power cut) cannot take it back.
@@ -26,66 +21,37 @@ import os
 import sqlite3
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporter.model import ErrorReason, Observation, State
-from exporter.state import ImportRecord
+from exporter.state import ImportKey, ImportRecord
+from exporter.storage import (
+    COLUMNS,
+    Row,
+    StoreError,
+    StoreHealth,
+    from_row,
+)
 
 SCHEMA_VERSION = 3
 """1: the first; 2: ``last_attempt`` and ``consecutive_failures``; 3: ``parked_at``
 (registered imports of a source no longer configured)."""
 
-_COLUMNS = (
-    "source",
-    "import_id",
-    "system",
-    "name",
-    "origin",
-    "state",
-    "upstream_state",
-    "step",
-    "reason",
-    "items_completed",
-    "items_expected",
-    "items_failed",
-    "started_at",
-    "ended_at",
-    "first_seen",
-    "state_since",
-    "last_progress",
-    "seen_running_at",
-    "seen_finished_at",
-    "last_success",
-    "last_error",
-    "last_error_reason",
-    "last_error_at",
-    "confirmed_final",
-    "last_attempt",
-    "consecutive_failures",
-    "parked_at",
-)
 _ADDED_IN = {2: ("last_attempt", "consecutive_failures"), 3: ("parked_at",)}
 """Columns each schema version added to the one before (ALTER TABLE on upgrade)."""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS imports (
-    {", ".join(_COLUMNS)},
+    {", ".join(COLUMNS)},
     PRIMARY KEY (source, import_id)
 ) WITHOUT ROWID
 """
 _UPSERT = (
-    f"INSERT OR REPLACE INTO imports ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
+    f"INSERT OR REPLACE INTO imports ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
 )
-
-Row = tuple[object, ...]
 
 log = logging.getLogger(__name__)
 
-WRITE_ERROR_REASONS = ("disk_full", "read_only", "busy", "io_error", "vanished", "other")
-"""Why a write failed: a small fixed set, exported as a metric label."""
 _REASON_BY_SQLITE_CODE = {
     13: "disk_full",  # SQLITE_FULL
     8: "read_only",  # SQLITE_READONLY
@@ -95,42 +61,9 @@ _REASON_BY_SQLITE_CODE = {
     10: "io_error",  # SQLITE_IOERR
     14: "io_error",  # SQLITE_CANTOPEN
 }
-_PUBLIC_REASON = {
-    "disk_full": "the disk is full",
-    "read_only": "the database is read-only",
-    "busy": "the database is locked",
-    "io_error": "the disk failed",
-    "vanished": "the database file was deleted or replaced while in use",
-    "other": "the database refused the write",
-}
 
 
-class StoreError(Exception):
-    """The database cannot be used; the message says which file and why
-    (for logs); :attr:`public` says why without the path (for API clients)."""
-
-    def __init__(self, message: str, reason: str = "other") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    @property
-    def public(self) -> str:
-        why = _PUBLIC_REASON.get(self.reason, _PUBLIC_REASON["other"])
-        return f"{why} (see the exporter's log)"
-
-
-@dataclass(slots=True)
-class StoreHealth:
-    """How the writes have gone, for metrics and readiness."""
-
-    write_errors: Counter[str] = field(default_factory=Counter)
-    last_write_ok: bool = True
-    last_write_success_at: float | None = None
-    failing: str | None = None
-    """The reason of the failure the last write ended in; None while writes succeed."""
-
-
-class Store:
+class SQLiteStorage:
     """The SQLite file behind the state. Safe to call from one thread at a time
     (the exporter writes from a worker thread so the event loop never waits on disk)."""
 
@@ -200,12 +133,12 @@ class Store:
     def load(self) -> list[ImportRecord]:
         try:
             with self._lock:
-                rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM imports").fetchall()
-            return [_from_row(row) for row in rows]
+                rows = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM imports").fetchall()
+            return [from_row(row) for row in rows]
         except (sqlite3.Error, ValueError, TypeError) as exc:
             raise StoreError(f"{self.path}: cannot read the stored imports: {exc}") from exc
 
-    def write(self, rows: Iterable[Row], deleted: Iterable[tuple[str, str]] = ()) -> None:
+    def write(self, rows: Iterable[Row], deleted: Iterable[ImportKey] = ()) -> None:
         """Upsert ``rows`` (from :func:`to_row`) and delete ``deleted`` keys, in
         one transaction. Raises :class:`StoreError`."""
         with self._lock:
@@ -326,88 +259,3 @@ def _take_lock(path: str) -> int:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def to_row(record: ImportRecord) -> Row:
-    """A record as a row; built on the event loop, so it is a consistent snapshot."""
-    obs = record.observation
-    return (
-        record.source,
-        record.import_id,
-        record.system,
-        record.name,
-        record.origin,
-        obs.state.value if obs else None,
-        obs.upstream_state if obs else None,
-        obs.step if obs else None,
-        obs.reason if obs else None,
-        obs.items_completed if obs else None,
-        obs.items_expected if obs else None,
-        obs.items_failed if obs else None,
-        obs.started_at if obs else None,
-        obs.ended_at if obs else None,
-        record.first_seen,
-        record.state_since,
-        record.last_progress,
-        record.seen_running_at,
-        record.seen_finished_at,
-        record.last_success,
-        record.last_error,
-        record.last_error_reason.value if record.last_error_reason else None,
-        record.last_error_at,
-        int(record.confirmed_final),
-        record.last_attempt,
-        record.consecutive_failures,
-        record.parked_at,
-    )
-
-
-def _from_row(row: Row) -> ImportRecord:
-    values = dict(zip(_COLUMNS, row, strict=True))
-    observation = None
-    if values["state"] is not None:
-        observation = Observation(
-            state=State(str(values["state"])),
-            upstream_state=str(values["upstream_state"]),
-            step=_str(values["step"]),
-            reason=_str(values["reason"]),
-            items_completed=_int(values["items_completed"]),
-            items_expected=_int(values["items_expected"]),
-            items_failed=_int(values["items_failed"]),
-            started_at=_float(values["started_at"]),
-            ended_at=_float(values["ended_at"]),
-        )
-    reason = values["last_error_reason"]
-    return ImportRecord(
-        source=str(values["source"]),
-        import_id=str(values["import_id"]),
-        system=str(values["system"]),
-        name=_str(values["name"]),
-        origin=str(values["origin"]),
-        observation=observation,
-        first_seen=_float(values["first_seen"]),
-        state_since=_float(values["state_since"]),
-        last_progress=_float(values["last_progress"]),
-        seen_running_at=_float(values["seen_running_at"]),
-        seen_finished_at=_float(values["seen_finished_at"]),
-        last_success=_float(values["last_success"]),
-        last_error=_str(values["last_error"]),
-        last_error_reason=ErrorReason(str(reason)) if reason is not None else None,
-        last_error_at=_float(values["last_error_at"]),
-        confirmed_final=bool(values["confirmed_final"]),
-        last_attempt=_float(values["last_attempt"]),
-        consecutive_failures=_int(values["consecutive_failures"]) or 0,
-        parked_at=_float(values["parked_at"]),
-    )
-
-
-def _str(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
-def _int(value: object) -> int | None:
-    return None if value is None else int(value)  # type: ignore[call-overload]
-
-
-def _float(value: object) -> float | None:
-    return None if value is None else float(value)  # type: ignore[arg-type]

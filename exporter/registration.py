@@ -1,0 +1,129 @@
+"""Imports registered at runtime: the exporter's side of the registration API
+(:class:`~exporter.tracking.ImportTracker`). Every change is stored before it
+is applied in memory, so what is acknowledged is durable and a refused write
+changes nothing; it runs under the persistence lock, ordered with reloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from exporter.config import Config
+from exporter.model import Origin
+from exporter.persistence import Persistence
+from exporter.poller import Poller
+from exporter.sources.base import ImportSpec
+from exporter.state import ImportRecord, StateStore
+from exporter.storage import StoreError, to_row
+from exporter.tracking import Refusal, TrackingError
+
+log = logging.getLogger(__name__)
+
+
+class Registration:
+    """Registers and forgets imports for the API."""
+
+    def __init__(
+        self,
+        state: StateStore,
+        poller: Poller,
+        persistence: Persistence,
+        config: Callable[[], Config],
+    ) -> None:
+        self.state = state
+        self.poller = poller
+        self.persistence = persistence
+        self._config = config
+
+    @property
+    def api_tokens(self) -> tuple[str, ...]:
+        return self._config().api.tokens
+
+    async def register(
+        self, source: str, import_id: str, name: str | None
+    ) -> tuple[ImportRecord, bool]:
+        # The scheduler is looked up under the lock, which a reload holds
+        # while it replaces schedulers: a registration lands wholly before a
+        # reload (which keeps it) or wholly after (on the new one).
+        async with self.persistence.lock:
+            scheduler = self.poller.schedulers.get(source)
+            if scheduler is None:
+                raise TrackingError(Refusal.UNKNOWN_SOURCE, f"no source named {source!r}", "source")
+            if scheduler.source.follows_server:
+                raise TrackingError(
+                    Refusal.TAKES_NO_IDS,
+                    f"source {source!r} is a {scheduler.source.system} server: it watches the "
+                    "server's current import and takes no import ids",
+                    "source",
+                )
+            existing = self.state.imports.get((source, import_id))
+            if existing is None:
+                limit = self._config().api.max_imports_per_source
+                if self.state.imports.count_of(source) >= limit:
+                    raise TrackingError(
+                        Refusal.LIMIT_REACHED,
+                        f"source {source!r} already tracks {limit} imports, the most "
+                        "api.max_imports_per_source allows",
+                    )
+            # Stored first, then applied: a refused write changes nothing.
+            if existing is None:
+                wanted: ImportRecord | None = ImportRecord(
+                    source=source,
+                    import_id=import_id,
+                    system=scheduler.source.system,
+                    name=name,
+                    origin=Origin.API,
+                )
+            elif name is not None and name != existing.name:
+                wanted = dataclasses.replace(existing, name=name)
+            else:
+                wanted = None
+            try:
+                await self.persistence.write(rows=[to_row(wanted)] if wanted else [])
+            except StoreError as exc:
+                raise TrackingError(
+                    Refusal.NOT_STORED, f"cannot store the registration: {exc.public}"
+                ) from exc
+            scheduler.add(ImportSpec(import_id, name), origin=Origin.API)
+            record = self.state.imports[(source, import_id)]
+        log.info(
+            "%s source=%s import=%s via the API",
+            "tracking" if existing is None else "already tracking",
+            source,
+            import_id,
+        )
+        return record, existing is None
+
+    async def unregister(self, source: str, import_id: str) -> None:
+        async with self.persistence.lock:  # ordered with reloads, as in register()
+            if (source, import_id) in self.state.parked:
+                await self._delete(source, import_id)
+                self.state.forget_parked(source, import_id)
+                log.info("forgot parked import source=%s import=%s via the API", source, import_id)
+                return
+            record = self.state.imports.get((source, import_id))
+            scheduler = self.poller.schedulers.get(source)
+            if record is None or scheduler is None:
+                raise TrackingError(
+                    Refusal.NOT_TRACKED, f"import {import_id!r} of source {source!r} is not tracked"
+                )
+            if record.origin is Origin.CONFIG:
+                raise TrackingError(
+                    Refusal.LISTED_IN_CONFIG,
+                    f"import {import_id!r} is listed in the config file; "
+                    "remove it there and reload",
+                )
+            # Deleted from the store first: a refused delete leaves it tracked
+            # (a 204 that a restart takes back would be a lie).
+            await self._delete(source, import_id)
+            scheduler.remove(import_id)
+        log.info("stopped tracking source=%s import=%s via the API", source, import_id)
+
+    async def _delete(self, source: str, import_id: str) -> None:
+        try:
+            await self.persistence.write(deleted=[(source, import_id)])
+        except StoreError as exc:
+            raise TrackingError(
+                Refusal.NOT_STORED, f"cannot store the removal: {exc.public}"
+            ) from exc

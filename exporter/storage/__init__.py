@@ -1,0 +1,195 @@
+"""Where the state survives a restart: the :class:`Storage` interface, and the
+record snapshot (:func:`to_row`) every backend writes and reads back.
+
+SQLite (:mod:`.sqlite`) is the embedded default; a backend is anything with
+these methods. The state is the one truth while the process runs; a backend
+is how it survives a restart, so a stall that began before the restart is
+still seen as a stall.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from exporter.model import ErrorReason, Observation, Origin, State
+from exporter.state import ImportKey, ImportRecord
+
+Row = tuple[object, ...]
+"""One import as a backend stores it, in :data:`COLUMNS` order."""
+
+COLUMNS = (
+    "source",
+    "import_id",
+    "system",
+    "name",
+    "origin",
+    "state",
+    "upstream_state",
+    "step",
+    "reason",
+    "items_completed",
+    "items_expected",
+    "items_failed",
+    "started_at",
+    "ended_at",
+    "first_seen",
+    "state_since",
+    "last_progress",
+    "seen_running_at",
+    "seen_finished_at",
+    "last_success",
+    "last_error",
+    "last_error_reason",
+    "last_error_at",
+    "confirmed_final",
+    "last_attempt",
+    "consecutive_failures",
+    "parked_at",
+)
+
+WRITE_ERROR_REASONS = ("disk_full", "read_only", "busy", "io_error", "vanished", "other")
+"""Why a write failed: a small fixed set, exported as a metric label."""
+PUBLIC_REASON = {
+    "disk_full": "the disk is full",
+    "read_only": "the database is read-only",
+    "busy": "the database is locked",
+    "io_error": "the disk failed",
+    "vanished": "the database file was deleted or replaced while in use",
+    "other": "the database refused the write",
+}
+
+
+class StoreError(Exception):
+    """The database cannot be used; the message says which file and why
+    (for logs); :attr:`public` says why without the path (for API clients)."""
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    @property
+    def public(self) -> str:
+        why = PUBLIC_REASON.get(self.reason, PUBLIC_REASON["other"])
+        return f"{why} (see the exporter's log)"
+
+
+@dataclass(slots=True)
+class StoreHealth:
+    """How the writes have gone, for metrics and readiness."""
+
+    write_errors: Counter[str] = field(default_factory=Counter)
+    last_write_ok: bool = True
+    last_write_success_at: float | None = None
+    failing: str | None = None
+    """The reason of the failure the last write ended in; None while writes succeed."""
+
+
+class Storage(Protocol):
+    """What the exporter needs of a backend. Every method may be called from a
+    worker thread (never two at once); each raises :class:`StoreError`."""
+
+    path: str
+    """Where it is, for logs (never shown to API clients)."""
+    health: StoreHealth
+
+    def load(self) -> list[ImportRecord]:
+        """Every stored import, parked ones included."""
+
+    def write(self, rows: Iterable[Row], deleted: Iterable[ImportKey] = ()) -> None:
+        """Upsert ``rows`` and delete ``deleted`` in one transaction: durable
+        when it returns."""
+
+    def verify(self) -> None:
+        """Check the backend is still the one it was opened as (a cheap probe);
+        a failure shows in :attr:`health`."""
+
+    def close(self) -> None:
+        """Release it (and the ownership of it) for good."""
+
+
+def to_row(record: ImportRecord) -> Row:
+    """A record as a row; built on the event loop, so it is a consistent snapshot."""
+    obs = record.observation
+    return (
+        record.source,
+        record.import_id,
+        record.system,
+        record.name,
+        record.origin,
+        obs.state.value if obs else None,
+        obs.upstream_state if obs else None,
+        obs.step if obs else None,
+        obs.reason if obs else None,
+        obs.items_completed if obs else None,
+        obs.items_expected if obs else None,
+        obs.items_failed if obs else None,
+        obs.started_at if obs else None,
+        obs.ended_at if obs else None,
+        record.first_seen,
+        record.state_since,
+        record.last_progress,
+        record.seen_running_at,
+        record.seen_finished_at,
+        record.last_success,
+        record.last_error,
+        record.last_error_reason.value if record.last_error_reason else None,
+        record.last_error_at,
+        int(record.confirmed_final),
+        record.last_attempt,
+        record.consecutive_failures,
+        record.parked_at,
+    )
+
+
+def from_row(row: Row) -> ImportRecord:
+    values = dict(zip(COLUMNS, row, strict=True))
+    observation = None
+    if values["state"] is not None:
+        observation = Observation(
+            state=State(str(values["state"])),
+            upstream_state=str(values["upstream_state"]),
+            step=_str(values["step"]),
+            reason=_str(values["reason"]),
+            items_completed=_int(values["items_completed"]),
+            items_expected=_int(values["items_expected"]),
+            items_failed=_int(values["items_failed"]),
+            started_at=_float(values["started_at"]),
+            ended_at=_float(values["ended_at"]),
+        )
+    reason = values["last_error_reason"]
+    return ImportRecord(
+        source=str(values["source"]),
+        import_id=str(values["import_id"]),
+        system=str(values["system"]),
+        name=_str(values["name"]),
+        origin=Origin(str(values["origin"])),
+        observation=observation,
+        first_seen=_float(values["first_seen"]),
+        state_since=_float(values["state_since"]),
+        last_progress=_float(values["last_progress"]),
+        seen_running_at=_float(values["seen_running_at"]),
+        seen_finished_at=_float(values["seen_finished_at"]),
+        last_success=_float(values["last_success"]),
+        last_error=_str(values["last_error"]),
+        last_error_reason=ErrorReason(str(reason)) if reason is not None else None,
+        last_error_at=_float(values["last_error_at"]),
+        confirmed_final=bool(values["confirmed_final"]),
+        last_attempt=_float(values["last_attempt"]),
+        consecutive_failures=_int(values["consecutive_failures"]) or 0,
+        parked_at=_float(values["parked_at"]),
+    )
+
+
+def _str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
