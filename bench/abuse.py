@@ -301,7 +301,8 @@ async def run(url: str, imports: int, seconds: float, quick: bool) -> list[dict[
 
 def loop_hold_at(imports: int) -> dict[str, Any]:
     """What the status page and the list API do on the event loop, timed."""
-    from exporter.api import ListQuery, _page
+    from exporter.api.models import ListQuery
+    from exporter.api.routes import _page
     from exporter.model import Observation, State
     from exporter.pages import prepare_status_page
     from exporter.state import StateStore

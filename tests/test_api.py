@@ -21,7 +21,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from exporter.api import API_OFF, ID_RULE, ImportView
+from exporter.api.constants import API_OFF
+from exporter.api.models import ImportView
+from exporter.config import ID_RULE
 from exporter.config.loader import parse_config_data
 from exporter.registration import Registration
 from exporter.runtime import Exporter
