@@ -5,6 +5,9 @@ state, the time and the page's query parameters into one self-contained HTML
 document (inline CSS, no scripts or assets to fetch, so it works offline and
 behind any proxy). Every piece of upstream, configured or user-given text goes
 through :func:`html.escape`: upstreams are not trusted to send plain text.
+
+Over 400 lines because it is one page: its HTML pieces and its CSS read best
+together, and nothing else uses them.
 """
 
 from __future__ import annotations

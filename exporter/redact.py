@@ -69,7 +69,7 @@ def redact(text: str) -> str:
 
 
 def clear_secrets() -> None:
-    """Forget every registered secret (tests, config reload)."""
+    """Forget every registered secret (for tests)."""
     global _secrets
     with _lock:
         _configured.clear()

@@ -24,8 +24,6 @@ from exporter.state import StateStore
 from exporter.tracking import ImportTracker
 from exporter.webconfig import WebConfig, WebSecurity, security_middlewares
 
-STATE_KEY = web.AppKey("state", StateStore)
-
 
 def create_web_app(
     state: StateStore,
@@ -45,7 +43,6 @@ def create_web_app(
     if web_config is not None:
         middlewares += security_middlewares(web_config, bypass=bearer_passes(tracker))
     app = web.Application(middlewares=middlewares)
-    app[STATE_KEY] = state
 
     async def healthy(_: web.Request) -> web.Response:
         return web.Response(text="OK\n")

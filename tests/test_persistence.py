@@ -198,14 +198,22 @@ async def exporter_process(
 
 
 async def api_list(session: aiohttp.ClientSession, port: int) -> dict[str, dict[str, Any]] | None:
-    try:
-        async with session.get(f"http://127.0.0.1:{port}/api/v1/imports") as response:
-            if response.status != 200:
-                return None
-            body = await response.json()
-    except aiohttp.ClientError:
-        return None
-    return {item["id"]: item for item in body["imports"]}
+    """Every tracked import, following the list's pages (None while not answering)."""
+    listing: dict[str, dict[str, Any]] = {}
+    params = {"limit": "5000"}
+    while True:
+        try:
+            url = f"http://127.0.0.1:{port}/api/v1/imports"
+            async with session.get(url, params=params) as response:
+                if response.status != 200:
+                    return None
+                body = await response.json()
+        except aiohttp.ClientError:
+            return None
+        listing.update((item["id"], item) for item in body["imports"])
+        if body.get("next") is None:
+            return listing
+        params = {"limit": "5000", "after": body["next"]}
 
 
 async def wait_listing(

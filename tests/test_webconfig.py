@@ -22,12 +22,12 @@ from exporter.config.loader import parse_config_data
 from exporter.runtime import Exporter
 from exporter.web import metrics_handler
 from exporter.webconfig import (
-    BCRYPT_MAX_PENDING,
     BasicAuth,
     build_ssl_context,
     load_web_config,
     security_middlewares,
 )
+from exporter.webconfig.security import BCRYPT_MAX_PENDING
 
 
 def basic(user: str, password: str) -> str:

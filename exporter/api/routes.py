@@ -22,8 +22,9 @@ from exporter.api.constants import MAX_BODY_BYTES, PREFIX, SCAN_PER_PAGE, VIEWS_
 from exporter.api.errors import ApiError, error_response, first_problem, tracking_error
 from exporter.api.models import ImportPath, ListQuery, RegisterRequest, import_view
 from exporter.api.openapi import openapi_document
+from exporter.import_index import ImportIndex
 from exporter.reads import BulkReads, unpaced
-from exporter.state import ImportIndex, ImportRecord
+from exporter.state import ImportRecord
 from exporter.tracking import ImportTracker, TrackingError
 
 # --- requests ------------------------------------------------------------------

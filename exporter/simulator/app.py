@@ -2,6 +2,8 @@
 token endpoint, playing back scripted imports, with fault injection.
 
 It is a fake of the vendors' servers: it imports nothing from the exporter.
+Over 400 lines because the three fakes share their fault injection, rate
+limits and scripts; one file keeps the fake readable end to end.
 """
 
 from __future__ import annotations
