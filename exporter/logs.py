@@ -1,4 +1,11 @@
-"""Log output in logfmt or JSON, one line per event, with secrets redacted."""
+"""Log output in logfmt or JSON, one line per event, with secrets redacted.
+
+Context travels as real fields, not inside the message: a call passes
+``extra=context(source=..., import_=..., reason=..., error=...)`` and both
+formats write them as their own keys (``source=shop import=1001 ...`` in
+logfmt, ``"source": "shop"`` in JSON), so Loki or a JSON pipeline can filter
+by source, import or reason. The standard library does this without a new
+dependency: a formatter reads the record's extra attributes."""
 
 from __future__ import annotations
 
@@ -25,6 +32,26 @@ def _timestamp(record: logging.LogRecord) -> str:
     )
 
 
+_STANDARD_ATTRIBUTES = frozenset(
+    (*vars(logging.LogRecord("", 0, "", 0, "", (), None)), "message", "asctime", "taskName")
+)
+CONTEXT_FIRST = ("source", "import", "reason", "error")
+"""Context fields in the order they are written (others follow as given)."""
+
+
+def context(**fields: object) -> dict[str, object]:
+    """``extra=`` for a log call: each keyword a field of the line. ``import_``
+    is written as ``import`` (a Python keyword); None values are left out."""
+    return {key.rstrip("_"): value for key, value in fields.items() if value is not None}
+
+
+def context_of(record: logging.LogRecord) -> dict[str, Any]:
+    """The context fields a record carries (see :func:`context`)."""
+    extra = {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRIBUTES}
+    ordered = {key: extra.pop(key) for key in CONTEXT_FIRST if key in extra}
+    return {**ordered, **extra}
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "ts": _timestamp(record),
@@ -32,6 +59,8 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
         "logger": record.name,
         "msg": record.getMessage(),
     }
+    for key, value in context_of(record).items():
+        fields.setdefault(key, value)
     if record.exc_info:
         fields["exc"] = logging.Formatter().formatException(record.exc_info)
     return fields
@@ -88,7 +117,15 @@ class RateLimitedLog:
         # key -> [window start, lines logged in it, lines left out since last logged]
         self._windows: dict[Hashable, list[float]] = {}
 
-    def log(self, level: int, key: Hashable, msg: str, *args: object, exc_info: Any = None) -> bool:
+    def log(
+        self,
+        level: int,
+        key: Hashable,
+        msg: str,
+        *args: object,
+        exc_info: Any = None,
+        extra: dict[str, object] | None = None,
+    ) -> bool:
         """Log ``msg % args`` unless ``key`` used up its lines; True if logged."""
         now = self.clock()
         window = self._windows.get(key)
@@ -105,5 +142,5 @@ class RateLimitedLog:
         else:
             window[2] += 1
             return False
-        self.logger.log(level, msg, *args, exc_info=exc_info)
+        self.logger.log(level, msg, *args, exc_info=exc_info, extra=extra)
         return True

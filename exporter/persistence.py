@@ -11,6 +11,7 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 
+from exporter.logs import context
 from exporter.state import ImportKey, ImportRecord, StateStore
 from exporter.storage import Row, Storage, StoreError, to_row
 
@@ -72,19 +73,18 @@ class Persistence:
                 for record in self.state.expired(keep):
                     forget(record)
                     log.info(
-                        "forgetting import source=%s import=%s: finished over %gs ago",
-                        record.source,
-                        record.import_id,
-                        keep,
+                        "forgetting import: finished over the retention ago",
+                        extra=context(
+                            source=record.source, import_=record.import_id, retention_seconds=keep
+                        ),
                     )
                 for record in self.state.expired_parked(keep):
                     self.state.forget_parked(record.source, record.import_id)
                     log.info(
-                        "forgetting parked import source=%s import=%s: parked or finished "
-                        "over %gs ago",
-                        record.source,
-                        record.import_id,
-                        keep,
+                        "forgetting parked import: parked or finished over the retention ago",
+                        extra=context(
+                            source=record.source, import_=record.import_id, retention_seconds=keep
+                        ),
                     )
                 try:
                     await self.write(with_poll_times=tick % POLL_TIMES_EVERY == 0)

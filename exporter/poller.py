@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from exporter.logs import RateLimitedLog
+from exporter.logs import RateLimitedLog, context
 from exporter.model import ErrorReason, Origin, SourceError
 from exporter.redact import redact
 from exporter.sources.base import ImportSpec, Source
@@ -148,18 +148,22 @@ class SourceScheduler:
         except SourceError as error:
             return self._failed(import_id, error)
         except Exception as exc:  # a bug in an adapter must not stop the others
-            log.exception("unexpected error polling source=%s import=%s", name, import_id)
+            log.exception("unexpected error polling", extra=context(source=name, import_=import_id))
             bug = SourceError(ErrorReason.INVALID_RESPONSE, f"internal error: {type(exc).__name__}")
             return self._failed(import_id, bug)
         if self._failures.pop(import_id, None):
-            log.info("source=%s import=%s recovered", name, import_id)
+            log.info("import recovered", extra=context(source=name, import_=import_id))
         if self._held_by is not None:
-            log.info("source=%s recovered from %s", name, self._held_by.reason.value)
+            log.info(
+                "source recovered", extra=context(source=name, reason=self._held_by.reason.value)
+            )
             self._held_by = None
         self._source_failures = 0
         record = self.state.record_observation(name, import_id, observation)
         if record.confirmed_final and not self.source.follows_server:
-            log.debug("source=%s import=%s finished as %s", name, import_id, record.state)
+            log.debug(
+                "import finished", extra=context(source=name, import_=import_id, state=record.state)
+            )
             return None
         return self.clock() + self.interval
 
@@ -174,11 +178,13 @@ class SourceScheduler:
         self._poll_failures.log(
             logging.WARNING,
             (self.source.name, error.reason),
-            "poll failed source=%s import=%s reason=%s error=%s",
-            self.source.name,
-            import_id,
-            error.reason.value,
-            redact(error.message),
+            "poll failed",
+            extra=context(
+                source=self.source.name,
+                import_=import_id,
+                reason=error.reason.value,
+                error=redact(error.message),
+            ),
         )
         backoff: float = min(self.max_backoff, self.interval * 2.0 ** (failures - 1))
         backoff *= 1 + self.rng.uniform(-BACKOFF_JITTER, BACKOFF_JITTER)
@@ -213,11 +219,13 @@ class SourceScheduler:
         self._held_by = error
         self.state.record_source_error(name, error, self._scheduled | {import_id})
         log.warning(
-            "source held: every import fails alike source=%s reason=%s error=%s hold_seconds=%.0f",
-            name,
-            error.reason.value,
-            redact(error.message),
-            self._paused_until - now,
+            "source held: every import fails alike",
+            extra=context(
+                source=name,
+                reason=error.reason.value,
+                error=redact(error.message),
+                hold_seconds=round(self._paused_until - now),
+            ),
         )
         return self._paused_until
 

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 
 from exporter.config import Config
+from exporter.logs import context
 from exporter.model import Origin
 from exporter.persistence import Persistence
 from exporter.poller import Poller
@@ -88,10 +89,8 @@ class Registration:
             scheduler.add(ImportSpec(import_id, name), origin=Origin.API)
             record = self.state.imports[(source, import_id)]
         log.info(
-            "%s source=%s import=%s via the API",
-            "tracking" if existing is None else "already tracking",
-            source,
-            import_id,
+            "tracking via the API" if existing is None else "already tracking via the API",
+            extra=context(source=source, import_=import_id),
         )
         return record, existing is None
 
@@ -100,7 +99,10 @@ class Registration:
             if (source, import_id) in self.state.parked:
                 await self._delete(source, import_id)
                 self.state.forget_parked(source, import_id)
-                log.info("forgot parked import source=%s import=%s via the API", source, import_id)
+                log.info(
+                    "forgot a parked import via the API",
+                    extra=context(source=source, import_=import_id),
+                )
                 return
             record = self.state.imports.get((source, import_id))
             scheduler = self.poller.schedulers.get(source)
@@ -118,7 +120,7 @@ class Registration:
             # (a 204 that a restart takes back would be a lie).
             await self._delete(source, import_id)
             scheduler.remove(import_id)
-        log.info("stopped tracking source=%s import=%s via the API", source, import_id)
+        log.info("stopped tracking via the API", extra=context(source=source, import_=import_id))
 
     async def _delete(self, source: str, import_id: str) -> None:
         try:

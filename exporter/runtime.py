@@ -20,7 +20,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
-from exporter.logs import RateLimitedLog
+from exporter.logs import RateLimitedLog, context
 from exporter.metrics import StoreHealthCollector, build_registry
 from exporter.model import Origin
 from exporter.persistence import Persistence
@@ -196,7 +196,7 @@ class Exporter:
         for name in old.keys() - new_names:
             self._park(name)
             await self.poller.remove_source(name)
-            log.info("source %s removed", name)
+            log.info("source removed", extra=context(source=name))
         for source_config in config.sources:
             name = source_config.name
             before = old.get(name)
@@ -212,7 +212,9 @@ class Exporter:
             self._park(name, unless_system=source.system)
             back = self.state.unpark(name, source.system)
             if back:
-                log.info("brought back %d parked imports of source %s", len(back), name)
+                log.info(
+                    "brought back parked imports", extra=context(source=name, imports=len(back))
+                )
             # Registered at runtime (or restored from the store): kept across
             # a rebuild of the source.
             kept_runtime = [
@@ -247,23 +249,25 @@ class Exporter:
             register_secret(secret)
         for source_config in config.sources:
             for warning in source_config.deprecations():
-                log.warning("deprecated setting source=%s: %s", source_config.name, warning)
+                log.warning(
+                    f"deprecated setting: {warning}", extra=context(source=source_config.name)
+                )
 
     def _park(self, source: str, unless_system: str | None = None) -> None:
         parked, forgotten = self.state.park(source, unless_system=unless_system)
         for record in forgotten:
             log.info(
-                "forgetting import source=%s import=%s: its source is no longer configured",
-                record.source,
-                record.import_id,
+                "forgetting import: its source is no longer configured",
+                extra=context(source=record.source, import_=record.import_id),
             )
         if parked:
             log.info(
-                "parked %d imports of source %s: registered through the API, they are kept "
-                "(not polled, not exported) until a source of that name returns, at most %gs",
-                len(parked),
-                source,
-                self.config.retention,
+                f"parked {len(parked)} imports of the source: registered through the API, they "
+                "are kept (not polled, not exported) until a source of that name returns, at "
+                "most for the retention",
+                extra=context(
+                    source=source, imports=len(parked), retention_seconds=self.config.retention
+                ),
             )
 
     def _forget(self, record: ImportRecord) -> None:

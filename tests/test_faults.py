@@ -403,8 +403,8 @@ def poll_failed_lines(
         formatter.format(r)
         for r in caplog.records
         if r.levelno == logging.WARNING
-        and f"source={source} " in r.getMessage()
-        and f" reason={reason.value} " in r.getMessage()
+        and getattr(r, "source", None) == source
+        and getattr(r, "reason", None) == reason.value
     ]
 
 
@@ -466,7 +466,7 @@ async def test_fault_is_counted_logged_contained_and_recovered(
             # The whole source is held: one line a hold, not one per import.
             assert 1 <= len(lines) <= world.source(name).errors_total[case.reason], lines
             for line in lines:
-                assert f"source held: every import fails alike source={name} " in line
+                assert f'msg="source held: every import fails alike" source={name} ' in line
                 assert f"reason={case.reason.value} error=" in line
         else:
             assert len(lines) == world.source(name).errors_total[case.reason], lines

@@ -17,6 +17,7 @@ import aiohttp
 from pydantic import Field
 
 from exporter.config import HttpUrl, SourceConfig
+from exporter.logs import context
 from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
 from exporter.sources.base import (
     HttpResponse,
@@ -244,9 +245,9 @@ class RocketChatSource(Source[RocketChatConfig]):
         if response.status == 403:
             self.check_operation = False
             log.info(
-                "source=%s: no permission for getCurrentImportOperation; "
+                "no permission for getCurrentImportOperation; "
                 "dead imports will show as stuck instead of failed",
-                self.name,
+                extra=context(source=self.name),
             )
             return False
         return parse_operation_valid(response) is False

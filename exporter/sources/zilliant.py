@@ -23,6 +23,7 @@ from pydantic import Field
 from yarl import URL
 
 from exporter.config import HttpUrl, SecretHolder, WithImports
+from exporter.logs import context
 from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
 from exporter.redact import register_secret
 from exporter.sources.base import (
@@ -265,7 +266,7 @@ class ZilliantSource(Source[ZilliantConfig]):
                 self._token_fetches += 1
             self._token_failure = None
             self._authorization = self._encode(token_json, fetched=True)
-            log.info("source=%s fetched a new Salesforce token", self.name)
+            log.info("fetched a new Salesforce token", extra=context(source=self.name))
             return self._authorization
 
     async def _fetch_token(self) -> str:
