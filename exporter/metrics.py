@@ -173,27 +173,19 @@ class StateCollector(Collector):
             )
             if obs is None:
                 continue
-            if obs.items_completed is not None:
-                completed.add_metric(labels, obs.items_completed)
-            if obs.items_expected is not None:
-                expected.add_metric(labels, obs.items_expected)
-            if obs.items_failed is not None:
-                failed.add_metric(labels, obs.items_failed)
-            started = record.start_timestamp
-            if started is not None:
-                start.add_metric(labels, started)
-            ended = record.end_timestamp
-            if ended is not None:
-                end.add_metric(labels, ended)
-            took = record.duration(now)
-            if took is not None:
-                duration.add_metric(labels, took)
-            if record.state_since is not None:
-                changed.add_metric(labels, record.state_since)
-            if record.last_progress is not None:
-                progress.add_metric(labels, record.last_progress)
-            if record.last_success is not None:
-                success.add_metric(labels, record.last_success)
+            for family, number in (
+                (completed, obs.items_completed),
+                (expected, obs.items_expected),
+                (failed, obs.items_failed),
+                (start, record.start_timestamp),
+                (end, record.end_timestamp),
+                (duration, record.duration(now)),
+                (changed, record.state_since),
+                (progress, record.last_progress),
+                (success, record.last_success),
+            ):
+                if number is not None:
+                    family.add_metric(labels, number)
         yield from families
 
     def _source_metrics(self, *, empty: bool = False) -> Iterator[Metric]:

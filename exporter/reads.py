@@ -37,7 +37,7 @@ class BulkReads:
         return time.perf_counter()
 
 
-def unpaced(slice_started: float) -> float:
+def unpaced(_slice_started: float) -> float:
     """:meth:`BulkReads.pace` for work run directly (tests, the page renderer's
     synchronous form)."""
     return time.perf_counter()

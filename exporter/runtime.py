@@ -326,7 +326,8 @@ class Exporter:
         """Basic auth, headers and rate limit take effect at once; TLS settings
         and certificates are loaded into the serving SSLContext, so the next
         connection uses them (a rotated certificate needs no restart)."""
-        assert self.web_config_file is not None and self.web_security is not None
+        assert self.web_config_file is not None
+        assert self.web_security is not None
         base_dir = Path(self.web_config_file).parent
         tls = web_config.tls
         if tls is not None and self.ssl_context is not None:
@@ -353,7 +354,7 @@ class Exporter:
             return int(address[1])
         raise RuntimeError("not listening")
 
-    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    def _loop_exception(self, _loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """Errors the event loop reports (accept() failing with EMFILE retries
         every second), logged at most a few times a minute per kind."""
         message = str(context.get("message", "unhandled error in the event loop"))

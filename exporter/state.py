@@ -310,29 +310,7 @@ class StateStore:
         was_final = record.confirmed_final
         if record.first_seen is None:
             record.first_seen = now
-        ended_before = previous is not None and previous.state in TERMINAL_STATES
-        if ended_before and obs.state not in TERMINAL_STATES:
-            # A server's next import (Rocket.Chat): its own start time.
-            record.seen_running_at = None
-        if previous is None or previous.state != obs.state:
-            record.state_since = now
-            record.confirmed_final = False
-        elif obs.state in TERMINAL_STATES:
-            record.confirmed_final = True
-        if (
-            previous is None
-            or previous.state != obs.state
-            or previous.step != obs.step
-            or previous.items_completed != obs.items_completed
-        ):
-            record.last_progress = now
-        if obs.state is State.RUNNING and record.seen_running_at is None:
-            record.seen_running_at = now
-        if obs.state in TERMINAL_STATES:
-            if record.seen_finished_at is None or (previous and previous.state != obs.state):
-                record.seen_finished_at = now
-        else:
-            record.seen_finished_at = None
+        _note_times(record, previous, obs, now)
         record.observation = obs
         record.last_success = now
         record.last_attempt = now
@@ -467,3 +445,33 @@ class StateStore:
         if self.parked.pop((source, import_id), None) is not None:
             self._changed.discard((source, import_id))
             self._forgotten.add((source, import_id))
+
+
+def _note_times(
+    record: ImportRecord, previous: Observation | None, obs: Observation, now: float
+) -> None:
+    """What an answer changes of an import's times (state change, progress,
+    seen running or finished) and whether its final state is confirmed."""
+    changed_state = previous is None or previous.state != obs.state
+    ended_before = previous is not None and previous.state in TERMINAL_STATES
+    if ended_before and obs.state not in TERMINAL_STATES:
+        # A server's next import (Rocket.Chat): its own start time.
+        record.seen_running_at = None
+    if changed_state:
+        record.state_since = now
+        record.confirmed_final = False
+    elif obs.state in TERMINAL_STATES:
+        record.confirmed_final = True
+    if (
+        changed_state
+        or previous is None
+        or previous.step != obs.step
+        or previous.items_completed != obs.items_completed
+    ):
+        record.last_progress = now
+    if obs.state is State.RUNNING and record.seen_running_at is None:
+        record.seen_running_at = now
+    if obs.state not in TERMINAL_STATES:
+        record.seen_finished_at = None
+    elif record.seen_finished_at is None or changed_state:
+        record.seen_finished_at = now

@@ -52,10 +52,12 @@ def test_rules_follow_mixin_conventions() -> None:
         assert re.fullmatch(r"ImportStatus[A-Z][A-Za-z]+", name)
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
         annotations = rule["annotations"]
-        assert annotations["summary"] and "{{" not in annotations["summary"]
+        assert annotations["summary"]
+        assert "{{" not in annotations["summary"]
         assert "{{" in annotations["description"]
         anchor = annotations["runbook_url"].rsplit("#", 1)[1]
-        assert anchor == name.lower() and anchor in anchors, name
+        assert anchor == name.lower(), name
+        assert anchor in anchors, name
     # Every case the issue names is covered.
     for needed in (
         "ImportStatusImportFailed",

@@ -181,12 +181,15 @@ async def test_register_poll_show_and_unregister(
     status, created, _ = await call(http, "POST", url(exporter, IMPORTS), json=body, headers=BEARER)
     assert status == 201, created
     assert set(created) == set(ImportView.model_fields)
-    assert created["source"] == "elevate-prod" and created["id"] == RUNNING_ID
+    assert created["source"] == "elevate-prod"
+    assert created["id"] == RUNNING_ID
     assert created["name"] == "nightly prices"
-    assert created["origin"] == "api" and created["system"] == "elevate"
+    assert created["origin"] == "api"
+    assert created["system"] == "elevate"
 
     status, again, _ = await call(http, "POST", url(exporter, IMPORTS), json=body, headers=BEARER)
-    assert status == 200 and again["id"] == RUNNING_ID
+    assert status == 200
+    assert again["id"] == RUNNING_ID
     assert sum(1 for key in exporter.state.imports if key[1] == RUNNING_ID) == 1
 
     # A JSON number is taken as its decimal string, as in the config file.
@@ -194,7 +197,8 @@ async def test_register_poll_show_and_unregister(
     status, numeric, _ = await call(
         http, "POST", url(exporter, IMPORTS), json=number, headers=BEARER
     )
-    assert status == 201 and numeric["id"] == "5537431447739019570"
+    assert status == 201
+    assert numeric["id"] == "5537431447739019570"
 
     one = url(exporter, f"{IMPORTS}/elevate-prod/{RUNNING_ID}")
     seen: dict[str, Any] = {}
@@ -210,8 +214,10 @@ async def test_register_poll_show_and_unregister(
     for field in ("started_at", "state_changed_at", "last_poll_success_at", "first_seen_at"):
         when = datetime.fromisoformat(seen[field])
         offset = when.utcoffset()
-        assert offset is not None and offset.total_seconds() == 0, field
-    assert seen["duration_seconds"] >= 0 and seen["ended_at"] is None
+        assert offset is not None, field
+        assert offset.total_seconds() == 0, field
+    assert seen["duration_seconds"] >= 0
+    assert seen["ended_at"] is None
     assert seen["last_error"] is None
 
     listed = {(i["source"], i["id"]): i for i in await list_all(http, exporter)}
@@ -225,14 +231,16 @@ async def test_register_poll_show_and_unregister(
     assert series in await metrics(http, exporter)
 
     status, gone, _ = await call(http, "DELETE", one, headers=BEARER)
-    assert status == 204 and gone == ""
+    assert status == 204
+    assert gone == ""
     # Gone at once: from the API and from /metrics.
     status, _, _ = await call(http, "GET", one)
     assert status == 404
     assert f'import="{RUNNING_ID}"' not in await metrics(http, exporter)
     assert RUNNING_ID not in {i["id"] for i in await list_all(http, exporter)}
     status, again_gone, _ = await call(http, "DELETE", one, headers=BEARER)
-    assert status == 404 and again_gone["error"]
+    assert status == 404
+    assert again_gone["error"]
 
 
 # --- bad input changes nothing ----------------------------------------------------
@@ -301,7 +309,8 @@ async def test_bad_registrations_are_refused_and_change_nothing(
         status, answer, _ = await call(
             http, "POST", target, data=raw, headers={**BEARER, "Content-Type": "application/json"}
         )
-        assert status == want and message in answer["error"], (case, answer)
+        assert status == want, (case, answer)
+        assert message in answer["error"], (case, answer)
         assert answer["field"] is None, case
         assert membership(exporter) == before, case
 
@@ -313,12 +322,14 @@ async def test_bad_registrations_are_refused_and_change_nothing(
         yield b'"}'
 
     status, answer, _ = await call(http, "POST", target, data=chunks(), headers=BEARER)
-    assert status == 413 and "4096" in answer["error"]
+    assert status == 413
+    assert "4096" in answer["error"]
     # Any content type is fine when the body is JSON.
     status, answer, _ = await call(
         http, "POST", target, data=b'{"source": "nope", "id": "1"}', headers=BEARER
     )
-    assert status == 404 and answer["field"] == "source"
+    assert status == 404
+    assert answer["field"] == "source"
     assert membership(exporter) == before
 
 
@@ -335,7 +346,8 @@ async def test_the_tracked_import_limit(
         status, answer, _ = await call(
             http, "POST", target, json={**body, "id": "bench-2"}, headers=BEARER
         )
-        assert status == 409 and "api.max_imports_per_source" in answer["error"], answer
+        assert status == 409, answer
+        assert "api.max_imports_per_source" in answer["error"], answer
         assert membership(exporter) == before
         # An import already tracked may still be registered again.
         status, _, _ = await call(http, "POST", target, json=body, headers=BEARER)
@@ -367,7 +379,8 @@ async def test_bad_reads_and_deletes(exporter: Exporter, http: aiohttp.ClientSes
             http, method, url(exporter, path), params=params, headers=BEARER
         )
         assert (status, answer["field"]) == (want, field), (method, path, params, answer)
-        assert answer["error"] and headers["Content-Type"].startswith("application/json")
+        assert answer["error"]
+        assert headers["Content-Type"].startswith("application/json")
         assert membership(exporter) == before, (method, path)
     status, answer, _ = await call(http, "GET", url(exporter, IMPORTS), params={"state": "x"})
     assert "must be one of waiting, blocked, running" in answer["error"]
@@ -391,7 +404,8 @@ async def test_without_tokens_the_write_api_is_off(
                 status, answer, _ = await call(
                     http, method, url(exporter, path), headers=headers, **kwargs
                 )
-                assert status == 403 and answer == {"error": API_OFF, "field": None}
+                assert status == 403
+                assert answer == {"error": API_OFF, "field": None}
         assert membership(exporter) == before
         for path in (IMPORTS, f"{IMPORTS}/elevate-prod/1001", "/api/v1/openapi.json"):
             status, _, _ = await call(http, "GET", url(exporter, path))
@@ -418,7 +432,8 @@ async def test_writes_need_a_valid_bearer_token(
             )
             assert status == 401, (headers, answer)
             assert got["WWW-Authenticate"].startswith("Bearer "), headers
-            assert TOKEN not in str(answer) and TOKEN not in str(dict(got))
+            assert TOKEN not in str(answer)
+            assert TOKEN not in str(dict(got))
     assert membership(exporter) == before
     # Either token of the file works; the scheme is case-insensitive.
     for headers in ({"Authorization": f"bearer {OTHER_TOKEN}"}, BEARER):
@@ -447,7 +462,8 @@ async def test_bearer_token_passes_basic_auth_on_the_api_only(
         status, created, _ = await call(http, "POST", listing, json=body, headers=BEARER)
         assert status == 201, created
         status, _, headers = await call(http, "POST", listing, json=body, headers=BASIC)
-        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith("Bearer")
         wrong = {"Authorization": "Bearer not-the-token-at-all"}
         assert (await call(http, "POST", listing, json=body, headers=wrong))[0] == 401
         one = url(exporter, f"{IMPORTS}/elevate-prod/bench-5")
@@ -464,7 +480,8 @@ async def test_bearer_token_passes_basic_auth_on_the_api_only(
         )
         answer_bytes = await reader.read()
         writer.close()
-        assert b"import_state" not in answer_bytes and not answer_bytes.startswith(b"HTTP/1.1 200")
+        assert b"import_state" not in answer_bytes
+        assert not answer_bytes.startswith(b"HTTP/1.1 200")
 
 
 # --- the OpenAPI document is true -----------------------------------------------------
@@ -481,7 +498,8 @@ async def test_openapi_document_matches_the_routes_and_their_status_codes(
     async with make_exporter(web_config=str(tmp_path / "web.yml"), max_imports=2) as exporter:
         openapi = "/api/v1/openapi.json"
         status, document, _ = await call(http, "GET", url(exporter, openapi), headers=BASIC)
-        assert status == 200 and document["openapi"].startswith("3.1")
+        assert status == 200
+        assert document["openapi"].startswith("3.1")
         documented = {
             (method.upper(), path): set(operation["responses"])
             for path, item in document["paths"].items()
@@ -535,7 +553,8 @@ async def test_openapi_document_matches_the_routes_and_their_status_codes(
             assert str(status) in response, (operation, status)
             content = response[str(status)].get("content", {})
             if status == 204:
-                assert content == {} and body == ""
+                assert content == {}
+                assert body == ""
             else:
                 assert headers["Content-Type"].split(";")[0] in content, (operation, status)
             reached[operation].add(str(status))
@@ -545,7 +564,7 @@ async def test_openapi_document_matches_the_routes_and_their_status_codes(
 
         # The two that need the exporter in another state: the write API off,
         # and a store that cannot write.
-        monkeypatch.setattr(Registration, "api_tokens", property(lambda self: ()))
+        monkeypatch.setattr(Registration, "api_tokens", property(lambda _: ()))
         for operation, path in [(("POST", IMPORTS), IMPORTS), (("DELETE", one), f"{IMPORTS}/e/1")]:
             await check(operation, path, {"headers": BASIC, "json": good}, 403)
         monkeypatch.undo()
@@ -610,19 +629,26 @@ async def test_cli_track_and_untrack(exporter: Exporter, tmp_path: Path) -> None
     # The server's refusals exit 1 with its message; usage errors exit 2.
     code, out, err = await run_cli("untrack", *target, token=TOKEN)
     outputs += [out, err]
-    assert code == 1 and out == "" and "404" in err and "not tracked" in err
+    assert code == 1
+    assert out == ""
+    assert "404" in err
+    assert "not tracked" in err
     code, out, err = await run_cli(
         "track", "--source", "nope", "--id", "1", "--url", base, token=TOKEN
     )
     outputs += [out, err]
-    assert code == 1 and "no source named 'nope'" in err
+    assert code == 1
+    assert "no source named 'nope'" in err
     code, out, err = await run_cli("track", *target, token="not-the-token-at-all")
     outputs += [out, err]
-    assert code == 1 and "401" in err
+    assert code == 1
+    assert "401" in err
     code, out, err = await run_cli("track", "--source", "elevate-prod", "--url", base)
-    assert code == 2 and "--id" in err
+    assert code == 2
+    assert "--id" in err
     code, out, err = await run_cli("track", *target, "--token-file", str(tmp_path / "missing"))
-    assert code == 2 and "cannot read" in err
+    assert code == 2
+    assert "cannot read" in err
     assert ("elevate-prod", RUNNING_ID) not in exporter.state.imports
     assert TOKEN not in "".join(outputs)
 
@@ -637,7 +663,8 @@ async def test_the_list_comes_in_pages_with_a_cursor_that_keeps_the_filters(
         assert status == 201
     everything = await list_all(http, exporter)
     keys = [(i["source"], i["id"]) for i in everything]
-    assert keys == sorted(keys) and len(keys) == len(set(keys)) == len(exporter.state.imports)
+    assert keys == sorted(keys)
+    assert len(keys) == len(set(keys)) == len(exporter.state.imports)
     # Small pages add up to the same list, each at most `limit` long.
     assert [(i["source"], i["id"]) for i in await list_all(http, exporter, limit=4)] == keys
     assert [i["id"] for i in await list_all(http, exporter, limit=5, source="elevate-prod")] == [
@@ -646,7 +673,9 @@ async def test_the_list_comes_in_pages_with_a_cursor_that_keeps_the_filters(
     status, first, _ = await call(
         http, "GET", url(exporter, IMPORTS), params={"limit": "3", "source": "elevate-prod"}
     )
-    assert status == 200 and len(first["imports"]) == 3 and first["next"]
+    assert status == 200
+    assert len(first["imports"]) == 3
+    assert first["next"]
     status, rest, _ = await call(
         http,
         "GET",
@@ -661,9 +690,11 @@ async def test_the_list_comes_in_pages_with_a_cursor_that_keeps_the_filters(
         ({"after": "not-a-cursor"}, "after"),
     ]:
         status, answer, _ = await call(http, "GET", url(exporter, IMPORTS), params=params)
-        assert status == 400 and answer["field"] == field, answer
+        assert status == 400, answer
+        assert answer["field"] == field, answer
     status, answer, _ = await call(http, "GET", url(exporter, IMPORTS), params={"limit": "5000"})
-    assert status == 200 and answer["next"] is None
+    assert status == 200
+    assert answer["next"] is None
 
 
 async def test_cli_list_follows_the_pages(exporter: Exporter) -> None:
@@ -683,4 +714,6 @@ async def test_cli_list_follows_the_pages(exporter: Exporter) -> None:
     ]
     assert lines[0][3] == "nightly catalogue"
     code, out, err = await run_cli("list", "--url", base, "--state", "sideways")
-    assert code == 1 and "400" in err and "state" in err
+    assert code == 1
+    assert "400" in err
+    assert "state" in err

@@ -34,24 +34,32 @@ def run_quick(script: str, out: Path) -> dict[str, object]:
 def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> None:
     data = run_quick(script, tmp_path / "out.json")
     results = data["results"]
-    assert isinstance(results, list) and results
+    assert isinstance(results, list)
+    assert results
     row = results[-1]
     assert isinstance(row, dict)
     if script == "polling.py":
-        assert row["exporter_polls_per_s"] > 0 and row["baseline_polls_per_s"] > 0
-        assert row["rate_ratio"] > 0 and row["cpu_ratio"] > 0
+        assert row["exporter_polls_per_s"] > 0
+        assert row["baseline_polls_per_s"] > 0
+        assert row["rate_ratio"] > 0
+        assert row["cpu_ratio"] > 0
     elif script == "scrape.py":
-        assert row["text"]["ratio_p50"] > 0 and row["openmetrics"]["bytes"] > 0
+        assert row["text"]["ratio_p50"] > 0
+        assert row["openmetrics"]["bytes"] > 0
         assert row["live"]["max_loop_stall_s"] >= 0
     elif script == "memory.py":
-        assert row["rss_bytes"] > 0 and "bytes_per_import" in row
+        assert row["rss_bytes"] > 0
+        assert "bytes_per_import" in row
     elif script == "abuse.py":
         assert [r["scenario"] for r in results][1:] == [  # type: ignore[index]
             "1 password guessing",
             "2 half-sent requests",
             "3 big reads",
         ]
-        assert row["scrapes_p50_ratio"] > 0 and row["registrations_p99_ratio"] > 0
+        assert row["scrapes_p50_ratio"] > 0
+        assert row["registrations_p99_ratio"] > 0
         assert data["loop_hold"]["page_max_ms"] >= 0  # type: ignore[index]
     else:
-        assert row["scrapes_served"] > 0 and row["failures"] >= 0 and row["polls"] > 0
+        assert row["scrapes_served"] > 0
+        assert row["failures"] >= 0
+        assert row["polls"] > 0

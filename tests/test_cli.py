@@ -54,7 +54,8 @@ def test_version_prints_the_name_and_version(tmp_path: Path) -> None:
 def test_a_bad_listen_address_exits_2_naming_the_flag(tmp_path: Path, address: str) -> None:
     result = run_cli("--demo", "--web.listen-address", address, cwd=tmp_path)
     assert result.returncode == 2
-    assert "--web.listen-address" in result.stderr and repr(address) in result.stderr
+    assert "--web.listen-address" in result.stderr
+    assert repr(address) in result.stderr
     assert "host:port" in result.stderr  # and says what is expected
 
 
@@ -67,7 +68,8 @@ def test_a_busy_listen_address_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if "level=" not in line]
     assert errors == [f"error: cannot listen on {address}: address already in use"]
-    assert "Traceback" not in result.stderr and "Unclosed" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Unclosed" not in result.stderr
 
 
 # --- logs of a real run ------------------------------------------------------------
@@ -91,7 +93,8 @@ async def run_demo_until_ready(*flags: str, cwd: Path) -> Run:
         cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
     # Read both pipes all along, so that a full pipe can never block the process.
     output = asyncio.gather(process.stdout.read(), process.stderr.read())
     try:
@@ -130,9 +133,11 @@ def check_lines(events: list[dict[str, Any]], port: int) -> None:
         assert event["level"] in {"debug", "info", "warn", "error"}, event
     listening = [e for e in events if e["msg"].startswith("listening on ")]
     assert len(listening) == 1
-    assert listening[0]["level"] == "info" and listening[0]["logger"] == "exporter.runtime"
+    assert listening[0]["level"] == "info"
+    assert listening[0]["logger"] == "exporter.runtime"
     assert f"127.0.0.1:{port}" in listening[0]["msg"]
-    assert events[-1]["msg"] == "shutting down" and events[-1]["level"] == "info"
+    assert events[-1]["msg"] == "shutting down"
+    assert events[-1]["level"] == "info"
 
 
 async def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
@@ -165,7 +170,8 @@ async def test_log_level_warn_hides_info_lines(tmp_path: Path) -> None:
     events = [parse_logfmt(line) for line in run.stderr.splitlines()]
     # The same run at info says "listening on" and "shutting down" (above).
     assert all(event["level"] in {"warn", "error"} for event in events), run.stderr
-    assert "listening on" not in run.stderr and "shutting down" not in run.stderr
+    assert "listening on" not in run.stderr
+    assert "shutting down" not in run.stderr
 
 
 # --- Elevate's URL from a cluster id ------------------------------------------------

@@ -169,7 +169,8 @@ def test_control_characters_in_names_and_urls_are_refused(char: str) -> None:
 def test_elevate_v3_is_deprecated_and_v4_the_default(tmp_path: Path) -> None:
     config = parse_config_text(ELEVATE, "config.yaml")
     (source,) = config.sources
-    assert isinstance(source, ElevateConfig) and source.api_version == "v4"
+    assert isinstance(source, ElevateConfig)
+    assert source.api_version == "v4"
     assert source.deprecations() == []
     v3 = ELEVATE.replace("cluster_id: c1", "cluster_id: c1\n    api_version: v3")
     (source,) = parse_config_text(v3, "config.yaml").sources
@@ -338,7 +339,7 @@ def test_the_registry_is_the_one_list_of_source_types() -> None:
     assert error == "config.yaml: sources[0].type: must be one of elevate, zilliant, rocketchat"
 
 
-def test_checking_a_config_registers_no_secret_for_redaction(tmp_path: Path) -> None:
+def test_checking_a_config_registers_no_secret_for_redaction() -> None:
     """Secrets are registered when a config is applied, not when it is parsed:
     check-config and a rejected reload add nothing to the redaction list."""
     from exporter import redact

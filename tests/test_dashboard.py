@@ -35,14 +35,17 @@ def test_datasource_job_instance_source_variables() -> None:
 
 def test_no_inputs_and_not_editable() -> None:
     text = OUT.read_text()
-    assert "__inputs" not in DASHBOARD and "${DS_" not in text
+    assert "__inputs" not in DASHBOARD
+    assert "${DS_" not in text
     assert DASHBOARD["editable"] is False
-    assert DASHBOARD["title"] and DASHBOARD["uid"]
+    assert DASHBOARD["title"]
+    assert DASHBOARD["uid"]
 
 
 @pytest.mark.parametrize("panel", PANELS, ids=[p["title"] for p in PANELS])
 def test_panel_lint(panel: dict[str, Any]) -> None:
-    assert panel["title"] and panel["description"]
+    assert panel["title"]
+    assert panel["description"]
     assert panel["fieldConfig"]["defaults"]["unit"]
     assert panel["datasource"] == DS
     for target in panel["targets"]:
@@ -50,7 +53,8 @@ def test_panel_lint(panel: dict[str, Any]) -> None:
         expr = target["expr"]
         for selector in re.findall(r"\b[a-z_]+\{([^}]*)\}", expr):
             if "import_state" in expr or "import_" in expr:
-                assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector
+                assert 'job=~"$job"' in selector
+                assert 'instance=~"$instance"' in selector
         for window in re.findall(r"\b(?:rate|irate|increase)\([^\[]*\[([^\]]+)\]", expr):
             assert window == "$__rate_interval", expr
 

@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,8 @@ async def test_a_second_exporter_on_the_same_database_refuses_to_start(
         assert second.returncode == 1
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1, second.stderr
-        assert str(database) in lines[0] and "in use" in lines[0]
+        assert str(database) in lines[0]
+        assert "in use" in lines[0]
         # The first one runs on, undisturbed.
         assert first.returncode is None
         await wait_listing(session, port, lambda listing: "1005" in listing)
@@ -140,7 +141,8 @@ async def test_a_deleted_database_is_noticed_and_nothing_more_is_acknowledged(
 
         status, body = await register(http, exporter, "bench-2")
         assert status == 503, body
-        assert str(folder) not in str(body) and "state.db" not in str(body)
+        assert str(folder) not in str(body)
+        assert "state.db" not in str(body)
         status, _ = await call(http, "GET", exporter, "/-/ready")
         assert status == 503
         assert ("elevate", "bench-2") not in exporter.state.imports
@@ -240,20 +242,21 @@ async def test_registrations_racing_reloads_are_all_answered_and_all_polled(
         assert len(answers) > reloads  # the registrations did race the reloads
         refused = {import_id: status for import_id, status in answers.items() if status != 201}
         assert refused == {}
-
-        # Every acknowledged import is polled (the interval is 2 s now; the
-        # deadline is generous for a loaded machine, but a lost one never is).
-        def all_polled(listing: dict[str, dict[str, Any]]) -> bool:
-            return all(
-                listing.get(import_id, {}).get("last_poll_success_at") is not None
-                for import_id in answers
-            )
-
-        async with asyncio.timeout(60):
-            while (listing := await api_list(session, port)) is None or not all_polled(listing):
-                await asyncio.sleep(0.2)
+        await wait_all_polled(session, port, answers)
         async with session.get(f"{base}/-/ready") as response:
             assert response.status == 200
+
+
+async def wait_all_polled(session: aiohttp.ClientSession, port: int, ids: Iterable[str]) -> None:
+    """Every acknowledged import is polled (the interval is 2 s; the deadline is
+    generous for a loaded machine, but a lost import never makes it)."""
+
+    def all_polled(listing: dict[str, dict[str, Any]]) -> bool:
+        return all(listing.get(i, {}).get("last_poll_success_at") is not None for i in ids)
+
+    async with asyncio.timeout(60):
+        while (listing := await api_list(session, port)) is None or not all_polled(listing):
+            await asyncio.sleep(0.2)
 
 
 # --- 5. memory changes only after the store accepted ------------------------------
@@ -298,18 +301,21 @@ async def test_a_refused_delete_or_rename_changes_nothing_anywhere(
                 assert status == 503, body
                 assert str(database) not in str(body)
                 status, shown = await call(http, "GET", exporter, one)
-                assert status == 200 and shown["name"] == "prices"
+                assert status == 200
+                assert shown["name"] == "prices"
 
                 status, body = await register(http, exporter, RUNNING, "renamed")
                 assert status == 503, body
                 status, shown = await call(http, "GET", exporter, one)
-                assert status == 200 and shown["name"] == "prices"
+                assert status == 200
+                assert shown["name"] == "prices"
             assert stored_names(database)[RUNNING] == "prices"
 
         # A restart shows the same: neither the delete nor the rename happened.
         async with running_exporter(config_file, database) as exporter:
             status, shown = await call(http, "GET", exporter, one)
-            assert status == 200 and shown["name"] == "prices"
+            assert status == 200
+            assert shown["name"] == "prices"
             # And once the store accepts, a delete is durable when answered.
             status, _ = await call(http, "DELETE", exporter, one, headers=AUTH)
             assert status == 204
@@ -354,9 +360,12 @@ async def test_a_reload_without_the_source_parks_its_registered_imports_until_it
             for r in caplog.records
         )
         text = await exported(http, exporter)
-        assert f'import="{RUNNING}"' not in text and 'source="elevate"' not in text
+        assert f'import="{RUNNING}"' not in text
+        assert 'source="elevate"' not in text
         status, shown = await call(http, "GET", exporter, one)
-        assert status == 200 and shown["parked"] is True and shown["name"] == f"job {RUNNING}"
+        assert status == 200
+        assert shown["parked"] is True
+        assert shown["name"] == f"job {RUNNING}"
         status, listing = await call(http, "GET", exporter, IMPORTS)
         parked = {item["id"] for item in listing["imports"] if item["parked"]}
         assert parked == {RUNNING, "bench-2"}
@@ -367,13 +376,16 @@ async def test_a_reload_without_the_source_parks_its_registered_imports_until_it
 
         # A parked import can be forgotten for good.
         status, _ = await call(http, "DELETE", exporter, f"{IMPORTS}/elevate/bench-2", headers=AUTH)
-        assert status == 204 and "bench-2" not in stored_states(database)
+        assert status == 204
+        assert "bench-2" not in stored_states(database)
 
         rename_source(config_file, "elevate-new", "elevate")
         assert await exporter.reload() == []
         assert ("elevate", "bench-2") not in state.imports
         status, shown = await call(http, "GET", exporter, one)
-        assert status == 200 and shown["parked"] is False and shown["origin"] == "api"
+        assert status == 200
+        assert shown["parked"] is False
+        assert shown["origin"] == "api"
         before = shown["last_poll_success_at"]
 
         async def polled_again() -> bool:
@@ -404,7 +416,8 @@ async def test_a_restart_without_the_source_parks_its_stored_registrations(
                 for r in caplog.records
             )
             status, shown = await call(http, "GET", exporter, f"{IMPORTS}/elevate/{RUNNING}")
-            assert status == 200 and shown["parked"] is True
+            assert status == 200
+            assert shown["parked"] is True
             assert ("elevate", RUNNING) not in exporter.state.imports
         assert RUNNING in stored_states(database)
         rename_source(config_file, "other", "elevate")
@@ -456,7 +469,9 @@ def test_a_database_of_the_previous_schema_is_migrated_and_keeps_its_rows(tmp_pa
     store = Store(database)
     try:
         (record,) = store.load()
-        assert record.import_id == "7" and record.origin == "api" and record.parked_at is None
+        assert record.import_id == "7"
+        assert record.origin == "api"
+        assert record.parked_at is None
     finally:
         store.close()
 
@@ -484,7 +499,8 @@ async def test_failing_writes_show_in_metrics_and_readiness_but_not_the_path_to_
         assert (await register(http, exporter, RUNNING))[0] == 201
         await wait_for(exporter.state.ready, timeout=20)
         text = await exported(http, exporter)
-        assert sample(text, ok) == 1.0 and sample(text, read_only) == 0.0
+        assert sample(text, ok) == 1.0
+        assert sample(text, read_only) == 0.0
         promtool = shutil.which("promtool")
         if promtool is not None:  # the naming conventions hold for the new series too
             lint = subprocess.run(
@@ -496,12 +512,14 @@ async def test_failing_writes_show_in_metrics_and_readiness_but_not_the_path_to_
 
         with read_only_disk(exporter.store, database):
             status, body = await register(http, exporter, "bench-2")
-            assert status == 503 and "read-only" in body["error"], body
+            assert status == 503, body
+            assert "read-only" in body["error"], body
             text = await exported(http, exporter)
             assert sample(text, ok) == 0.0
             assert (sample(text, read_only) or 0) >= 1
             status, page = await call(http, "GET", exporter, "/-/ready")
-            assert status == 503 and "read_only" in page
+            assert status == 503
+            assert "read_only" in page
             for answer in (body, page, text):
                 assert str(tmp_path) not in str(answer)
             assert any(str(database) in r.getMessage() for r in caplog.records)

@@ -114,7 +114,9 @@ async def test_scripted_imports_show_their_states_and_counts(exporter: Exporter)
         latest, "import_start_timestamp_seconds", source="zilliant-demo", **{"import": zid}
     )
     end = value(latest, "import_end_timestamp_seconds", source="zilliant-demo", **{"import": zid})
-    assert start is not None and end is not None and end > start
+    assert start is not None
+    assert end is not None
+    assert end > start
     for source, system in [
         ("elevate-demo", "elevate"),
         ("zilliant-demo", "zilliant"),
@@ -123,7 +125,8 @@ async def test_scripted_imports_show_their_states_and_counts(exporter: Exporter)
         assert value(latest, "import_source_up", source=source, system=system) == 1
         assert (value(latest, "import_source_requests_total", source=source) or 0) > 0
     expected = value(latest, "import_items_expected", source="rocketchat-demo")
-    assert expected is not None and expected > 0
+    assert expected is not None
+    assert expected > 0
 
 
 async def test_rocketchat_counts_rise_between_scrapes(exporter: Exporter) -> None:
@@ -143,7 +146,8 @@ async def test_rocketchat_counts_rise_between_scrapes(exporter: Exporter) -> Non
         async with asyncio.timeout(30):
             while not await rose_twice():
                 await asyncio.sleep(0.1)
-    assert seen == sorted(seen) and seen[0] < seen[-1]
+    assert seen == sorted(seen)
+    assert seen[0] < seen[-1]
 
 
 async def test_openmetrics_and_gzip_are_served(exporter: Exporter) -> None:
@@ -166,7 +170,8 @@ async def test_openmetrics_and_gzip_are_served(exporter: Exporter) -> None:
             assert response.status == 200
         async with session.get(f"http://127.0.0.1:{exporter.port}/") as response:
             page = await response.text()
-            assert "price feed" in page and "elevate-demo" in page
+            assert "price feed" in page
+            assert "elevate-demo" in page
 
 
 def free_port() -> int:
@@ -221,7 +226,8 @@ async def test_demo_command_serves_lintable_metrics_and_stops_on_sigterm() -> No
         assert code == 0
         assert process.stderr is not None
         log = (await process.stderr.read()).decode()
-        assert "level=info" in log and "shutting down" in log
+        assert "level=info" in log
+        assert "shutting down" in log
         if promtool is None:
             pytest.skip("promtool not installed; exposition not linted")
     finally:

@@ -408,6 +408,23 @@ def poll_failed_lines(
     ]
 
 
+def check_logged(lines: list[str], world: World, name: str, case: Case) -> None:
+    """One line per failed poll (one per hold where the whole source is held),
+    saying where and what happened, each one line."""
+    for line in lines:
+        assert "\n" not in line
+    if case.source_wide:
+        assert 1 <= len(lines) <= world.source(name).errors_total[case.reason], lines
+        for line in lines:
+            assert f'msg="source held: every import fails alike" source={name} ' in line
+            assert f"reason={case.reason.value} error=" in line
+    else:
+        assert len(lines) == world.source(name).errors_total[case.reason], lines
+        for line in lines:
+            assert f"import={world.target(name)} reason={case.reason.value} error=" in line
+    assert any(case.text(name) in line for line in lines), lines
+
+
 @pytest.mark.parametrize("case", [pytest.param(case, id=name) for name, case in CASES.items()])
 async def test_fault_is_counted_logged_contained_and_recovered(
     world: World, caplog: pytest.LogCaptureFixture, case: Case
@@ -459,20 +476,7 @@ async def test_fault_is_counted_logged_contained_and_recovered(
     metrics = await world.metrics()
     for name in affected:
         # Logged: one line per failed poll, saying where and what happened.
-        lines = poll_failed_lines(caplog, name, case.reason)
-        for line in lines:
-            assert "\n" not in line
-        if case.source_wide:
-            # The whole source is held: one line a hold, not one per import.
-            assert 1 <= len(lines) <= world.source(name).errors_total[case.reason], lines
-            for line in lines:
-                assert f'msg="source held: every import fails alike" source={name} ' in line
-                assert f"reason={case.reason.value} error=" in line
-        else:
-            assert len(lines) == world.source(name).errors_total[case.reason], lines
-            for line in lines:
-                assert f"import={world.target(name)} reason={case.reason.value} error=" in line
-        assert any(case.text(name) in line for line in lines), lines
+        check_logged(poll_failed_lines(caplog, name, case.reason), world, name, case)
         record = world.record(name)
         assert record.state is before[name], name
         assert record.last_success == failed_at[name], name
@@ -520,7 +524,8 @@ async def test_unknown_status_is_shown_as_unknown_with_the_raw_value(world: Worl
     metrics = await world.metrics()
     for name, raw in [("elevate", "PAUSED"), ("zilliant", "QUEUED"), ("chat", "importer_paused")]:
         record = world.record(name)
-        assert record.observation is not None and record.observation.upstream_state == raw
+        assert record.observation is not None
+        assert record.observation.upstream_state == raw
         assert world.source(name).up is True
         assert world.source(name).errors_total.total() == 0
         labels = {"source": name, "import": world.target(name)}

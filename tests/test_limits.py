@@ -190,7 +190,8 @@ def test_the_state_counts_imports_per_source_and_keeps_them_sorted() -> None:
         state.track("b", f"id-{n}")
     state.track("a", "x")
     state.restore([ImportRecord("a", "w", "elevate"), ImportRecord("a", "x", "elevate")])
-    assert state.imports.count_of("a") == 2 and state.imports.count_of("b") == 3
+    assert state.imports.count_of("a") == 2
+    assert state.imports.count_of("b") == 3
     assert state.imports.ordered == [
         ("a", "w"),
         ("a", "x"),
@@ -201,7 +202,8 @@ def test_the_state_counts_imports_per_source_and_keeps_them_sorted() -> None:
     state.untrack("b", "id-2")
     state.untrack("b", "never-tracked")
     state.remove_source("a")
-    assert state.imports.count_of("a") == 0 and state.imports.count_of("b") == 2
+    assert state.imports.count_of("a") == 0
+    assert state.imports.count_of("b") == 2
     assert state.imports.ordered == [("b", "id-1"), ("b", "id-3")] == sorted(state.imports)
 
 
@@ -247,6 +249,7 @@ async def test_accept_errors_of_a_running_exporter_do_not_flood_the_log(
                 )
         lines = [r for r in caplog.records if "accept() out of system resource" in r.getMessage()]
         assert 1 <= len(lines) <= 5
-        assert lines[0].exc_info is not None and "Too many open files" in caplog.text
+        assert lines[0].exc_info is not None
+        assert "Too many open files" in caplog.text
     finally:
         await exporter.stop()

@@ -37,7 +37,8 @@ def test_context_is_fields_of_the_line_in_both_formats() -> None:
 def test_fields_that_are_none_are_left_out_and_numbers_stay_numbers() -> None:
     event = record("source held", source="shop", hold_seconds=30, reason=None)
     parsed = json.loads(JsonFormatter().format(event))
-    assert parsed["hold_seconds"] == 30 and "reason" not in parsed
+    assert parsed["hold_seconds"] == 30
+    assert "reason" not in parsed
     assert LogfmtFormatter().format(event).endswith("source=shop hold_seconds=30")
 
 

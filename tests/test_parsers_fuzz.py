@@ -99,6 +99,29 @@ def reason_for(status: int) -> ErrorReason:
     return ErrorReason.SERVER_ERROR if status >= 500 else ErrorReason.CLIENT_ERROR
 
 
+def check_error(
+    error: SourceError,
+    response: HttpResponse,
+    overrides: dict[int, ErrorReason],
+    not_found: Callable[[HttpResponse], bool],
+) -> None:
+    """What a parser may raise for ``response``: ParseError only for a 200, a
+    plain SourceError with the status's reason otherwise."""
+    if isinstance(error, ParseError):
+        assert response.status == 200, f"ParseError for HTTP {response.status}: {error}"
+        assert error.reason is ErrorReason.INVALID_RESPONSE
+        assert error.retry_after is None
+        return
+    assert response.status != 200, f"{type(error).__name__} for a 200 answer: {error}"
+    assert type(error) is SourceError, type(error)
+    assert error.reason is overrides.get(response.status, reason_for(response.status))
+    assert not_found(response) is False, "a not-found answer raised"
+    wait = error.retry_after
+    assert wait is None or (math.isfinite(wait) and wait >= 0), wait
+    if error.reason not in (ErrorReason.RATE_LIMITED, ErrorReason.SERVER_ERROR):
+        assert wait is None
+
+
 def assert_total(
     parse: Callable[[HttpResponse], Any],
     response: HttpResponse,
@@ -113,26 +136,16 @@ def assert_total(
     """
     try:
         result = parse(response)
-    except ParseError as error:
-        assert response.status == 200, f"ParseError for HTTP {response.status}: {error}"
-        assert error.reason is ErrorReason.INVALID_RESPONSE
-        assert error.retry_after is None
-        return None
     except SourceError as error:
-        assert response.status != 200, f"{type(error).__name__} for a 200 answer: {error}"
-        assert type(error) is SourceError, type(error)
-        assert error.reason is (overrides or {}).get(response.status, reason_for(response.status))
-        assert not_found(response) is False, "a not-found answer raised"
-        wait = error.retry_after
-        assert wait is None or (math.isfinite(wait) and wait >= 0), wait
-        if error.reason not in (ErrorReason.RATE_LIMITED, ErrorReason.SERVER_ERROR):
-            assert wait is None
+        check_error(error, response, overrides or {}, not_found)
         return None
     if response.status != 200:
         assert not_found(response), f"an observation for HTTP {response.status}"
-        assert isinstance(result, Observation) and result.state is State.NOT_FOUND
+        assert isinstance(result, Observation)
+        assert result.state is State.NOT_FOUND
     if isinstance(result, Observation):
-        assert isinstance(result.upstream_state, str) and len(result.upstream_state) <= 100
+        assert isinstance(result.upstream_state, str)
+        assert len(result.upstream_state) <= 100
         for count in (result.items_completed, result.items_expected, result.items_failed):
             assert count is None or (type(count) is int and count >= 0)
     return result

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
 from exporter.config.loader import load_config
@@ -108,12 +109,9 @@ def test_corrupt_or_unreadable_database_stops_the_start_with_a_clear_error(
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not a database, it is a shopping list\n" * 200)
     before = garbage.read_bytes()
-    try:
+    with pytest.raises(StoreError, match="corrupt") as caught:
         Store(garbage)
-    except StoreError as exc:
-        assert str(garbage) in str(exc) and "corrupt" in str(exc)
-    else:
-        raise AssertionError("a corrupt database was accepted")
+    assert str(garbage) in str(caught.value)
     assert garbage.read_bytes() == before  # nothing was written over it
 
     # The command line says so and exits 1, never starting on an empty state.
@@ -125,26 +123,20 @@ def test_corrupt_or_unreadable_database_stops_the_start_with_a_clear_error(
         capture_output=True, text=True, timeout=30, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 1
-    assert str(garbage) in result.stderr and "corrupt" in result.stderr
+    assert str(garbage) in result.stderr
+    assert "corrupt" in result.stderr
 
     # A path that is a folder cannot be opened either.
-    try:
+    with pytest.raises(StoreError) as caught:
         Store(tmp_path)
-    except StoreError as exc:
-        assert str(tmp_path) in str(exc)
-    else:
-        raise AssertionError("a folder was accepted as a database")
+    assert str(tmp_path) in str(caught.value)
 
     # A database from a newer exporter is not silently misread.
     newer = tmp_path / "newer.db"
     with sqlite3.connect(newer) as db:
         db.execute("PRAGMA user_version=99")
-    try:
+    with pytest.raises(StoreError, match="newer exporter"):
         Store(newer)
-    except StoreError as exc:
-        assert "newer exporter" in str(exc)
-    else:
-        raise AssertionError("a newer schema was accepted")
 
 
 def test_a_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> None:
@@ -170,7 +162,8 @@ def test_a_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> 
     store = Store(old)
     (record,) = store.load()
     assert (record.import_id, record.state, record.origin) == ("1001", State.RUNNING, "api")
-    assert record.last_attempt is None and record.consecutive_failures == 0
+    assert record.last_attempt is None
+    assert record.consecutive_failures == 0
     state = StateStore()
     state.restore([record])
     assert record.poll_failing  # its newest news was an error
@@ -279,7 +272,7 @@ async def test_sigkill_loses_no_acknowledged_registration_and_keeps_state_and_st
                 )
 
             await wait_for(learnt, timeout=20)
-            before = await wait_listing(session, port, lambda listing: True)
+            before = await wait_listing(session, port, lambda _: True)
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
 
@@ -379,13 +372,9 @@ async def test_a_registration_the_store_cannot_write_is_refused_and_nothing_is_l
             exporter.store._db = sqlite3.connect(
                 f"file:{database}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
             )
-        try:
+        with pytest.raises(TrackingError, match="cannot store the registration") as refused:
             await exporter.register("elevate", "1003", None)
-        except TrackingError as exc:
-            assert exc.refusal is Refusal.NOT_STORED
-            assert "cannot store the registration" in exc.message
-        else:
-            raise AssertionError("an unstored registration was acknowledged")
+        assert refused.value.refusal is Refusal.NOT_STORED
         assert ("elevate", "1003") not in exporter.state.imports  # not acknowledged: not tracked
 
         with exporter.store._lock:

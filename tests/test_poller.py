@@ -62,7 +62,8 @@ async def test_failures_back_off_exponentially_with_jitter_capped_and_reset() ->
     assert await sched.poll_once("a") == clock.now + 10.0  # reset on success
     source.behaviour = raise_error(SourceError(ErrorReason.SERVER_ERROR, "HTTP 500"))
     due = await sched.poll_once("a")
-    assert due is not None and due - clock.now <= 12.0
+    assert due is not None
+    assert due - clock.now <= 12.0
 
 
 async def test_retry_after_holds_the_whole_source() -> None:
@@ -70,7 +71,8 @@ async def test_retry_after_holds_the_whole_source() -> None:
     error = SourceError(ErrorReason.RATE_LIMITED, "HTTP 429", retry_after=120.0)
     sched = scheduler(FakeSource("s", ["a", "b"], raise_error(error)), clock)
     due = await sched.poll_once("a")
-    assert due is not None and due >= clock.now + 120.0
+    assert due is not None
+    assert due >= clock.now + 120.0
     assert sched._paused_until == clock.now + 120.0
     assert sched.state.sources["s"].errors_total[ErrorReason.RATE_LIMITED] == 1
 
@@ -80,7 +82,8 @@ async def test_an_absurd_retry_after_holds_the_source_an_hour_at_most() -> None:
     error = SourceError(ErrorReason.RATE_LIMITED, "HTTP 429", retry_after=float("inf"))
     sched = scheduler(FakeSource("s", ["a"], raise_error(error)), clock)
     due = await sched.poll_once("a")
-    assert due is not None and due <= clock.now + MAX_RETRY_AFTER * (1 + BACKOFF_JITTER)
+    assert due is not None
+    assert due <= clock.now + MAX_RETRY_AFTER * (1 + BACKOFF_JITTER)
 
 
 async def test_terminal_import_is_confirmed_once_then_no_longer_polled_but_kept() -> None:

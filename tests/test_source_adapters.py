@@ -97,7 +97,7 @@ async def test_elevate_maps_every_status(
 async def test_elevate_v4_path_numeric_id_null_reason_and_gzip(
     aiohttp_server: ServerFactory, session: aiohttp.ClientSession
 ) -> None:
-    async def handler(request: web.Request) -> web.Response:
+    async def handler(_: web.Request) -> web.Response:
         body = gzip.compress(b'{"id": 5537431447739019570, "reason": null, "status": "SUCCESS"}')
         return web.Response(
             body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
@@ -532,7 +532,8 @@ async def test_rocketchat_429_honours_rate_limit_reset(
     with pytest.raises(SourceError) as caught:
         await build(rocketchat_settings(url), session).poll("x")
     assert caught.value.reason is ErrorReason.RATE_LIMITED
-    assert caught.value.retry_after is not None and 39 < caught.value.retry_after <= 42
+    assert caught.value.retry_after is not None
+    assert 39 < caught.value.retry_after <= 42
 
 
 async def test_rocketchat_invalid_operation_is_failed_and_403_is_skipped_for_good(
@@ -567,7 +568,9 @@ async def test_rocketchat_invalid_operation_is_failed_and_403_is_skipped_for_goo
     )
     source = build(rocketchat_settings(url), session)
     dead = await source.poll("x")
-    assert dead.state is State.FAILED and dead.reason and "invalid" in dead.reason
+    assert dead.state is State.FAILED
+    assert dead.reason
+    assert "invalid" in dead.reason
     assert dead.step == "importer_importing_messages"
     assert (await source.poll("x")).state is State.RUNNING  # 403: carry on without it
     assert (await source.poll("x")).state is State.RUNNING

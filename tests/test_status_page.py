@@ -191,7 +191,8 @@ def test_lists_every_import_with_its_state_name_and_upstream_state(
     assert "5 of 5" in page.text
     for href in ("/metrics", "/-/healthy", "/-/ready", "/api/v1/imports"):
         assert href in page.links
-    assert page.tags.count("script") == 0 and "link" not in page.tags  # no assets
+    assert page.tags.count("script") == 0
+    assert "link" not in page.tags
 
 
 def test_upstream_and_configured_text_is_shown_as_text(state: StateStore) -> None:
@@ -199,8 +200,10 @@ def test_upstream_and_configured_text_is_shown_as_text(state: StateStore) -> Non
     page = Page(markup)
     assert HOSTILE_REASON in page.imports[("shop", "1002")].cells[-1]
     assert HOSTILE_NAME in page.imports[("shop", "1003")].cells[1]
-    assert HOSTILE_REASON not in markup and "<img" not in markup
-    assert "script" not in page.tags and "img" not in page.tags
+    assert HOSTILE_REASON not in markup
+    assert "<img" not in markup
+    assert "script" not in page.tags
+    assert "img" not in page.tags
 
 
 def test_badges_carry_a_class_per_state(state: StateStore) -> None:
@@ -213,7 +216,7 @@ def test_badges_carry_a_class_per_state(state: StateStore) -> None:
             assert f".s-{value.value}" in markup
 
 
-def test_progress_bar_shows_completed_of_expected(state: StateStore, clock: Clock) -> None:
+def test_progress_bar_shows_completed_of_expected(state: StateStore) -> None:
     row = render(state, T0).imports[("chat", "chat.example.com")]
     assert row.progress == {"max": "456", "value": "123"}
     assert row.cells[3] == "123 / 456 2 failed"
@@ -315,13 +318,17 @@ def test_unknown_and_hostile_filter_values_match_nothing_and_are_escaped(
     hostile = '"><script>alert(3)</script>'
     markup = render_status_page(state, T0, source_filter=hostile, state_filter="sleeping")
     page = Page(markup)
-    assert page.imports == {} and page.sources == {}
+    assert page.imports == {}
+    assert page.sources == {}
     assert f"No source named “{hostile}”." in page.text
     assert f"No imports match source “{hostile}” and state “sleeping”." in page.text
-    assert "script" not in page.tags and "<script>alert(3)" not in markup
+    assert "script" not in page.tags
+    assert "<script>alert(3)" not in markup
     assert page.selected == {}  # neither value is offered as an option
     # The refresh keeps the filter, URL-encoded.
-    assert page.refresh is not None and "alert" in page.refresh and "<" not in page.refresh
+    assert page.refresh is not None
+    assert "alert" in page.refresh
+    assert "<" not in page.refresh
 
 
 @pytest.mark.parametrize(
@@ -356,7 +363,8 @@ def test_page_refreshes_itself_keeping_the_filter(state: StateStore) -> None:
     assert "refreshes every 5 s" in page.text
     assert render(state, T0, refresh=10**6).refresh == "3600; url=?refresh=3600"
     off = render(state, T0, refresh=0)
-    assert off.refresh is None and "auto-refresh off" in off.text
+    assert off.refresh is None
+    assert "auto-refresh off" in off.text
     assert off.hidden == {"refresh": "0"}
 
 
@@ -367,14 +375,16 @@ async def test_the_route_reads_filter_and_refresh_from_the_query(
 ) -> None:
     client = await aiohttp_client(create_web_app(state, CollectorRegistry(), clock))
     response = await client.get("/", params={"source": "chat", "refresh": "99999"})
-    assert response.status == 200 and response.content_type == "text/html"
+    assert response.status == 200
+    assert response.content_type == "text/html"
     page = Page(await response.text())
     assert set(page.imports) == {("chat", "chat.example.com")}
     assert page.refresh == "3600; url=?source=chat&refresh=3600"
     # What the form sends for "all": empty values, no filter.
     response = await client.get("/?source=&state=&refresh=nonsense")
     page = Page(await response.text())
-    assert len(page.imports) == 5 and page.refresh == "10; url=./"
+    assert len(page.imports) == 5
+    assert page.refresh == "10; url=./"
 
 
 def test_counts_per_source_and_state_come_first_and_link_to_their_filter(
@@ -417,9 +427,11 @@ def test_the_table_is_bounded_and_offers_to_show_more(clock: Clock) -> None:
     assert len(page.imports) == DEFAULT_SHOWN
     # The three failed imports lead the first page, whatever their ids.
     assert list(page.imports)[:3] == [("shop", "0000"), ("shop", "0150"), ("shop", "0300")]
-    assert "450 of 450" in page.text and "?show=400" in page.links
+    assert "450 of 450" in page.text
+    assert "?show=400" in page.links
     more = render(store, T0, show=400)
-    assert len(more.imports) == 400 and "?show=800" in more.links
+    assert len(more.imports) == 400
+    assert "?show=800" in more.links
     assert len(render(store, T0, show=800).imports) == 450
     assert "Show" not in render(store, T0, show=800).text.split("Imports")[-1]
 
@@ -505,7 +517,8 @@ async def test_status_page_in_chromium(demo_exporter: Exporter, simulator: Simul
                 arg=first,
                 timeout=15_000,
             )
-            assert "source=rocketchat-demo" in page.url and "refresh=1" in page.url
+            assert "source=rocketchat-demo" in page.url
+            assert "refresh=1" in page.url
             assert await page.locator("tr[data-import]").count() == 1
 
             # 2. Every scripted import with its badge, reason and progress.
@@ -540,7 +553,9 @@ async def test_status_page_in_chromium(demo_exporter: Exporter, simulator: Simul
             assert len(colours) == 4  # succeeded, failed, blocked, running look different
             bar = page.locator('tr[data-source="rocketchat-demo"] progress')
             done, total = await bar.get_attribute("value"), await bar.get_attribute("max")
-            assert total == "5000" and done is not None and 0 < int(done) <= 5000
+            assert total == "5000"
+            assert done is not None
+            assert 0 < int(done) <= 5000
             text = await chat_progress.inner_text()
             assert re.fullmatch(r"\d+ / 5000", text), text
             for source in ("elevate-demo", "zilliant-demo", "rocketchat-demo"):

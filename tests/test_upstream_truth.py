@@ -155,7 +155,8 @@ async def test_an_import_that_could_never_be_read_has_series_from_the_start(
         assert metrics.get("import_state", state="pending", **ids) == 1, import_id
         assert metrics.get("import_state", state="running", **ids) == 0, import_id
         failures = metrics.get("import_consecutive_poll_failures", **ids)
-        assert failures is not None and failures >= 2, import_id
+        assert failures is not None, import_id
+        assert failures >= 2, import_id
         assert metrics.get("import_last_poll_attempt_timestamp_seconds", **ids), import_id
         assert metrics.get("import_last_poll_success_timestamp_seconds", **ids) is None
         kind = import_id.removeprefix("api-")
@@ -229,7 +230,8 @@ async def test_a_wrong_password_is_one_login_per_hold_not_one_per_import(
     assert source.up is False
     for record in records:
         assert record.last_error_reason is ErrorReason.UNAUTHORIZED
-        assert record.last_error is not None and "invalid_grant" in record.last_error
+        assert record.last_error is not None
+        assert "invalid_grant" in record.last_error
     held = [r for r in caplog.records if "source held" in r.getMessage()]
     assert len(held) == logins  # once per hold, not once per import
     metrics = await scrape(exporter)
@@ -237,7 +239,8 @@ async def test_a_wrong_password_is_one_login_per_hold_not_one_per_import(
         "import_source_token_requests_total", source="pricing", outcome="unauthorized"
     )
     # A hold may have ended meanwhile: between what was counted before and after.
-    assert exported is not None and logins <= exported <= simulator.counters["token"]
+    assert exported is not None
+    assert logins <= exported <= simulator.counters["token"]
 
     (tmp_path / "password").write_text(DEMO_CREDENTIALS.password)
     assert await exporter.reload() == []
@@ -246,7 +249,8 @@ async def test_a_wrong_password_is_one_login_per_hold_not_one_per_import(
     assert time.monotonic() - reloaded <= 0.5 + 0.5  # one interval (and slack for a busy CI)
     await wait_for(lambda: all(not r.poll_failing for r in _records(exporter)), timeout=5)
     tokens = exporter.state.sources["pricing"].token_requests
-    assert tokens is not None and tokens["success"] == 1  # one good login, for 100 imports
+    assert tokens is not None
+    assert tokens["success"] == 1
 
 
 _RUNNING = "7c9e6679-7425-40de-944b-e07fc1f69e29"  # a demo import running for ever
@@ -356,7 +360,8 @@ async def test_a_zilliant_url_typo_is_an_error_not_not_found(
     assert ("pricing", "registered-1") in exporter.state.imports  # retention does not apply
     held = [r.getMessage() for r in caplog.records if getattr(r, "source", None) == "pricing"]
     # Once per hold of the source, not once per import and poll.
-    assert held and all("source held" in line for line in held)
+    assert held
+    assert all("source held" in line for line in held)
     assert len(held) <= source.errors_total[ErrorReason.CLIENT_ERROR]
     page = render_status_page(exporter.state, time.time())
     assert "endpoint not found, check url" in page
@@ -424,7 +429,8 @@ async def test_a_rocketchat_route_404_is_a_wrong_url(
     record = next(iter(exporter.state.imports.values()))
     await wait_for(lambda: record.consecutive_failures >= 1, timeout=10)
     assert record.state is None
-    assert record.last_error is not None and "endpoint not found, check url" in record.last_error
+    assert record.last_error is not None
+    assert "endpoint not found, check url" in record.last_error
     assert exporter.state.sources["chat"].up is False
 
 
@@ -570,7 +576,8 @@ async def test_a_secret_echoed_back_in_the_form_it_was_sent_is_redacted(
     exporter = await running(Exporter(config, "127.0.0.1:0"))
     record = exporter.state.imports[("pricing", "imp-1")]
     await wait_for(lambda: record.poll_failing)
-    assert record.last_error is not None and "<redacted>" in record.last_error
+    assert record.last_error is not None
+    assert "<redacted>" in record.last_error
     async with aiohttp.ClientSession() as session:
         base = f"http://127.0.0.1:{exporter.port}"
         shown = [await (await session.get(f"{base}{path}")).text() for path in ("/", "/metrics")]

@@ -130,37 +130,45 @@ def rate_limit_error(response: HttpResponse, what: str, now: float | None = None
     return SourceError(ErrorReason.RATE_LIMITED, f"{what}: HTTP 429 (rate limited)", wait)
 
 
-def parse_progress(response: HttpResponse) -> Observation:
-    """Turn one getImportProgress answer into an observation (or raise SourceError)."""
+_PROGRESS_REFUSALS = {
+    401: SourceError(
+        ErrorReason.UNAUTHORIZED, "getImportProgress: HTTP 401 (not logged in)", source_wide=True
+    ),
+    403: SourceError(
+        ErrorReason.UNAUTHORIZED,
+        "getImportProgress: HTTP 403 (user lacks run-import)",
+        source_wide=True,
+    ),
+    # The route exists on every Rocket.Chat server: a 404 is a wrong URL.
+    404: SourceError(
+        ErrorReason.CLIENT_ERROR,
+        "getImportProgress: HTTP 404 (endpoint not found, check url)",
+        source_wide=True,
+    ),
+}
+"""Answers about the source, not the import: the same for every poll."""
+
+
+def _progress_error(response: HttpResponse) -> Observation:
+    """A getImportProgress answer that is not a 200: "no import" or an error."""
     if response.status == 400:
         text = _error_text(response.body)
         if "error-operation-not-found" in text:
             # The server has never imported anything: an answer, not a failure.
             return Observation(state=State.NOT_FOUND, upstream_state=NO_IMPORT)
         raise SourceError(ErrorReason.CLIENT_ERROR, "getImportProgress: HTTP 400")
-    if response.status == 401:
-        raise SourceError(
-            ErrorReason.UNAUTHORIZED,
-            "getImportProgress: HTTP 401 (not logged in)",
-            source_wide=True,
-        )
-    if response.status == 403:
-        raise SourceError(
-            ErrorReason.UNAUTHORIZED,
-            "getImportProgress: HTTP 403 (user lacks run-import)",
-            source_wide=True,
-        )
-    if response.status == 404:
-        # The route exists on every Rocket.Chat server: a 404 is a wrong URL.
-        raise SourceError(
-            ErrorReason.CLIENT_ERROR,
-            "getImportProgress: HTTP 404 (endpoint not found, check url)",
-            source_wide=True,
-        )
+    refusal = _PROGRESS_REFUSALS.get(response.status)
+    if refusal is not None:
+        raise SourceError(refusal.reason, refusal.message, source_wide=True)
     if response.status == 429:
         raise rate_limit_error(response, "getImportProgress")
+    raise error_for_status(response, "getImportProgress")
+
+
+def parse_progress(response: HttpResponse) -> Observation:
+    """Turn one getImportProgress answer into an observation (or raise SourceError)."""
     if response.status != 200:
-        raise error_for_status(response, "getImportProgress")
+        return _progress_error(response)
     body: Any = parse_json(response.body)
     if not isinstance(body, dict):
         raise ParseError("getImportProgress: body is not a JSON object")
@@ -225,7 +233,7 @@ class RocketChatSource(Source[RocketChatConfig]):
     def imports(self) -> list[ImportSpec]:
         return [ImportSpec(self.config.server)]
 
-    async def poll(self, import_id: str) -> Observation:
+    async def poll(self, import_id: str) -> Observation:  # noqa: ARG002 (one server, one import)
         response = await self.request(
             "GET", f"{self.config.url}/api/v1/getImportProgress", headers=self.headers
         )

@@ -50,27 +50,11 @@ _TLS13_CIPHERS = frozenset(
 
 def tls_problems(tls: TLSServerConfig, base_dir: Path | None) -> list[str]:
     where = "tls_server_config"
-    errors = []
+    errors = _client_auth_problems(tls, where)
     if not (tls.cert_file or tls.cert):
         errors.append(f"{where}: missing one of cert or cert_file")
     if not (tls.key_file or tls.key):
         errors.append(f"{where}: missing one of key or key_file")
-    has_ca = bool(tls.client_ca_file or tls.client_ca)
-    if has_ca and not tls.verifies_clients:
-        errors.append(
-            f"{where}.client_auth_type: client CAs are configured without a client auth "
-            "policy (set one, like RequireAndVerifyClientCert)"
-        )
-    if tls.verifies_clients and not has_ca:
-        errors.append(
-            f"{where}.client_ca_file: required for client_auth_type {tls.client_auth_type} "
-            "(or client_ca)"
-        )
-    if tls.client_allowed_sans is not None and not tls.verifies_clients:
-        errors.append(
-            f"{where}.client_allowed_sans: needs a client_auth_type that asks for client "
-            "certificates"
-        )
     if _TLS_VERSIONS[tls.min_version] > _TLS_VERSIONS[tls.max_version]:
         errors.append(f"{where}.max_version: {tls.max_version} is below min_version")
     for n, name in enumerate(tls.cipher_suites):
@@ -94,6 +78,27 @@ def tls_problems(tls: TLSServerConfig, base_dir: Path | None) -> list[str]:
     return errors
 
 
+def _client_auth_problems(tls: TLSServerConfig, where: str) -> list[str]:
+    errors = []
+    has_ca = bool(tls.client_ca_file or tls.client_ca)
+    if has_ca and not tls.verifies_clients:
+        errors.append(
+            f"{where}.client_auth_type: client CAs are configured without a client auth "
+            "policy (set one, like RequireAndVerifyClientCert)"
+        )
+    if tls.verifies_clients and not has_ca:
+        errors.append(
+            f"{where}.client_ca_file: required for client_auth_type {tls.client_auth_type} "
+            "(or client_ca)"
+        )
+    if tls.client_allowed_sans is not None and not tls.verifies_clients:
+        errors.append(
+            f"{where}.client_allowed_sans: needs a client_auth_type that asks for client "
+            "certificates"
+        )
+    return errors
+
+
 def build_ssl_context(tls: TLSServerConfig, base_dir: Path | None = None) -> ssl.SSLContext:
     """A server SSLContext doing what ``tls`` says; ValueError("field: problem")
     where this Python's OpenSSL cannot."""
@@ -102,6 +107,17 @@ def build_ssl_context(tls: TLSServerConfig, base_dir: Path | None = None) -> ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     configure_ssl_context(context, tls, base_dir)
     return context
+
+
+# Python's ssl verifies any certificate it is given, so "request" and "verify
+# if given" are the same here, as are the "require" types.
+_VERIFY_MODES = {
+    "RequireAnyClientCert": ssl.CERT_REQUIRED,
+    "RequireClientCert": ssl.CERT_REQUIRED,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+    "RequestClientCert": ssl.CERT_OPTIONAL,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+}
 
 
 def _resolve(name: str, base_dir: Path | None) -> Path:
@@ -135,18 +151,7 @@ def configure_ssl_context(
         context.load_verify_locations(str(_resolve(tls.client_ca_file, base_dir)))
     elif tls.client_ca:
         context.load_verify_locations(cadata=tls.client_ca)
-    # Python's ssl verifies any certificate it is given, so "request" and
-    # "verify if given" are the same here, as are the "require" types.
-    if tls.client_auth_type in (
-        "RequireAnyClientCert",
-        "RequireClientCert",
-        "RequireAndVerifyClientCert",
-    ):
-        context.verify_mode = ssl.CERT_REQUIRED
-    elif tls.client_auth_type in ("RequestClientCert", "VerifyClientCertIfGiven"):
-        context.verify_mode = ssl.CERT_OPTIONAL
-    else:
-        context.verify_mode = ssl.CERT_NONE
+    context.verify_mode = _VERIFY_MODES.get(tls.client_auth_type, ssl.CERT_NONE)
     if tls.prefer_server_cipher_suites:
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     else:
