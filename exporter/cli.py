@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -43,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the exporter (default) or only validate the config file",
     )
     parser.add_argument(
-        "--config.file", dest="config_file", default="config.yaml", help="config file (YAML)"
+        "--config.file",
+        dest="config_file",
+        default=os.environ.get("IMPORT_STATUS_EXPORTER_CONFIG_FILE", "config.yaml"),
+        help="config file (YAML; default $IMPORT_STATUS_EXPORTER_CONFIG_FILE, else config.yaml)",
     )
     parser.add_argument(
         "--web.listen-address",
@@ -60,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--storage.path",
         dest="storage_path",
-        default=None,
+        default=os.environ.get("IMPORT_STATUS_EXPORTER_STORAGE_PATH") or None,
         help=f"SQLite file keeping registrations and import state across restarts "
-        f"(default: storage.path of the config file, else {DEFAULT_STORAGE_PATH}; "
+        f"(default: $IMPORT_STATUS_EXPORTER_STORAGE_PATH, else storage.path of the config "
+        f"file, else {DEFAULT_STORAGE_PATH}; "
         "with --demo: none, state is kept in memory only)",
     )
     parser.add_argument(
