@@ -87,6 +87,7 @@ class Exporter:
         *,
         max_requests: int = 0,
         header_timeout: float = HEADER_READ_TIMEOUT,
+        route_prefix: str = "",
     ) -> None:
         self.config = config
         self.config_loader = config_loader
@@ -116,6 +117,7 @@ class Exporter:
             tracker=self,
             store_failing=self._store_failing,
             max_requests=max_requests,
+            route_prefix=route_prefix,
         )
         self.header_timeout = header_timeout
         self._session: aiohttp.ClientSession | None = None

@@ -25,6 +25,7 @@ from exporter.hup import catch_early, take_early
 from exporter.limits import raise_open_file_limit
 from exporter.logs import LEVELS, setup_logging
 from exporter.store import StoreError
+from exporter.web import route_prefix_of
 
 log = logging.getLogger("exporter")
 
@@ -85,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=HEADER_READ_TIMEOUT,
         help=f"seconds a connection may take to send a request's headers, and stay idle "
         f"between requests (default {HEADER_READ_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--web.external-url",
+        dest="external_url",
+        default=None,
+        help="the URL under which the exporter is reached from outside (behind a reverse "
+        "proxy); its path is the default of --web.route-prefix",
+    )
+    parser.add_argument(
+        "--web.route-prefix",
+        dest="route_prefix",
+        default=None,
+        help="path prefix of every endpoint (e.g. /import-status); default: the path of "
+        "--web.external-url, else /",
     )
     parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
     parser.add_argument(
@@ -211,6 +226,11 @@ async def run(args: argparse.Namespace) -> int:
             storage_path=storage_path,
             max_requests=args.max_requests,
             header_timeout=args.header_timeout,
+            route_prefix=(
+                args.route_prefix
+                if args.route_prefix is not None
+                else route_prefix_of(args.external_url)
+            ),
         )
         await starting.start()
         stack.push_async_callback(starting.stop)

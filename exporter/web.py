@@ -36,12 +36,17 @@ def create_web_app(
     tracker: ImportTracker | None = None,
     store_failing: Callable[[], str | None] | None = None,
     max_requests: int = 0,
+    route_prefix: str = "",
 ) -> web.Application:
     """``store_failing`` says why the last write of the store failed (None: it
     succeeded); while it fails the exporter is not ready. ``max_requests`` > 0:
     requests served at once, beyond which 503 (the health endpoints are exempt,
-    so an orchestrator does not kill a busy exporter)."""
-    middlewares = [request_cap(max_requests)] if max_requests > 0 else []
+    so an orchestrator does not kill a busy exporter). ``route_prefix``
+    (``--web.route-prefix``, e.g. ``/exporter``): every endpoint is served
+    under it, and the handlers see paths without it."""
+    prefix = normalize_route_prefix(route_prefix)
+    middlewares = [strip_prefix(prefix)] if prefix else []
+    middlewares += [request_cap(max_requests)] if max_requests > 0 else []
     if web_config is not None:
         middlewares += security_middlewares(web_config, bypass=bearer_passes(tracker))
     app = web.Application(middlewares=middlewares)
@@ -97,7 +102,42 @@ def create_web_app(
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/", landing)
     add_api_routes(app, tracker, reads)
-    return app
+    if not prefix:
+        return app
+    root = web.Application()
+
+    async def to_page(request: web.Request) -> web.Response:
+        # The page's links are relative: they need the trailing slash.
+        raise web.HTTPFound(request.rel_url.with_path(prefix + "/"))
+
+    root.router.add_get(prefix, to_page)
+    root.add_subapp(prefix, app)
+    return root
+
+
+def normalize_route_prefix(prefix: str) -> str:
+    """``exporter/``, ``/exporter`` -> ``/exporter``; ``/`` or empty -> empty."""
+    prefix = prefix.strip().strip("/")
+    return f"/{prefix}" if prefix else ""
+
+
+def route_prefix_of(external_url: str | None) -> str:
+    """``--web.route-prefix``'s default: the path of ``--web.external-url``."""
+    return normalize_route_prefix(urlsplit(external_url).path) if external_url else ""
+
+
+def strip_prefix(prefix: str) -> Middleware:
+    """Hand the request on with its path relative to the route prefix, so the
+    handlers, the API and the health exemptions see /metrics, /api/... as usual."""
+
+    @web.middleware
+    async def strip(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.rel_url.path
+        if path.startswith(prefix + "/"):
+            request = request.clone(rel_url=request.rel_url.with_path(path[len(prefix) :]))
+        return await handler(request)
+
+    return strip
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

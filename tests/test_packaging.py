@@ -207,13 +207,19 @@ def healthcheck(pid: int) -> int:
     ).returncode
 
 
-def test_healthcheck_finds_the_port_plain_http(tmp_path: Path) -> None:
+def test_healthcheck_finds_the_port_and_route_prefix_plain_http(tmp_path: Path) -> None:
     program = Path(sys.executable).parent / "import-status-exporter"
     port = free_port()
     with exporter(
-        program, "--demo", f"--web.listen-address=127.0.0.1:{port}", log=tmp_path / "log"
+        program,
+        "--demo",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.external-url=http://proxy.example.com/imports/",
+        log=tmp_path / "log",
     ) as proc:
-        wait_for(lambda: status(f"http://127.0.0.1:{port}/-/healthy") == 200, 30, "the exporter")
+        wait_for(
+            lambda: status(f"http://127.0.0.1:{port}/imports/-/healthy") == 200, 30, "the exporter"
+        )
         assert healthcheck(proc.pid) == 0
     assert healthcheck(proc.pid) == 1  # gone: no such process, nothing listening
 
