@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="import-status-exporter",
         description="Prometheus exporter for the status of long-running SaaS data imports.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""pipeline commands (a client of the registration API, see <command> --help):
+  track     start tracking an import:  track --source S --id ID [--name N] [--url URL]
+  untrack   stop tracking an import:   untrack --source S --id ID [--url URL]
+  list      list tracked imports:      list [--source S] [--state STATE] [--url URL]""",
     )
     parser.add_argument(
         "command",
