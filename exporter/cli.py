@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from exporter.runtime import (
     parse_listen_address,
 )
 from exporter.storage import StoreError
+from exporter.web import route_prefix_of
 
 log = logging.getLogger("exporter")
 
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="import-status-exporter",
         description="Prometheus exporter for the status of long-running SaaS data imports.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""pipeline commands (a client of the registration API, see <command> --help):
+  track     start tracking an import:  track --source S --id ID [--name N] [--url URL]
+  untrack   stop tracking an import:   untrack --source S --id ID [--url URL]
+  list      list tracked imports:      list [--source S] [--state STATE] [--url URL]""",
     )
     parser.add_argument(
         "command",
@@ -44,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the exporter (default) or only validate the config file",
     )
     parser.add_argument(
-        "--config.file", dest="config_file", default="config.yaml", help="config file (YAML)"
+        "--config.file",
+        dest="config_file",
+        default=os.environ.get("IMPORT_STATUS_EXPORTER_CONFIG_FILE", "config.yaml"),
+        help="config file (YAML; default $IMPORT_STATUS_EXPORTER_CONFIG_FILE, else config.yaml)",
     )
     parser.add_argument(
         "--web.listen-address",
@@ -61,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--storage.path",
         dest="storage_path",
-        default=None,
+        default=os.environ.get("IMPORT_STATUS_EXPORTER_STORAGE_PATH") or None,
         help=f"SQLite file keeping registrations and import state across restarts "
-        f"(default: storage.path of the config file, else {DEFAULT_STORAGE_PATH}; "
+        f"(default: $IMPORT_STATUS_EXPORTER_STORAGE_PATH, else storage.path of the config "
+        f"file, else {DEFAULT_STORAGE_PATH}; "
         "with --demo: none, state is kept in memory only)",
     )
     parser.add_argument(
@@ -81,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=HEADER_READ_TIMEOUT,
         help=f"seconds a connection may take to send a request's headers, and stay idle "
         f"between requests (default {HEADER_READ_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--web.external-url",
+        dest="external_url",
+        default=None,
+        help="the URL under which the exporter is reached from outside (behind a reverse "
+        "proxy); its path is the default of --web.route-prefix",
+    )
+    parser.add_argument(
+        "--web.route-prefix",
+        dest="route_prefix",
+        default=None,
+        help="path prefix of every endpoint (e.g. /import-status); default: the path of "
+        "--web.external-url, else /",
     )
     parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
     parser.add_argument(
@@ -207,6 +232,11 @@ async def run(args: argparse.Namespace) -> int:
             storage_path=storage_path,
             max_requests=args.max_requests,
             header_timeout=args.header_timeout,
+            route_prefix=(
+                args.route_prefix
+                if args.route_prefix is not None
+                else route_prefix_of(args.external_url)
+            ),
         )
         await starting.start()
         stack.push_async_callback(starting.stop)

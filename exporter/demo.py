@@ -14,8 +14,9 @@ from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 
 log = logging.getLogger(__name__)
 
-DEMO_INTERVAL = 5.0
-"""Real seconds between polls of each demo import at speed 1."""
+DEMO_INTERVAL = 2.0
+"""Real seconds between polls of each demo import at speed 1: the story
+(demo_scenarios) unfolds in its first 15 s."""
 DEMO_API_TOKEN = "demo-api-token-not-a-secret"
 """The demo's write API is on with this well-known token, so the registration
 API can be tried at once; a real config names a tokens file instead."""

@@ -128,8 +128,8 @@ def prepare_status_page(
 {_refresh_meta(refresh, keep)}<title>Import status</title>
 <style>{_CSS}</style></head><body>
 <header><h1>Import status</h1>
-<nav><a href="/metrics">Metrics</a> · <a href="/api/v1/imports">JSON API</a> ·
-<a href="/-/healthy">Health</a> · <a href="/-/ready">Readiness</a></nav></header>
+<nav><a href="metrics">Metrics</a> · <a href="api/v1/imports">JSON API</a> ·
+<a href="-/healthy">Health</a> · <a href="-/ready">Readiness</a></nav></header>
 <p class="meta">Updated <time>{_e(_utc(now))}</time> UTC ·
 {_refresh_note(refresh, source_filter, state_filter)}</p>
 {_counts_table(counts, source_names, refresh)}

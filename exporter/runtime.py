@@ -86,6 +86,7 @@ class Exporter:
         *,
         max_requests: int = 0,
         header_timeout: float = HEADER_READ_TIMEOUT,
+        route_prefix: str = "",
     ) -> None:
         self.config = config
         self.config_loader = config_loader
@@ -123,6 +124,7 @@ class Exporter:
             tracker=self.registration,
             store_failing=self.persistence.failing,
             max_requests=max_requests,
+            route_prefix=route_prefix,
         )
         self.header_timeout = header_timeout
         self._session: aiohttp.ClientSession | None = None

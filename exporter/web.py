@@ -34,29 +34,24 @@ def create_web_app(
     tracker: ImportTracker | None = None,
     store_failing: Callable[[], str | None] | None = None,
     max_requests: int = 0,
+    route_prefix: str = "",
 ) -> web.Application:
     """``store_failing`` says why the last write of the store failed (None: it
     succeeded); while it fails the exporter is not ready. ``max_requests`` > 0:
     requests served at once, beyond which 503 (the health endpoints are exempt,
-    so an orchestrator does not kill a busy exporter)."""
-    middlewares = [request_cap(max_requests)] if max_requests > 0 else []
+    so an orchestrator does not kill a busy exporter). ``route_prefix``
+    (``--web.route-prefix``, e.g. ``/exporter``): every endpoint is served
+    under it, and the handlers see paths without it."""
+    prefix = normalize_route_prefix(route_prefix)
+    middlewares = [strip_prefix(prefix)] if prefix else []
+    middlewares += [request_cap(max_requests)] if max_requests > 0 else []
     if web_config is not None:
         middlewares += security_middlewares(web_config, bypass=bearer_passes(tracker))
     app = web.Application(middlewares=middlewares)
+    ready = readiness(state, store_failing)
 
     async def healthy(_: web.Request) -> web.Response:
         return web.Response(text="OK\n")
-
-    async def ready(_: web.Request) -> web.Response:
-        failing = store_failing() if store_failing is not None else None
-        if failing is not None:
-            # The reason only: the database's path is for the logs.
-            return web.Response(
-                status=503, text=f"the store cannot be written ({failing}); see the log\n"
-            )
-        if state.ready():
-            return web.Response(text="OK\n")
-        return web.Response(status=503, text="waiting for the first poll of every import\n")
 
     # The page's counts, ordering and table are rendered on the paced reads
     # thread (shared with the list API), not on the event loop nor on the
@@ -94,7 +89,60 @@ def create_web_app(
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/", landing)
     add_api_routes(app, tracker, reads)
-    return app
+    if not prefix:
+        return app
+    root = web.Application()
+
+    async def to_page(request: web.Request) -> web.Response:
+        # The page's links are relative: they need the trailing slash.
+        raise web.HTTPFound(request.rel_url.with_path(prefix + "/"))
+
+    root.router.add_get(prefix, to_page)
+    root.add_subapp(prefix, app)
+    return root
+
+
+def readiness(state: StateStore, store_failing: Callable[[], str | None] | None) -> Handler:
+    """``/-/ready``: 503 while the store cannot be written or an import waits
+    for its first poll of this process."""
+
+    async def ready(_: web.Request) -> web.Response:
+        failing = store_failing() if store_failing is not None else None
+        if failing is not None:
+            # The reason only: the database's path is for the logs.
+            return web.Response(
+                status=503, text=f"the store cannot be written ({failing}); see the log\n"
+            )
+        if state.ready():
+            return web.Response(text="OK\n")
+        return web.Response(status=503, text="waiting for the first poll of every import\n")
+
+    return ready
+
+
+def normalize_route_prefix(prefix: str) -> str:
+    """``exporter/``, ``/exporter`` -> ``/exporter``; ``/`` or empty -> empty."""
+    prefix = prefix.strip().strip("/")
+    return f"/{prefix}" if prefix else ""
+
+
+def route_prefix_of(external_url: str | None) -> str:
+    """``--web.route-prefix``'s default: the path of ``--web.external-url``."""
+    return normalize_route_prefix(urlsplit(external_url).path) if external_url else ""
+
+
+def strip_prefix(prefix: str) -> Middleware:
+    """Hand the request on with its path relative to the route prefix, so the
+    handlers, the API and the health exemptions see /metrics, /api/... as usual."""
+
+    @web.middleware
+    async def strip(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.rel_url.path
+        if path.startswith(prefix + "/"):
+            request = request.clone(rel_url=request.rel_url.with_path(path[len(prefix) :]))
+        return await handler(request)
+
+    return strip
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

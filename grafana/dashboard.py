@@ -1,22 +1,21 @@
-"""Generates grafana/dashboards/import-status.json.
+"""The Grafana dashboard, built from the mixin config (grafana/mixin.yaml).
 
-    python grafana/dashboard.py        # rewrite the JSON
-    python grafana/dashboard.py --check # exit 1 if the committed JSON is stale
-
-Plain Python so the dashboard is reviewed as code; tests fail when the
-committed JSON differs from what this prints.
+`python -m grafana.mixin` writes it to grafana/dashboards/import-status.json
+with the alert rules. Plain Python so the dashboard is reviewed as code; tests
+fail when the committed JSON differs from what this builds.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from grafana.mixin_config import MixinConfig, load_config
+
 OUT = Path(__file__).resolve().parent / "dashboards" / "import-status.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-SEL = 'job=~"$job", instance=~"$instance", source=~"$source"'
+BASE_SEL = 'job=~"$job", instance=~"$instance", source=~"$source"'
 STATES = [
     "waiting",
     "blocked",
@@ -40,10 +39,14 @@ STATE_COLORS = {
     "unknown": "text",
 }
 
-# One number per state, so a state timeline can colour a single series.
-STATE_CODE = " or ".join(
-    f'import_state{{{SEL}, state="{state}"}} * {i}' for i, state in enumerate(STATES, 1)
-)
+
+def state_code(sel: str) -> str:
+    """One number per state, so a state timeline can colour a single series."""
+    return " or ".join(
+        f'import_state{{{sel}, state="{state}"}} * {i}' for i, state in enumerate(STATES, 1)
+    )
+
+
 STATE_MAPPINGS = [
     {
         "type": "value",
@@ -104,7 +107,9 @@ def column_unit(name: str, unit: str) -> dict[str, Any]:
     }
 
 
-def panels() -> list[dict[str, Any]]:
+def panels(cfg: MixinConfig) -> list[dict[str, Any]]:
+    cluster = f'{cfg.cluster_label}=~"$cluster", ' if cfg.cluster_label else ""
+    SEL = cluster + BASE_SEL
     table_targets = [
         target(f"import_state{{{SEL}}} == 1", ref="A", instant=True),
         target(
@@ -188,7 +193,7 @@ def panels() -> list[dict[str, Any]]:
             "State over time",
             "Each import's normalized state as the exporter saw it.",
             "none",
-            [target(f"sum by (source, import) ({STATE_CODE})", "{{source}} {{import}}")],
+            [target(f"sum by (source, import) ({state_code(SEL)})", "{{source}} {{import}}")],
             (0, 14, 24, 8),
             defaults={"mappings": STATE_MAPPINGS, "color": {"mode": "thresholds"}},
         ),
@@ -313,33 +318,47 @@ def panels() -> list[dict[str, Any]]:
     ]
 
 
-def variable(name: str, query: str, label: str, multi: bool = True) -> dict[str, Any]:
+def variable(
+    name: str, query: str, label: str, multi: bool = True, hide: int = 0
+) -> dict[str, Any]:
     return {
         "name": name,
         "label": label,
         "type": "query",
         "datasource": DATASOURCE,
         "query": {"query": query, "refId": f"var-{name}"},
-        "definition": query,
         "refresh": 2,
         "includeAll": True,
-        "allValue": ".*",
+        # grafana/dashboard-linter: ".*" would also match series without the label.
+        "allValue": ".+",
         "multi": multi,
         "current": {"text": "All", "value": "$__all"},
         "sort": 1,
+        "hide": hide,
     }
 
 
-def dashboard() -> dict[str, Any]:
+def dashboard(cfg: MixinConfig | None = None) -> dict[str, Any]:
+    cfg = cfg or load_config()
+    board = cfg.dashboard
+    cluster = cfg.cluster_label
+    # Without a cluster label the variable stays (hidden), so links and
+    # provisioning that name it keep working; queries do not use it.
+    scope = f'{cluster}=~"$cluster", ' if cluster else ""
+    job_filter = f'{{{scope}job=~"$job"}}'
+    alerts_expr = (
+        f'ALERTS{{{scope}alertname=~"ImportStatus.*", alertstate="firing", '
+        'job=~"$job", instance=~"$instance"}'
+    )
     return {
-        "uid": "import-status",
-        "title": "Import status",
+        "uid": board.uid,
+        "title": board.title,
         "description": "Long-running SaaS data imports watched by import-status-exporter: "
         "state, progress, duration, and the health of the upstream APIs.",
-        "tags": ["import-status-exporter", "imports"],
+        "tags": board.tags,
         "editable": False,
         "graphTooltip": 1,
-        "refresh": "30s",
+        "refresh": board.refresh,
         "schemaVersion": 39,
         "time": {"from": "now-6h", "to": "now"},
         "timezone": "",
@@ -350,49 +369,82 @@ def dashboard() -> dict[str, Any]:
                     "label": "Data source",
                     "type": "datasource",
                     "query": "prometheus",
-                    "current": {},
+                    "current": {"text": "default", "value": "default"},
                     "hide": 0,
                 },
-                variable("job", "label_values(import_exporter_build_info, job)", "Job"),
+                variable(
+                    "cluster",
+                    f"label_values(import_exporter_build_info, {cluster or 'cluster'})",
+                    "Cluster",
+                    hide=0 if cluster else 2,
+                ),
+                variable(
+                    "job",
+                    "label_values(import_exporter_build_info"
+                    + (f'{{{cluster}=~"$cluster"}}' if cluster else "")
+                    + ", job)",
+                    "Job",
+                ),
                 variable(
                     "instance",
-                    'label_values(import_exporter_build_info{job=~"$job"}, instance)',
+                    f"label_values(import_exporter_build_info{job_filter}, instance)",
                     "Instance",
                 ),
                 variable(
                     "source",
-                    'label_values(import_source_up{job=~"$job", instance=~"$instance"}, source)',
+                    f'label_values(import_source_up{{{scope}job=~"$job", instance=~"$instance"}}'
+                    ", source)",
                     "Source",
                 ),
             ]
         },
-        "annotations": {"list": []},
-        "links": [],
-        "panels": [dict(p, id=i) for i, p in enumerate(panels(), 1)],
+        "annotations": {
+            "list": [
+                {
+                    "name": "Import alerts",
+                    "datasource": DATASOURCE,
+                    "enable": True,
+                    "iconColor": "red",
+                    # Grafana's Prometheus annotations keep the query in target
+                    # (older dashboards had expr at the top; Grafana moves it).
+                    "target": {"refId": "Anno", "expr": alerts_expr, "interval": "1m"},
+                }
+            ]
+        },
+        "links": [
+            {
+                "title": "Runbook",
+                "type": "link",
+                "url": cfg.runbook_url_prefix.split("#", 1)[0],
+                "icon": "doc",
+                "tooltip": "What each ImportStatus alert means and what to do",
+                "targetBlank": True,
+                "asDropdown": False,
+                "includeVars": False,
+                "keepTime": False,
+                "tags": [],
+            },
+            {
+                "title": "Exporter status page",
+                "type": "link",
+                "url": board.status_page_url,
+                "icon": "external link",
+                "tooltip": "The exporter's own page: sources, errors, imports that need attention",
+                "targetBlank": True,
+                "asDropdown": False,
+                "includeVars": False,
+                "keepTime": False,
+                "tags": [],
+            },
+        ],
+        "panels": [dict(p, id=i) for i, p in enumerate(panels(cfg), 1)],
     }
 
 
-def render() -> str:
-    return json.dumps(dashboard(), indent=2, sort_keys=True) + "\n"
+def render(cfg: MixinConfig | None = None) -> str:
+    return json.dumps(dashboard(cfg), indent=2, sort_keys=True) + "\n"
 
 
-def dashboard_queries() -> list[str]:
+def dashboard_queries(cfg: MixinConfig | None = None) -> list[str]:
     """Every panel query, as written (with Grafana variables)."""
-    return [t["expr"] for p in dashboard()["panels"] for t in p["targets"]]
-
-
-def main() -> int:
-    text = render()
-    if "--check" in sys.argv:
-        if OUT.read_text() != text:
-            print(f"{OUT} is stale: run python grafana/dashboard.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return [t["expr"] for p in dashboard(cfg)["panels"] for t in p["targets"]]

@@ -21,7 +21,7 @@ from exporter.runtime import Exporter
 from tests.fakes import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEED = 20.0
+SPEED = 5.0  # the demo story is 15 s long: 3 s at this speed
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -189,7 +189,8 @@ def test_lists_every_import_with_its_state_name_and_upstream_state(
     assert page.imports[("shop", "1004")].cells[2] == "pending"
     assert page.imports[("shop", "1004")].cells[6] == "polled never"
     assert "5 of 5" in page.text
-    for href in ("/metrics", "/-/healthy", "/-/ready", "/api/v1/imports"):
+    # Relative, so they work under a path prefix (a reverse proxy, --web.route-prefix).
+    for href in ("metrics", "-/healthy", "-/ready", "api/v1/imports"):
         assert href in page.links
     assert page.tags.count("script") == 0
     assert "link" not in page.tags

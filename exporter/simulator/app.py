@@ -109,6 +109,8 @@ class Simulator:
         self.faults: dict[str, Fault] = {}
         self.tokens: set[str] = set()
         self._calls: dict[tuple[str, str], deque[float]] = {}
+        self.first_asked: dict[str, float] = {}
+        """Simulated second each walk-in id was first asked about."""
 
     def elapsed(self) -> float:
         return (self.clock() - self.start) * self.speed
@@ -229,7 +231,11 @@ async def elevate_status(request: web.Request) -> web.StreamResponse:
         status = "IN_PROGRESS"
     else:
         script = sim.scenarios.elevate.get(import_id)
-        moment = script.at(sim.elapsed()) if script else None
+        elapsed = sim.elapsed()
+        if script is None and import_id in sim.scenarios.walk_ins:
+            script = sim.scenarios.walk_ins[import_id]
+            elapsed -= sim.first_asked.setdefault(import_id, elapsed)
+        moment = script.at(elapsed) if script else None
         status = moment.phase.status if moment else "NOT_FOUND"
         reason = moment.phase.reason if moment else None
     # The docs disagree on the id's type: v3 sends a string, v4 a number.

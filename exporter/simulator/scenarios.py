@@ -107,20 +107,29 @@ class Scenarios:
     unreadable: set[str] = field(default_factory=set)
     """Elevate and Zilliant ids whose status is answered by a proxy's HTML
     error page (200, text/html): imports that can never be read."""
+    walk_ins: dict[str, Script] = field(default_factory=dict)
+    """Elevate ids the demo does not configure, for trying the registration
+    API: each script starts when the id is first asked about."""
+
+
+DEMO_STORY_SECONDS = 15.0
+"""Every configured Elevate and Zilliant import of the demo reaches its final
+state within this many simulated seconds (with the poll that sees it)."""
 
 
 def demo_scenarios() -> Scenarios:
-    """The scripted imports of the demo; the demo config watches exactly these ids."""
+    """The scripted imports of the demo; the demo config watches exactly these
+    ids (and ``walk_ins``, for the registration API, which it does not)."""
     total = 5000
     return Scenarios(
         elevate={
             # nightly catalogue: waits, runs, succeeds
-            "1001": elevate(Phase(0, "WAITING"), Phase(10, "IN_PROGRESS"), Phase(60, "SUCCESS")),
+            "1001": elevate(Phase(0, "WAITING"), Phase(4, "IN_PROGRESS"), Phase(12, "SUCCESS")),
             # price feed: fails with a reason
             "1002": elevate(
                 Phase(0, "IN_PROGRESS"),
                 Phase(
-                    30,
+                    8,
                     "FAILURE",
                     "Validation failed: 12 products reference unknown category 'shoes-xl'",
                 ),
@@ -130,11 +139,11 @@ def demo_scenarios() -> Scenarios:
             # stuck promotions: running for ever
             "1004": elevate(Phase(0, "IN_PROGRESS")),
             # cancelled import
-            "1005": elevate(Phase(0, "IN_PROGRESS"), Phase(20, "ABORTED", "Aborted by user")),
+            "1005": elevate(Phase(0, "IN_PROGRESS"), Phase(6, "ABORTED", "Aborted by user")),
         },
         zilliant={
             "2587c81c-b9fc-4873-ae2f-421b292d2c2b": zilliant(
-                Phase(0, "RUNNING"), Phase(40, "SUCCEEDED")
+                Phase(0, "RUNNING"), Phase(10, "SUCCEEDED")
             ),
             "7c9e6679-7425-40de-944b-e07fc1f69e29": zilliant(Phase(0, "RUNNING")),
             # The docs' own failed example carries this malformed UUID.
@@ -143,26 +152,35 @@ def demo_scenarios() -> Scenarios:
         zilliant_stop_null={"7c9e6679-7425-40de-944b-e07fc1f69e29"},
         rocketchat=rocketchat(
             Phase(0, "importer_new"),
-            Phase(3, "importer_preparing_started"),
-            Phase(5, "importer_preparing_users", total=1200),
-            Phase(7, "importer_preparing_channels", total=2600),
-            Phase(8, "importer_preparing_messages", total=total),
-            Phase(10, "importer_user_selection", total=total),
-            Phase(15, "importer_importing_started", total=total),
-            Phase(16, "importer_importing_users", total=total, completed=0, completed_to=300),
-            Phase(25, "importer_importing_channels", total=total, completed=300, completed_to=600),
+            Phase(1, "importer_preparing_started"),
+            Phase(2, "importer_preparing_users", total=1200),
+            Phase(3, "importer_preparing_channels", total=2600),
+            Phase(4, "importer_preparing_messages", total=total),
+            Phase(5, "importer_user_selection", total=total),
+            Phase(6, "importer_importing_started", total=total),
+            Phase(7, "importer_importing_users", total=total, completed=0, completed_to=300),
+            Phase(9, "importer_importing_channels", total=total, completed=300, completed_to=600),
             Phase(
-                35,
+                11,
                 "importer_importing_messages",
                 total=total,
                 completed=600,
                 completed_to=total,
                 errors_per_1000=2,
             ),
-            Phase(135, "importer_finishing", total=total, completed=total, errors_per_1000=2),
-            Phase(140, "importer_done", total=total, completed=total, errors_per_1000=2),
+            Phase(131, "importer_finishing", total=total, completed=total, errors_per_1000=2),
+            Phase(136, "importer_done", total=total, completed=total, errors_per_1000=2),
         ),
         rocketchat_cycle=200.0,
         # behind a broken proxy: never readable
         unreadable={"1006"},
+        walk_ins={
+            # Register one of these through the API and watch it move.
+            "5001": elevate(Phase(0, "WAITING"), Phase(10, "IN_PROGRESS"), Phase(30, "SUCCESS")),
+            "5002": elevate(
+                Phase(0, "WAITING"),
+                Phase(10, "IN_PROGRESS"),
+                Phase(30, "FAILURE", "Validation failed: 3 products have no price"),
+            ),
+        },
     )
