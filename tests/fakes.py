@@ -48,10 +48,3 @@ def raise_error(error: SourceError) -> Behaviour:
         raise error
 
     return behave
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``condition()`` is true, failing after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)

@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.demo import DEMO_API_TOKEN, start_demo_simulator
 from exporter.runtime import Exporter
-from tests.fakes import wait_for
+from tests.conftest import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEED = 5.0  # the demo story is 15 s long: 3 s at this speed
@@ -152,7 +151,7 @@ async def test_rocketchat_counts_rise_between_scrapes(exporter: Exporter) -> Non
 
 async def test_openmetrics_and_gzip_are_served(exporter: Exporter) -> None:
     async with aiohttp.ClientSession() as session:
-        await wait_for(lambda: exporter.state.ready(), timeout=15)
+        await wait_until(lambda: exporter.state.ready(), timeout=15)
         async with session.get(
             f"http://127.0.0.1:{exporter.port}/metrics",
             headers={"Accept": "application/openmetrics-text; version=1.0.0"},
@@ -172,12 +171,6 @@ async def test_openmetrics_and_gzip_are_served(exporter: Exporter) -> None:
             page = await response.text()
             assert "price feed" in page
             assert "elevate-demo" in page
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_demo_command_serves_lintable_metrics_and_stops_on_sigterm() -> None:
@@ -245,6 +238,6 @@ async def test_the_demo_takes_registrations_with_its_documented_token(exporter: 
         auth = {"Authorization": f"Bearer {DEMO_API_TOKEN}"}
         async with session.post(f"{base}/api/v1/imports", json=body, headers=auth) as response:
             assert response.status == 201
-        await wait_for(lambda: exporter.state.imports[("elevate-demo", "4242")].state is not None)
+        await wait_until(lambda: exporter.state.imports[("elevate-demo", "4242")].state is not None)
         samples = parse(await scrape(session, exporter.port))
         assert current_state(samples, "elevate-demo", "4242") == "not_found"

@@ -28,7 +28,7 @@ from exporter.simulator import DEMO_CREDENTIALS, Fault, Phase, Simulator, create
 from exporter.simulator.scenarios import demo_scenarios, rocketchat
 from exporter.sources.registry import build_source
 from exporter.state import ImportRecord, SourceRecord
-from tests.fakes import wait_for
+from tests.conftest import wait_until
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -431,7 +431,7 @@ async def test_fault_is_counted_logged_contained_and_recovered(
 ) -> None:
     caplog.set_level(logging.WARNING)
     names = ["elevate", "zilliant", "chat", "healthy"]
-    await wait_for(lambda: all(world.source(n).up is True for n in names))
+    await wait_until(lambda: all(world.source(n).up is True for n in names))
     faults = await apply(world, case)
     affected = case.affected(faults)
     before = {name: world.record(name).state for name in affected}
@@ -444,7 +444,7 @@ async def test_fault_is_counted_logged_contained_and_recovered(
         return world.source(name).errors_total[case.reason] - errors_before[name][case.reason]
 
     # Counted and down, on every source whose endpoint misbehaves.
-    await wait_for(lambda: all(failures(n) >= 1 for n in affected))
+    await wait_until(lambda: all(failures(n) >= 1 for n in affected))
     failed_at: dict[str, float] = {}
     for name in affected:
         last_success = world.record(name).last_success
@@ -467,12 +467,12 @@ async def test_fault_is_counted_logged_contained_and_recovered(
         await clear(world, case)
 
     # Contained: the healthy source beside them keeps polling on its interval.
-    await wait_for(lambda: healthy.requests_total >= healthy_requests + 3 and healthy.up is True)
+    await wait_until(lambda: healthy.requests_total >= healthy_requests + 3 and healthy.up is True)
 
     if not case.held:
         # Failing again changes nothing the user relies on: the last known
         # state stays, and the last success stays put, so staleness shows.
-        await wait_for(lambda: all(failures(n) >= 2 for n in affected))
+        await wait_until(lambda: all(failures(n) >= 2 for n in affected))
     metrics = await world.metrics()
     for name in affected:
         # Logged: one line per failed poll, saying where and what happened.
@@ -495,7 +495,7 @@ async def test_fault_is_counted_logged_contained_and_recovered(
         last = world.record(name).last_success
         return world.source(name).up is True and last is not None and last > failed_at[name]
 
-    await wait_for(lambda: all(recovered(n) for n in affected), timeout=10)
+    await wait_until(lambda: all(recovered(n) for n in affected), timeout=10)
     if case.held:
         # Nothing was sent before the time the upstream named: the one request
         # since the 429 is the poll that recovered.
@@ -512,7 +512,7 @@ async def test_unknown_status_is_shown_as_unknown_with_the_raw_value(world: Worl
     """An unknown status is an answer, not an error: the import is unknown, the
     source stays up, and the raw value is kept for import_info."""
     sources = ["elevate", "zilliant", "chat"]
-    await wait_for(lambda: all(world.record(n).state is State.RUNNING for n in sources))
+    await wait_until(lambda: all(world.record(n).state is State.RUNNING for n in sources))
     world.simulator.faults.update(
         {
             "elevate": Fault(body=b'{"id": "1004", "status": "PAUSED", "reason": null}'),
@@ -520,7 +520,7 @@ async def test_unknown_status_is_shown_as_unknown_with_the_raw_value(world: Worl
             "rocketchat_progress": Fault(body=b'{"success": true, "step": "importer_paused"}'),
         }
     )
-    await wait_for(lambda: all(world.record(n).state is State.UNKNOWN for n in sources))
+    await wait_until(lambda: all(world.record(n).state is State.UNKNOWN for n in sources))
     metrics = await world.metrics()
     for name, raw in [("elevate", "PAUSED"), ("zilliant", "QUEUED"), ("chat", "importer_paused")]:
         record = world.record(name)
@@ -532,7 +532,7 @@ async def test_unknown_status_is_shown_as_unknown_with_the_raw_value(world: Worl
         assert metrics.get("import_info", upstream_state=raw, **labels) == 1
         assert metrics.get("import_state", state="unknown", **labels) == 1
     world.simulator.faults.clear()
-    await wait_for(lambda: all(world.record(n).state is State.RUNNING for n in sources))
+    await wait_until(lambda: all(world.record(n).state is State.RUNNING for n in sources))
 
 
 BIG = 64 * 1024 * 1024

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import resource
 import signal
-import socket
 import sys
 import threading
 import time
@@ -25,14 +24,9 @@ from prometheus_client.registry import Collector
 from exporter.logs import RateLimitedLog
 from exporter.state import StateStore
 from exporter.web import create_web_app
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def soft_nofile_of(pid: int) -> tuple[str, str]:
@@ -147,7 +141,7 @@ async def test_max_requests_answers_503_beyond_the_cap_but_not_to_health_checks(
             assert await get("/-/healthy") == 200
             assert await get("/-/ready") == 200
             blocking.release.set()
-            assert await asyncio.wait_for(asyncio.gather(first, second), 30) == [200, 200]
+            assert list(await asyncio.wait_for(asyncio.gather(first, second), 30)) == [200, 200]
             assert await get("/") == 200  # the slots are free again
     finally:
         blocking.release.set()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,14 +14,7 @@ from exporter.model import ErrorReason, Observation, Origin, SourceError, State
 from exporter.state import StateStore
 from exporter.storage import to_row
 from exporter.storage.sqlite import SQLiteStorage as Store
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock, tool
 
 
 def samples(state: StateStore) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -239,9 +231,7 @@ def test_source_health_counters(world: tuple[StateStore, Clock]) -> None:
 
 
 def test_exposition_passes_promtool_check_metrics(world: tuple[StateStore, Clock]) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (scripts/setup --test installs it)")
+    promtool = tool("promtool")
     state, _ = world
     state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
     text = generate_latest(build_registry(state))

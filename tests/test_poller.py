@@ -7,18 +7,11 @@ import random
 from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.poller import BACKOFF_JITTER, MAX_RETRY_AFTER, Poller, SourceScheduler
 from exporter.state import StateStore
-from tests.fakes import FakeSource, raise_error, wait_for
+from tests.conftest import Clock, wait_until
+from tests.fakes import FakeSource, raise_error
 
 RUNNING = Observation(state=State.RUNNING, upstream_state="IN_PROGRESS")
 SUCCEEDED = Observation(state=State.SUCCEEDED, upstream_state="SUCCESS")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def scheduler(source: FakeSource, clock: Clock, **kwargs: float) -> SourceScheduler:
@@ -39,14 +32,14 @@ def scheduler(source: FakeSource, clock: Clock, **kwargs: float) -> SourceSchedu
 
 
 async def test_success_is_polled_again_after_the_interval() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     sched = scheduler(FakeSource("s", ["a"], lambda _: RUNNING), clock)
     assert await sched.poll_once("a") == clock.now + 10.0
     assert sched.state.imports[("s", "a")].state is State.RUNNING
 
 
 async def test_failures_back_off_exponentially_with_jitter_capped_and_reset() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     source = FakeSource("s", ["a"], raise_error(SourceError(ErrorReason.SERVER_ERROR, "HTTP 500")))
     sched = scheduler(source, clock, interval=10.0, max_backoff=60.0)
     delays = []
@@ -67,7 +60,7 @@ async def test_failures_back_off_exponentially_with_jitter_capped_and_reset() ->
 
 
 async def test_retry_after_holds_the_whole_source() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     error = SourceError(ErrorReason.RATE_LIMITED, "HTTP 429", retry_after=120.0)
     sched = scheduler(FakeSource("s", ["a", "b"], raise_error(error)), clock)
     due = await sched.poll_once("a")
@@ -78,7 +71,7 @@ async def test_retry_after_holds_the_whole_source() -> None:
 
 
 async def test_an_absurd_retry_after_holds_the_source_an_hour_at_most() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     error = SourceError(ErrorReason.RATE_LIMITED, "HTTP 429", retry_after=float("inf"))
     sched = scheduler(FakeSource("s", ["a"], raise_error(error)), clock)
     due = await sched.poll_once("a")
@@ -87,7 +80,7 @@ async def test_an_absurd_retry_after_holds_the_source_an_hour_at_most() -> None:
 
 
 async def test_terminal_import_is_confirmed_once_then_no_longer_polled_but_kept() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     sched = scheduler(FakeSource("s", ["a"], lambda _: SUCCEEDED), clock)
     assert await sched.poll_once("a") is not None  # first sight: poll once more to confirm
     assert await sched.poll_once("a") is None  # confirmed: stop polling
@@ -95,7 +88,7 @@ async def test_terminal_import_is_confirmed_once_then_no_longer_polled_but_kept(
 
 
 async def test_a_server_source_keeps_being_polled_after_a_terminal_state() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     source = FakeSource("s", ["chat"], lambda _: SUCCEEDED)
     source.follows_server = True  # type: ignore[misc]
     sched = scheduler(source, clock)
@@ -104,7 +97,7 @@ async def test_a_server_source_keeps_being_polled_after_a_terminal_state() -> No
 
 
 async def test_an_adapter_bug_is_counted_and_does_not_stop_polling() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
 
     def broken(_: str) -> Observation:
         raise KeyError("status")
@@ -126,7 +119,7 @@ async def test_a_hanging_source_does_not_delay_another() -> None:
         )
     poller.start()
     try:
-        await wait_for(lambda: min(alive.polls["a"], alive.polls["b"]) >= 5)
+        await wait_until(lambda: min(alive.polls["a"], alive.polls["b"]) >= 5)
         assert dead.polls["x"] + dead.polls["y"] == 1  # one worker, stuck on its first poll
     finally:
         await poller.stop()
@@ -150,7 +143,7 @@ async def test_a_slow_import_only_holds_one_worker() -> None:
     )
     poller.start()
     try:
-        await wait_for(lambda: source.polls["fast"] >= 5)
+        await wait_until(lambda: source.polls["fast"] >= 5)
         assert source.polls["slow"] == 1
     finally:
         await poller.stop()
@@ -166,7 +159,7 @@ async def test_removed_import_is_no_longer_polled() -> None:
     sched.remove("a")
     poller.start()
     try:
-        await wait_for(lambda: source.polls["b"] >= 3)
+        await wait_until(lambda: source.polls["b"] >= 3)
         assert source.polls["a"] == 0
         assert ("s", "a") not in state.imports
     finally:

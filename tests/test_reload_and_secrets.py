@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS, DemoCredentials, Fault, Simulator, create_app
 from exporter.state import StateStore
 from exporter.web import create_web_app
-from tests.fakes import wait_for
+from tests.conftest import free_port, wait_until
 from tests.test_faults import (
     CAP,
     CASES,
@@ -82,7 +81,7 @@ async def test_reload_applies_valid_config_keeps_state_and_rejects_invalid(
     await exporter.start()
     state = exporter.state
     try:
-        await wait_for(lambda: state.ready() and ("elevate", "1004") in state.imports)
+        await wait_until(lambda: state.ready() and ("elevate", "1004") in state.imports)
         kept = state.imports[("elevate", "1004")]
         since = kept.state_since
         write_config(config_file, url, ["1004", "1005"])
@@ -91,7 +90,7 @@ async def test_reload_applies_valid_config_keeps_state_and_rejects_invalid(
                 assert response.status == 200
             assert set(state.imports) == {("elevate", "1004"), ("elevate", "1005")}
             assert state.imports[("elevate", "1004")].state_since == since  # state kept
-            await wait_for(lambda: state.imports[("elevate", "1005")].state is not None)
+            await wait_until(lambda: state.imports[("elevate", "1005")].state is not None)
 
             config_file.write_text(
                 "sources:\n  - name: elevate\n    type: elevate\n    interval: soon\n"
@@ -125,19 +124,13 @@ async def test_reload_rereads_secret_files(aiohttp_server: ServerFactory, tmp_pa
     await exporter.start()
     source = exporter.state.sources["elevate"]
     try:
-        await wait_for(lambda: source.errors_total[ErrorReason.UNAUTHORIZED] >= 1)
+        await wait_until(lambda: source.errors_total[ErrorReason.UNAUTHORIZED] >= 1)
         (tmp_path / "key").write_text(DEMO_CREDENTIALS.elevate_api_key)
         assert await exporter.reload() == []
-        await wait_for(lambda: exporter.state.imports[("elevate", "1004")].state is State.RUNNING)
+        await wait_until(lambda: exporter.state.imports[("elevate", "1004")].state is State.RUNNING)
         assert source.up is True
     finally:
         await exporter.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_sighup_reloads_the_running_process(
@@ -366,13 +359,13 @@ async def test_no_secret_appears_in_logs_pages_metrics_or_errors(
         world = World(simulator, upstream, exporter)
         try:
             # With the right secrets every source works...
-            await wait_for(lambda: all(s.up for s in state.sources.values()))
+            await wait_until(lambda: all(s.up for s in state.sources.values()))
 
             # ...then every fault of the list, each until a poll failed of it.
             for case in CASES.values():
                 faults = await apply(world, case)
                 simulator.tokens.add(static_token)
-                await wait_for(failed_anew(exporter, case.affected(faults), case.reason))
+                await wait_until(failed_anew(exporter, case.affected(faults), case.reason))
                 await clear(world, case)
 
             # Upstreams echo every secret back in their errors (some cut short,
@@ -400,7 +393,7 @@ async def test_no_secret_appears_in_logs_pages_metrics_or_errors(
                 failed_anew(exporter, ["zilliant-static"], ErrorReason.UNAUTHORIZED),
                 failed_anew(exporter, ["chat"], ErrorReason.CLIENT_ERROR),
             ]
-            await wait_for(lambda: all(done() for done in echoed))
+            await wait_until(lambda: all(done() for done in echoed))
             # ...and in answers that are otherwise fine, which are shown.
             simulator.faults = {
                 "elevate": Fault(
@@ -414,7 +407,7 @@ async def test_no_secret_appears_in_logs_pages_metrics_or_errors(
                     body=json.dumps({"operation": {"valid": True, "status": ECHO}}).encode()
                 ),
             }
-            await wait_for(
+            await wait_until(
                 lambda: all(r.state is State.UNKNOWN for r in state.imports.values()), timeout=10
             )
 

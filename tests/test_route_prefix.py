@@ -12,14 +12,9 @@ import pytest
 
 from exporter.cli import build_parser
 from exporter.demo import DEMO_API_TOKEN, start_demo_simulator
+from exporter.runtime import Exporter
 from exporter.web import normalize_route_prefix, route_prefix_of
-from tests.fakes import wait_for
-
-# Until issue 13's layout (exporter.runtime, exporter.config.loader) is merged here.
-try:  # issue 13's layout (exporter.runtime); exporter.app before it
-    from exporter.runtime import Exporter
-except ImportError:
-    from exporter.app import Exporter  # type: ignore[no-redef]
+from tests.conftest import wait_until
 
 SPEED = 20.0
 
@@ -45,7 +40,7 @@ async def test_every_endpoint_is_under_the_prefix_and_the_links_follow(
             async with session.get(base + path, allow_redirects=False) as response:
                 return response.status, await response.text()
 
-        await wait_for(lambda: exporter.state.ready(), timeout=20)
+        await wait_until(lambda: exporter.state.ready(), timeout=20)
         status, text = await get("/tools/imports/metrics")
         assert status == 200
         assert "import_state{" in text

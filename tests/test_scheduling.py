@@ -11,24 +11,13 @@ import pytest
 from exporter.model import Observation, State
 from exporter.poller import SourceScheduler
 from exporter.state import StateStore
-from tests.fakes import FakeSource, wait_for
+from tests.conftest import Clock, wait_until
+from tests.fakes import FakeSource
 
 T0 = 1000.0
 IMPORTS = 100
 STEPS = 20
 """Instants per window at which the scheduler is let run."""
-
-
-class Clock:
-    """A clock that stands still until the test moves it; counts its readings."""
-
-    def __init__(self) -> None:
-        self.now = T0
-        self.reads = 0
-
-    def __call__(self) -> float:
-        self.reads += 1
-        return self.now
 
 
 async def run_at(scheduler: SourceScheduler, clock: Clock, now: float) -> None:
@@ -40,7 +29,7 @@ async def run_at(scheduler: SourceScheduler, clock: Clock, now: float) -> None:
     reads = clock.reads
     scheduler.start()
     try:
-        await wait_for(lambda: clock.reads > reads, timeout=5)
+        await wait_until(lambda: clock.reads > reads, timeout=5)
     finally:
         await scheduler.stop()
 
@@ -49,7 +38,7 @@ async def first_poll_steps(interval: float, window: float, seed: int) -> list[in
     """Track IMPORTS imports at T0, then let the scheduler run at the instants
     T0 + window * k / STEPS for k = 0 .. 1.5 * STEPS; return, for each import,
     the step k at which it was first polled."""
-    clock = Clock()
+    clock = Clock(T0)
     step = 0
     first_step: dict[str, int] = {}
 

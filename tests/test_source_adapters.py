@@ -6,7 +6,7 @@ import base64
 import gzip
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -40,15 +40,15 @@ async def serve(aiohttp_server: ServerFactory, routes: list[web.RouteDef]) -> st
     return str(server.make_url("")).rstrip("/")
 
 
-def build(settings: dict[str, Any], session: aiohttp.ClientSession) -> Source:
+def build(settings: dict[str, Any], session: aiohttp.ClientSession) -> Source[Any]:
     config = parse_config_data({"sources": [settings]}, "test.yaml")
     return build_source(config.sources[0], session)
 
 
 @pytest.fixture
-async def session() -> aiohttp.ClientSession:
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as client:
-        yield client  # type: ignore[misc]
+        yield client
 
 
 # --- Elevate -----------------------------------------------------------------

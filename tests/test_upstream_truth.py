@@ -25,7 +25,7 @@ from exporter.pages import render_status_page
 from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS, Fault, Simulator, create_app
 from exporter.state import StateStore
-from tests.fakes import wait_for
+from tests.conftest import wait_until
 from tests.test_faults import Metrics
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -147,7 +147,7 @@ async def test_an_import_that_could_never_be_read_has_series_from_the_start(
     def failed_twice() -> bool:
         return all(state.imports[("shop", i)].consecutive_failures >= 2 for i in unreadable)
 
-    await wait_for(failed_twice, timeout=15)
+    await wait_until(failed_twice, timeout=15)
     metrics = await scrape(exporter)
     assert metrics.get("import_source_up", source="shop") == 1  # the others answer
     for import_id in unreadable:
@@ -219,8 +219,8 @@ async def test_a_wrong_password_is_one_login_per_hold_not_one_per_import(
     source = exporter.state.sources["pricing"]
     records = [exporter.state.imports[("pricing", f"imp-{i:03d}")] for i in range(100)]
     started = time.monotonic()
-    await wait_for(lambda: all(r.poll_failing for r in records), timeout=5)
-    await wait_for(lambda: time.monotonic() - started >= 8, timeout=10)  # 16 intervals
+    await wait_until(lambda: all(r.poll_failing for r in records), timeout=5)
+    await wait_until(lambda: time.monotonic() - started >= 8, timeout=10)  # 16 intervals
 
     assert source.token_requests is not None
     logins = simulator.counters["token"]
@@ -245,9 +245,9 @@ async def test_a_wrong_password_is_one_login_per_hold_not_one_per_import(
     (tmp_path / "password").write_text(DEMO_CREDENTIALS.password)
     assert await exporter.reload() == []
     reloaded = time.monotonic()
-    await wait_for(lambda: exporter.state.sources["pricing"].up is True, timeout=5)
+    await wait_until(lambda: exporter.state.sources["pricing"].up is True, timeout=5)
     assert time.monotonic() - reloaded <= 0.5 + 0.5  # one interval (and slack for a busy CI)
-    await wait_for(lambda: all(not r.poll_failing for r in _records(exporter)), timeout=5)
+    await wait_until(lambda: all(not r.poll_failing for r in _records(exporter)), timeout=5)
     tokens = exporter.state.sources["pricing"].token_requests
     assert tokens is not None
     assert tokens["success"] == 1
@@ -290,19 +290,19 @@ async def test_concurrent_polls_share_one_token_fetch_and_a_rejected_token_is_no
         "test",
     )
     exporter = await running(Exporter(config, "127.0.0.1:0"))
-    await wait_for(lambda: exporter.state.ready(), timeout=10)
+    await wait_until(lambda: exporter.state.ready(), timeout=10)
     assert simulator.counters["token"] == 1  # 21 imports, 8 at once, one login
     # Every token expires (Zilliant answers 401): one new login for all.
     simulator.expire_tokens()
     polled = simulator.counters["zilliant"]
-    await wait_for(lambda: simulator.counters["zilliant"] >= polled + 42, timeout=10)
+    await wait_until(lambda: simulator.counters["zilliant"] >= polled + 42, timeout=10)
     assert simulator.counters["token"] == 2
     # The token endpoint now refuses: the rejected token is never sent again.
     simulator.faults["token"] = Fault(status=400, body=b'{"error": "invalid_grant"}')
     simulator.expire_tokens()
-    await wait_for(lambda: exporter.state.sources["pricing"].up is False, timeout=10)
+    await wait_until(lambda: exporter.state.sources["pricing"].up is False, timeout=10)
     after_refusal = simulator.counters["zilliant"]
-    await wait_for(lambda: simulator.counters["token"] >= 4, timeout=10)  # two more holds
+    await wait_until(lambda: simulator.counters["token"] >= 4, timeout=10)  # two more holds
     # Only the polls in flight when the token was rejected reached Zilliant.
     assert simulator.counters["zilliant"] - after_refusal <= 8
 
@@ -351,7 +351,7 @@ async def test_a_zilliant_url_typo_is_an_error_not_not_found(
     exporter = await running(Exporter(config, "127.0.0.1:0"))
     await exporter.register("pricing", "registered-1", None)
     records = [r for r in exporter.state.imports.values() if r.source == "pricing"]
-    await wait_for(lambda: all(r.consecutive_failures >= 2 for r in records), timeout=10)
+    await wait_until(lambda: all(r.consecutive_failures >= 2 for r in records), timeout=10)
     source = exporter.state.sources["pricing"]
     assert source.up is False
     for record in records:
@@ -397,7 +397,7 @@ async def test_only_the_apis_own_answer_means_not_found(
         "test",
     )
     exporter = await running(Exporter(config, "127.0.0.1:0"))
-    await wait_for(lambda: exporter.state.ready(), timeout=10)
+    await wait_until(lambda: exporter.state.ready(), timeout=10)
     assert exporter.state.imports[("pricing", "no-such-import")].state is State.NOT_FOUND
     assert exporter.state.sources["pricing"].up is True
 
@@ -427,7 +427,7 @@ async def test_a_rocketchat_route_404_is_a_wrong_url(
     )
     exporter = await running(Exporter(config, "127.0.0.1:0"))
     record = next(iter(exporter.state.imports.values()))
-    await wait_for(lambda: record.consecutive_failures >= 1, timeout=10)
+    await wait_until(lambda: record.consecutive_failures >= 1, timeout=10)
     assert record.state is None
     assert record.last_error is not None
     assert "endpoint not found, check url" in record.last_error
@@ -475,9 +475,9 @@ async def test_the_api_tells_a_current_error_from_an_old_one(
     )
     exporter = await running(Exporter(config, "127.0.0.1:0"))
     record = exporter.state.imports[("shop", "1004")]
-    await wait_for(lambda: record.last_success is not None)
+    await wait_until(lambda: record.last_success is not None)
     simulator.faults["elevate"] = Fault(status=500)
-    await wait_for(lambda: record.poll_failing)
+    await wait_until(lambda: record.poll_failing)
 
     async def view() -> dict[str, Any]:
         async with (
@@ -493,7 +493,7 @@ async def test_the_api_tells_a_current_error_from_an_old_one(
     assert failing["consecutive_poll_failures"] >= 1
     assert "HTTP 500" in failing["last_error"]["message"]
     simulator.faults.clear()
-    await wait_for(lambda: not record.poll_failing)
+    await wait_until(lambda: not record.poll_failing)
     answered = await view()
     assert answered["poll_failing"] is False
     assert answered["consecutive_poll_failures"] == 0
@@ -524,7 +524,7 @@ async def test_the_name_filter_works_on_metrics(
         "test",
     )
     exporter = await running(Exporter(config, "127.0.0.1:0"))
-    await wait_for(lambda: exporter.state.ready())
+    await wait_until(lambda: exporter.state.ready())
     metrics = await scrape(exporter, "?name[]=import_source_up&name[]=process_open_fds")
     assert {s.name for s in metrics.samples} == {"import_source_up", "process_open_fds"}
 
@@ -575,7 +575,7 @@ async def test_a_secret_echoed_back_in_the_form_it_was_sent_is_redacted(
     )
     exporter = await running(Exporter(config, "127.0.0.1:0"))
     record = exporter.state.imports[("pricing", "imp-1")]
-    await wait_for(lambda: record.poll_failing)
+    await wait_until(lambda: record.poll_failing)
     assert record.last_error is not None
     assert "<redacted>" in record.last_error
     async with aiohttp.ClientSession() as session:

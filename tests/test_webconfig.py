@@ -411,7 +411,7 @@ def test_a_go_only_setting_is_refused_naming_the_file_and_field(
     """A cipher Go knows but this Python's OpenSSL lacks is an error, not ignored."""
     real = ssl.SSLContext.get_ciphers
 
-    def without_chacha(self: ssl.SSLContext) -> list[dict[str, Any]]:
+    def without_chacha(self: ssl.SSLContext) -> list[Any]:
         return [c for c in real(self) if "CHACHA20" not in c["name"]]
 
     monkeypatch.setattr(ssl.SSLContext, "get_ciphers", without_chacha)

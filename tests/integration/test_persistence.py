@@ -30,11 +30,10 @@ from exporter.storage import StoreError, to_row
 from exporter.storage.sqlite import SCHEMA_VERSION as STORE_SCHEMA_VERSION
 from exporter.storage.sqlite import SQLiteStorage as Store
 from exporter.tracking import Refusal, TrackingError
-from tests.fakes import wait_for
-from tests.test_reload_and_secrets import free_port
+from tests.conftest import free_port, wait_until
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "pipeline-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -271,7 +270,7 @@ async def test_sigkill_loses_no_acknowledged_registration_and_keeps_state_and_st
                     and states.get("pipeline-0") == "not_found"
                 )
 
-            await wait_for(learnt, timeout=20)
+            await wait_until(learnt, timeout=20)
             before = await wait_listing(session, port, lambda _: True)
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
@@ -334,8 +333,8 @@ async def test_finished_registered_imports_are_forgotten_after_the_retention(
         _, created = await exporter.register("elevate", "1002", "price feed")
         assert created
         await exporter.register("elevate", "1004", "stuck")
-        await wait_for(lambda: state.imports[("elevate", "1002")].state is State.FAILED)
-        await wait_for(lambda: ("elevate", "1002") not in state.imports, timeout=10)
+        await wait_until(lambda: state.imports[("elevate", "1002")].state is State.FAILED)
+        await wait_until(lambda: ("elevate", "1002") not in state.imports, timeout=10)
 
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{exporter.port}/metrics") as response:
@@ -344,7 +343,7 @@ async def test_finished_registered_imports_are_forgotten_after_the_retention(
         assert 'import="1004"' in text  # still running: kept
         # Listed in the config: kept while listed, finished or not.
         assert state.imports[("elevate", "1005")].state is State.ABORTED
-        await wait_for(lambda: "1002" not in stored_states(tmp_path / "state.db"))
+        await wait_until(lambda: "1002" not in stored_states(tmp_path / "state.db"))
     finally:
         await exporter.stop()
     assert set(stored_states(tmp_path / "state.db")) == {"1004", "1005"}
@@ -358,7 +357,7 @@ async def test_a_registration_the_store_cannot_write_is_refused_and_nothing_is_l
     database = tmp_path / "state.db"
     exporter = Exporter(load_config(config_file), "127.0.0.1:0", storage_path=str(database))
     await exporter.start()
-    assert exporter.store is not None
+    assert isinstance(exporter.store, Store)
     assert exporter.persistence.task is not None
     exporter.persistence.task.cancel()  # only registrations write now: the test decides when
     writable = exporter.store._db
@@ -366,7 +365,7 @@ async def test_a_registration_the_store_cannot_write_is_refused_and_nothing_is_l
         await exporter.register("elevate", "1004", None)
         # The disk turns read-only (a full or failing disk looks the same) while
         # what the first poll learnt is not written yet.
-        await wait_for(lambda: exporter.state.imports[("elevate", "1004")].state is State.RUNNING)
+        await wait_until(lambda: exporter.state.imports[("elevate", "1004")].state is State.RUNNING)
         assert stored_states(database)["1004"] is None
         with exporter.store._lock:
             exporter.store._db = sqlite3.connect(

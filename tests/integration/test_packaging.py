@@ -12,11 +12,9 @@ import contextlib
 import json
 import re
 import shlex
-import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -27,31 +25,16 @@ import bcrypt
 import pytest
 import trustme
 
-from tests.grafana_helpers import ROOT
+from tests.conftest import free_port, wait_until_sync
+from tests.integration.grafana_helpers import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: object, timeout: float, what: str) -> None:
-    """Poll ``condition()`` until it is true or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def status(url: str, context: object = None) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=2, context=context) as response:  # type: ignore[arg-type]
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:  # type: ignore[call-overload]
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -124,7 +107,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_demo(wheel: Path, tmp_pat
     with exporter(
         program, "--demo", f"--web.listen-address=127.0.0.1:{port}", log=tmp_path / "demo.log"
     ) as proc:
-        wait_for(
+        wait_until_sync(
             lambda: proc.poll() is not None or status(f"http://127.0.0.1:{port}/-/ready") == 200,
             60,
             "the installed demo to be ready",
@@ -218,7 +201,7 @@ def test_healthcheck_finds_the_port_and_route_prefix_plain_http(tmp_path: Path) 
         "--web.external-url=http://proxy.example.com/imports/",
         log=tmp_path / "log",
     ) as proc:
-        wait_for(
+        wait_until_sync(
             lambda: status(f"http://127.0.0.1:{port}/imports/-/healthy") == 200, 30, "the exporter"
         )
         assert healthcheck(proc.pid) == 0
@@ -248,7 +231,7 @@ def test_healthcheck_speaks_tls_and_takes_401_as_alive(tmp_path: Path) -> None:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        wait_for(
+        wait_until_sync(
             lambda: status(f"https://127.0.0.1:{port}/-/healthy", context) == 401,
             30,
             "the TLS exporter",

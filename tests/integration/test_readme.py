@@ -18,11 +18,8 @@ import json
 import os
 import re
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -34,22 +31,15 @@ import trustme
 import yaml
 
 from exporter.cli import build_parser
+from exporter.config.loader import parse_config_data
+from exporter.runtime import Exporter
 from exporter.simulator import Phase, Simulator, create_app
 from exporter.simulator.scenarios import elevate
 from exporter.webconfig import load_web_config
 from grafana.mixin import main as mixin_main
 from grafana.mixin_config import parse_config as parse_mixin
-from tests.grafana_helpers import ROOT, mixin_data
-
-# Until issue 13's layout (exporter.runtime, exporter.config.loader) is merged here.
-try:  # issue 13's layout (exporter.runtime); exporter.app before it
-    from exporter.runtime import Exporter
-except ImportError:
-    from exporter.app import Exporter  # type: ignore[no-redef]
-try:  # issue 13's layout (exporter.config.loader); exporter.config before it
-    from exporter.config.loader import parse_config_data
-except ImportError:
-    from exporter.config import parse_config_data  # type: ignore[no-redef]
+from tests.conftest import free_port, tool, wait_until_sync
+from tests.integration.grafana_helpers import ROOT, mixin_data
 
 README = ROOT / "README.md"
 VENV_BIN = Path(sys.executable).parent
@@ -71,12 +61,6 @@ def logical_lines(text: str) -> list[str]:
     return [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.strip()]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def http(
     url: str, data: bytes | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, str]:
@@ -88,14 +72,6 @@ def http(
         return exc.code, exc.read().decode()
     except OSError as exc:
         return 0, str(exc)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -133,7 +109,7 @@ def check_demo(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     args = [*shlex.split(command), "--demo.speed", "10", f"--web.listen-address=127.0.0.1:{port}"]
     with running(args, tmp_path / "demo.log"):
-        wait_until(lambda: http(f"{base}/-/ready")[0] == 200, 180, "the demo to be ready")
+        wait_until_sync(lambda: http(f"{base}/-/ready")[0] == 200, 180, "the demo to be ready")
         # The story, in 15 simulated seconds (1.5 s at speed 10).
         story = {
             "1001": "succeeded",
@@ -148,7 +124,7 @@ def check_demo(tmp_path: Path) -> None:
             metrics = http(f"{base}/metrics")[1]
             return all(state_of(metrics, "elevate-demo", i) == s for i, s in story.items())
 
-        wait_until(told, 15, "the demo's story")
+        wait_until_sync(told, 15, "the demo's story")
         (curl,) = logical_lines(block("curl -H 'Authorization: Bearer demo-api-token"))
         curl = curl.replace("http://localhost:10451", base)
         result = subprocess.run(
@@ -166,7 +142,7 @@ def check_demo(tmp_path: Path) -> None:
                 seen.append(state)
             return state == "succeeded"
 
-        wait_until(moved, 30, "the registered import to succeed")
+        wait_until_sync(moved, 30, "the registered import to succeed")
         assert [s for s in seen if s != "pending"] == ["waiting", "running", "succeeded"]
         # As `curl -X POST .../-/reload` sends it (no form content type).
         status, body = http(
@@ -227,7 +203,9 @@ def check_running_for_real(tmp_path: Path) -> None:
     run = [*shlex.split(commands[2].replace("config.yaml", str(config)))]
     run.append(f"--web.listen-address=127.0.0.1:{port}")
     with running(run, tmp_path / "real.log", env=with_env):
-        wait_until(lambda: http(f"http://127.0.0.1:{port}/-/healthy")[0] == 200, 60, "the exporter")
+        wait_until_sync(
+            lambda: http(f"http://127.0.0.1:{port}/-/healthy")[0] == 200, 60, "the exporter"
+        )
 
 
 def check_web_yml(tmp_path: Path) -> None:
@@ -343,9 +321,7 @@ def check_mixin_commands(tmp_path: Path) -> None:
     assert mixin_main(["--out", str(tmp_path)]) == 0
     for relative in ("grafana/alerts.yaml", "grafana/dashboards/import-status.json"):
         assert (tmp_path / relative).read_text() == (ROOT / relative).read_text()
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (scripts/setup --test installs it)")
+    promtool = tool("promtool")
     for line in lines[1:]:
         args = shlex.split(line)
         assert args[0] == "promtool"
@@ -355,9 +331,7 @@ def check_mixin_commands(tmp_path: Path) -> None:
 
 def check_kubectl(_tmp_path: Path) -> None:
     """`kubectl apply -k DIR` is `kubectl kustomize DIR` sent to a cluster: render it."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (scripts/setup --test installs it)")
+    kubectl = tool("kubectl")
     for line in logical_lines(block("kubectl apply -k")):
         args = shlex.split(line)
         assert args[:3] == ["kubectl", "apply", "-k"]
@@ -442,8 +416,8 @@ def test_every_code_block_has_a_check() -> None:
 
 @pytest.mark.parametrize(
     "check",
-    sorted(set(CHECKS.values()), key=lambda c: c.__name__),
-    ids=lambda c: c.__name__.removeprefix("check_"),
+    sorted(set(CHECKS.values()), key=lambda c: str(getattr(c, "__name__", c))),
+    ids=lambda c: str(getattr(c, "__name__", c)).removeprefix("check_"),
 )
 def test_readme_block(check: Callable[[Path], None], tmp_path: Path) -> None:
     check(tmp_path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -22,23 +21,11 @@ from aiohttp import web
 from exporter.demo import start_demo_simulator
 from exporter.runtime import Exporter
 from grafana.dashboard import dashboard_queries
-from tests.grafana_helpers import shortened_rules, substitute_variables
+from tests.conftest import free_port, tool
+from tests.integration.grafana_helpers import shortened_rules, substitute_variables
 
 SPEED = 20.0
 RUNNING_TOO_LONG = 4  # seconds of an Elevate import; the demo's healthy ones finish sooner
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (scripts/setup --test installs it)")
-    return path
 
 
 STOP_TIMEOUT = 10.0
@@ -116,8 +103,8 @@ async def webhook() -> AsyncIterator[tuple[int, list[dict[str, Any]]]]:
 async def test_prometheus_scrapes_dashboards_have_data_and_alerts_reach_the_webhook(
     tmp_path: Path, webhook: tuple[int, list[dict[str, Any]]]
 ) -> None:
-    prometheus = binary("prometheus")
-    alertmanager = binary("prometheus-alertmanager")
+    prometheus = tool("prometheus")
+    alertmanager = tool("prometheus-alertmanager")
     hook_port, received = webhook
     prom_port, am_port = free_port(), free_port()
     children_before = children(os.getpid())

@@ -31,8 +31,8 @@ from exporter.simulator import DEMO_CREDENTIALS
 from exporter.state import ImportRecord
 from exporter.storage import StoreError, to_row
 from exporter.storage.sqlite import SQLiteStorage as Store
-from tests.fakes import wait_for
-from tests.test_persistence import (
+from tests.conftest import free_port, wait_until
+from tests.integration.test_persistence import (
     AUTH,
     ROOT,
     TOKEN,
@@ -43,7 +43,6 @@ from tests.test_persistence import (
     wait_listing,
     write_config,
 )
-from tests.test_reload_and_secrets import free_port
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 IMPORTS = "/api/v1/imports"
@@ -134,7 +133,7 @@ async def test_a_deleted_database_is_noticed_and_nothing_more_is_acknowledged(
     database = folder / "state.db"
     async with running_exporter(config_file, database) as exporter, aiohttp.ClientSession() as http:
         assert (await register(http, exporter, RUNNING))[0] == 201
-        await wait_for(lambda: exporter.state.ready(), timeout=20)
+        await wait_until(lambda: exporter.state.ready(), timeout=20)
         assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
 
         shutil.rmtree(folder)  # an operator's rm -rf of the storage folder
@@ -151,7 +150,7 @@ async def test_a_deleted_database_is_noticed_and_nothing_more_is_acknowledged(
         # line says what happened, naming the file, not one per attempt.
         assert exporter.store is not None
         store = exporter.store
-        await wait_for(lambda: store.health.write_errors["vanished"] >= 3, timeout=20)
+        await wait_until(lambda: store.health.write_errors["vanished"] >= 3, timeout=20)
         lines = [r.getMessage() for r in caplog.records if "deleted or replaced" in r.getMessage()]
         assert len(lines) == 1, lines
         assert str(database) in lines[0]
@@ -262,6 +261,12 @@ async def wait_all_polled(session: aiohttp.ClientSession, port: int, ids: Iterab
 # --- 5. memory changes only after the store accepted ------------------------------
 
 
+def sqlite_of(exporter: Exporter) -> Store:
+    """The exporter's storage, which these tests know to be SQLite."""
+    assert isinstance(exporter.store, Store)
+    return exporter.store
+
+
 @contextlib.contextmanager
 def read_only_disk(store: Store, database: Path) -> Iterator[None]:
     """The disk turns read-only (a full or failing disk looks the same to the
@@ -295,8 +300,8 @@ async def test_a_refused_delete_or_rename_changes_nothing_anywhere(
         async with running_exporter(config_file, database) as exporter:
             assert exporter.store is not None
             assert (await register(http, exporter, RUNNING, "prices"))[0] == 201
-            await wait_for(lambda: exporter.state.ready(), timeout=20)
-            with read_only_disk(exporter.store, database):
+            await wait_until(lambda: exporter.state.ready(), timeout=20)
+            with read_only_disk(sqlite_of(exporter), database):
                 status, body = await call(http, "DELETE", exporter, one, headers=AUTH)
                 assert status == 503, body
                 assert str(database) not in str(body)
@@ -332,7 +337,7 @@ def rename_source(config_file: Path, old: str, new: str) -> None:
 
 
 async def exported(http: aiohttp.ClientSession, exporter: Exporter) -> str:
-    return (await call(http, "GET", exporter, "/metrics"))[1]
+    return str((await call(http, "GET", exporter, "/metrics"))[1])
 
 
 async def test_a_reload_without_the_source_parks_its_registered_imports_until_it_returns(
@@ -350,7 +355,7 @@ async def test_a_reload_without_the_source_parks_its_registered_imports_until_it
         for import_id in (RUNNING, "bench-2"):
             assert (await register(http, exporter, import_id, f"job {import_id}"))[0] == 201
         state = exporter.state
-        await wait_for(lambda: state.ready() and len(state.imports) == 3, timeout=20)
+        await wait_until(lambda: state.ready() and len(state.imports) == 3, timeout=20)
 
         rename_source(config_file, "elevate", "elevate-new")
         assert await exporter.reload() == []
@@ -369,9 +374,9 @@ async def test_a_reload_without_the_source_parks_its_registered_imports_until_it
         status, listing = await call(http, "GET", exporter, IMPORTS)
         parked = {item["id"] for item in listing["imports"] if item["parked"]}
         assert parked == {RUNNING, "bench-2"}
-        await wait_for(lambda: {RUNNING, "bench-2"} <= set(stored_states(database)))
+        await wait_until(lambda: {RUNNING, "bench-2"} <= set(stored_states(database)))
         # Parked imports are not polled, so readiness does not wait for them.
-        await wait_for(state.ready, timeout=20)
+        await wait_until(state.ready, timeout=20)
         assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
 
         # A parked import can be forgotten for good.
@@ -422,7 +427,7 @@ async def test_a_restart_without_the_source_parks_its_stored_registrations(
         assert RUNNING in stored_states(database)
         rename_source(config_file, "other", "elevate")
         async with running_exporter(config_file, database) as exporter:
-            await wait_for(
+            await wait_until(
                 lambda: exporter.state.imports[("elevate", RUNNING)].polled_this_run, timeout=20
             )
 
@@ -441,7 +446,7 @@ async def test_parked_imports_are_forgotten_after_the_retention(
         rename_source(config_file, "elevate", "elevate-new")
         assert await exporter.reload() == []
         assert (await call(http, "GET", exporter, f"{IMPORTS}/elevate/{RUNNING}"))[0] == 200
-        await wait_for(lambda: RUNNING not in stored_states(database), timeout=20)
+        await wait_until(lambda: RUNNING not in stored_states(database), timeout=20)
         assert (await call(http, "GET", exporter, f"{IMPORTS}/elevate/{RUNNING}"))[0] == 404
 
 
@@ -457,7 +462,7 @@ def test_a_database_of_the_previous_schema_is_migrated_and_keeps_its_rows(tmp_pa
     ]  # fmt: skip
     with sqlite3.connect(database) as db:
         db.execute(f"CREATE TABLE imports ({', '.join(columns)}, PRIMARY KEY (source, import_id))")
-        row = {name: None for name in columns}
+        row: dict[str, object] = dict.fromkeys(columns)
         row.update(source="elevate", import_id="7", system="elevate", origin="api")
         row["confirmed_final"] = 0
         db.execute(
@@ -497,7 +502,7 @@ async def test_failing_writes_show_in_metrics_and_readiness_but_not_the_path_to_
     async with running_exporter(config_file, database) as exporter, aiohttp.ClientSession() as http:
         assert exporter.store is not None
         assert (await register(http, exporter, RUNNING))[0] == 201
-        await wait_for(exporter.state.ready, timeout=20)
+        await wait_until(exporter.state.ready, timeout=20)
         text = await exported(http, exporter)
         assert sample(text, ok) == 1.0
         assert sample(text, read_only) == 0.0
@@ -510,7 +515,7 @@ async def test_failing_writes_show_in_metrics_and_readiness_but_not_the_path_to_
         assert sample(text, "import_exporter_store_last_write_success_timestamp_seconds")
         assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
 
-        with read_only_disk(exporter.store, database):
+        with read_only_disk(sqlite_of(exporter), database):
             status, body = await register(http, exporter, "bench-2")
             assert status == 503, body
             assert "read-only" in body["error"], body
@@ -527,7 +532,7 @@ async def test_failing_writes_show_in_metrics_and_readiness_but_not_the_path_to_
         # The disk is back: the next write succeeds and readiness returns.
         assert (await register(http, exporter, "bench-2"))[0] == 201
         assert sample(await exported(http, exporter), ok) == 1.0
-        await wait_for(exporter.state.ready, timeout=20)
+        await wait_until(exporter.state.ready, timeout=20)
         assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
 
 
@@ -601,7 +606,7 @@ async def test_sighup_during_start_up_is_a_reload_once_started_not_a_kill(
         def log_text() -> str:
             return log_file.read_text(errors="replace")
 
-        await wait_for(lambda: "config reloaded" in log_text() or proc.returncode is not None, 60)
+        await wait_until(lambda: "config reloaded" in log_text() or proc.returncode is not None, 60)
         assert proc.returncode is None, log_text()
         text = log_text()
         assert text.index("listening on") < text.index("config reloaded")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import yaml
 
 from grafana.dashboard import OUT, dashboard, dashboard_queries, render
 from grafana.mixin_config import parse_config
-from tests.grafana_helpers import mixin_data, substitute_variables
+from tests.conftest import tool
+from tests.integration.grafana_helpers import mixin_data, substitute_variables
 
 DASHBOARD: dict[str, Any] = json.loads(OUT.read_text())
 PANELS: list[dict[str, Any]] = DASHBOARD["panels"]
@@ -78,9 +78,7 @@ def test_panels_an_operator_needs() -> None:
 
 
 def test_every_query_parses_as_promql(tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (scripts/setup --test installs it)")
+    promtool = tool("promtool")
     rules = [
         {"record": f"dashboard:check:{i}", "expr": substitute_variables(expr)}
         for i, expr in enumerate(dashboard_queries())

@@ -3,7 +3,6 @@ thresholds change per system and per source."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ import yaml
 
 from grafana.mixin import main, outputs, render_alerts
 from grafana.mixin_config import MixinConfigError, load_config, parse_config
-from tests.grafana_helpers import ALERTS, ROOT, mixin_data
+from tests.conftest import tool
+from tests.integration.grafana_helpers import ALERTS, ROOT, mixin_data
 
 PROMETHEUS_RULE = ROOT / "deploy" / "kubernetes" / "base" / "prometheusrule.yaml"
 INSTANCE = 'job="import-status",instance="exp:10451"'
@@ -85,9 +85,7 @@ def test_config_errors_name_the_field(change: dict[str, Any], message: str) -> N
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool is not installed (scripts/setup --test installs it)")
+    path = tool("promtool")
     return path
 
 

@@ -23,15 +23,10 @@ from exporter import __version__
 from exporter.config.loader import parse_config_data
 from exporter.sources.elevate import ElevateConfig, ElevateSource
 from exporter.sources.registry import build_source
+from tests.conftest import free_port
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 LOGFMT_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"=]+)')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

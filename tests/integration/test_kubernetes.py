@@ -5,7 +5,6 @@ and the Prometheus Operator's CRD schemas (cloudcoil's models of them)."""
 from __future__ import annotations
 
 import base64
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,14 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
+from exporter.config.loader import load_config
 from grafana.mixin_config import load_config as load_mixin
-from tests.grafana_helpers import ALERTS, ROOT
-
-# Until issue 13's layout (exporter.runtime, exporter.config.loader) is merged here.
-try:  # issue 13's layout (exporter.config.loader); exporter.config before it
-    from exporter.config.loader import load_config
-except ImportError:
-    from exporter.config import load_config  # type: ignore[no-redef]
+from tests.conftest import tool
+from tests.integration.grafana_helpers import ALERTS, ROOT
 
 KUBE = ROOT / "deploy" / "kubernetes"
 TREES = [KUBE / "base", *sorted(p for p in (KUBE / "overlays").iterdir() if p.is_dir())]
@@ -28,9 +23,7 @@ KUBERNETES_VERSION = "1.33.0"
 
 
 def render(tree: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (scripts/setup --test installs it)")
+    kubectl = tool("kubectl")
     result = subprocess.run(
         [kubectl, "kustomize", str(tree)], capture_output=True, text=True, timeout=120
     )

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 
-import pytest
-
-from tests.grafana_helpers import ROOT, load_rules
+from tests.conftest import tool
+from tests.integration.grafana_helpers import ROOT, load_rules
 
 RUNBOOK = ROOT / "docs" / "runbook.md"
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (scripts/setup --test installs it)")
-    return path
 
 
 def run(*args: str) -> None:

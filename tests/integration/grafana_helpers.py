@@ -11,7 +11,7 @@ import yaml
 from grafana.mixin import groups
 from grafana.mixin_config import parse_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "grafana" / "alerts.yaml"
 MIXIN = ROOT / "grafana" / "mixin.yaml"
 

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import configparser
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.grafana_helpers import ROOT
+from tests.conftest import tool
+from tests.integration.grafana_helpers import ROOT
 
 UNIT = ROOT / "examples" / "systemd" / "import-status-exporter.service"
 
 
 def systemd_analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        pytest.skip("systemd-analyze is not installed (scripts/setup --test installs systemd)")
+    path = tool("systemd-analyze")
     return path
 
 

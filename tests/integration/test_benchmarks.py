@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_quick(script: str, out: Path) -> dict[str, object]:
@@ -25,8 +25,10 @@ def run_quick(script: str, out: Path) -> dict[str, object]:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "imports" in result.stdout  # the table was printed
-    data = json.loads(out.read_text())
-    assert data["machine"]["cpus"]
+    data: dict[str, object] = json.loads(out.read_text())
+    machine = data["machine"]
+    assert isinstance(machine, dict)
+    assert machine["cpus"]
     return data
 
 
@@ -51,7 +53,7 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["rss_bytes"] > 0
         assert "bytes_per_import" in row
     elif script == "abuse.py":
-        assert [r["scenario"] for r in results][1:] == [  # type: ignore[index]
+        assert [r["scenario"] for r in results][1:] == [
             "1 password guessing",
             "2 half-sent requests",
             "3 big reads",
