@@ -106,13 +106,18 @@ def ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return context
 
 
-def build_request(args: argparse.Namespace, token: str | None) -> urllib.request.Request:
+def _base_and_headers(args: argparse.Namespace, token: str | None) -> tuple[str, dict[str, str]]:
     base = args.url.rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise UsageError(f"--url {args.url!r}: expected http://host:port or https://host:port")
     headers = {"User-Agent": f"{PROG}/{__version__}", "Accept": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
+    return base, headers
+
+
+def build_request(args: argparse.Namespace, token: str | None) -> urllib.request.Request:
+    base, headers = _base_and_headers(args, token)
     if args.command == "track":
         body: dict[str, str] = {"source": args.source, "id": args.import_id}
         if args.name is not None:
@@ -129,14 +134,9 @@ def list_imports(
     args: argparse.Namespace, token: str | None, context: ssl.SSLContext | None
 ) -> int:
     """Print every tracked import the filters match, page after page."""
-    base = args.url.rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise UsageError(f"--url {args.url!r}: expected http://host:port or https://host:port")
+    base, headers = _base_and_headers(args, token)
     if args.page_size is not None and not 1 <= args.page_size <= 5000:
         raise UsageError("--page-size: must be from 1 to 5000")
-    headers = {"User-Agent": f"{PROG}/{__version__}", "Accept": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
     params = {
         key: value
         for key, value in (

@@ -1,0 +1,111 @@
+"""The state: what an answer, a failure, a source-wide failure, parking and
+retention do to the records, as the readers then see them."""
+
+from __future__ import annotations
+
+from exporter.model import ErrorReason, Observation, Origin, SourceError, State
+from exporter.state import StateStore
+from tests.conftest import Clock
+
+
+def world(clock: Clock) -> StateStore:
+    state = StateStore(clock=clock)
+    state.add_source("shop", "elevate", 30.0)
+    state.track("shop", "1001", name="catalogue")
+    state.track("shop", "1002", origin=Origin.API)
+    return state
+
+
+def test_times_follow_what_the_answers_say(clock: Clock) -> None:
+    state = world(clock)
+    record = state.imports[("shop", "1001")]
+    state.record_observation("shop", "1001", Observation(State.WAITING, "WAITING"))
+    assert (record.first_seen, record.state_since, record.last_progress) == (clock.now,) * 3
+    clock.now += 30
+    state.record_observation("shop", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    assert record.state_since == clock.now
+    assert record.seen_running_at == clock.now
+    started = clock.now
+    clock.now += 30
+    state.record_observation("shop", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    assert record.last_progress == started  # nothing moved
+    assert record.duration(clock.now) == 30
+    clock.now += 30
+    state.record_observation("shop", "1001", Observation(State.SUCCEEDED, "SUCCESS"))
+    assert not record.confirmed_final  # seen once: polled again to confirm
+    state.record_observation("shop", "1001", Observation(State.SUCCEEDED, "SUCCESS"))
+    assert record.confirmed_final
+    assert record.end_timestamp == clock.now
+    assert record.duration(clock.now + 999) == 60
+
+
+def test_failures_count_in_a_row_and_an_answer_resets_them(clock: Clock) -> None:
+    state = world(clock)
+    error = SourceError(ErrorReason.SERVER_ERROR, "HTTP 500")
+    for _ in range(3):
+        state.record_error("shop", "1001", error)
+    record = state.imports[("shop", "1001")]
+    assert record.consecutive_failures == 3
+    assert record.poll_failing
+    assert state.sources["shop"].errors_total[ErrorReason.SERVER_ERROR] == 3
+    state.record_observation("shop", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    assert record.consecutive_failures == 0
+    assert not record.poll_failing
+    assert record.last_error == "HTTP 500"  # kept as history
+
+
+def test_a_source_wide_failure_counts_once_and_shows_on_every_import(clock: Clock) -> None:
+    state = world(clock)
+    state.record_observation("shop", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    assert state.sources["shop"].up
+    refused = SourceError(ErrorReason.UNAUTHORIZED, "HTTP 403", source_wide=True)
+    state.record_source_error("shop", refused, ["1001", "1002"])
+    assert state.sources["shop"].up is False
+    assert state.sources["shop"].errors_total[ErrorReason.UNAUTHORIZED] == 1
+    for import_id in ("1001", "1002"):
+        assert state.imports[("shop", import_id)].last_error_reason is ErrorReason.UNAUTHORIZED
+
+
+def test_parking_keeps_registered_imports_and_forgets_configured_ones(clock: Clock) -> None:
+    state = world(clock)
+    parked, forgotten = state.park("shop")
+    assert [r.import_id for r in parked] == ["1002"]
+    assert [r.import_id for r in forgotten] == ["1001"]
+    assert not state.imports
+    assert ("shop", "1002") in state.parked
+    back = state.unpark("shop", "elevate")
+    assert [r.import_id for r in back] == ["1002"]
+    assert ("shop", "1002") in state.imports
+
+
+def test_retention_forgets_registered_imports_that_ended_long_ago(clock: Clock) -> None:
+    state = world(clock)
+    for import_id in ("1001", "1002"):
+        for _ in range(2):
+            state.record_observation("shop", import_id, Observation(State.FAILED, "FAILURE"))
+    assert state.expired(retention=60) == []
+    clock.now += 61
+    # The configured one stays while the file lists it.
+    assert [r.import_id for r in state.expired(retention=60)] == ["1002"]
+
+
+def test_changes_are_taken_once_and_given_back_when_a_write_fails(clock: Clock) -> None:
+    state = world(clock)
+    changed, forgotten = state.take_changes()
+    assert {r.import_id for r in changed} == {"1001", "1002"}
+    assert forgotten == []
+    assert state.take_changes() == ([], [])
+    state.untrack("shop", "1002")
+    changed, forgotten = state.take_changes()
+    assert forgotten == [("shop", "1002")]
+    state.requeue(changed, forgotten)
+    assert state.take_changes()[1] == [("shop", "1002")]
+
+
+def test_ready_once_every_import_was_polled_by_this_process(clock: Clock) -> None:
+    state = world(clock)
+    assert not state.ready()
+    state.record_observation("shop", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    assert not state.ready()
+    state.record_error("shop", "1002", SourceError(ErrorReason.TIMEOUT, "slow"))
+    assert state.ready()  # polled, even if it failed
