@@ -193,7 +193,8 @@ class StateCollector(Collector):
         up = GaugeMetricFamily(
             "import_source_up",
             "1 while the latest background poll of at least one watched import reached "
-            "the source's API and understood the answer; 0 when every one failed.",
+            "the source's API and understood the answer; 0 when every one failed. Absent "
+            "while the source watches no import in this process and never polled.",
             labels=keys,
         )
         requests = CounterMetricFamily(
@@ -236,7 +237,10 @@ class StateCollector(Collector):
             counts[record.source] = counts.get(record.source, 0) + 1
         for source in list(self.state.sources.values()):
             labels = [source.name, source.system]
-            up.add_metric(labels, 1.0 if source.up else 0.0)
+            if source.up is not None or counts.get(source.name):
+                # Absent while the source watches nothing here and never did
+                # (no import yet, or another shard owns them all): not "down".
+                up.add_metric(labels, 1.0 if source.up else 0.0)
             requests.add_metric(labels, source.requests_total)
             for reason in REASONS:
                 errors.add_metric([*labels, reason.value], source.errors_total.get(reason, 0))

@@ -14,6 +14,7 @@ from exporter.logs import context
 from exporter.model import Origin
 from exporter.persistence import Persistence
 from exporter.poller import Poller
+from exporter.sharding import Shard
 from exporter.sources.base import ImportSpec
 from exporter.state import ImportRecord, StateStore
 from exporter.storage import StoreError, to_row
@@ -31,7 +32,9 @@ class Registration:
         poller: Poller,
         persistence: Persistence,
         config: Callable[[], Config],
+        shard: Shard | None = None,
     ) -> None:
+        self.shard = shard or Shard()
         self.state = state
         self.poller = poller
         self.persistence = persistence
@@ -57,6 +60,14 @@ class Registration:
                     f"source {source!r} is a {scheduler.source.system} server: it watches the "
                     "server's current import and takes no import ids",
                     "source",
+                )
+            if not self.shard.owns(source, import_id):
+                raise TrackingError(
+                    Refusal.OTHER_SHARD,
+                    f"{source}/{import_id} belongs to shard {self.shard.owner(source, import_id)} "
+                    f"of {self.shard.total}, not to this one ({self.shard.index}): register it "
+                    "there",
+                    "id",
                 )
             existing = self.state.imports.get((source, import_id))
             if existing is None:

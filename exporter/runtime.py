@@ -27,7 +27,8 @@ from exporter.persistence import Persistence
 from exporter.poller import Poller
 from exporter.redact import register_secret
 from exporter.registration import Registration
-from exporter.sources.base import ImportSpec, SourceHooks
+from exporter.sharding import WHOLE, Shard
+from exporter.sources.base import ImportSpec, Source, SourceHooks
 from exporter.sources.registry import build_source
 from exporter.state import ImportRecord, StateStore
 from exporter.storage import Storage
@@ -86,6 +87,7 @@ class Exporter:
         *,
         max_requests: int = 0,
         header_timeout: float = HEADER_READ_TIMEOUT,
+        shard: Shard = WHOLE,
         route_prefix: str = "",
     ) -> None:
         self.config = config
@@ -105,11 +107,12 @@ class Exporter:
             self.ssl_context = build_ssl_context(self.web_config.tls, Path(web_config_file).parent)
             if self.web_config.http_server_config and self.web_config.http_server_config.http2:
                 log.info("http2 in %s: aiohttp serves HTTP/1.1 only", web_config_file)
+        self.shard = shard
         self.state = StateStore()
         self.poller = Poller(self.state)
         self.persistence = Persistence(self.state, self.store)
         self.registration = Registration(
-            self.state, self.poller, self.persistence, lambda: self.config
+            self.state, self.poller, self.persistence, lambda: self.config, shard
         )
         self.register = self.registration.register
         self.unregister = self.registration.unregister
@@ -210,9 +213,11 @@ class Exporter:
             )
             source = build_source(source_config, self._session, hooks)
             # Imports of another system than the source's now cannot be polled
-            # by it; those parked earlier of this system come back.
-            self._park(name, unless_system=source.system)
-            back = self.state.unpark(name, source.system)
+            # by it, nor those another shard owns; those parked earlier that
+            # it can poll come back.
+            ours = self._ours(source)
+            self._park(name, keep=ours)
+            back = self.state.unpark(name, ours)
             if back:
                 log.info(
                     "brought back parked imports", extra=context(source=name, imports=len(back))
@@ -226,7 +231,7 @@ class Exporter:
             ]
             if before is not None:
                 await self.poller.remove_source(name, keep_state=True)
-            configured = source.imports()
+            configured = [spec for spec in source.imports() if self._owns(source, spec.id)]
             scheduler = self.poller.add_source(
                 source,
                 interval=source_config.interval,
@@ -255,8 +260,18 @@ class Exporter:
                     f"deprecated setting: {warning}", extra=context(source=source_config.name)
                 )
 
-    def _park(self, source: str, unless_system: str | None = None) -> None:
-        parked, forgotten = self.state.park(source, unless_system=unless_system)
+    def _owns(self, source: Source[Any], import_id: str) -> bool:
+        """A server (Rocket.Chat) belongs to a shard as a whole, an id by itself."""
+        return self.shard.owns(source.name, None if source.follows_server else import_id)
+
+    def _ours(self, source: Source[Any]) -> Callable[[ImportRecord], bool]:
+        def ours(record: ImportRecord) -> bool:
+            return record.system == source.system and self._owns(source, record.import_id)
+
+        return ours
+
+    def _park(self, source: str, keep: Callable[[ImportRecord], bool] | None = None) -> None:
+        parked, forgotten = self.state.park(source, keep=keep)
         for record in forgotten:
             log.info(
                 "forgetting import: its source is no longer configured",

@@ -394,10 +394,11 @@ class StateStore:
     # --- parking: registered imports of sources no longer configured ---------
 
     def park(
-        self, source: str, *, unless_system: str | None = None
+        self, source: str, *, keep: Callable[[ImportRecord], bool] | None = None
     ) -> tuple[list[ImportRecord], list[ImportRecord]]:
         """Set aside the imports of a source that left the config (or, with
-        ``unless_system``, those of another system than the source's now).
+        ``keep``, those of it that ``keep`` does not accept: another system
+        than the source's now, or owned by another shard).
 
         Registered ones are parked: kept and stored, but neither polled nor
         exported; ones the config listed are forgotten (the file owned them).
@@ -405,7 +406,7 @@ class StateStore:
         now = self.clock()
         parked, forgotten = [], []
         for key, record in list(self.imports.items()):
-            if key[0] != source or record.system == unless_system:
+            if key[0] != source or (keep is not None and keep(record)):
                 continue
             if record.origin is Origin.CONFIG:
                 self.untrack(*key)
@@ -420,9 +421,10 @@ class StateStore:
             parked.append(record)
         return parked, forgotten
 
-    def unpark(self, source: str, system: str) -> list[ImportRecord]:
-        """Bring back the parked imports of a returning source of the same system."""
-        back = [r for k, r in self.parked.items() if k[0] == source and r.system == system]
+    def unpark(self, source: str, accept: Callable[[ImportRecord], bool]) -> list[ImportRecord]:
+        """Bring back the parked imports of a returning source that ``accept``
+        takes (of the source's system, owned by this shard)."""
+        back = [r for k, r in self.parked.items() if k[0] == source and accept(r)]
         for record in back:
             key = (record.source, record.import_id)
             del self.parked[key]

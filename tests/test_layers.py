@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 LAYERS: list[tuple[str, ...]] = [
     # The vocabulary and tools everything may use.
     ("exporter", "exporter.model", "exporter.redact", "exporter.reads", "exporter.limits",
-     "exporter.hup", "exporter.logs", "exporter.simulator"),
+     "exporter.hup", "exporter.logs", "exporter.sharding", "exporter.simulator"),
     # The config's building blocks.
     ("exporter.config",),
     # One module per upstream API, then the list of them.
