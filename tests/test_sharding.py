@@ -20,6 +20,7 @@ from exporter.sharding import Shard, ordinal_of
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 from exporter.tracking import Refusal, TrackingError
 from tests.conftest import wait_until
+from tests.fakes import zilliant_source
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 ELEVATE_IDS = [f"bench-{i}" for i in range(60)]  # running for ever in the simulator
@@ -61,21 +62,7 @@ def config(url: str) -> Config:
                     "imports": [{"id": i} for i in ELEVATE_IDS],
                     **FAST,
                 },
-                {
-                    "name": "pricing",
-                    "type": "zilliant",
-                    "url": url,
-                    "forwarded_host": creds.forwarded_host,
-                    "salesforce": {
-                        "token_url": f"{url}/services/oauth2/token",
-                        "client_id": creds.client_id,
-                        "client_secret": creds.client_secret,
-                        "username": creds.username,
-                        "password": creds.password,
-                    },
-                    "imports": [{"id": ZILLIANT_ID}],
-                    **FAST,
-                },
+                zilliant_source(url, [ZILLIANT_ID], **FAST),
                 {
                     "name": "chat",
                     "type": "rocketchat",
