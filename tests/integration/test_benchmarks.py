@@ -32,7 +32,9 @@ def run_quick(script: str, out: Path) -> dict[str, object]:
     return data
 
 
-@pytest.mark.parametrize("script", ["polling.py", "scrape.py", "memory.py", "load.py", "abuse.py"])
+@pytest.mark.parametrize(
+    "script", ["polling.py", "scrape.py", "memory.py", "load.py", "abuse.py", "shards.py"]
+)
 def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> None:
     data = run_quick(script, tmp_path / "out.json")
     results = data["results"]
@@ -61,6 +63,11 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["scrapes_p50_ratio"] > 0
         assert row["registrations_p99_ratio"] > 0
         assert data["loop_hold"]["page_max_ms"] >= 0  # type: ignore[index]
+    elif script == "shards.py":
+        # Two shards together poll every import once, no more and no fewer.
+        assert [r["shards"] for r in results] == [1, 2]
+        assert results[0]["imports"] == row["imports"] == 200
+        assert row["polls_per_s"] > 0
     else:
         assert row["scrapes_served"] > 0
         assert row["failures"] >= 0
