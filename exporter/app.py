@@ -21,6 +21,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
+from exporter.exposition import ImportLines
 from exporter.logs import RateLimitedLog
 from exporter.metrics import StoreHealthCollector, build_registry
 from exporter.poller import Poller
@@ -105,7 +106,10 @@ class Exporter:
                 log.info("http2 in %s: aiohttp serves HTTP/1.1 only", web_config_file)
         self.state = StateStore()
         self.poller = Poller(self.state)
-        self.registry = build_registry(self.state)
+        # The per-import families are kept rendered (exporter.exposition);
+        # the registry has the per-source and per-process ones.
+        self.import_lines = ImportLines(self.state)
+        self.registry = build_registry(self.state, imports=False)
         if self.store is not None:
             self.registry.register(StoreHealthCollector(self.store.health))
         self.web_app = create_web_app(
@@ -116,6 +120,7 @@ class Exporter:
             tracker=self,
             store_failing=self._store_failing,
             max_requests=max_requests,
+            import_lines=self.import_lines,
         )
         self.header_timeout = header_timeout
         self._session: aiohttp.ClientSession | None = None

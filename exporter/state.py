@@ -151,6 +151,9 @@ class StateStore:
         self._changed: set[ImportKey] = set()
         self._touched: set[ImportKey] = set()
         self._forgotten: set[ImportKey] = set()
+        self._unrendered: set[ImportKey] = set()
+        """Imports whose exported lines may differ from the last render (changed,
+        polled, added or gone), for :mod:`exporter.exposition`."""
         self.last_reload_successful = True
         self.last_reload_success_at: float | None = None
 
@@ -196,14 +199,17 @@ class StateStore:
             )
             self.imports[key] = record
             self._changed.add(key)
+            self._unrendered.add(key)
         else:
             if name is not None and name != record.name:
                 record.name = name
                 self._changed.add(key)
+                self._unrendered.add(key)
             if origin == "config" and record.origin != "config":
                 # Listed in the config now: the file owns it from here on.
                 record.origin = "config"
                 self._changed.add(key)
+                self._unrendered.add(key)
         return record
 
     def untrack(self, source: str, import_id: str) -> None:
@@ -215,12 +221,14 @@ class StateStore:
             self._changed.discard(key)
             self._touched.discard(key)
             self._forgotten.add(key)
+            self._unrendered.add(key)
 
     def restore(self, records: list[ImportRecord]) -> None:
         """Put back what a previous run knew (before its sources are applied)."""
         for record in records:
             key = (record.source, record.import_id)
             (self.imports if record.parked_at is None else self.parked)[key] = record
+            self._unrendered.add(key)
             # A row of schema 1 has no count of failures in a row; an error
             # newer than the last answer still means the import could not be read.
             error_at = record.last_error_at
@@ -343,6 +351,7 @@ class StateStore:
             self._changed.add((source, import_id))
         else:
             self._touched.add((source, import_id))
+        self._unrendered.add((source, import_id))
         return record
 
     def record_error(self, source: str, import_id: str, error: SourceError) -> None:
@@ -394,8 +403,17 @@ class StateStore:
         record.last_error_at = now
         record.last_attempt = now
         (self._changed if news else self._touched).add(key)
+        self._unrendered.add(key)
 
     # --- readers' helpers ---------------------------------------------------
+
+    def take_unrendered(self) -> set[ImportKey]:
+        """The imports added, changed, polled or gone since the last call (O(1):
+        the set is handed over, not copied). Call it on the event loop, where
+        the records change, so no change falls between two takes."""
+        keys = self._unrendered
+        self._unrendered = set()
+        return keys
 
     def ready(self) -> bool:
         """Every tracked import has been polled by this process (or is finished
@@ -442,6 +460,7 @@ class StateStore:
             record.parked_at = None
             self.imports[key] = record
             self._changed.add(key)
+            self._unrendered.add(key)
         return back
 
     def expired_parked(self, retention: float) -> list[ImportRecord]:

@@ -15,9 +15,10 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import CollectorRegistry
 
 from exporter.api import add_api_routes, bearer_passes
+from exporter.exposition import ImportLines, gzip_body, render_metrics
 from exporter.pages import parse_refresh, parse_show, prepare_status_page
 from exporter.reads import BulkReads
 from exporter.state import StateStore
@@ -36,11 +37,13 @@ def create_web_app(
     tracker: ImportTracker | None = None,
     store_failing: Callable[[], str | None] | None = None,
     max_requests: int = 0,
+    import_lines: ImportLines | None = None,
 ) -> web.Application:
     """``store_failing`` says why the last write of the store failed (None: it
     succeeded); while it fails the exporter is not ready. ``max_requests`` > 0:
     requests served at once, beyond which 503 (the health endpoints are exempt,
-    so an orchestrator does not kill a busy exporter)."""
+    so an orchestrator does not kill a busy exporter). ``import_lines``: the
+    per-import families of ``/metrics`` (see :mod:`exporter.exposition`)."""
     middlewares = [request_cap(max_requests)] if max_requests > 0 else []
     if web_config is not None:
         middlewares += security_middlewares(web_config, bypass=bearer_passes(tracker))
@@ -91,7 +94,7 @@ def create_web_app(
             return web.json_response({"status": "rejected", "errors": errors}, status=400)
         return web.json_response({"status": "reloaded"})
 
-    app.router.add_get("/metrics", metrics_handler(registry))
+    app.router.add_get("/metrics", metrics_handler(registry, import_lines))
     app.router.add_post("/-/reload", reload_config)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
@@ -155,38 +158,61 @@ def cross_site_refusal(request: web.Request) -> str | None:
     return None
 
 
-def metrics_handler(registry: CollectorRegistry) -> Handler:
+def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = None) -> Handler:
     """``/metrics`` like ``prometheus_client.aiohttp.make_aiohttp_handler``
-    (the same encoders, content negotiation, ``name[]`` filter and gzip), but
-    rendered in a worker thread: at 10,000 imports a render takes over a
-    second, and on the event loop it would stall every poll for that long.
-    Scrapes that arrive while a render of the same kind is running share it.
+    (the same encoders, content negotiation and ``name[]`` filter), with the
+    per-import families from ``imports`` (kept rendered), rendered and
+    gzipped in a worker thread so polls never wait on a scrape. Scrapes that
+    arrive while a render of the same kind is running share it, gzip included.
     """
-    in_flight: dict[tuple[str, tuple[str, ...]], asyncio.Future[bytes]] = {}
+    in_flight: dict[tuple[str, tuple[str, ...], bool], asyncio.Future[bytes]] = {}
 
     async def handler(request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
         names = tuple(request.query.getall("name[]", []))
-        key = (content_type, names)
+        gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+        key = (content_type, names, gzipped)
         future = in_flight.get(key)
         if future is None:
-            target = registry.restricted_registry(list(names)) if names else registry
-            future = asyncio.get_running_loop().run_in_executor(None, _render, encoder, target)
+            if imports is not None:
+                imports.take_changes()  # on the loop, where the records change
+
+            def render() -> bytes:
+                body = render_metrics(registry, encoder, content_type, imports, names)
+                return gzip_body(body) if gzipped else body
+
+            future = asyncio.get_running_loop().run_in_executor(None, _render, render)
             in_flight[key] = future
             future.add_done_callback(lambda _: in_flight.pop(key, None))
         body = await asyncio.shield(future)
-        response = web.Response(body=body, headers={"Content-Type": content_type})
-        response.enable_compression()
-        return response
+        headers = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
 
     return handler
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """``Accept-Encoding`` allows gzip (named, or ``*``, without ``q=0``)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() in ("gzip", "*"):
+            q = params.strip().lower()
+            if q.startswith("q="):
+                try:
+                    return float(q[2:]) > 0
+                except ValueError:
+                    return False
+            return True
+    return False
 
 
 _gc_lock = threading.Lock()
 _renders = 0
 
 
-def _render(encoder: Callable[[Collector], bytes], target: Collector) -> bytes:
+def _render(render: Callable[[], bytes]) -> bytes:
     """Encode with the cyclic garbage collector paused.
 
     A render allocates hundreds of thousands of short-lived objects (freed by
@@ -200,7 +226,7 @@ def _render(encoder: Callable[[Collector], bytes], target: Collector) -> bytes:
         if _renders == 1:
             gc.disable()
     try:
-        return encoder(target)
+        return render()
     finally:
         with _gc_lock:
             _renders -= 1
