@@ -77,15 +77,18 @@ def render_import(record: ImportRecord) -> tuple[tuple[bytes, ...], bytes, float
     """One import's lines of each per-import family (in :data:`FAMILY_NAMES`
     order; empty where it has none), the start of its duration line, and the
     start time when that line moves with time (a running import)."""
-    labels = f'source="{escape(record.source)}",import="{escape(record.import_id)}"'
+    # Labels sorted by name, as prometheus_client writes them: byte for byte
+    # the same lines as the reference collector's.
+    source = escape(record.source)
+    labels = f'import="{escape(record.import_id)}",source="{source}"'
     obs = record.observation
     current = obs.state.value if obs is not None else PENDING
     state = _STATE_SUFFIXES[current].replace("{LABELS}", "import_state{" + labels)
     info = (
-        f'import_info{{{labels},system="{escape(record.system)}",'
-        f'upstream_state="{escape(obs.upstream_state) if obs is not None else ""}",'
-        f'name="{escape(record.name or "")}",'
-        f'origin="{"config" if record.origin == "config" else "api"}"}} 1.0\n'
+        f'import_info{{import="{escape(record.import_id)}",name="{escape(record.name or "")}",'
+        f'origin="{"config" if record.origin == "config" else "api"}",source="{source}",'
+        f'system="{escape(record.system)}",'
+        f'upstream_state="{escape(obs.upstream_state) if obs is not None else ""}"}} 1.0\n'
     )
     duration_prefix = f"import_duration_seconds{{{labels}}} ".encode()
     running_since = None
