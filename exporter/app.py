@@ -47,6 +47,9 @@ RENDER_SWITCH_INTERVAL = 0.001
 PERSIST_INTERVAL = 1.0
 """Seconds between writes of what polls learnt (registrations are written at once)."""
 POLL_TIMES_EVERY = 30
+WRITE_CHUNK = 2000
+"""Rows per transaction of a periodic write: a registration waits behind one
+chunk at most (a few ms), not a write of every import."""
 """Write imports whose only news is a newer poll time every this many writes."""
 SHUTDOWN_TIMEOUT = 5.0
 DEFAULT_MAX_REQUESTS = 40
@@ -437,26 +440,53 @@ class Exporter:
     # --- persistence and retention -----------------------------------------
 
     async def _write_changes(
-        self,
-        *,
-        with_poll_times: bool = False,
-        rows: Sequence[Row] = (),
-        deleted: Sequence[ImportKey] = (),
+        self, *, rows: Sequence[Row] = (), deleted: Sequence[ImportKey] = ()
     ) -> None:
-        """Write what changed since the last write, and a request's ``rows`` and
-        ``deleted`` keys (not yet applied in memory), in one transaction; on
-        failure keep what was pending for the next write."""
-        changed, forgotten = self.state.take_changes(with_poll_times=with_poll_times)
-        if self.store is None or not (changed or forgotten or rows or deleted):
+        """Write a request's ``rows`` and ``deleted`` keys (not yet applied in
+        memory), in one transaction, under the write lock held by the caller.
+        Only those: what polls learnt is :meth:`_write_pending`'s, so a
+        registration never waits behind a bulk write of every import."""
+        if self.store is None or not (rows or deleted):
             return
-        gone = set(deleted)
-        # A snapshot, taken on the loop; the request's rows last, so they win.
-        pending = [to_row(r) for r in changed if (r.source, r.import_id) not in gone]
-        try:
-            await asyncio.to_thread(self.store.write, [*pending, *rows], [*forgotten, *deleted])
-        except StoreError:
-            self.state.requeue(changed, forgotten)
-            raise
+        await asyncio.to_thread(self.store.write, rows, deleted)
+
+    async def _write_pending(self, *, with_poll_times: bool = False) -> None:
+        """Write what changed since the last write (with ``with_poll_times``
+        also the imports whose only news is a newer poll time) in transactions
+        of at most :data:`WRITE_CHUNK` rows, each under the write lock, so a
+        registration waits for one chunk at most. Each chunk's rows are built
+        on the event loop (each a consistent snapshot of its record) from the
+        changed records only; on failure what is left is kept for the next."""
+        if self.store is None:
+            return
+        changed: list[ImportRecord] = []
+        forgotten: list[ImportKey] = []
+        at = 0
+        while True:
+            async with self._write_lock:
+                if at == 0:
+                    # Taken under the lock: no registration lands between the
+                    # take and the first chunk's deletes.
+                    changed, forgotten = self.state.take_changes(with_poll_times=with_poll_times)
+                    if not (changed or forgotten):
+                        return
+                chunk = changed[at : at + WRITE_CHUNK]
+                deleted = forgotten if at == 0 else []
+                # An import forgotten (or registered anew) since the take is
+                # not written back from its old record.
+                rows = [to_row(record) for record in chunk if self._is_current(record)]
+                try:
+                    await asyncio.to_thread(self.store.write, rows, deleted)
+                except StoreError:
+                    self.state.requeue(changed[at:], deleted)
+                    raise
+            at += WRITE_CHUNK
+            if at >= len(changed):
+                return
+
+    def _is_current(self, record: ImportRecord) -> bool:
+        key = (record.source, record.import_id)
+        return self.state.imports.get(key) is record or self.state.parked.get(key) is record
 
     async def _persist_loop(self) -> None:
         for tick in itertools.count(1):
@@ -481,11 +511,11 @@ class Exporter:
                         record.import_id,
                         self.config.retention,
                     )
-                try:
-                    await self._write_changes(with_poll_times=tick % POLL_TIMES_EVERY == 0)
-                except StoreError as exc:
-                    # The store logged it when writes began to fail.
-                    log.debug("cannot store the state of the imports: %s", exc)
+            try:
+                await self._write_pending(with_poll_times=tick % POLL_TIMES_EVERY == 0)
+            except StoreError as exc:
+                # The store logged it when writes began to fail.
+                log.debug("cannot store the state of the imports: %s", exc)
             if self.store is not None:
                 # A stat, but behind the store's lock, which a write may hold.
                 await asyncio.to_thread(self.store.verify)
@@ -510,11 +540,10 @@ class Exporter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._persist_task
         if self.store is not None:
-            async with self._write_lock:
-                try:
-                    await self._write_changes(with_poll_times=True)
-                except StoreError as exc:
-                    log.error("cannot store the state of the imports: %s", exc)
+            try:
+                await self._write_pending(with_poll_times=True)
+            except StoreError as exc:
+                log.error("cannot store the state of the imports: %s", exc)
             self.store.close()
         if self._session is not None:
             await self._session.close()

@@ -1,0 +1,106 @@
+"""What lets one process hold 100,000 imports: batch writes of the store in
+one statement and in chunks a registration does not wait behind, and the
+long-lived objects out of the cyclic collector's way. (Their speed is shown
+by bench/scale.py, not timed here.)"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from exporter import app as app_module
+from exporter.app import Exporter
+from exporter.config import load_config
+from exporter.model import ErrorReason, Observation, SourceError, State
+from exporter.state import ImportRecord, StateStore
+from exporter.store import Row, Store, to_row
+from tests.fakes import wait_for
+from tests.test_persistence import ServerFactory, simulator_server, write_config
+
+ODD = ['a"b', "back\\slash", "new\nline", "ünïcödé ✓", "emoji 🙂", "", "null", "[1]"]
+
+
+def odd_records(count: int) -> list[ImportRecord]:
+    rng = random.Random(7)
+    clock = [1_700_000_000.0]
+    state = StateStore(clock=lambda: clock[0])
+    state.add_source("s", "elevate", 30.0)
+    for n in range(count):
+        import_id = f"{n}-{rng.choice(ODD)}"
+        state.track(
+            "s", import_id, name=rng.choice([None, *ODD]), origin=rng.choice(["config", "api"])
+        )
+        clock[0] += rng.uniform(0, 1000) + rng.random() / 3
+        if rng.random() < 0.7:
+            state.record_observation(
+                "s",
+                import_id,
+                Observation(
+                    rng.choice(list(State)),
+                    rng.choice(ODD),
+                    items_completed=rng.choice([None, 0, 2**53 + 1]),
+                    started_at=rng.choice([None, clock[0] - 1 / 3]),
+                ),
+            )
+        if rng.random() < 0.3:
+            state.record_error("s", import_id, SourceError(ErrorReason.TIMEOUT, rng.choice(ODD)))
+    return list(state.imports.values())
+
+
+def stored(store: Store) -> set[Row]:
+    return {to_row(record) for record in store.load()}
+
+
+def test_a_batch_write_keeps_every_value_exactly(tmp_path: Path) -> None:
+    """Rows go to SQLite as one JSON array: strings, big integers and floats
+    come back as they were written, None as None."""
+    records = odd_records(3000)
+    store = Store(tmp_path / "state.db")
+    try:
+        store.write([to_row(record) for record in records])
+        assert stored(store) == {to_row(record) for record in records}
+        gone = [(r.source, r.import_id) for r in records[::3]]
+        changed = [to_row(r) for r in records[1::3]]  # written again, unchanged
+        store.write(changed, gone)
+        assert stored(store) == {to_row(r) for r in records if (r.source, r.import_id) not in gone}
+        store.write([], [])  # nothing: no statement, no error
+    finally:
+        store.close()
+
+
+async def test_periodic_writes_come_in_chunks_and_registrations_write_their_own_row(
+    aiohttp_server: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    simulator: TestServer = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    monkeypatch.setattr(app_module, "WRITE_CHUNK", 2)
+    exporter = Exporter(load_config(config_file), "127.0.0.1:0", storage_path=str(tmp_path / "db"))
+    await exporter.start()
+    assert exporter.store is not None and exporter._persist_task is not None
+    exporter._persist_task.cancel()  # the test decides when the periodic write runs
+    writes: list[int] = []
+    original = exporter.store.write
+
+    def spy(rows: list[Row], deleted: list[tuple[str, str]] = []) -> None:  # noqa: B006
+        writes.append(len(rows))
+        original(rows, deleted)
+
+    monkeypatch.setattr(exporter.store, "write", spy)
+    try:
+        for n in range(5):
+            await exporter.register("elevate", f"20{n}", None)
+        assert writes == [1] * 5  # each registration: its own row, nothing pending
+        for n in range(5):
+            await wait_for(
+                lambda n=n: exporter.state.imports[("elevate", f"20{n}")].observation is not None
+            )
+        writes.clear()
+        await exporter._write_pending(with_poll_times=True)
+        assert writes and max(writes) <= 2 and sum(writes) >= 5
+        stored_ids = {record.import_id for record in exporter.store.load()}
+        assert {f"20{n}" for n in range(5)} <= stored_ids
+    finally:
+        await exporter.stop()
