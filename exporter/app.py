@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import itertools
 import logging
 import os
@@ -72,6 +73,21 @@ def parse_listen_address(address: str) -> tuple[str | None, int]:
 
 
 ConfigLoader = Callable[[], Config]
+
+
+def freeze_long_lived(*, collect: bool = True) -> None:
+    """Move every object alive now (the config, the records, the sources'
+    prepared requests, the modules) out of the cyclic collector's sight, so
+    no collection walks them again: with 100,000 imports a full collection
+    walked millions of objects with the GIL held. They are still freed by
+    reference counting when dropped (the state's objects form no cycles).
+
+    ``collect`` first (after a reload: it walks only what is not frozen yet);
+    at start-up it would walk everything once, on the event loop, for the
+    little cyclic garbage a start-up leaves, which then stays."""
+    if collect:
+        gc.collect()
+    gc.freeze()
 
 
 class ListenError(Exception):
@@ -182,6 +198,7 @@ class Exporter:
             raise ListenError(f"cannot listen on {self.listen_address}: {cause}") from None
         if self.port == 0:
             self.port = self.bound_port()
+        freeze_long_lived(collect=False)
         log.info(
             "listening on %s:%s, watching %d imports from %d sources",
             self.host or "*",
@@ -298,6 +315,7 @@ class Exporter:
             async with self._write_lock:
                 await self._apply(config, previous=self.config)
             self.state.record_reload(success=True)
+            freeze_long_lived()
             log.info("config reloaded: %d sources", len(config.sources))
             return []
 

@@ -5,6 +5,7 @@ by bench/scale.py, not timed here.)"""
 
 from __future__ import annotations
 
+import gc
 import random
 from pathlib import Path
 
@@ -102,5 +103,25 @@ async def test_periodic_writes_come_in_chunks_and_registrations_write_their_own_
         assert writes and max(writes) <= 2 and sum(writes) >= 5
         stored_ids = {record.import_id for record in exporter.store.load()}
         assert {f"20{n}" for n in range(5)} <= stored_ids
+    finally:
+        await exporter.stop()
+
+
+async def test_long_lived_objects_are_frozen_after_start_and_reload(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    exporter = Exporter(
+        load_config(config_file), "127.0.0.1:0", config_loader=lambda: load_config(config_file)
+    )
+    gc.unfreeze()  # earlier tests in this process may have frozen theirs
+    await exporter.start()
+    try:
+        after_start = gc.get_freeze_count()
+        assert after_start > 0
+        gc.unfreeze()
+        assert await exporter.reload() == []
+        assert gc.get_freeze_count() > 0
     finally:
         await exporter.stop()
