@@ -21,11 +21,16 @@ OpenMetrics body keeps its one ``# EOF`` at the end).
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from operator import itemgetter
+from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter, sub
 from typing import cast
 
 from prometheus_client import utils
@@ -139,11 +144,32 @@ class _Families(Collector):
         return self.families
 
 
+RENDER_SLICE = 200
+"""Imports rendered on the event loop between two yields to it (about 2 ms)."""
+
+
+@dataclass(slots=True)
+class _Update:
+    """Imports rendered again on the loop, for the next render to apply."""
+
+    lines: dict[ImportKey, tuple[bytes, ...]] = field(default_factory=dict)
+    running: dict[ImportKey, tuple[bytes, float]] = field(default_factory=dict)
+    gone: list[ImportKey] = field(default_factory=list)
+    """Imports no longer tracked."""
+    stopped: list[ImportKey] = field(default_factory=list)
+    """Imports whose duration no longer moves with time."""
+
+
 class ImportLines:
     """The per-import families of ``/metrics``, each import's lines kept as bytes.
 
-    :meth:`take_changes` runs on the event loop; :meth:`render` in any thread
-    (renders of several formats may run at once: they take turns on a lock).
+    :meth:`refresh` renders the imports changed since the last one, on the
+    event loop (where the records change, so each is a consistent snapshot),
+    a slice at a time; :meth:`render` joins, in a worker thread, with C-level
+    joins only: a thread running Python code would take the GIL from the
+    event loop at every switch interval, and the loop's every wake-up would
+    queue behind it. This object must be the only one taking the state's
+    unrendered imports.
     """
 
     def __init__(self, state: StateStore) -> None:
@@ -151,22 +177,47 @@ class ImportLines:
         self._lines: dict[ImportKey, tuple[bytes, ...]] = {}
         self._running: dict[ImportKey, tuple[bytes, float]] = {}
         """Running imports' duration line start and start time (rendered at scrape)."""
-        self._pending: deque[set[ImportKey]] = deque()
+        self._pending: deque[_Update] = deque()
         self._headers: dict[str, tuple[bytes, ...]] = {}
         self._lock = threading.Lock()
+        self._refreshing: asyncio.Lock | None = None
+
+    async def refresh(self) -> None:
+        """Render again the imports changed since the last refresh, for the
+        next :meth:`render`. On the event loop: O(changed), in slices."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        async with self._refreshing:  # one at a time: the newest render wins
+            keys = list(self.state.take_unrendered())
+            for at in range(0, len(keys), RENDER_SLICE):
+                if at:
+                    await asyncio.sleep(0)
+                self._pending.append(self._render_keys(keys[at : at + RENDER_SLICE]))
 
     def take_changes(self) -> None:
-        """Hand the imports changed since the last call to the next render.
-        On the event loop, where the records change: O(1)."""
-        keys = self.state.take_unrendered()
-        if keys:
-            self._pending.append(keys)
+        """:meth:`refresh` at once, in one piece (tests, benchmarks)."""
+        self._pending.append(self._render_keys(list(self.state.take_unrendered())))
+
+    def _render_keys(self, keys: list[ImportKey]) -> _Update:
+        update = _Update()
+        imports = self.state.imports
+        for key in keys:
+            record = imports.get(key)
+            if record is None:
+                update.gone.append(key)
+                continue
+            update.lines[key], prefix, since = render_import(record)
+            if since is None:
+                update.stopped.append(key)
+            else:
+                update.running[key] = (prefix, since)
+        return update
 
     def render(
         self, encoder: Encoder, content_type: str, names: frozenset[str] | None = None
     ) -> list[bytes]:
         """The per-import families (only those in ``names`` if given), each its
-        ``# HELP``/``# TYPE`` and its lines, as parts to join."""
+        ``# HELP``/``# TYPE`` and its lines, as parts to join. Any thread."""
         with self._lock:
             self._apply_pending()
             headers = self._headers_of(encoder, content_type)
@@ -179,24 +230,20 @@ class ImportLines:
                 parts.append(headers[index])
                 parts.append(b"".join(map(itemgetter(index), values)))
                 if index == _DURATION and self._running:
-                    parts.append(_running_lines(self._running.values(), now))
+                    parts.append(_running_lines(self._running, now))
             return parts
 
     def _apply_pending(self) -> None:
-        imports = self.state.imports
         lines, running = self._lines, self._running
         while self._pending:
-            for key in self._pending.popleft():
-                record = imports.get(key)
-                if record is None:
-                    lines.pop(key, None)
-                    running.pop(key, None)
-                    continue
-                lines[key], prefix, since = render_import(record)
-                if since is None:
-                    running.pop(key, None)
-                else:
-                    running[key] = (prefix, since)
+            update = self._pending.popleft()
+            lines.update(update.lines)
+            running.update(update.running)
+            for key in update.gone:
+                lines.pop(key, None)
+                running.pop(key, None)
+            for key in update.stopped:
+                running.pop(key, None)
 
     def _headers_of(self, encoder: Encoder, content_type: str) -> tuple[bytes, ...]:
         headers = self._headers.get(content_type)
@@ -208,18 +255,18 @@ class ImportLines:
         return headers
 
 
-def _running_lines(running: Iterable[tuple[bytes, float]], now: float) -> bytes:
-    out = []
-    for prefix, since in running:
-        took = now - since
-        if took < 0.0:
-            took = 0.0
-        # repr is floatToGoString for values below 1e6 (Go switches to an
-        # exponent from 1e21, Python's repr from 1e16; floatToGoString from
-        # seven integer digits).
-        text = repr(took) if took < 1e6 else floatToGoString(took)
-        out.append(prefix + text.encode() + b"\n")
-    return b"".join(out)
+def _running_lines(running: dict[ImportKey, tuple[bytes, float]], now: float) -> bytes:
+    """The duration lines of running imports, at ``now``: C-level maps only."""
+    values = running.values()
+    took = list(map(max, map(sub, repeat(now), map(itemgetter(1), values)), repeat(0.0)))
+    if max(took) < 1e6:
+        # Below 1e6, repr is floatToGoString (which switches to an exponent
+        # from seven integer digits).
+        texts: Iterable[str] = map(repr, took)
+    else:
+        texts = map(floatToGoString, took)
+    lines = map(bytes.__add__, map(itemgetter(0), values), map(str.encode, texts))
+    return b"\n".join(lines) + b"\n"
 
 
 def _strip_eof(body: bytes) -> bytes:
@@ -249,3 +296,28 @@ def render_metrics(
 def gzip_body(body: bytes, level: int = GZIP_LEVEL) -> bytes:
     """``body`` gzipped (zlib releases the GIL while it compresses)."""
     return zlib.compress(body, level, wbits=31)
+
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MMAP_THRESHOLD = 256 * 1024
+
+
+def return_large_buffers_to_the_os() -> bool:
+    """glibc only (elsewhere a no-op, False): allocations of 256 KiB and more
+    (a body, its gzip, a family's join) always from ``mmap``, so freeing them
+    gives the memory back. Left alone, glibc raises that threshold to the
+    largest block freed so far, after which every scrape's tens of megabytes
+    come from the heaps of the threads that render and stay there,
+    fragmented: RSS per import after scrapes was three times what the state
+    needs. Two arenas at most, for the same reason (a heap per thread)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_ARENA_MAX, 2))

@@ -17,7 +17,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from exporter.exposition import FAMILY_NAMES, ImportLines, render_metrics
+from exporter.exposition import FAMILY_NAMES, RENDER_SLICE, ImportLines, render_metrics
 from exporter.metrics import build_registry
 from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.state import StateStore
@@ -212,3 +212,23 @@ def test_promtool_accepts_the_text_format(busy: ImportLines) -> None:
     body = ours(busy, TEXT).encode()
     result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+async def test_a_refresh_on_the_loop_in_slices_renders_every_change() -> None:
+    """What the handler does: more changes than one slice, refreshed on the
+    event loop (yielding between slices), then rendered."""
+    clock = Clock()
+    state = StateStore(clock=clock)
+    state.add_source("elevate", "elevate", 30.0)
+    lines = ImportLines(state)
+    for n in range(3 * RENDER_SLICE + 7):
+        state.track("elevate", f"{n}", name=f"import {n}")
+        state.record_observation("elevate", f"{n}", Observation(State.RUNNING, "IN_PROGRESS"))
+    await lines.refresh()
+    state.untrack("elevate", "3")
+    await lines.refresh()
+    encoder, content_type = choose_encoder(TEXT)
+    registry = build_registry(state, imports=False)
+    body = render_metrics(registry, encoder, content_type, lines).decode()
+    assert stable_lines(body) == stable_lines(reference(state, TEXT))
+    assert 'import="3"' not in body
