@@ -171,9 +171,7 @@ class StateCollector(Collector):
         if empty:
             yield from families
             return
-        counts: dict[str, int] = {}
-        for record in list(self.state.imports.values()):
-            counts[record.source] = counts.get(record.source, 0) + 1
+        counts = self.state.imports.per_source  # kept by the index: no walk of every import
         for source in list(self.state.sources.values()):
             labels = [source.name, source.system]
             up.add_metric(labels, 1.0 if source.up else 0.0)
