@@ -22,7 +22,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
-from exporter.exposition import ImportLines
+from exporter.exposition import ImportLines, return_large_buffers_to_the_os
 from exporter.logs import RateLimitedLog
 from exporter.metrics import StoreHealthCollector, build_registry
 from exporter.poller import Poller
@@ -155,6 +155,7 @@ class Exporter:
         # the event loop's many small I/O steps from queueing behind a render
         # for 5 ms each (the convoy effect).
         sys.setswitchinterval(RENDER_SWITCH_INTERVAL)
+        return_large_buffers_to_the_os()
         self._session = aiohttp.ClientSession(
             headers={"User-Agent": f"import-status-exporter/{__version__}"},
             # Concurrency is limited per source by each scheduler's workers.
