@@ -30,7 +30,9 @@ def run_quick(script: str, out: Path) -> dict[str, object]:
     return data
 
 
-@pytest.mark.parametrize("script", ["polling.py", "scrape.py", "memory.py", "load.py", "abuse.py"])
+@pytest.mark.parametrize(
+    "script", ["polling.py", "scrape.py", "memory.py", "load.py", "abuse.py", "scale.py"]
+)
 def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> None:
     data = run_quick(script, tmp_path / "out.json")
     results = data["results"]
@@ -41,8 +43,13 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["exporter_polls_per_s"] > 0 and row["baseline_polls_per_s"] > 0
         assert row["rate_ratio"] > 0 and row["cpu_ratio"] > 0
     elif script == "scrape.py":
-        assert row["text"]["ratio_p50"] > 0 and row["openmetrics"]["bytes"] > 0
+        assert row["text"]["reference_ratio"] > 0 and row["openmetrics"]["bytes"] > 0
+        assert row["floor_ratio"] > 0 and row["gzip1_bytes"] > 0
         assert row["live"]["max_loop_stall_s"] >= 0
+    elif script == "scale.py":
+        assert row["start_to_served_s"] > 0 and row["rss_per_import_bytes"] != 0
+        assert row["scraping"]["scrape_p99_s"] > 0 and row["polls_ratio"] >= 0
+        assert row["scraping"]["max_delay_s"] > 0
     elif script == "memory.py":
         assert row["rss_bytes"] > 0 and "bytes_per_import" in row
     elif script == "abuse.py":
