@@ -24,6 +24,9 @@ ERROR_TIMES_KEPT = 1000
 """Error times kept per source for the status page's recent count; bounded so
 a source failing every poll of 10,000 imports cannot grow memory."""
 
+SHARED_OBSERVATIONS = 4096
+"""Distinct answers without counts or times kept as shared objects, at most."""
+
 Clock = Callable[[], float]
 ImportKey = tuple[str, str]
 
@@ -154,6 +157,8 @@ class StateStore:
         self._unrendered: set[ImportKey] = set()
         """Imports whose exported lines may differ from the last render (changed,
         polled, added or gone), for :mod:`exporter.exposition`."""
+        self._observations: dict[Observation, Observation] = {}
+        """Answers without counts or times, one object each (see record_observation)."""
         self.last_reload_successful = True
         self.last_reload_success_at: float | None = None
 
@@ -306,6 +311,7 @@ class StateStore:
             # Untracked while the poll was in flight: the answer is dropped.
             return ImportRecord(source=source, import_id=import_id, system="", observation=obs)
         previous = record.observation
+        obs = self._shared_observation(obs, previous)
         was_final = record.confirmed_final
         if record.first_seen is None:
             record.first_seen = now
@@ -353,6 +359,28 @@ class StateStore:
             self._touched.add((source, import_id))
         self._unrendered.add((source, import_id))
         return record
+
+    def _shared_observation(self, obs: Observation, previous: Observation | None) -> Observation:
+        """The same answer again keeps the object kept so far; an answer
+        without counts or times (all of Elevate's) is one shared object per
+        distinct value. An observation holds an enum member, so the cyclic GC
+        tracks it: 100,000 fresh ones kept would make every full collection
+        walk them all (those kept since start-up are frozen, see app.py)."""
+        if previous is not None and previous == obs:
+            return previous
+        if (
+            obs.items_completed is None
+            and obs.items_expected is None
+            and obs.items_failed is None
+            and obs.started_at is None
+            and obs.ended_at is None
+        ):
+            shared = self._observations.get(obs)
+            if shared is not None:
+                return shared
+            if len(self._observations) < SHARED_OBSERVATIONS:
+                self._observations[obs] = obs
+        return obs
 
     def record_error(self, source: str, import_id: str, error: SourceError) -> None:
         """A poll of one import failed."""
