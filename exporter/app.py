@@ -175,6 +175,9 @@ class Exporter:
                 self._park(name)
         self.state.record_reload(success=True)
         self._persist_task = asyncio.create_task(self._persist_loop(), name="persist")
+        # Every import's lines rendered before listening (about 0.7 s at
+        # 100,000), so the first scrape serves the restored state at once.
+        self.import_lines.take_changes()
         loop = asyncio.get_running_loop()
         self._previous_exception_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._loop_exception)
@@ -200,6 +203,7 @@ class Exporter:
         if self.port == 0:
             self.port = self.bound_port()
         freeze_long_lived(collect=False)
+        gc.enable()  # the command line starts with it off (cli.run)
         log.info(
             "listening on %s:%s, watching %d imports from %d sources",
             self.host or "*",
