@@ -3,9 +3,10 @@
 The design of kube-state-metrics (``pkg/metrics_store``): per object, its
 lines of each metric family are kept as bytes, rendered again only when the
 object changes, and a scrape writes the stored bytes family by family. Here
-the state names the imports that changed (:meth:`StateStore.take_unrendered`,
-taken on the event loop at each scrape); the render, in a worker thread,
-renders those again and joins every family's bytes with one ``bytes.join``.
+the state names the imports that changed (:meth:`StateStore.take_unrendered`);
+a scrape renders those again on the event loop, a slice at a time
+(:meth:`ImportLines.refresh`), and a worker thread joins every family's bytes
+with C-level joins (:meth:`ImportLines.render`).
 
 What moves with time on its own, a running import's
 ``import_duration_seconds`` (now minus its start), is the one line rendered at
