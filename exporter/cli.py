@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -251,6 +252,11 @@ async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
 
             config = await stack.enter_async_context(start_demo_simulator(args.demo_speed))
         else:
+            # No cyclic GC until start-up is done (Exporter.start freezes what
+            # it built, then enables it): with 100,000 imports, collections
+            # walking the growing config and state again and again took
+            # seconds of the start-up.
+            gc.disable()
             config = load_config(args.config_file)
             storage_path = storage_path or config.storage_path() or DEFAULT_STORAGE_PATH
 

@@ -27,8 +27,8 @@ LAYERS: list[tuple[str, ...]] = [
     # What writes it and keeps it.
     ("exporter.poller", "exporter.storage", "exporter.tracking"),
     # Readers of the state (and persistence, which reads changes out of it).
-    ("exporter.persistence", "exporter.metrics", "exporter.pages", "exporter.api",
-     "exporter.webconfig", "exporter.web"),
+    ("exporter.persistence", "exporter.metrics", "exporter.exposition", "exporter.pages",
+     "exporter.api", "exporter.webconfig", "exporter.web"),
     ("exporter.registration",),
     # Wiring, and the programs on top.
     ("exporter.runtime", "exporter.demo", "exporter.client"),

@@ -10,7 +10,7 @@ still seen as a stall.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,7 +98,7 @@ class Storage(Protocol):
     def load(self) -> list[ImportRecord]:
         """Every stored import, parked ones included."""
 
-    def write(self, rows: Iterable[Row], deleted: Iterable[ImportKey] = ()) -> None:
+    def write(self, rows: Sequence[Row], deleted: Sequence[ImportKey] = ()) -> None:
         """Upsert ``rows`` and delete ``deleted`` in one transaction: durable
         when it returns."""
 
