@@ -410,7 +410,9 @@ async def test_errors_despite_a_200_and_throttling_holds_the_source(
 ) -> None:
     fake, url = upstream
     fake.body = {"errors": [{"message": "Throttled", "extensions": {"code": "THROTTLED"}}]}
-    source = build(settings_for(url, errors=GRAPHQL_ERRORS), session)
+    # The throttled answer has no data: error rules come before "not found".
+    settings = settings_for(url, errors=GRAPHQL_ERRORS, not_found={"when": "data.node == null"})
+    source = build(settings, session)
     with pytest.raises(SourceError) as caught:
         await source.poll("1")
     error = caught.value
@@ -424,8 +426,10 @@ async def test_errors_despite_a_200_and_throttling_holds_the_source(
     with pytest.raises(SourceError) as caught:
         await source.poll("1")
     assert (caught.value.reason, caught.value.source_wide) == (ErrorReason.CLIENT_ERROR, False)
-    fake.body = {"status": "DONE", "errors": []}  # an empty list is no error
+    fake.body = {"data": {"node": {}}, "status": "DONE", "errors": []}  # [] is no error
     assert (await source.poll("1")).state is State.SUCCEEDED
+    fake.body = {"data": {"node": None}}
+    assert (await source.poll("1")).state is State.NOT_FOUND
 
 
 @pytest.mark.parametrize(

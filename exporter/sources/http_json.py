@@ -235,6 +235,8 @@ class HttpJsonConfig(WithImports):
 
 # --- the wire format ---------------------------------------------------------------
 
+NOT_FOUND = Observation(state=State.NOT_FOUND, upstream_state="NOT_FOUND")
+
 EPOCH_MS_ABOVE = 1e11
 """An epoch number above this is milliseconds (1e11 s is the year 5138)."""
 
@@ -351,25 +353,31 @@ class Extractor:
         ]
 
     def parse(self, response: HttpResponse) -> Observation:
-        """Turn one answer into an observation (or raise SourceError)."""
-        if self.has_not_found and self._is_not_found(response):
-            return Observation(state=State.NOT_FOUND, upstream_state="NOT_FOUND")
+        """Turn one answer into an observation (or raise SourceError).
+
+        A 200 is checked for error answers first (a throttled GraphQL answer
+        has no data either), then for a configured "not found"."""
         if response.status != 200:
+            if self.has_not_found and self._is_not_found(response, None):
+                return NOT_FOUND
             raise self._status_error(response)
         body = parse_json(response.body)
         for rule in self.errors:
             self._check_error_rule(body, *rule, response)
+        if self.has_not_found and self._is_not_found(response, body):
+            return NOT_FOUND
         return self._observation(body)
 
-    def _is_not_found(self, response: HttpResponse) -> bool:
+    def _is_not_found(self, response: HttpResponse, body: Any) -> bool:
         if self.not_found_status and response.status not in self.not_found_status:
             return False
         if self.not_found_when is None:
-            return True
-        try:
-            body = parse_json(response.body)
-        except ParseError:
-            return False  # a proxy's page says nothing about the import
+            return True  # a rule of statuses only, and this is one of them
+        if body is None:
+            try:
+                body = parse_json(response.body)
+            except ParseError:
+                return False  # a proxy's page says nothing about the import
         try:
             return truthy(self.not_found_when.search(body))
         except jmespath.exceptions.JMESPathError:
