@@ -167,6 +167,9 @@ class AuthConfig(SecretHolder):
 
 class ExtractConfig(StrictModel):
     state: Expression
+    id: Expression | None = None
+    """The id the answer is about: when it is there and not the polled id
+    (a string, or an integer compared as its digits), the answer is invalid."""
     reason: Expression | None = None
     step: Expression | None = None
     completed: Expression | None = None
@@ -328,6 +331,7 @@ class Extractor:
         self.what = config.system
         extract = config.extract
         self.state = jmespath.compile(extract.state)
+        self.id = jmespath.compile(extract.id) if extract.id else None
         self.time_format = extract.time_format
         # The optional fields, compiled, in the Observation's order.
         self.fields: list[tuple[str, ParsedResult]] = [
@@ -352,8 +356,9 @@ class Extractor:
             for rule in config.errors
         ]
 
-    def parse(self, response: HttpResponse) -> Observation:
-        """Turn one answer into an observation (or raise SourceError).
+    def parse(self, response: HttpResponse, import_id: str | None = None) -> Observation:
+        """Turn one answer about ``import_id`` into an observation (or raise
+        SourceError); without ``import_id`` the answer's id is not checked.
 
         A 200 is checked for error answers first (a throttled GraphQL answer
         has no data either), then for a configured "not found"."""
@@ -366,7 +371,21 @@ class Extractor:
             self._check_error_rule(body, *rule, response)
         if self.has_not_found and self._is_not_found(response, body):
             return NOT_FOUND
+        if self.id is not None and import_id is not None:
+            self._check_id(body, import_id)
         return self._observation(body)
+
+    def _check_id(self, body: Any, import_id: str) -> None:
+        assert self.id is not None
+        answered = search(self.id, body, f"{self.what} extract.id")
+        if answered is None:
+            return
+        if isinstance(answered, bool) or not isinstance(answered, str | int):
+            raise ParseError(f"{self.what}: extract.id is neither a string nor an integer")
+        if str(answered) != import_id:
+            raise ParseError(
+                f"{self.what}: answer is about import {upstream_text(str(answered), 40)!r}"
+            )
 
     def _is_not_found(self, response: HttpResponse, body: Any) -> bool:
         if self.not_found_status and response.status not in self.not_found_status:
@@ -658,7 +677,7 @@ class HttpJsonSource(Source[HttpJsonConfig]):
         url = self.import_url(import_id)
         if self.tokens is None:
             response = await self._send(url, import_id, None)
-            return self.extractor.parse(response)
+            return self.extractor.parse(response, import_id)
         token = self.tokens.current() or await self.tokens.get(None)
         response = await self._send(url, import_id, token)
         if response.status == 401:
@@ -669,7 +688,7 @@ class HttpJsonSource(Source[HttpJsonConfig]):
             response = await self._send(url, import_id, token)
             if response.status == 401:
                 self.tokens.forget(token)
-        return self.extractor.parse(response)
+        return self.extractor.parse(response, import_id)
 
     async def _send(self, url: URL, import_id: str, token: str | None) -> HttpResponse:
         return await self.request(
