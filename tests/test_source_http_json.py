@@ -338,6 +338,7 @@ def test_times_in_every_format(value: Any, time_format: str, expected: float | N
         ({"state": "s", "completed": "n"}, {"s": "DONE", "n": True}),
         ({"state": "s"}, {"other": "DONE"}),
         ({"state": "length(s)"}, {"s": 5}),  # a function on the wrong type
+        ({"state": "s", "reason": "r < `3`"}, {"s": "DONE", "r": ""}),  # jmespath's TypeError
     ],
 )
 def test_values_that_make_no_sense_are_invalid_responses(

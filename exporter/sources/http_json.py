@@ -30,7 +30,7 @@ import aiohttp
 import jmespath
 import jmespath.exceptions
 from jmespath.parser import ParsedResult
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 from yarl import URL
@@ -49,6 +49,7 @@ from exporter.sources.base import (
     upstream_text,
     wait_seconds,
 )
+from exporter.sources.expressions import Search, compile_search, is_false
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +249,21 @@ _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 def truthy(value: Any) -> bool:
     """JMESPath's truth: null, false, "" and empty lists and objects are false."""
-    return value is not None and value is not False and value != "" and value != [] and value != {}
+    return not is_false(value)
 
 
-def search(expression: ParsedResult, data: Any, what: str) -> Any:
+SEARCH_ERRORS = (jmespath.exceptions.JMESPathError, TypeError, ValueError, RecursionError)
+"""What a search can raise: jmespath.py's errors, and a TypeError of its own
+where it orders a string against a number (``a < `3``` on ``{"a": ""}``)."""
+
+
+def search(expression: Search, data: Any, what: str) -> Any:
     try:
-        return expression.search(data)
+        return expression(data)
     except jmespath.exceptions.JMESPathError as exc:
         raise ParseError(f"{what}: {_describe_jmespath_error(exc)}") from exc
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ParseError(f"{what}: the expression cannot be applied to this answer") from exc
 
 
 def to_count(value: Any, what: str) -> int | None:
@@ -330,12 +338,12 @@ class Extractor:
     def __init__(self, config: HttpJsonConfig) -> None:
         self.what = config.system
         extract = config.extract
-        self.state = jmespath.compile(extract.state)
-        self.id = jmespath.compile(extract.id) if extract.id else None
+        self.state = compile_search(extract.state)
+        self.id = compile_search(extract.id) if extract.id else None
         self.time_format = extract.time_format
         # The optional fields, compiled, in the Observation's order.
-        self.fields: list[tuple[str, ParsedResult]] = [
-            (name, jmespath.compile(expression))
+        self.fields: list[tuple[str, Search]] = [
+            (name, compile_search(expression))
             for name in ("reason", "step", "completed", "expected", "failed", "started", "ended")
             if (expression := getattr(extract, name)) is not None
         ]
@@ -343,15 +351,15 @@ class Extractor:
         not_found = config.not_found
         self.not_found_status = frozenset(not_found.status if not_found else ())
         self.not_found_when = (
-            jmespath.compile(not_found.when) if not_found and not_found.when else None
+            compile_search(not_found.when) if not_found and not_found.when else None
         )
         self.has_not_found = not_found is not None
         self.errors = [
             (
-                jmespath.compile(rule.when),
+                compile_search(rule.when),
                 rule,
-                jmespath.compile(rule.message) if rule.message else None,
-                jmespath.compile(rule.retry_after) if rule.retry_after else None,
+                compile_search(rule.message) if rule.message else None,
+                compile_search(rule.retry_after) if rule.retry_after else None,
             )
             for rule in config.errors
         ]
@@ -398,8 +406,8 @@ class Extractor:
             except ParseError:
                 return False  # a proxy's page says nothing about the import
         try:
-            return truthy(self.not_found_when.search(body))
-        except jmespath.exceptions.JMESPathError:
+            return truthy(self.not_found_when(body))
+        except SEARCH_ERRORS:
             return False
 
     def _status_error(self, response: HttpResponse) -> SourceError:
@@ -417,10 +425,10 @@ class Extractor:
     def _check_error_rule(
         self,
         body: Any,
-        when: ParsedResult,
+        when: Search,
         rule: ErrorRule,
-        message: ParsedResult | None,
-        retry_after: ParsedResult | None,
+        message: Search | None,
+        retry_after: Search | None,
         response: HttpResponse,
     ) -> None:
         if not truthy(search(when, body, f"{self.what} errors")):
@@ -632,7 +640,9 @@ class HttpJsonSource(Source[HttpJsonConfig]):
             headers.setdefault("Content-Type", "application/json")
             # Serialized once; the id goes between the parts, JSON-escaped.
             self.body_parts = json.dumps(request.body, separators=(",", ":")).split(ID_PLACEHOLDER)
-        self.headers: Mapping[str, str] = CIMultiDictProxy(headers)
+        # A plain dict (the names already merged without regard to case):
+        # aiohttp copies a dict faster than a multidict, once a poll.
+        self.headers: Mapping[str, str] = dict(headers)
         self.header_has_id = any(ID_PLACEHOLDER in value for value in self.headers.values())
         self.tokens = (
             TokenFetcher(self, config.auth)
