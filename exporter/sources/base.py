@@ -223,6 +223,10 @@ class Source(ABC, Generic[ConfigT]):
     fetches_tokens: bool = False
     """True where the source calls a token endpoint of its own (counted by outcome)."""
 
+    discovery_interval: float | None = None
+    """Seconds between two calls of :meth:`discover`; None: the source finds
+    no imports itself (they are configured or registered)."""
+
     def __init__(
         self, config: ConfigT, session: aiohttp.ClientSession, hooks: SourceHooks | None = None
     ) -> None:
@@ -256,6 +260,11 @@ class Source(ABC, Generic[ConfigT]):
     @abstractmethod
     async def poll(self, import_id: str) -> Observation:
         """Ask the upstream about one import. Raises :class:`SourceError`."""
+
+    async def discover(self) -> list[ImportSpec]:
+        """The imports the upstream lists now, for sources with a
+        ``discovery_interval``. Raises :class:`SourceError`."""
+        return []
 
     async def request(
         self,

@@ -35,12 +35,14 @@ from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 from yarl import URL
 
-from exporter.config import HttpUrl, SecretHolder, StrictModel, WithImports
+from exporter.config import Duration, HttpUrl, SecretHolder, StrictModel, WithImports
+from exporter.config.base import IMPORT_ID_PATTERN
 from exporter.logs import context
 from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
 from exporter.redact import register_secret
 from exporter.sources.base import (
     HttpResponse,
+    ImportSpec,
     Source,
     SourceHooks,
     error_for_status,
@@ -203,6 +205,26 @@ class ErrorRule(StrictModel):
     """Hold the whole source; by default for rate_limited and unauthorized."""
 
 
+class DiscoveryConfig(StrictModel):
+    """How a source lists its recent jobs, so none has to be registered by
+    hand: a list request (same templating and auth, without ``{id}``), where
+    its items are, each item's id and name, which items to keep, and the
+    next page."""
+
+    interval: Duration = 300.0
+    request: RequestConfig
+    items: Expression
+    """The list of jobs in an answer."""
+    id: Expression
+    """An item's import id (a string, or an integer taken as its digits)."""
+    name: Expression | None = None
+    filter: Expression | None = None
+    """Keep the items for which this condition holds (e.g. one object type)."""
+    next: Expression | None = None
+    """The next page: a URL, or a path on ``url``; none (null, false, "") on the last page."""
+    max_pages: int = Field(default=20, ge=1, le=1000)
+
+
 class HttpJsonConfig(WithImports):
     type: Literal["http_json"]
     system: str = Field(
@@ -216,6 +238,7 @@ class HttpJsonConfig(WithImports):
     states: dict[str, NormalizedState] = Field(default_factory=dict)
     not_found: NotFoundConfig | None = None
     errors: list[ErrorRule] = Field(default_factory=list)
+    discovery: DiscoveryConfig | None = None
 
     def secret_holders(self) -> Iterator[tuple[str, SecretHolder]]:
         yield "", self
@@ -227,6 +250,11 @@ class HttpJsonConfig(WithImports):
             yield "not_found", "give status, when or both"
         if self.request.body is not None and self.request.method == "GET":
             yield "request.body", "a body needs method POST"
+        if self.discovery is not None:
+            if self.discovery.request.body is not None and self.discovery.request.method == "GET":
+                yield "discovery.request.body", "a body needs method POST"
+            if self.discovery.request.path and not self.discovery.request.path.startswith("/"):
+                yield "discovery.request.path", "must start with /"
         if self.auth is not None:
             for field, problem in self.auth.check():
                 yield f"auth.{field}", problem
@@ -482,6 +510,49 @@ class Extractor:
         return to_count(value, what)
 
 
+class DiscoveryReader:
+    """The compiled reading of one source's list answers: the imports named
+    on a page, and the next page, if any."""
+
+    def __init__(self, config: DiscoveryConfig, system: str) -> None:
+        self.what = f"{system} discovery"
+        self.items = compile_search(config.items)
+        self.id = compile_search(config.id)
+        self.name = compile_search(config.name) if config.name else None
+        self.filter = compile_search(config.filter) if config.filter else None
+        self.next = compile_search(config.next) if config.next else None
+
+    def read(self, response: HttpResponse) -> tuple[list[ImportSpec], str | None]:
+        if response.status != 200:
+            raise error_for_status(response, self.what)
+        body = parse_json(response.body)
+        items = search(self.items, body, f"{self.what}.items")
+        if items is None:
+            items = []
+        if not isinstance(items, list):
+            raise ParseError(f"{self.what}: items is not a list")
+        specs = [spec for item in items if (spec := self._spec(item)) is not None]
+        following = search(self.next, body, f"{self.what}.next") if self.next else None
+        return specs, following if isinstance(following, str) and following else None
+
+    def _spec(self, item: Any) -> ImportSpec | None:
+        """The import an item names; None for one filtered out or without a usable id."""
+        if self.filter is not None and not truthy(search(self.filter, item, self.what)):
+            return None
+        raw = search(self.id, item, f"{self.what}.id")
+        if isinstance(raw, bool) or not isinstance(raw, str | int):
+            return None
+        import_id = str(raw)
+        if len(import_id) > MAX_ID_LENGTH or not _IMPORT_ID.match(import_id):
+            return None
+        name = _text(search(self.name, item, f"{self.what}.name"), 200) if self.name else None
+        return ImportSpec(import_id, name)
+
+
+MAX_ID_LENGTH = 200
+_IMPORT_ID = re.compile(IMPORT_ID_PATTERN)
+
+
 # --- auth ---------------------------------------------------------------------------
 
 TOKEN_EXPIRY_MARGIN = 0.9
@@ -650,6 +721,10 @@ class HttpJsonSource(Source[HttpJsonConfig]):
             else None
         )
         self.fetches_tokens = self.tokens is not None
+        self.discovery = (
+            DiscoveryReader(config.discovery, config.system) if config.discovery else None
+        )
+        self.discovery_interval = config.discovery.interval if config.discovery else None
 
     def count_token(self, outcome: str) -> None:
         if self.hooks.token is not None:
@@ -673,34 +748,66 @@ class HttpJsonSource(Source[HttpJsonConfig]):
         escaped = json.dumps(import_id)[1:-1]
         return escaped.join(self.body_parts).encode("utf-8")
 
-    def _headers(self, import_id: str, token: str | None) -> Mapping[str, str]:
-        if token is None and not self.header_has_id:
+    def _headers(self, import_id: str) -> Mapping[str, str]:
+        if not self.header_has_id:
             return self.headers
-        headers = CIMultiDict(
-            {key: value.replace(ID_PLACEHOLDER, import_id) for key, value in self.headers.items()}
-        )
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        return headers
+        return {
+            key: value.replace(ID_PLACEHOLDER, import_id) for key, value in self.headers.items()
+        }
 
     async def poll(self, import_id: str) -> Observation:
-        url = self.import_url(import_id)
-        if self.tokens is None:
-            response = await self._send(url, import_id, None)
-            return self.extractor.parse(response, import_id)
-        token = self.tokens.current() or await self.tokens.get(None)
-        response = await self._send(url, import_id, token)
-        if response.status == 401:
-            # An expired or revoked token: fetch another once; a refused one
-            # is never sent again.
-            self.tokens.forget(token)
-            token = await self.tokens.get(token)
-            response = await self._send(url, import_id, token)
-            if response.status == 401:
-                self.tokens.forget(token)
+        response = await self._call(
+            self.method, self.import_url(import_id), self._headers(import_id), self.body(import_id)
+        )
         return self.extractor.parse(response, import_id)
 
-    async def _send(self, url: URL, import_id: str, token: str | None) -> HttpResponse:
-        return await self.request(
-            self.method, url, headers=self._headers(import_id, token), data=self.body(import_id)
+    async def _call(
+        self, method: str, url: str | URL, headers: Mapping[str, str], data: bytes | None
+    ) -> HttpResponse:
+        """One request, with a fetched token where the source has one: an
+        expired or revoked token is fetched again once on a 401, and a
+        refused one is never sent again."""
+        if self.tokens is None:
+            return await self.request(method, url, headers=headers, data=data)
+        token = self.tokens.current() or await self.tokens.get(None)
+        response = await self.request(method, url, headers=_bearer(headers, token), data=data)
+        if response.status == 401:
+            self.tokens.forget(token)
+            token = await self.tokens.get(token)
+            response = await self.request(method, url, headers=_bearer(headers, token), data=data)
+            if response.status == 401:
+                self.tokens.forget(token)
+        return response
+
+    async def discover(self) -> list[ImportSpec]:
+        """Every import the list request names, following the next page up
+        to ``max_pages``; a next page on another host is not followed (it
+        would be sent the source's credentials)."""
+        discovery = self.config.discovery
+        if discovery is None or self.discovery is None:
+            return []
+        request = discovery.request
+        base = URL(self.config.url)
+        url = URL(f"{self.config.url}{request.path}").update_query(request.query)
+        headers = {**self.headers, **request.headers}
+        data = (
+            json.dumps(request.body, separators=(",", ":")).encode()
+            if request.body is not None
+            else None
         )
+        found: dict[str, ImportSpec] = {}
+        for _ in range(discovery.max_pages):
+            response = await self._call(request.method, url, headers, data)
+            specs, following = self.discovery.read(response)
+            for spec in specs:
+                found.setdefault(spec.id, spec)
+            if following is None:
+                break
+            url = base.join(URL(following))
+            if url.origin() != base.origin():
+                raise ParseError(f"{self.system} discovery: the next page is on another host")
+        return list(found.values())
+
+
+def _bearer(headers: Mapping[str, str], token: str) -> dict[str, str]:
+    return {**headers, "Authorization": f"Bearer {token}"}
