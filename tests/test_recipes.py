@@ -141,6 +141,26 @@ async def test_salesforce_bulk_recipe_follows_a_job_to_its_end(
     assert tokens == ["success", "success"]
 
 
+async def test_salesforce_bulk_recipe_discovers_jobs_page_by_page(
+    aiohttp_server: ServerFactory,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    upstream = await start(aiohttp_server)
+    upstream.simulator.salesforce_page_size = 1  # one job a page: the paging is followed
+    salesforce_env(monkeypatch, upstream.url)
+    config = parse_config_text(
+        pasted(RECIPES / "salesforce-bulk-ingest.yaml"), "c.yaml", expand_env=True
+    )
+    source = build_source(config.sources[0], session)
+    assert source.discovery_interval == 300
+    found = await source.discover()
+    assert [(spec.id, spec.name) for spec in found] == [
+        ("7505e00000AbCdEAAZ", "upsert Account"),
+        ("7505e00000AbCdFAAZ", "upsert Account"),
+    ]
+
+
 async def test_salesforce_bulk_recipe_with_refused_credentials_holds_the_source(
     aiohttp_server: ServerFactory,
     session: aiohttp.ClientSession,

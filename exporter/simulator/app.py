@@ -127,6 +127,8 @@ class Simulator:
         """Shopify's leaky bucket: (points it holds, points restored a second);
         None: no limit."""
         self._shopify_points = shopify_bucket[0] if shopify_bucket else 0.0
+        self.salesforce_page_size = 1000
+        """Jobs a page of Salesforce's job list holds (1,000 upstream)."""
         self._shopify_checked = clock()
 
     def elapsed(self) -> float:
@@ -406,10 +408,18 @@ async def salesforce_bulk_job(request: web.Request) -> web.StreamResponse:
     if not _bearer_ok(sim, request):
         return _json(SALESFORCE_INVALID_SESSION, status=401)
     job_id = request.match_info["job_id"]
+    body = _salesforce_job(sim, job_id, request.match_info["version"])
+    if body is None:
+        return _json(SALESFORCE_NOT_FOUND, status=404)
+    return _json(body)
+
+
+def _salesforce_job(sim: Simulator, job_id: str, version: str) -> dict[str, Any] | None:
+    """A job's JobInfo now; None before it exists."""
     script = sim.scenarios.salesforce_bulk.get(job_id)
     moment = script.at(sim.elapsed()) if script else None
     if moment is None:
-        return _json(SALESFORCE_NOT_FOUND, status=404)
+        return None
     body: dict[str, Any] = {
         "id": job_id,
         "operation": "upsert",
@@ -421,7 +431,7 @@ async def salesforce_bulk_job(request: web.Request) -> web.StreamResponse:
         "externalIdFieldName": "External_Id__c",
         "concurrencyMode": "Parallel",
         "contentType": "CSV",
-        "apiVersion": float(request.match_info["version"].lstrip("v")),
+        "apiVersion": float(version.lstrip("v")),
         "jobType": "V2Ingest",
         "lineEnding": "LF",
         "columnDelimiter": "COMMA",
@@ -434,6 +444,53 @@ async def salesforce_bulk_job(request: web.Request) -> web.StreamResponse:
     }
     if moment.phase.reason:
         body["errorMessage"] = moment.phase.reason
+    return body
+
+
+SALESFORCE_LIST_FIELDS = (
+    "id",
+    "operation",
+    "object",
+    "createdById",
+    "createdDate",
+    "systemModstamp",
+    "state",
+    "concurrencyMode",
+    "contentType",
+    "apiVersion",
+    "jobType",
+    "lineEnding",
+    "columnDelimiter",
+)
+
+
+async def salesforce_bulk_jobs(request: web.Request) -> web.StreamResponse:
+    """``GET /services/data/vXX.X/jobs/ingest``: Get Information About All
+    Ingest Jobs, ``salesforce_page_size`` a page (1,000 upstream), paged by
+    ``nextRecordsUrl`` (a ``queryLocator``) until ``done``."""
+    fault = _fault(request, "salesforce_bulk")
+    if fault is not None:
+        return await _apply_fault(request, fault)
+    sim = request.app[SIMULATOR]
+    if not _bearer_ok(sim, request):
+        return _json(SALESFORCE_INVALID_SESSION, status=401)
+    version = request.match_info["version"]
+    jobs = [
+        job
+        for job_id in sim.scenarios.salesforce_bulk
+        if (job := _salesforce_job(sim, job_id, version)) is not None
+    ]
+    try:
+        start = int(request.query.get("queryLocator", "0"))
+    except ValueError:
+        return _json([{"errorCode": "INVALID_QUERY_LOCATOR", "message": "invalid"}], 400)
+    end = start + sim.salesforce_page_size
+    body: dict[str, Any] = {
+        "done": end >= len(jobs),
+        "records": [{k: job[k] for k in SALESFORCE_LIST_FIELDS} for job in jobs[start:end]],
+    }
+    if end < len(jobs):
+        body["nextRecordsUrl"] = f"/services/data/{version}/jobs/ingest?queryLocator={end}"
     return _json(body)
 
 
@@ -656,6 +713,7 @@ def create_app(simulator: Simulator | None = None) -> web.Application:
     app.router.add_get(
         r"/services/data/{version:v\d+\.\d}/jobs/ingest/{job_id}", salesforce_bulk_job
     )
+    app.router.add_get(r"/services/data/{version:v\d+\.\d}/jobs/ingest", salesforce_bulk_jobs)
     app.router.add_post(r"/admin/api/{version:[\w-]+}/graphql.json", shopify_graphql)
     app.router.add_post("/_simulator/faults", set_faults)
     app.router.add_get("/_simulator/counters", get_counters)
