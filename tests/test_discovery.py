@@ -199,3 +199,107 @@ async def test_a_source_without_discovery_lists_nothing(
     source = build(plain, session)
     assert source.discovery_interval is None
     assert await source.discover() == []
+
+
+PAGES = (("1", "2"), ("3",), ("4", "5"))
+
+
+class PagedApi:
+    """Lists of ids paged by number, by a cursor in the query, and by a
+    cursor in a GraphQL body's variables."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    async def numbered(self, request: web.Request) -> web.Response:
+        self.seen.append(dict(request.query))
+        number = int(request.query["page"])
+        items: tuple[str, ...] = PAGES[number - 1] if number <= len(PAGES) else ()
+        return json_response({"items": [{"id": i} for i in items]})
+
+    def _page(self, cursor: str | None) -> tuple[tuple[str, ...], str | None]:
+        index = int(cursor[1:]) if cursor else 0
+        following = f"c{index + 1}" if index + 1 < len(PAGES) else None
+        return PAGES[index], following
+
+    async def cursored(self, request: web.Request) -> web.Response:
+        self.seen.append(dict(request.query))
+        items, following = self._page(request.query.get("after"))
+        return json_response({"jobs": [{"id": i} for i in items], "next": following})
+
+    async def graphql(self, request: web.Request) -> web.Response:
+        variables = (await request.json())["variables"]
+        self.seen.append(variables)
+        items, following = self._page(variables["after"])
+        connection = {
+            "nodes": [{"id": i} for i in items],
+            "pageInfo": {"hasNextPage": following is not None, "endCursor": following or "end"},
+        }
+        return json_response({"data": {"jobs": connection}})
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/numbered", self.numbered),
+            web.get("/cursored", self.cursored),
+            web.post("/graphql", self.graphql),
+        ]
+
+
+def paged(url: str, discovery: dict[str, Any]) -> dict[str, Any]:
+    config = settings(url)
+    config["discovery"] = {"id": "id", **discovery}
+    return config
+
+
+async def test_paging_by_number_and_by_cursor(
+    aiohttp_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    api = PagedApi()
+    url = await serve(aiohttp_server, api.routes())
+    numbered = paged(
+        url, {"request": {"path": "/numbered"}, "items": "items", "page_param": "page"}
+    )
+    assert [s.id for s in await build(numbered, session).discover()] == ["1", "2", "3", "4", "5"]
+    assert [q["page"] for q in api.seen] == ["1", "2", "3", "4"]  # until a page lists nothing
+    api.seen.clear()
+    cursored = paged(
+        url,
+        {
+            "request": {"path": "/cursored", "query": {"after": "{cursor}", "limit": "2"}},
+            "items": "jobs",
+            "cursor": "next",
+        },
+    )
+    assert [s.id for s in await build(cursored, session).discover()] == ["1", "2", "3", "4", "5"]
+    assert api.seen == [
+        {"limit": "2"},
+        {"after": "c1", "limit": "2"},
+        {"after": "c2", "limit": "2"},
+    ]
+    api.seen.clear()
+    query = "query($after: String) { jobs(first: 2, after: $after) { nodes { id } } }"
+    graphql = paged(
+        url,
+        {
+            "request": {
+                "method": "POST",
+                "path": "/graphql",
+                "body": {"query": query, "variables": {"after": "{cursor}"}},
+            },
+            "items": "data.jobs.nodes",
+            "cursor": "data.jobs.pageInfo.hasNextPage && data.jobs.pageInfo.endCursor || null",
+        },
+    )
+    assert [s.id for s in await build(graphql, session).discover()] == ["1", "2", "3", "4", "5"]
+    assert api.seen == [{"after": None}, {"after": "c1"}, {"after": "c2"}]
+
+
+def test_one_way_of_paging() -> None:
+    from exporter.config import ConfigError
+
+    config = paged("http://x", {"request": {}, "items": "a", "next": "n", "cursor": "c"})
+    with pytest.raises(ConfigError) as caught:
+        parse_config_data({"sources": [config]}, "c.yaml")
+    assert caught.value.errors == [
+        "c.yaml: sources[0].discovery: give at most one of next, cursor and page_param"
+    ]

@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 from urllib.parse import quote
 
 import aiohttp
@@ -221,7 +221,17 @@ class DiscoveryConfig(StrictModel):
     filter: Expression | None = None
     """Keep the items for which this condition holds (e.g. one object type)."""
     next: Expression | None = None
-    """The next page: a URL, or a path on ``url``; none (null, false, "") on the last page."""
+    """Paging by link: the next page's URL, or a path on ``url``; none
+    (null, false, "") on the last page."""
+    cursor: Expression | None = None
+    """Paging by cursor: the next page's cursor, put where the request says
+    ``{cursor}`` (a query value, or a body string: JSON-escaped; on the first
+    page such a query parameter is left out and a body string that is only
+    ``{cursor}`` is null); none on the last page."""
+    page_param: str | None = Field(default=None, min_length=1)
+    """Paging by number: this query parameter counts pages from
+    ``page_start`` until a page lists no items."""
+    page_start: int = Field(default=1, ge=0)
     max_pages: int = Field(default=20, ge=1, le=1000)
 
 
@@ -255,6 +265,9 @@ class HttpJsonConfig(WithImports):
                 yield "discovery.request.body", "a body needs method POST"
             if self.discovery.request.path and not self.discovery.request.path.startswith("/"):
                 yield "discovery.request.path", "must start with /"
+            pagings = [self.discovery.next, self.discovery.cursor, self.discovery.page_param]
+            if sum(paging is not None for paging in pagings) > 1:
+                yield "discovery", "give at most one of next, cursor and page_param"
         if self.auth is not None:
             for field, problem in self.auth.check():
                 yield f"auth.{field}", problem
@@ -510,6 +523,32 @@ class Extractor:
         return to_count(value, what)
 
 
+class Page(NamedTuple):
+    """What one answer of a list request says."""
+
+    specs: list[ImportSpec]
+    items: int
+    next: str | None
+    cursor: str | None
+
+
+CURSOR_PLACEHOLDER = "{cursor}"
+
+
+def with_cursor(template: Any, cursor: str | None) -> Any:
+    """A body template with ``{cursor}`` put in (a string that is only the
+    placeholder is null before the first cursor)."""
+    if isinstance(template, str):
+        if template == CURSOR_PLACEHOLDER:
+            return cursor
+        return template.replace(CURSOR_PLACEHOLDER, cursor or "")
+    if isinstance(template, list):
+        return [with_cursor(item, cursor) for item in template]
+    if isinstance(template, dict):
+        return {key: with_cursor(value, cursor) for key, value in template.items()}
+    return template
+
+
 class DiscoveryReader:
     """The compiled reading of one source's list answers: the imports named
     on a page, and the next page, if any."""
@@ -521,8 +560,9 @@ class DiscoveryReader:
         self.name = compile_search(config.name) if config.name else None
         self.filter = compile_search(config.filter) if config.filter else None
         self.next = compile_search(config.next) if config.next else None
+        self.cursor = compile_search(config.cursor) if config.cursor else None
 
-    def read(self, response: HttpResponse) -> tuple[list[ImportSpec], str | None]:
+    def read(self, response: HttpResponse) -> Page:
         if response.status != 200:
             raise error_for_status(response, self.what)
         body = parse_json(response.body)
@@ -532,8 +572,18 @@ class DiscoveryReader:
         if not isinstance(items, list):
             raise ParseError(f"{self.what}: items is not a list")
         specs = [spec for item in items if (spec := self._spec(item)) is not None]
-        following = search(self.next, body, f"{self.what}.next") if self.next else None
-        return specs, following if isinstance(following, str) and following else None
+        return Page(
+            specs,
+            len(items),
+            self._text_of(self.next, body, "next"),
+            self._text_of(self.cursor, body, "cursor"),
+        )
+
+    def _text_of(self, expression: Search | None, body: Any, name: str) -> str | None:
+        value = search(expression, body, f"{self.what}.{name}") if expression else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        return value if isinstance(value, str) and value else None
 
     def _spec(self, item: Any) -> ImportSpec | None:
         """The import an item names; None for one filtered out or without a usable id."""
@@ -780,33 +830,63 @@ class HttpJsonSource(Source[HttpJsonConfig]):
         return response
 
     async def discover(self) -> list[ImportSpec]:
-        """Every import the list request names, following the next page up
-        to ``max_pages``; a next page on another host is not followed (it
-        would be sent the source's credentials)."""
+        """Every import the list request names, following the pages (by link,
+        cursor or number) up to ``max_pages``; a next page on another host is
+        not followed (it would be sent the source's credentials)."""
         discovery = self.config.discovery
         if discovery is None or self.discovery is None:
             return []
         request = discovery.request
-        base = URL(self.config.url)
-        url = URL(f"{self.config.url}{request.path}").update_query(request.query)
         headers = {**self.headers, **request.headers}
-        data = (
-            json.dumps(request.body, separators=(",", ":")).encode()
-            if request.body is not None
-            else None
-        )
         found: dict[str, ImportSpec] = {}
-        for _ in range(discovery.max_pages):
-            response = await self._call(request.method, url, headers, data)
-            specs, following = self.discovery.read(response)
-            for spec in specs:
+        url: URL | None = self._list_url(None, discovery.page_start)
+        cursor: str | None = None
+        for number in range(discovery.page_start, discovery.page_start + discovery.max_pages):
+            assert url is not None
+            response = await self._call(request.method, url, headers, self._list_body(cursor))
+            page = self.discovery.read(response)
+            for spec in page.specs:
                 found.setdefault(spec.id, spec)
-            if following is None:
+            url, cursor = self._next_page(discovery, page, number + 1)
+            if url is None:
                 break
-            url = base.join(URL(following))
+        return list(found.values())
+
+    def _next_page(
+        self, discovery: DiscoveryConfig, page: Page, number: int
+    ) -> tuple[URL | None, str | None]:
+        """The next list request's URL and cursor; no URL after the last page."""
+        if discovery.next is not None and page.next is not None:
+            base = URL(self.config.url)
+            url = base.join(URL(page.next))
             if url.origin() != base.origin():
                 raise ParseError(f"{self.system} discovery: the next page is on another host")
-        return list(found.values())
+            return url, None
+        if discovery.cursor is not None and page.cursor is not None:
+            return self._list_url(page.cursor, number), page.cursor
+        if discovery.page_param is not None and page.items:
+            return self._list_url(None, number), None
+        return None, None
+
+    def _list_url(self, cursor: str | None, number: int) -> URL:
+        discovery = self.config.discovery
+        assert discovery is not None
+        query: dict[str, str] = {}
+        for key, value in discovery.request.query.items():
+            if CURSOR_PLACEHOLDER not in value:
+                query[key] = value
+            elif cursor is not None:
+                query[key] = value.replace(CURSOR_PLACEHOLDER, cursor)
+        if discovery.page_param is not None:
+            query[discovery.page_param] = str(number)
+        return URL(f"{self.config.url}{discovery.request.path}").update_query(query)
+
+    def _list_body(self, cursor: str | None) -> bytes | None:
+        discovery = self.config.discovery
+        if discovery is None or discovery.request.body is None:
+            return None
+        body = with_cursor(discovery.request.body, cursor)
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _bearer(headers: Mapping[str, str], token: str) -> dict[str, str]:
