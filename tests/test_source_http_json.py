@@ -250,6 +250,28 @@ async def test_oauth2_token_single_flight_cached_and_refreshed_once_on_401(
     assert outcomes == ["success", "success"]
 
 
+async def test_oauth2_password_grant_as_salesforce_has_it(
+    aiohttp_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    fake = TokenServer()
+    url = await serve(aiohttp_server, fake.routes())
+    settings = oauth_settings(url)
+    settings["auth"] |= {
+        "grant_type": "password",
+        "username": "u@example.com",
+        "password": "pw-secret-123456",
+    }
+    assert (await build(settings, session).poll("a")).state is State.SUCCEEDED
+    assert fake.forms[0] == {
+        "grant_type": "password",
+        "username": "u@example.com",
+        "password": "pw-secret-123456",
+        "client_id": "client-1",
+        "client_secret": "cs-secret-123456",
+        "scope": "jobs.read",
+    }
+
+
 async def test_oauth2_refused_credentials_hold_the_source(
     aiohttp_server: ServerFactory, session: aiohttp.ClientSession
 ) -> None:
@@ -479,6 +501,31 @@ async def test_http_errors(
         ({"states": {"DONE": "finished"}}, "sources[0].states.DONE: "),
         ({"auth": {"type": "bearer"}}, "sources[0].auth.token: required"),
         ({"auth": {"type": "digest"}}, "sources[0].auth.type: "),
+        (
+            {"auth": {"type": "bearer", "token": "t", "username": "u"}},
+            "sources[0].auth.username: not used with type bearer",
+        ),
+        (
+            {"auth": {"type": "oauth2", "token_url": "http://x/t", "client_id": "c"}},
+            "sources[0].auth.client_secret: required for type oauth2",
+        ),
+        (
+            {
+                "auth": {
+                    "type": "oauth2",
+                    "grant_type": "password",
+                    "token_url": "http://x/t",
+                    "client_id": "c",
+                    "client_secret": "s",
+                    "password": "p",
+                }
+            },
+            "sources[0].auth.username: required for type oauth2 with grant_type password",
+        ),
+        (
+            {"auth": {"type": "bearer", "token": "t", "grant_type": "password"}},
+            "sources[0].auth.grant_type: not used with type bearer",
+        ),
         (
             {"auth": {"type": "oauth2", "client_id": "c", "client_secret": "s"}},
             "sources[0].auth.token_url: required",

@@ -114,8 +114,13 @@ AUTH_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "bearer": ((), ("token",)),
     "basic": (("username",), ("password",)),
     "oauth2": (("token_url", "client_id"), ("client_secret",)),
+    "oauth2 with grant_type password": (
+        ("token_url", "client_id", "username"),
+        ("client_secret", "password"),
+    ),
 }
-_AUTH_OPTIONAL = {"oauth2": ("scope", "client_auth")}
+_OAUTH2_OPTIONAL = ("scope", "client_auth", "grant_type")
+_AUTH_OPTIONAL = {"oauth2": _OAUTH2_OPTIONAL, "oauth2 with grant_type password": _OAUTH2_OPTIONAL}
 
 
 class AuthConfig(SecretHolder):
@@ -153,19 +158,29 @@ class AuthConfig(SecretHolder):
     client_auth: Literal["body", "basic"] | None = None
     """OAuth2: how the client authenticates: form fields (``body``, the
     default) or HTTP basic."""
+    grant_type: Literal["client_credentials", "password"] | None = None
+    """OAuth2: ``client_credentials`` (the default) or ``password`` (with
+    ``username`` and ``password``, as Salesforce's username-password flow)."""
+
+    @property
+    def kind(self) -> str:
+        if self.type == "oauth2" and self.grant_type == "password":
+            return "oauth2 with grant_type password"
+        return self.type
 
     def check(self) -> Iterator[tuple[str, str]]:
-        required, secrets = AUTH_FIELDS[self.type]
+        kind = self.kind
+        required, secrets = AUTH_FIELDS[kind]
         for field in required:
             if getattr(self, field) is None:
-                yield field, f"required for type {self.type}"
+                yield field, f"required for type {kind}"
         for secret in secrets:
             if self.given_field(secret) is None:
-                yield secret, f"required for type {self.type} (or {secret}_env/{secret}_file)"
-        used = {*required, *_AUTH_OPTIONAL.get(self.type, ())}
+                yield secret, f"required for type {kind} (or {secret}_env/{secret}_file)"
+        used = {*required, *_AUTH_OPTIONAL.get(kind, ())}
         used |= {f"{secret}{suffix}" for secret in secrets for suffix in ("", "_env", "_file")}
         for field in sorted(self.model_fields_set - used - {"type"}):
-            yield field, f"not used with type {self.type}"
+            yield field, f"not used with type {kind}"
 
 
 class ExtractConfig(StrictModel):
@@ -691,7 +706,9 @@ class TokenFetcher:
         auth = self.auth
         client_id = auth.client_id or ""
         secret = auth.secret("client_secret") or ""
-        form = {"grant_type": "client_credentials"}
+        form: dict[str, str] = {"grant_type": auth.grant_type or "client_credentials"}
+        if auth.grant_type == "password":
+            form |= {"username": auth.username or "", "password": auth.secret("password") or ""}
         headers = {"Accept": "application/json"}
         if auth.client_auth == "basic":
             pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
