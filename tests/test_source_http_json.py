@@ -490,6 +490,14 @@ async def test_http_errors(
             "sources[0].extract.reason: invalid JMESPath",
         ),
         ({"extract": {"state": ""}}, "sources[0].extract.state: invalid JMESPath: empty"),
+        (
+            {"extract": {"state": "upper(status)"}},
+            "sources[0].extract.state: invalid JMESPath: unknown function upper()",
+        ),
+        (
+            {"extract": {"state": "s", "ended": "a && contains(b)"}},
+            "sources[0].extract.ended: invalid JMESPath: contains() takes 2 arguments, not 1",
+        ),
         ({"extract": {}}, "sources[0].extract.state: required"),
         ({"not_found": {"when": "=="}}, "sources[0].not_found.when: invalid JMESPath"),
         ({"not_found": {}}, "sources[0].not_found: give status, when or both"),

@@ -29,6 +29,7 @@ from urllib.parse import quote
 import aiohttp
 import jmespath
 import jmespath.exceptions
+import jmespath.functions
 from jmespath.parser import ParsedResult
 from multidict import CIMultiDict
 from pydantic import AfterValidator, Field
@@ -76,11 +77,39 @@ def compile_expression(expression: str) -> ParsedResult:
     if not expression.strip():
         raise PydanticCustomError("jmespath", "invalid JMESPath: empty expression")
     try:
-        return jmespath.compile(expression)
+        parsed = jmespath.compile(expression)
     except jmespath.exceptions.JMESPathError as exc:
         raise PydanticCustomError(
             "jmespath", "invalid JMESPath: {detail}", {"detail": _describe_jmespath_error(exc)}
         ) from None
+    # jmespath.py looks functions up only when it calls them: a misspelt one
+    # would fail every poll instead of the load.
+    problem = _function_problem(parsed.parsed)
+    if problem is not None:
+        raise PydanticCustomError("jmespath", "invalid JMESPath: {detail}", {"detail": problem})
+    return parsed
+
+
+_FUNCTIONS = jmespath.functions.Functions().FUNCTION_TABLE
+
+
+def _function_problem(node: Mapping[str, Any]) -> str | None:
+    """The first call of an unknown function, or with the wrong number of arguments."""
+    if node.get("type") == "function_expression":
+        name = node["value"]
+        if name not in _FUNCTIONS:
+            return f"unknown function {name}()"
+        signature = _FUNCTIONS[name]["signature"]
+        given = len(node.get("children", []))
+        variadic = bool(signature) and signature[-1].get("variadic", False)
+        if given != len(signature) and not (variadic and given >= len(signature)):
+            least = "at least " if variadic else ""
+            plural = "" if len(signature) == 1 else "s"
+            return f"{name}() takes {least}{len(signature)} argument{plural}, not {given}"
+    for child in node.get("children", []):
+        if isinstance(child, Mapping) and (problem := _function_problem(child)) is not None:
+            return problem
+    return None
 
 
 def _valid_expression(expression: str) -> str:
