@@ -1,5 +1,7 @@
 """Polling overhead: the exporter's polls per second and CPU per 1,000 polls,
-against a bare aiohttp loop doing the same requests at the same concurrency.
+against a bare aiohttp loop doing the same requests at the same concurrency;
+and the same polls through the declarative source (Elevate configured as
+``http_json``) against the native Elevate adapter.
 
     .venv/bin/python bench/polling.py            # 100, 1,000 and 10,000 imports
     .venv/bin/python bench/polling.py --quick    # seconds; what the tests run
@@ -36,6 +38,35 @@ from exporter.simulator import DEMO_CREDENTIALS
 
 TARGET_RATE_RATIO = 0.85
 TARGET_CPU_RATIO = 1.25
+TARGET_HTTP_JSON_CPU_RATIO = 1.2
+"""CPU per poll through ``http_json`` over the native Elevate adapter's."""
+
+
+def as_http_json(native: Any) -> Any:
+    """The bench's Elevate source said in configuration (``http_json``)."""
+    from exporter.config.loader import parse_config_data
+    from exporter.sources.elevate import STATUS_MAP
+
+    source = native.sources[0]
+    declared = {
+        "name": source.name,
+        "type": "http_json",
+        "system": "elevate",
+        "url": source.url,
+        "concurrency": source.concurrency,
+        "interval": "1h",
+        "timeout": "10s",
+        "request": {"path": "/api/admin/v4/import/status", "query": {"id": "{id}"}},
+        "auth": {"type": "header", "header": "Api-Key", "value": DEMO_CREDENTIALS.elevate_api_key},
+        "extract": {
+            "state": "type(status) == 'string' && status || null",
+            "reason": "reason",
+            "id": "id",
+        },
+        "states": {status: state.value for status, state in STATUS_MAP.items()},
+        "imports": [{"id": entry.id} for entry in source.imports],
+    }
+    return parse_config_data({"sources": [declared]}, "bench")
 
 
 def bench_ids(count: int) -> list[str]:
@@ -80,7 +111,13 @@ async def measure_baseline(
 
 
 async def measure_exporter(
-    url: str, count: int, concurrency: int, seconds: float, storage: bool = True
+    url: str,
+    count: int,
+    concurrency: int,
+    seconds: float,
+    storage: bool = True,
+    *,
+    declarative: bool = False,
 ) -> dict[str, float]:
     config = bench_config(
         url,
@@ -89,6 +126,8 @@ async def measure_exporter(
         interval="1h",
         timeout="10s",
     )
+    if declarative:
+        config = as_http_json(config)
     # "As fast as the concurrency allows": every import is due again as soon
     # as its poll returns. (A config file cannot say this: interval >= timeout.)
     source = config.sources[0].model_copy(update={"interval": 1e-6})
@@ -136,14 +175,20 @@ async def main_async(
     results = []
     with simulator_process() as url:
         for count in sizes:
-            # Interleaved, so a drift of the machine touches both alike.
-            bases, ourses = [], []
+            # Interleaved, so a drift of the machine touches all three alike.
+            bases, ourses, declareds = [], [], []
             for _ in range(rounds):
                 bases.append(await measure_baseline(url, count, concurrency, seconds))
                 ourses.append(await measure_exporter(url, count, concurrency, seconds, storage))
-            base, ours = merged(bases), merged(ourses)
+                declareds.append(
+                    await measure_exporter(
+                        url, count, concurrency, seconds, storage, declarative=True
+                    )
+                )
+            base, ours, declared = merged(bases), merged(ourses), merged(declareds)
             base_rate, base_cpu = summarize(base)
             rate, cpu = summarize(ours)
+            declared_rate, declared_cpu = summarize(declared)
             results.append(
                 {
                     "imports": count,
@@ -154,6 +199,10 @@ async def main_async(
                     "rate_ratio": rate / base_rate,
                     "cpu_ratio": cpu / base_cpu,
                     "exporter_errors": ours.get("errors", 0),
+                    "http_json_polls_per_s": declared_rate,
+                    "http_json_cpu_s_per_1000": declared_cpu,
+                    "http_json_cpu_ratio": declared_cpu / cpu,
+                    "http_json_errors": declared.get("errors", 0),
                 }
             )
     return {"concurrency": concurrency, "seconds": seconds, "rounds": rounds, "results": results}
@@ -176,7 +225,8 @@ def main() -> int:
     data = asyncio.run(main_async(sizes, args.concurrency, seconds, not args.no_storage, rounds))
     print_table(
         f"Polling overhead (concurrency {args.concurrency}, {seconds:g}s each; "
-        f"targets: rate ratio >= {TARGET_RATE_RATIO}, CPU ratio <= {TARGET_CPU_RATIO})",
+        f"targets: rate ratio >= {TARGET_RATE_RATIO}, CPU ratio <= {TARGET_CPU_RATIO}, "
+        f"http_json CPU ratio <= {TARGET_HTTP_JSON_CPU_RATIO})",
         [
             "imports",
             "base polls/s",
@@ -185,6 +235,8 @@ def main() -> int:
             "base CPU/1k",
             "ours CPU/1k",
             "CPU ratio",
+            "http_json CPU/1k",
+            "http_json/native CPU",
         ],
         [
             [
@@ -195,6 +247,8 @@ def main() -> int:
                 r["baseline_cpu_s_per_1000"],
                 r["exporter_cpu_s_per_1000"],
                 r["cpu_ratio"],
+                r["http_json_cpu_s_per_1000"],
+                r["http_json_cpu_ratio"],
             ]
             for r in data["results"]
         ],

@@ -12,6 +12,10 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
@@ -19,6 +23,7 @@ from exporter.config.loader import load_config
 from exporter.hup import catch_early, take_early
 from exporter.limits import raise_open_file_limit
 from exporter.logs import LEVELS, setup_logging
+from exporter.model import SourceError
 from exporter.runtime import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_PORT,
@@ -28,6 +33,8 @@ from exporter.runtime import (
     parse_listen_address,
 )
 from exporter.sharding import WHOLE, Shard, ordinal_of
+from exporter.sources.base import HttpResponse
+from exporter.sources.http_json import Extractor, HttpJsonConfig
 from exporter.storage import StoreError
 from exporter.web import route_prefix_of
 
@@ -58,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="config_file",
         default=os.environ.get("IMPORT_STATUS_EXPORTER_CONFIG_FILE", "config.yaml"),
         help="config file (YAML; default $IMPORT_STATUS_EXPORTER_CONFIG_FILE, else config.yaml)",
+    )
+    parser.add_argument(
+        "--config.expand-env",
+        dest="expand_env",
+        action="store_true",
+        help="replace ${VAR} and ${VAR:-default} in the config file by environment "
+        "variables before parsing it (an unset variable without default is an error)",
     )
     parser.add_argument(
         "--web.listen-address",
@@ -134,6 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-config", action="store_true", help="validate the config file and exit 0 or 1"
     )
     parser.add_argument(
+        "--source",
+        dest="answer_source",
+        default=None,
+        help="check-config: the http_json source whose extraction reads --answer",
+    )
+    parser.add_argument(
+        "--answer",
+        default=None,
+        help="check-config: a saved upstream answer (JSON) to read as --source would, "
+        "printing the observation",
+    )
+    parser.add_argument(
+        "--answer.status",
+        dest="answer_status",
+        type=int,
+        default=200,
+        help="check-config: the HTTP status the saved answer came with (default 200)",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help="run against the built-in simulator of the upstream APIs (no credentials needed)",
@@ -160,7 +193,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     catch_early()  # for the console script (python -m exporter did it already)
     args = build_parser().parse_args(argv)
     if args.command == "check-config" or args.check_config:
-        return check_config(args.config_file)
+        if (args.answer_source is None) != (args.answer is None):
+            print("--source and --answer go together", file=sys.stderr)
+            return 2
+        code = check_config(args.config_file, expand_env=args.expand_env)
+        if code != 0 or args.answer is None:
+            return code
+        return check_answer(
+            load_config(args.config_file, expand_env=args.expand_env),
+            args.answer_source,
+            args.answer,
+            args.answer_status,
+        )
     setup_logging(args.log_level, args.log_format)
     if args.max_requests < 0 or args.header_timeout <= 0:
         print("--web.max-requests must be >= 0 and --web.read-header-timeout > 0", file=sys.stderr)
@@ -199,9 +243,9 @@ def shard_of(args: argparse.Namespace) -> Shard:
     return Shard(index or 0, args.total_shards)
 
 
-def check_config(path: str) -> int:
+def check_config(path: str, *, expand_env: bool = False) -> int:
     try:
-        config = load_config(path)
+        config = load_config(path, expand_env=expand_env)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -211,6 +255,46 @@ def check_config(path: str) -> int:
             print(f"{path}: warning: source {source.name}: {warning}", file=sys.stderr)
     imports = sum(len(source.import_entries()) for source in config.sources)
     print(f"{path}: OK ({len(config.sources)} sources, {imports} configured imports)")
+    return 0
+
+
+def check_answer(config: Config, name: str, answer: str, status: int) -> int:
+    """Read a saved answer with one http_json source's extraction and print
+    the observation it makes (or the error), so a recipe can be built without
+    a live server. Exit 0 for an observation, 1 otherwise."""
+    source = next((s for s in config.sources if s.name == name), None)
+    if source is None:
+        print(f"no source named {name!r} in the config", file=sys.stderr)
+        return 1
+    if not isinstance(source, HttpJsonConfig):
+        print(
+            f"source {name} is of type {getattr(source, 'type', '?')}: "
+            "--answer reads http_json sources only",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        body = Path(answer).read_bytes()
+    except OSError as exc:
+        print(f"{answer}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    response = HttpResponse(status, CIMultiDictProxy(CIMultiDict()), body)
+    try:
+        observation = Extractor(source).parse(response)
+    except SourceError as exc:
+        print(
+            f"{answer}: error {exc.reason.value}: {exc.message}"
+            + (" (holds the whole source)" if exc.source_wide else "")
+        )
+        return 1
+    print(f"{answer}: source {name} (system {source.system}) reads:")
+    for field, value in observation._asdict().items():
+        if value is None:
+            continue
+        if field in ("started_at", "ended_at"):
+            when = datetime.fromtimestamp(value, UTC).isoformat().replace("+00:00", "Z")
+            value = f"{when} ({value:.15g})"
+        print(f"  {field}: {value}")
     return 0
 
 
@@ -257,11 +341,11 @@ async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
             # walking the growing config and state again and again took
             # seconds of the start-up.
             gc.disable()
-            config = load_config(args.config_file)
+            config = load_config(args.config_file, expand_env=args.expand_env)
             storage_path = storage_path or config.storage_path() or DEFAULT_STORAGE_PATH
 
             def loader() -> Config:
-                return load_config(args.config_file)
+                return load_config(args.config_file, expand_env=args.expand_env)
 
         starting = Exporter(
             config,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from aiohttp import web
 
@@ -22,8 +23,58 @@ DEMO_API_TOKEN = "demo-api-token-not-a-secret"
 API can be tried at once; a real config names a tokens file instead."""
 
 
+def salesforce_bulk_demo(base_url: str, common: dict[str, str]) -> dict[str, Any]:
+    """The recipe examples/recipes/salesforce-bulk-ingest.yaml as the demo runs
+    it: the simulator's URLs, the demo credentials, polled and discovering at
+    the demo's pace (tests/test_demo_story.py holds it to the file)."""
+    creds = DEMO_CREDENTIALS
+    jobs = f"{base_url}/services/data/v62.0/jobs/ingest"
+    return {
+        "name": "salesforce-bulk-demo",
+        "type": "http_json",
+        "system": "salesforce_bulk",
+        "url": base_url,
+        "request": {"path": "/services/data/v62.0/jobs/ingest/{id}"},
+        "auth": {
+            "type": "oauth2",
+            "token_url": f"{base_url}/services/oauth2/token",
+            "client_id": creds.client_id,
+            "client_secret": creds.client_secret,
+        },
+        "extract": {
+            "state": "state",
+            "reason": "errorMessage",
+            "completed": "numberRecordsProcessed",
+            "failed": "numberRecordsFailed",
+            "started": "createdDate",
+            "ended": "contains(['JobComplete', 'Failed', 'Aborted'], state) "
+            "&& systemModstamp || null",
+            "time_format": "iso8601",
+        },
+        "states": {
+            "Open": "waiting",
+            "UploadComplete": "waiting",
+            "InProgress": "running",
+            "JobComplete": "succeeded",
+            "Failed": "failed",
+            "Aborted": "aborted",
+        },
+        "not_found": {"status": [404], "when": "[?errorCode == 'NOT_FOUND']"},
+        "discovery": {
+            "interval": common["interval"],
+            "request": {"path": jobs.removeprefix(base_url), "query": {"jobType": "V2Ingest"}},
+            "items": "records",
+            "id": "id",
+            "name": "join(' ', [operation, object])",
+            "next": "done == `false` && nextRecordsUrl || null",
+        },
+        **common,
+    }
+
+
 def demo_config(base_url: str, speed: float = 1.0) -> Config:
-    """One source of each type, pointed at the simulator at ``base_url``."""
+    """One source of each type, pointed at the simulator at ``base_url``; the
+    ``http_json`` one is the Salesforce Bulk API recipe, finding its jobs."""
     creds = DEMO_CREDENTIALS
     interval = f"{max(0.2, DEMO_INTERVAL / speed):.3f}s"
     timeout = f"{max(0.2, min(2.0, DEMO_INTERVAL / speed)):.3f}s"
@@ -77,6 +128,7 @@ def demo_config(base_url: str, speed: float = 1.0) -> Config:
                     "auth_token": creds.rocketchat_auth_token,
                     **common,
                 },
+                salesforce_bulk_demo(base_url, common),
             ]
         },
         "built-in demo config",

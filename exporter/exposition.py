@@ -92,7 +92,7 @@ def render_import(record: ImportRecord) -> tuple[tuple[bytes, ...], bytes, float
     state = _STATE_SUFFIXES[current].replace("{LABELS}", "import_state{" + labels)
     info = (
         f'import_info{{import="{escape(record.import_id)}",name="{escape(record.name or "")}",'
-        f'origin="{"config" if record.origin == "config" else "api"}",source="{source}",'
+        f'origin="{record.origin.value}",source="{source}",'
         f'system="{escape(record.system)}",'
         f'upstream_state="{escape(obs.upstream_state) if obs is not None else ""}"}} 1.0\n'
     )

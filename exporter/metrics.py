@@ -200,7 +200,8 @@ def import_families() -> tuple[GaugeMetricFamily, ...]:
         "import_info",
         "Always 1; the upstream system, the raw upstream status (empty before the "
         "first answer), the import's name and its origin (config: listed in the config "
-        "file, api: registered through the API)." + POLLED,
+        "file, api: registered through the API, discovered: found by the source's "
+        "discovery)." + POLLED,
         labels=[*keys, "system", "upstream_state", "name", "origin"],
     )
     completed = GaugeMetricFamily(

@@ -33,6 +33,9 @@ class Origin(StrEnum):
     """Listed in the config file: watched while it is listed."""
     API = "api"
     """Registered through the API: kept across restarts, forgotten after ``retention``."""
+    DISCOVERED = "discovered"
+    """Found by a source's discovery (its list of jobs): kept across restarts,
+    forgotten after ``retention``, as registered ones."""
 
 
 PENDING = "pending"

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
+from exporter.discovery import Discoverer
 from exporter.exposition import ImportLines, return_large_buffers_to_the_os
 from exporter.logs import RateLimitedLog, context
 from exporter.metrics import StoreHealthCollector, build_registry
@@ -152,6 +153,7 @@ class Exporter:
         )
         self.header_timeout = header_timeout
         self._session: aiohttp.ClientSession | None = None
+        self.discoverers: dict[str, Discoverer] = {}
         self._runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
         self._quiet_log = RateLimitedLog(log)
@@ -227,6 +229,7 @@ class Exporter:
         new_names = {source.name for source in config.sources}
         for name in old.keys() - new_names:
             self._park(name)
+            await self._stop_discovery(name)
             await self.poller.remove_source(name)
             log.info("source removed", extra=context(source=name))
         for source_config in config.sources:
@@ -252,10 +255,11 @@ class Exporter:
             # Registered at runtime (or restored from the store): kept across
             # a rebuild of the source.
             kept_runtime = [
-                ImportSpec(record.import_id, record.name)
+                (ImportSpec(record.import_id, record.name), record.origin)
                 for record in self.state.imports_of(name)
                 if record.origin is not Origin.CONFIG
             ]
+            await self._stop_discovery(name)
             if before is not None:
                 await self.poller.remove_source(name, keep_state=True)
             configured = [spec for spec in source.imports() if self._owns(source, spec.id)]
@@ -266,14 +270,29 @@ class Exporter:
                 max_backoff=source_config.max_backoff,
                 imports=configured,
             )
-            for spec in kept_runtime:
-                scheduler.add(spec, origin=Origin.API)
-            wanted = {spec.id for spec in configured} | {spec.id for spec in kept_runtime}
+            for spec, origin in kept_runtime:
+                scheduler.add(spec, origin=origin)
+            wanted = {spec.id for spec in configured} | {spec.id for spec, _ in kept_runtime}
             for record in self.state.imports_of(name):
                 if record.import_id not in wanted:
                     self.state.untrack(name, record.import_id)
             scheduler.start()
+            if source.discovery_interval is not None:
+                discoverer = Discoverer(
+                    source,
+                    scheduler,
+                    self.state,
+                    lambda: self.config.api.max_imports_per_source,
+                    owns=functools.partial(self._owns, source),
+                )
+                self.discoverers[name] = discoverer
+                discoverer.start()
         self.config = config
+
+    async def _stop_discovery(self, name: str) -> None:
+        discoverer = self.discoverers.pop(name, None)
+        if discoverer is not None:
+            await discoverer.stop()
 
     @staticmethod
     def _prepare_to_apply(config: Config) -> None:
@@ -413,6 +432,8 @@ class Exporter:
         """Stop accepting, stop polling, write what the store must keep, close."""
         if self._runner is not None:
             await self._runner.cleanup()
+        for name in list(self.discoverers):
+            await self._stop_discovery(name)
         await self.poller.stop()
         await self.persistence.stop()
         if self._session is not None:

@@ -395,6 +395,14 @@ class StateStore:
         for import_id in import_ids:
             self._import_failed((source, import_id), error, message, now)
 
+    def record_discovery_error(self, source: str, error: SourceError) -> None:
+        """A discovery that failed: counted and shown as the source's last
+        error, but no import's and not the source's state (polls say that)."""
+        source_record = self.sources.get(source)
+        if source_record is not None:
+            message = f"discovery: {redact(error.message)}"
+            self._count_error(source_record, error, message, self.clock())
+
     @staticmethod
     def _count_error(record: SourceRecord, error: SourceError, message: str, now: float) -> None:
         record.errors_total[error.reason] += 1

@@ -201,7 +201,7 @@ sources:
     errors = errors_of(text)
     assert errors == [
         "config.yaml: sources[0].interval: must be a duration like 30s",
-        "config.yaml: sources[2].type: must be one of elevate, zilliant, rocketchat",
+        "config.yaml: sources[2].type: must be one of elevate, zilliant, rocketchat, http_json",
         "config.yaml: sources[1].auth_token_file: cannot read /nonexistent/token: "
         "No such file or directory",
     ]
@@ -334,9 +334,12 @@ def test_the_registry_is_the_one_list_of_source_types() -> None:
         field = source.config_model.model_fields["type"]
         assert field.annotation is not None
         assert get_args(field.annotation) == (source.system,), source
-    assert SOURCE_TYPES == ("elevate", "zilliant", "rocketchat")
+    assert SOURCE_TYPES == ("elevate", "zilliant", "rocketchat", "http_json")
     (error,) = errors_of("sources: [{name: x, type: sap}]")
-    assert error == "config.yaml: sources[0].type: must be one of elevate, zilliant, rocketchat"
+    assert (
+        error
+        == "config.yaml: sources[0].type: must be one of elevate, zilliant, rocketchat, http_json"
+    )
 
 
 def test_checking_a_config_registers_no_secret_for_redaction() -> None:

@@ -3,16 +3,22 @@ watch, which move once someone asks about them (the README's registration exampl
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
-from exporter.demo import DEMO_INTERVAL
+import pytest
+
+from exporter.config.loader import parse_config_text
+from exporter.demo import DEMO_INTERVAL, demo_config
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 from exporter.simulator.scenarios import DEMO_STORY_SECONDS, demo_scenarios
+from exporter.sources.http_json import HttpJsonConfig
+from tests.conftest import ROOT
 
 
 def test_the_story_ends_within_its_first_15_seconds() -> None:
     scenarios = demo_scenarios()
-    for scripts in (scenarios.elevate, scenarios.zilliant):
+    for scripts in (scenarios.elevate, scenarios.zilliant, scenarios.salesforce_bulk):
         for script in scripts.values():
             assert script.phases[-1].at + DEMO_INTERVAL <= DEMO_STORY_SECONDS == 15
 
@@ -40,3 +46,31 @@ async def test_a_walk_in_id_waits_runs_and_ends_from_its_first_poll(aiohttp_clie
     assert (await status("5002"))[0] == "FAILURE"
     assert await status("5003") == ("NOT_FOUND", None)
     assert "5001" not in demo_scenarios().elevate  # the demo config does not watch it
+
+
+def test_the_demo_runs_the_salesforce_recipe_as_shipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's http_json source is examples/recipes/salesforce-bulk-ingest.yaml
+    with the simulator's URLs and credentials, at the demo's pace."""
+    base_url = "http://127.0.0.1:9"
+    monkeypatch.setenv("SALESFORCE_INSTANCE_URL", base_url)
+    monkeypatch.setenv("SALESFORCE_TOKEN_URL", f"{base_url}/services/oauth2/token")
+    monkeypatch.setenv("SALESFORCE_CLIENT_ID", DEMO_CREDENTIALS.client_id)
+    monkeypatch.setenv("SALESFORCE_CLIENT_SECRET", DEMO_CREDENTIALS.client_secret)
+    monkeypatch.delenv("SALESFORCE_API_VERSION", raising=False)
+    text = (ROOT / "examples" / "recipes" / "salesforce-bulk-ingest.yaml").read_text()
+    pasted = "sources:\n  -\n" + textwrap.indent(text, "    ")
+    (recipe,) = parse_config_text(pasted, "recipe", expand_env=True).sources
+    (demo,) = [s for s in demo_config(base_url).sources if s.name == "salesforce-bulk-demo"]
+    assert isinstance(recipe, HttpJsonConfig)
+    assert isinstance(demo, HttpJsonConfig)
+    assert recipe.discovery is not None
+    assert demo.discovery is not None
+    paced = recipe.model_copy(
+        update={
+            "name": demo.name,
+            "interval": demo.interval,
+            "timeout": demo.timeout,
+            "discovery": recipe.discovery.model_copy(update={"interval": demo.discovery.interval}),
+        }
+    )
+    assert paced == demo

@@ -83,6 +83,10 @@ async def test_scripted_imports_show_their_states_and_counts(exporter: Exporter)
                 and current_state(latest, "zilliant-demo", "2587c81c-b9fc-4873-ae2f-421b292d2c2b")
                 == "succeeded"
                 and (value(latest, "import_items_completed", source="rocketchat-demo") or 0) > 0
+                # The Salesforce Bulk API recipe found its jobs and followed them.
+                and current_state(latest, "salesforce-bulk-demo", "7505e00000AbCdEAAZ")
+                == "succeeded"
+                and current_state(latest, "salesforce-bulk-demo", "7505e00000AbCdFAAZ") == "failed"
             )
 
         async with asyncio.timeout(30):
@@ -116,10 +120,28 @@ async def test_scripted_imports_show_their_states_and_counts(exporter: Exporter)
     assert start is not None
     assert end is not None
     assert end > start
+    assert value(
+        latest,
+        "import_info",
+        source="salesforce-bulk-demo",
+        system="salesforce_bulk",
+        origin="discovered",
+        name="upsert Account",
+    )
+    assert (
+        value(
+            latest,
+            "import_items_completed",
+            source="salesforce-bulk-demo",
+            **{"import": "7505e00000AbCdEAAZ"},
+        )
+        == 4000
+    )
     for source, system in [
         ("elevate-demo", "elevate"),
         ("zilliant-demo", "zilliant"),
         ("rocketchat-demo", "rocketchat"),
+        ("salesforce-bulk-demo", "salesforce_bulk"),
     ]:
         assert value(latest, "import_source_up", source=source, system=system) == 1
         assert (value(latest, "import_source_requests_total", source=source) or 0) > 0
@@ -204,7 +226,7 @@ async def test_demo_command_serves_lintable_metrics_and_stops_on_sigterm() -> No
                         for (name, labels), _ in samples.items()
                         if name == "import_info"
                     }
-                    if systems == {"elevate", "zilliant", "rocketchat"}:
+                    if systems == {"elevate", "zilliant", "rocketchat", "salesforce_bulk"}:
                         break
                     await asyncio.sleep(0.1)
         promtool = shutil.which("promtool")

@@ -134,7 +134,7 @@ def test_output_equals_the_reference_collector_as_the_state_changes(seed: int) -
                 source,
                 import_id,
                 name=rng.choice([None, "nightly", *ODD]),
-                origin=rng.choice(list(Origin)),
+                origin=rng.choice([Origin.CONFIG, Origin.API]),
             )
         elif action < 0.6:
             state.record_observation(source, import_id, random_observation(rng, clock.now))

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     # The one in-memory truth.
     ("exporter.import_index", "exporter.state"),
     # What writes it and keeps it.
-    ("exporter.poller", "exporter.storage", "exporter.tracking"),
+    ("exporter.poller", "exporter.storage", "exporter.tracking", "exporter.discovery"),
     # Readers of the state (and persistence, which reads changes out of it).
     ("exporter.persistence", "exporter.metrics", "exporter.exposition", "exporter.pages",
      "exporter.api", "exporter.webconfig", "exporter.web"),

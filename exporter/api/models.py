@@ -101,7 +101,10 @@ class ImportView(BaseModel):
     id: str
     name: str | None
     system: str
-    origin: Origin = Field(description="listed in the config file, or registered through this API")
+    origin: Origin = Field(
+        description="listed in the config file, registered through this API, or found by "
+        "the source's discovery"
+    )
     state: State | None = Field(description="the normalized state; null before the first poll")
     upstream_state: str | None
     step: str | None

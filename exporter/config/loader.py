@@ -9,6 +9,8 @@ above the sources in the import graph, the config's building blocks below.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,17 +34,54 @@ pure-Python one (14 s -> 4 s for a config of 100,000 imports); the same
 documents, the same errors."""
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, validate and resolve a config file; raise :class:`ConfigError`."""
+def load_config(path: str | Path, *, expand_env: bool = False) -> Config:
+    """Read, validate and resolve a config file; raise :class:`ConfigError`.
+
+    ``expand_env`` (``--config.expand-env``): ``${VAR}`` and ``${VAR:-default}``
+    are replaced anywhere in the file before it is parsed."""
     origin = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{origin}: cannot read: {exc.strerror or exc}"]) from exc
-    return parse_config_text(text, origin, base_dir=Path(path).parent)
+    return parse_config_text(text, origin, base_dir=Path(path).parent, expand_env=expand_env)
 
 
-def parse_config_text(text: str, origin: str, base_dir: Path | None = None) -> Config:
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+"""``${VAR}`` or ``${VAR:-default}`` (the default also stands in for an empty value,
+as in the shell)."""
+
+
+def expand_env_references(text: str, origin: str) -> str:
+    """Replace every ``${VAR}`` and ``${VAR:-default}`` of a config file's text;
+    an unset variable without a default is an error naming it and its line."""
+    errors: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if default is not None and not value:
+            return default
+        if value is None:
+            line = text.count("\n", 0, match.start()) + 1
+            errors.append(
+                f"{origin}: line {line}: environment variable {name} is not set "
+                f"(give it, or a default: ${{{name}:-default}})"
+            )
+            return ""
+        return value
+
+    expanded = ENV_REFERENCE.sub(replace, text)
+    if errors:
+        raise ConfigError(errors)
+    return expanded
+
+
+def parse_config_text(
+    text: str, origin: str, base_dir: Path | None = None, *, expand_env: bool = False
+) -> Config:
+    if expand_env:
+        text = expand_env_references(text, origin)
     try:
         data = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:

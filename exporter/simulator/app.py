@@ -1,5 +1,7 @@
-"""An aiohttp app that answers like the three upstream APIs and a Salesforce
-token endpoint, playing back scripted imports, with fault injection.
+"""An aiohttp app that answers like the three upstream APIs, a Salesforce
+token endpoint, and the two APIs of the http_json recipes (Salesforce Bulk API
+2.0 ingest jobs, Shopify bulk operations), playing back scripted imports, with
+fault injection.
 
 It is a fake of the vendors' servers: it imports nothing from the exporter.
 Over 400 lines because the three fakes share their fault injection, rate
@@ -26,7 +28,15 @@ from exporter.simulator.scenarios import Scenarios, Script, demo_scenarios
 
 JSON_TYPE = "application/json;charset=UTF-8"
 STREAM_CHUNK = 64 * 1024
-KINDS = ("elevate", "zilliant", "token", "rocketchat_progress", "rocketchat_operation")
+KINDS = (
+    "elevate",
+    "zilliant",
+    "token",
+    "rocketchat_progress",
+    "rocketchat_operation",
+    "salesforce_bulk",
+    "shopify",
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class DemoCredentials:
     username: str = "demo@example.com"
     password: str = "demo-password"
     forwarded_host: str = "demo.my.salesforce.com"
+    shopify_access_token: str = "shpat_demo_access_token"
 
 
 DEMO_CREDENTIALS = DemoCredentials()
@@ -93,6 +104,7 @@ class Simulator:
         scenarios: Scenarios | None = None,
         wall_clock: Callable[[], float] = time.time,
         credentials: DemoCredentials = DEMO_CREDENTIALS,
+        shopify_bucket: tuple[float, float] | None = None,
     ) -> None:
         self.speed = speed
         self.credentials = credentials
@@ -111,6 +123,13 @@ class Simulator:
         self._calls: dict[tuple[str, str], deque[float]] = {}
         self.first_asked: dict[str, float] = {}
         """Simulated second each walk-in id was first asked about."""
+        self.shopify_bucket = shopify_bucket
+        """Shopify's leaky bucket: (points it holds, points restored a second);
+        None: no limit."""
+        self._shopify_points = shopify_bucket[0] if shopify_bucket else 0.0
+        self.salesforce_page_size = 1000
+        """Jobs a page of Salesforce's job list holds (1,000 upstream)."""
+        self._shopify_checked = clock()
 
     def elapsed(self) -> float:
         return (self.clock() - self.start) * self.speed
@@ -141,6 +160,27 @@ class Simulator:
         if len(calls) >= self.rocketchat_rate_limit:
             return calls[0] + 60
         calls.append(now)
+        return None
+
+    def shopify_spend(self, cost: float) -> dict[str, Any] | None:
+        """Take a query's cost from the bucket; the throttleStatus when it
+        does not hold enough (the query is throttled), else None."""
+        if self.shopify_bucket is None:
+            return None
+        maximum, restore = self.shopify_bucket
+        now = self.clock()
+        self._shopify_points = min(
+            maximum, self._shopify_points + (now - self._shopify_checked) * restore
+        )
+        self._shopify_checked = now
+        status = {
+            "maximumAvailable": maximum,
+            "currentlyAvailable": int(self._shopify_points),
+            "restoreRate": restore,
+        }
+        if self._shopify_points < cost:
+            return status
+        self._shopify_points -= cost
         return None
 
 
@@ -341,6 +381,205 @@ async def zilliant_status(request: web.Request) -> web.StreamResponse:
     return _json(body)
 
 
+# --- Salesforce Bulk API 2.0 ingest jobs -----------------------------------------
+
+SALESFORCE_INVALID_SESSION = [
+    {"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}
+]
+SALESFORCE_NOT_FOUND = [
+    {"errorCode": "NOT_FOUND", "message": "The requested resource does not exist"}
+]
+
+
+def _salesforce_time(sim: Simulator, simulated: float) -> str:
+    """Salesforce's form of a date: ``2024-05-01T10:00:00.000+0000``."""
+    when = datetime.fromtimestamp(sim.wall_start + simulated / sim.speed, UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.000+0000")
+
+
+def _bearer_ok(sim: Simulator, request: web.Request) -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme == "Bearer" and token in sim.tokens
+
+
+async def salesforce_bulk_job(request: web.Request) -> web.StreamResponse:
+    """``GET /services/data/vXX.X/jobs/ingest/{jobId}``: Get Information About
+    an Ingest Job (JobInfo), with the documented 401 and 404 answers."""
+    fault = _fault(request, "salesforce_bulk")
+    if fault is not None:
+        return await _apply_fault(request, fault)
+    sim = request.app[SIMULATOR]
+    if not _bearer_ok(sim, request):
+        return _json(SALESFORCE_INVALID_SESSION, status=401)
+    job_id = request.match_info["job_id"]
+    body = _salesforce_job(sim, job_id, request.match_info["version"])
+    if body is None:
+        return _json(SALESFORCE_NOT_FOUND, status=404)
+    return _json(body)
+
+
+def _salesforce_job(sim: Simulator, job_id: str, version: str) -> dict[str, Any] | None:
+    """A job's JobInfo now; None before it exists."""
+    script = sim.scenarios.salesforce_bulk.get(job_id)
+    moment = script.at(sim.elapsed()) if script else None
+    if moment is None:
+        return None
+    body: dict[str, Any] = {
+        "id": job_id,
+        "operation": "upsert",
+        "object": "Account",
+        "createdById": "005xx000001SwiUAAS",
+        "createdDate": _salesforce_time(sim, 0.0),
+        "systemModstamp": _salesforce_time(sim, moment.phase.at),
+        "state": moment.phase.status,
+        "externalIdFieldName": "External_Id__c",
+        "concurrencyMode": "Parallel",
+        "contentType": "CSV",
+        "apiVersion": float(version.lstrip("v")),
+        "jobType": "V2Ingest",
+        "lineEnding": "LF",
+        "columnDelimiter": "COMMA",
+        "numberRecordsProcessed": moment.completed,
+        "numberRecordsFailed": moment.errors,
+        "retries": 0,
+        "totalProcessingTime": 0,
+        "apiActiveProcessingTime": 0,
+        "apexProcessingTime": 0,
+    }
+    if moment.phase.reason:
+        body["errorMessage"] = moment.phase.reason
+    return body
+
+
+SALESFORCE_LIST_FIELDS = (
+    "id",
+    "operation",
+    "object",
+    "createdById",
+    "createdDate",
+    "systemModstamp",
+    "state",
+    "concurrencyMode",
+    "contentType",
+    "apiVersion",
+    "jobType",
+    "lineEnding",
+    "columnDelimiter",
+)
+
+
+async def salesforce_bulk_jobs(request: web.Request) -> web.StreamResponse:
+    """``GET /services/data/vXX.X/jobs/ingest``: Get Information About All
+    Ingest Jobs, ``salesforce_page_size`` a page (1,000 upstream), paged by
+    ``nextRecordsUrl`` (a ``queryLocator``) until ``done``."""
+    fault = _fault(request, "salesforce_bulk")
+    if fault is not None:
+        return await _apply_fault(request, fault)
+    sim = request.app[SIMULATOR]
+    if not _bearer_ok(sim, request):
+        return _json(SALESFORCE_INVALID_SESSION, status=401)
+    version = request.match_info["version"]
+    jobs = [
+        job
+        for job_id in sim.scenarios.salesforce_bulk
+        if (job := _salesforce_job(sim, job_id, version)) is not None
+    ]
+    try:
+        start = int(request.query.get("queryLocator", "0"))
+    except ValueError:
+        return _json([{"errorCode": "INVALID_QUERY_LOCATOR", "message": "invalid"}], 400)
+    end = start + sim.salesforce_page_size
+    body: dict[str, Any] = {
+        "done": end >= len(jobs),
+        "records": [{k: job[k] for k in SALESFORCE_LIST_FIELDS} for job in jobs[start:end]],
+    }
+    if end < len(jobs):
+        body["nextRecordsUrl"] = f"/services/data/{version}/jobs/ingest?queryLocator={end}"
+    return _json(body)
+
+
+# --- Shopify Admin GraphQL: bulk operations -----------------------------------------
+
+SHOPIFY_GID = "gid://shopify/BulkOperation/"
+SHOPIFY_INVALID_TOKEN = (
+    "[API] Invalid API key or access token (unrecognized login or wrong password)"
+)
+SHOPIFY_NODE_COST = 1
+"""The calculated cost of a ``node(id:)`` query on a BulkOperation (an object: 1)."""
+
+
+def _shopify_cost(throttle: dict[str, Any], actual: int | None) -> dict[str, Any]:
+    return {
+        "cost": {
+            "requestedQueryCost": SHOPIFY_NODE_COST,
+            "actualQueryCost": actual,
+            "throttleStatus": throttle,
+        }
+    }
+
+
+def _shopify_node(sim: Simulator, gid: str) -> dict[str, Any] | None:
+    number = gid.removeprefix(SHOPIFY_GID) if gid.startswith(SHOPIFY_GID) else None
+    script = sim.scenarios.shopify.get(number) if number else None
+    moment = script.at(sim.elapsed()) if script else None
+    if moment is None:
+        return None
+    status = moment.phase.status
+    done = status == "COMPLETED" and moment.ended_at is not None
+    return {
+        "id": gid,
+        "status": status,
+        "errorCode": moment.phase.reason,
+        "createdAt": sim.wall_time(0.0),
+        "completedAt": sim.wall_time(moment.ended_at or 0.0) if done else None,
+        "objectCount": str(moment.completed),  # UnsignedInt64: a string
+        "rootObjectCount": str(moment.completed),
+        "fileSize": str(moment.completed * 180) if done else None,
+        "url": f"https://storage.googleapis.com/shopify-bulk/{number}.jsonl" if done else None,
+        "partialDataUrl": None,
+        "type": "QUERY",
+    }
+
+
+async def shopify_graphql(request: web.Request) -> web.StreamResponse:
+    """``POST /admin/api/{version}/graphql.json`` answering a ``node(id:)``
+    query on a BulkOperation: ``data.node`` (null for an unknown id), errors
+    with 200 as GraphQL does, THROTTLED when the leaky bucket is empty."""
+    fault = _fault(request, "shopify")
+    if fault is not None:
+        return await _apply_fault(request, fault)
+    sim = request.app[SIMULATOR]
+    if request.headers.get("X-Shopify-Access-Token") != sim.credentials.shopify_access_token:
+        return _json({"errors": SHOPIFY_INVALID_TOKEN}, status=401)
+    try:
+        payload = await request.json()
+    except ValueError:
+        return _json({"errors": {"query": "Required parameter missing or invalid"}}, status=400)
+    variables = payload.get("variables") if isinstance(payload, dict) else None
+    gid = variables.get("id") if isinstance(variables, dict) else None
+    if not isinstance(payload.get("query"), str) or not isinstance(gid, str):
+        return _json(
+            {"errors": [{"message": "Variable $id of type ID! was provided invalid value"}]}
+        )
+    throttled = sim.shopify_spend(SHOPIFY_NODE_COST)
+    if throttled is not None:
+        error = {
+            "message": "Throttled",
+            "extensions": {
+                "code": "THROTTLED",
+                "documentation": "https://shopify.dev/api/usage/rate-limits",
+            },
+        }
+        return _json({"errors": [error], "extensions": _shopify_cost(throttled, None)})
+    status = {"maximumAvailable": 2000.0, "currentlyAvailable": 1999, "restoreRate": 100.0}
+    return _json(
+        {
+            "data": {"node": _shopify_node(sim, gid)},
+            "extensions": _shopify_cost(status, SHOPIFY_NODE_COST),
+        }
+    )
+
+
 # --- Rocket.Chat ---------------------------------------------------------------
 
 
@@ -475,6 +714,11 @@ def create_app(simulator: Simulator | None = None) -> web.Application:
     app.router.add_get("/v1/EntityImport/{import_id}/status", zilliant_status)
     app.router.add_get("/api/v1/getImportProgress", rocketchat_progress)
     app.router.add_get("/api/v1/getCurrentImportOperation", rocketchat_operation)
+    app.router.add_get(
+        r"/services/data/{version:v\d+\.\d}/jobs/ingest/{job_id}", salesforce_bulk_job
+    )
+    app.router.add_get(r"/services/data/{version:v\d+\.\d}/jobs/ingest", salesforce_bulk_jobs)
+    app.router.add_post(r"/admin/api/{version:[\w-]+}/graphql.json", shopify_graphql)
     app.router.add_post("/_simulator/faults", set_faults)
     app.router.add_get("/_simulator/counters", get_counters)
     return app

@@ -83,6 +83,20 @@ ROCKETCHAT_FINAL = frozenset(
 )
 
 
+SALESFORCE_BULK_RUNNING = frozenset({"InProgress"})
+SALESFORCE_BULK_FINAL = frozenset({"JobComplete", "Failed", "Aborted"})
+SHOPIFY_RUNNING = frozenset({"RUNNING", "CANCELING"})
+SHOPIFY_FINAL = frozenset({"COMPLETED", "FAILED", "CANCELED", "EXPIRED"})
+
+
+def salesforce_bulk(*phases: Phase) -> Script:
+    return Script(list(phases), SALESFORCE_BULK_RUNNING, SALESFORCE_BULK_FINAL)
+
+
+def shopify(*phases: Phase) -> Script:
+    return Script(list(phases), SHOPIFY_RUNNING, SHOPIFY_FINAL)
+
+
 def elevate(*phases: Phase) -> Script:
     return Script(list(phases), ELEVATE_RUNNING, ELEVATE_FINAL)
 
@@ -110,6 +124,12 @@ class Scenarios:
     walk_ins: dict[str, Script] = field(default_factory=dict)
     """Elevate ids the demo does not configure, for trying the registration
     API: each script starts when the id is first asked about."""
+    salesforce_bulk: dict[str, Script] = field(default_factory=dict)
+    """Salesforce Bulk API 2.0 ingest jobs by job id (``reason``: errorMessage,
+    counts: numberRecordsProcessed, failures: numberRecordsFailed)."""
+    shopify: dict[str, Script] = field(default_factory=dict)
+    """Shopify bulk operations by the number in ``gid://shopify/BulkOperation/N``
+    (``reason``: errorCode, counts: objectCount)."""
 
 
 DEMO_STORY_SECONDS = 15.0
@@ -174,6 +194,31 @@ def demo_scenarios() -> Scenarios:
         rocketchat_cycle=200.0,
         # behind a broken proxy: never readable
         unreadable={"1006"},
+        salesforce_bulk={
+            # an Account upsert: uploaded, processed, 3 rows in 1000 rejected
+            "7505e00000AbCdEAAZ": salesforce_bulk(
+                Phase(0, "UploadComplete", total=4000),
+                Phase(
+                    3, "InProgress", total=4000, completed=0, completed_to=4000, errors_per_1000=3
+                ),
+                Phase(12, "JobComplete", total=4000, completed=4000, errors_per_1000=3),
+            ),
+            # a Contact insert whose CSV was rejected
+            "7505e00000AbCdFAAZ": salesforce_bulk(
+                Phase(0, "InProgress"),
+                Phase(6, "Failed", "InvalidBatch : Field name not found : Emial"),
+            ),
+        },
+        shopify={
+            # a product export: created, runs, completes
+            "4123456789": shopify(
+                Phase(0, "CREATED"),
+                Phase(2, "RUNNING", completed=0, completed_to=25_000),
+                Phase(11, "COMPLETED", completed=25_000),
+            ),
+            # an order export that runs into missing scopes
+            "4123456790": shopify(Phase(0, "RUNNING"), Phase(5, "FAILED", "ACCESS_DENIED")),
+        },
         walk_ins={
             # Register one of these through the API and watch it move.
             "5001": elevate(Phase(0, "WAITING"), Phase(10, "IN_PROGRESS"), Phase(30, "SUCCESS")),

@@ -55,11 +55,14 @@ async def http_request(
     max_bytes: int,
     headers: Mapping[str, str] | None = None,
     params: Mapping[str, str] | None = None,
-    data: Mapping[str, str] | None = None,
+    data: Mapping[str, str] | bytes | None = None,
     observe: RequestObserver | None = None,
     client_timeout: aiohttp.ClientTimeout | None = None,
 ) -> HttpResponse:
     """Make one request, reading at most ``max_bytes`` of (decompressed) body.
+
+    ``data`` is a form (a mapping) or a body as it is (bytes: say its
+    Content-Type in ``headers``).
 
     Raises :class:`SourceError` with reason timeout, connection or too_large.
     Any HTTP status is returned, not raised: callers decide what it means.
@@ -206,8 +209,10 @@ class Source(ABC, Generic[ConfigT]):
     sees the wire format.
     """
 
-    system: ClassVar[str]
-    """The ``type`` in the config and the ``system`` label, e.g. ``elevate``."""
+    system: str
+    """The ``type`` in the config and the ``system`` label, e.g. ``elevate``
+    (a class attribute; a type whose label the config names, ``http_json``,
+    sets it per instance)."""
 
     config_model: ClassVar[type[SourceConfig]]
 
@@ -217,6 +222,10 @@ class Source(ABC, Generic[ConfigT]):
 
     fetches_tokens: bool = False
     """True where the source calls a token endpoint of its own (counted by outcome)."""
+
+    discovery_interval: float | None = None
+    """Seconds between two calls of :meth:`discover`; None: the source finds
+    no imports itself (they are configured or registered)."""
 
     def __init__(
         self, config: ConfigT, session: aiohttp.ClientSession, hooks: SourceHooks | None = None
@@ -252,6 +261,11 @@ class Source(ABC, Generic[ConfigT]):
     async def poll(self, import_id: str) -> Observation:
         """Ask the upstream about one import. Raises :class:`SourceError`."""
 
+    async def discover(self) -> list[ImportSpec]:
+        """The imports the upstream lists now, for sources with a
+        ``discovery_interval``. Raises :class:`SourceError`."""
+        return []
+
     async def request(
         self,
         method: str,
@@ -259,7 +273,7 @@ class Source(ABC, Generic[ConfigT]):
         *,
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
-        data: Mapping[str, str] | None = None,
+        data: Mapping[str, str] | bytes | None = None,
     ) -> HttpResponse:
         """:func:`http_request` with this source's session, timeout, cap and observer."""
         return await http_request(

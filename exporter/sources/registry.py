@@ -13,6 +13,7 @@ from pydantic import Field, TypeAdapter
 from exporter.config import SourceConfig
 from exporter.sources.base import Source, SourceHooks
 from exporter.sources.elevate import ElevateSource
+from exporter.sources.http_json import HttpJsonSource
 from exporter.sources.rocketchat import RocketChatSource
 from exporter.sources.zilliant import ZilliantSource
 
@@ -20,6 +21,7 @@ SOURCES: tuple[type[Source[Any]], ...] = (
     ElevateSource,
     ZilliantSource,
     RocketChatSource,
+    HttpJsonSource,
 )
 
 SOURCE_TYPES = tuple(source.system for source in SOURCES)

@@ -387,6 +387,33 @@ def check_docker(_tmp_path: Path) -> None:
     build_parser().parse_args(args[image + 1 :])  # the flags after the image parse
 
 
+def check_own_api(tmp_path: Path) -> None:
+    """The "Your own API" section: the example config loads, and check-config reads an
+    answer of that API as the console block shows (the curl is replaced by
+    the answer it would save)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(block("sources:\n  - name: acme-jobs"))
+    console = block("$ curl -s").splitlines()
+    command = console[1].removeprefix("$ ").replace("config.yaml", str(config))
+    saved = tmp_path / "saved.json"
+    answer = {
+        "job": {
+            "status": "running",
+            "rowsDone": 1200,
+            "rowsTotal": 5000,
+            "startedAt": "2026-11-25T09:00:00Z",
+        }
+    }
+    saved.write_text(json.dumps(answer))
+    args = [str(PROGRAM), *shlex.split(command)[1:]]
+    args = [str(saved) if a == "saved.json" else a for a in args]
+    env = {**os.environ, "ACME_TOKEN": "not-a-real-token"}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout.replace(str(config), "config.yaml").replace(str(saved), "saved.json")
+    assert shown.splitlines() == console[2:]
+
+
 def check_diagram(tmp_path: Path) -> None:
     """The data-flow picture of "How it works": not a command."""
 
@@ -405,6 +432,8 @@ CHECKS: dict[str, Callable[[Path], None]] = {
     "kubectl apply -k": check_kubectl,
     "sudo install -m 0644 examples/systemd": check_systemd_install,
     "docker build -t import-status-exporter .": check_docker,
+    "sources:\n  - name: acme-jobs": check_own_api,
+    "$ curl -s": check_own_api,
 }
 
 
