@@ -1,10 +1,10 @@
 """Where the state survives a restart: the :class:`Storage` interface, and the
 record snapshot (:func:`to_row`) every backend writes and reads back.
 
-SQLite (:mod:`.sqlite`) is the embedded default; a backend is anything with
-these methods. The state is the one truth while the process runs; a backend
-is how it survives a restart, so a stall that began before the restart is
-still seen as a stall.
+SQLite (:mod:`.sqlite`) is the embedded default, PostgreSQL (:mod:`.postgres`)
+the registry replicas share; a backend is anything with these methods. The
+state is the one truth while the process runs; a backend is how it survives a
+restart, so a stall that began before the restart is still seen as a stall.
 """
 
 from __future__ import annotations
@@ -50,7 +50,15 @@ COLUMNS = (
     "parked_at",
 )
 
-WRITE_ERROR_REASONS = ("disk_full", "read_only", "busy", "io_error", "vanished", "other")
+WRITE_ERROR_REASONS = (
+    "disk_full",
+    "read_only",
+    "busy",
+    "io_error",
+    "vanished",
+    "unavailable",
+    "other",
+)
 """Why a write failed: a small fixed set, exported as a metric label."""
 PUBLIC_REASON = {
     "disk_full": "the disk is full",
@@ -58,6 +66,7 @@ PUBLIC_REASON = {
     "busy": "the database is locked",
     "io_error": "the disk failed",
     "vanished": "the database file was deleted or replaced while in use",
+    "unavailable": "the database server cannot be reached",
     "other": "the database refused the write",
 }
 
