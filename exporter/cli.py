@@ -26,6 +26,7 @@ from exporter.runtime import (
     parse_listen_address,
 )
 from exporter.storage import StoreError
+from exporter.storage.postgres import open_when_reachable
 from exporter.web import route_prefix_of
 
 log = logging.getLogger("exporter")
@@ -76,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: $IMPORT_STATUS_EXPORTER_STORAGE_PATH, else storage.path of the config "
         f"file, else {DEFAULT_STORAGE_PATH}; "
         "with --demo: none, state is kept in memory only)",
+    )
+    parser.add_argument(
+        "--storage.url",
+        dest="storage_url",
+        default=os.environ.get("IMPORT_STATUS_EXPORTER_STORAGE_URL") or None,
+        help="postgresql://user:password@host/db: a PostgreSQL database shared by replicas, "
+        "instead of the SQLite file (default: $IMPORT_STATUS_EXPORTER_STORAGE_URL, else "
+        "storage.url of the config file; prefer those, or storage.url_file, to keep the "
+        "password out of the process list)",
     )
     parser.add_argument(
         "--web.max-requests",
@@ -180,6 +190,16 @@ def check_config(path: str) -> int:
     return 0
 
 
+def choose_storage(
+    path: str | None, url: str | None, config: Config
+) -> tuple[str | None, str | None]:
+    """(SQLite path, PostgreSQL URL): the command line's choice, else the
+    config file's, else the default file. A URL wins over a path."""
+    if url is None and path is None:
+        url = config.storage_url()
+    return (path or config.storage_path() or DEFAULT_STORAGE_PATH), url
+
+
 async def run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -213,23 +233,28 @@ async def run(args: argparse.Namespace) -> int:
         config: Config
         loader = None
         storage_path: str | None = args.storage_path
+        storage_url: str | None = args.storage_url
         if args.demo:
             from exporter.demo import start_demo_simulator
 
             config = await stack.enter_async_context(start_demo_simulator(args.demo_speed))
         else:
             config = load_config(args.config_file)
-            storage_path = storage_path or config.storage_path() or DEFAULT_STORAGE_PATH
+            storage_path, storage_url = choose_storage(storage_path, storage_url, config)
 
             def loader() -> Config:
                 return load_config(args.config_file)
 
+        store = await open_when_reachable(storage_url, stop)
+        if stop.is_set():
+            return 0  # stopped while waiting for the database
         starting = Exporter(
             config,
             args.listen_address,
             args.web_config_file,
             loader,
             storage_path=storage_path,
+            store=store,
             max_requests=args.max_requests,
             header_timeout=args.header_timeout,
             route_prefix=(

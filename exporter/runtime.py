@@ -84,6 +84,7 @@ class Exporter:
         config_loader: ConfigLoader | None = None,
         storage_path: str | None = None,
         *,
+        store: Storage | None = None,
         max_requests: int = 0,
         header_timeout: float = HEADER_READ_TIMEOUT,
         route_prefix: str = "",
@@ -91,7 +92,8 @@ class Exporter:
         self.config = config
         self.config_loader = config_loader
         # Opened first: a corrupt database stops the start-up with a clear error.
-        self.store: Storage | None = (
+        # ``store``: a backend opened by the caller (PostgreSQL), else the file.
+        self.store: Storage | None = store or (
             SQLiteStorage(storage_path) if storage_path is not None else None
         )
         self.listen_address = listen_address

@@ -18,6 +18,8 @@ asks for PostgreSQL, so the default install does not need it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -25,6 +27,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from exporter.logs import context
 from exporter.state import ImportKey, ImportRecord
 from exporter.storage import COLUMNS, Row, StoreError, StoreHealth, from_row
 
@@ -328,3 +331,35 @@ def _secrets_of(url: str) -> list[str]:
     except ValueError:
         pass
     return secrets
+
+
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+"""Seconds between attempts to reach PostgreSQL at start: doubling up to this."""
+
+
+async def open_when_reachable(url: str | None, stop: asyncio.Event) -> PostgresStorage | None:
+    """Open the database, retrying with backoff while the server cannot be
+    reached (down, starting, failing over); None if ``stop`` is set first (or
+    there is no URL). Any other failure (a wrong password, a newer schema)
+    raises at once."""
+    if url is None:
+        return None
+    delay = RETRY_FIRST
+    while True:
+        try:
+            return await asyncio.to_thread(PostgresStorage, url)
+        except StoreError as exc:
+            if exc.reason != "unavailable":
+                raise
+            log.error(
+                "cannot reach PostgreSQL, retrying (not ready until then): %s",
+                exc,
+                extra=context(storage=redact_url(url), retry_in_seconds=delay),
+            )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stop.wait()
+        if stop.is_set():
+            return None
+        delay = min(delay * 2, RETRY_MAX)
