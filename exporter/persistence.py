@@ -57,7 +57,9 @@ class Persistence:
         # A snapshot, taken on the loop; the request's rows last, so they win.
         pending = [to_row(r) for r in changed if (r.source, r.import_id) not in gone]
         try:
-            await asyncio.to_thread(self.storage.write, [*pending, *rows], [*forgotten, *deleted])
+            await asyncio.to_thread(
+                self.storage.write, rows, [*forgotten, *deleted], refresh=pending
+            )
         except StoreError:
             self.state.requeue(changed, forgotten)
             raise

@@ -159,6 +159,7 @@ class Exporter:
                 self._park(name)
         self.state.record_reload(success=True)
         self.persistence.start(lambda: self.config.retention, self._forget)
+        self.registration.follow_store()  # other replicas' registrations (PostgreSQL)
         loop = asyncio.get_running_loop()
         self._previous_exception_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._loop_exception)
@@ -372,6 +373,7 @@ class Exporter:
         """Stop accepting, stop polling, write what the store must keep, close."""
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.registration.stop_following()
         await self.poller.stop()
         await self.persistence.stop()
         if self._session is not None:

@@ -5,6 +5,7 @@ versions its schema, reconnects, and never shows its password."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -98,6 +99,15 @@ def test_a_reopened_store_has_everything_written(opener: Opener) -> None:
     first.write([], deleted=[("shop", "2")])
     first.close()
     assert [(r.import_id, r.first_seen) for r in opener().load()] == [("1", 5.0)]
+
+
+def test_what_polls_learnt_is_written_too(storage: Storage) -> None:
+    storage.write([to_row(record("api"))])
+    listed = record("listed", origin=Origin.CONFIG, first_seen=1.0)
+    storage.write([], refresh=[to_row(listed), to_row(record("api", last_success=9.0))])
+    loaded = {r.import_id: r for r in storage.load()}
+    assert loaded["listed"] == listed
+    assert loaded["api"].last_success == 9.0
 
 
 @pytest.mark.usefixtures("sqlite_storage")
@@ -194,3 +204,37 @@ def test_a_restarted_server_fails_writes_then_is_written_again(
         assert sorted(r.import_id for r in store.load()) == ["1", "2"]
     finally:
         store.close()
+
+
+def test_what_polls_learnt_never_brings_back_a_registration_deleted_elsewhere(
+    pg_url: str,
+) -> None:
+    a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    try:
+        a.write([to_row(record("1"))])
+        b.write([], deleted=[("shop", "1")])
+        a.write([], refresh=[to_row(record("1", last_success=9.0))])  # A polled it meanwhile
+        assert a.load() == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_other_replicas_hear_of_registrations_and_removals_not_of_polls(pg_url: str) -> None:
+    a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    heard = threading.Semaphore(0)
+    try:
+        b.watch(heard.release)
+        assert heard.acquire(timeout=10)  # once listening: read what came before
+        a.write([to_row(record("1"))])
+        assert heard.acquire(timeout=10)
+        a.write([], refresh=[to_row(record("1", last_success=9.0))])
+        a.write([], deleted=[("shop", "1")])
+        assert heard.acquire(timeout=10)
+        b.write([to_row(record("2"))])  # its own: not heard
+        a.write([to_row(record("3"))])
+        assert heard.acquire(timeout=10)
+        assert not heard.acquire(timeout=0.5)  # nothing else was heard
+    finally:
+        a.close()
+        b.close()

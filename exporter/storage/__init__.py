@@ -107,9 +107,13 @@ class Storage(Protocol):
     def load(self) -> list[ImportRecord]:
         """Every stored import, parked ones included."""
 
-    def write(self, rows: Iterable[Row], deleted: Iterable[ImportKey] = ()) -> None:
-        """Upsert ``rows`` and delete ``deleted`` in one transaction: durable
-        when it returns."""
+    def write(
+        self, rows: Iterable[Row], deleted: Iterable[ImportKey] = (), refresh: Iterable[Row] = ()
+    ) -> None:
+        """Upsert ``rows`` (registrations) and ``refresh`` (what polls learnt)
+        and delete ``deleted`` in one transaction: durable when it returns. A
+        backend shared by processes must not let ``refresh`` bring back an
+        imported registered through the API that another process deleted."""
 
     def verify(self) -> None:
         """Check the backend is still the one it was opened as (a cheap probe);

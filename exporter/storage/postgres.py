@@ -21,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from exporter.logs import context
+from exporter.model import Origin
 from exporter.state import ImportKey, ImportRecord
 from exporter.storage import COLUMNS, Row, StoreError, StoreHealth, from_row
 
@@ -78,6 +80,14 @@ _UPSERT = (
     "ON CONFLICT (source, import_id) DO UPDATE SET "
     + ", ".join(f"{column} = EXCLUDED.{column}" for column in COLUMNS[2:])
 )
+_UPDATE = (
+    "UPDATE imports SET "
+    + ", ".join(f"{column} = %s" for column in COLUMNS[2:])
+    + " WHERE source = %s AND import_id = %s"
+)
+CHANNEL = "import_status_changes"
+"""NOTIFY channel: a registration or removal was committed (payload: the
+writer's token, so a replica skips its own)."""
 _MIGRATION_LOCK = 0x1D5E_0016
 """pg_advisory_xact_lock key: replicas starting at once migrate one after the other."""
 CONNECT_TIMEOUT = 5
@@ -151,6 +161,9 @@ class PostgresStorage:
         self.health = StoreHealth()
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
+        self._token = secrets.token_hex(8)
+        self._closing = threading.Event()
+        self._watcher: threading.Thread | None = None
         with self._lock:
             try:
                 self._connect()
@@ -236,12 +249,20 @@ class PostgresStorage:
         except (ValueError, TypeError) as exc:
             raise StoreError(f"{self.path}: cannot read the stored imports: {exc}") from exc
 
-    def write(self, rows: Iterable[Row], deleted: Iterable[ImportKey] = ()) -> None:
-        """Upsert ``rows`` and delete ``deleted`` keys in one transaction,
-        committed when it returns. Raises :class:`StoreError`."""
+    def write(
+        self, rows: Iterable[Row], deleted: Iterable[ImportKey] = (), refresh: Iterable[Row] = ()
+    ) -> None:
+        """Upsert ``rows`` (registrations) and delete ``deleted`` keys in one
+        transaction, committed when it returns, and tell the other replicas
+        (NOTIFY, sent on commit). ``refresh`` (what polls learnt) only updates
+        registrations still in the database, so it never brings back one that
+        another replica deleted. Raises :class:`StoreError`."""
         import psycopg
 
         rows, deleted = list(rows), list(deleted)
+        origin = COLUMNS.index("origin")
+        updates = [(*row[2:], row[0], row[1]) for row in refresh if row[origin] == Origin.API]
+        upserts = [row for row in refresh if row[origin] != Origin.API]
         with self._lock:
             try:
                 conn = self._connect()
@@ -250,8 +271,12 @@ class PostgresStorage:
                         cursor.executemany(
                             "DELETE FROM imports WHERE source = %s AND import_id = %s", deleted
                         )
-                    if rows:
-                        cursor.executemany(_UPSERT, rows)
+                    if updates:
+                        cursor.executemany(_UPDATE, updates)
+                    if upserts or rows:
+                        cursor.executemany(_UPSERT, [*upserts, *rows])
+                    if rows or deleted:
+                        cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._token))
             except psycopg.Error as exc:
                 # Reconnect next time: after a failover the old connection may
                 # still be open, to a server that became a standby.
@@ -312,7 +337,43 @@ class PostgresStorage:
         health.last_write_ok = True
         health.last_write_success_at = time.time()
 
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """Call ``on_change`` (from a thread of its own) when another replica
+        committed a registration or removal, and once listening (again), for
+        what was missed before, until :meth:`close`. LISTEN on a connection of
+        its own: one NOTIFY per change, no polling of the database."""
+        self._watcher = threading.Thread(
+            target=self._listen, args=(on_change,), name="postgres-listen", daemon=True
+        )
+        self._watcher.start()
+
+    def _listen(self, on_change: Callable[[], None]) -> None:
+        import psycopg
+
+        delay = RETRY_FIRST
+        while not self._closing.is_set():
+            try:
+                with psycopg.connect(
+                    self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                ) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    # Whatever was committed before this LISTEN (since the
+                    # start's load, or while disconnected) is read now.
+                    on_change()
+                    delay = RETRY_FIRST
+                    while not self._closing.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            if note.payload != self._token:
+                                on_change()
+            except psycopg.Error as exc:
+                log.debug("listening for changes: %s", self._error("lost", exc))
+                self._closing.wait(delay)
+                delay = min(delay * 2, RETRY_MAX)
+
     def close(self) -> None:
+        self._closing.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
         with self._lock:
             self._drop()
 

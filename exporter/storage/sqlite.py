@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import sqlite3
@@ -138,9 +139,12 @@ class SQLiteStorage:
         except (sqlite3.Error, ValueError, TypeError) as exc:
             raise StoreError(f"{self.path}: cannot read the stored imports: {exc}") from exc
 
-    def write(self, rows: Iterable[Row], deleted: Iterable[ImportKey] = ()) -> None:
-        """Upsert ``rows`` (from :func:`to_row`) and delete ``deleted`` keys, in
-        one transaction. Raises :class:`StoreError`."""
+    def write(
+        self, rows: Iterable[Row], deleted: Iterable[ImportKey] = (), refresh: Iterable[Row] = ()
+    ) -> None:
+        """Upsert ``refresh`` then ``rows`` (from :func:`to_row`) and delete
+        ``deleted`` keys, in one transaction (one process owns the file, so
+        ``refresh`` is written like ``rows``). Raises :class:`StoreError`."""
         with self._lock:
             try:
                 self._check_in_place()
@@ -150,7 +154,7 @@ class SQLiteStorage:
                         self._db.executemany(
                             "DELETE FROM imports WHERE source = ? AND import_id = ?", deleted
                         )
-                        self._db.executemany(_UPSERT, rows)
+                        self._db.executemany(_UPSERT, itertools.chain(refresh, rows))
                     except BaseException:
                         self._db.execute("ROLLBACK")
                         raise

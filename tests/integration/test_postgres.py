@@ -199,3 +199,61 @@ async def test_postgres_restarted_under_load_loses_no_acknowledged_registration(
         check.close()
     assert set(acknowledged) <= stored
     assert len(acknowledged) >= 22  # 20 before, one after each outage
+
+
+async def test_a_registration_on_one_replica_is_polled_by_the_other_within_seconds(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    a = Exporter(load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url))
+    b = Exporter(load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url))
+    await a.start()
+    try:
+        await b.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+
+                async def listed_by_b() -> set[str]:
+                    status, body = await call(http, "GET", b, "/api/v1/imports")
+                    assert status == 200
+                    return {item["id"] for item in body["imports"]}
+
+                def polled_by_b(import_id: str) -> bool:
+                    record = b.state.imports.get(("elevate", import_id))
+                    return record is not None and record.observation is not None
+
+                assert (await register(http, a, "bench-7", "nightly"))[0] == 201
+                await wait_until(
+                    lambda: ("elevate", "bench-7") in b.state.imports,
+                    timeout=5,
+                    what="B to track it",
+                )
+                await wait_until(lambda: polled_by_b("bench-7"), timeout=5, what="B to poll it")
+                assert "bench-7" in await listed_by_b()
+                assert b.state.imports[("elevate", "bench-7")].name == "nightly"
+
+                # And back: a registration on B reaches A; a removal on A leaves B.
+                assert (await register(http, b, "bench-8"))[0] == 201
+                await wait_until(lambda: ("elevate", "bench-8") in a.state.imports, timeout=5)
+                status, _ = await call(
+                    http, "DELETE", a, "/api/v1/imports/elevate/bench-7", headers=AUTH
+                )
+                assert status == 204
+                await wait_until(lambda: ("elevate", "bench-7") not in b.state.imports, timeout=5)
+                assert "bench-7" not in await listed_by_b()
+                # What B learns by polling never brings the removed import back.
+                await wait_until(lambda: polled_by_b("bench-8"), timeout=5)
+                await wait_until(b.state.ready, timeout=10)
+        finally:
+            await b.stop()
+    finally:
+        await a.stop()
+    check = PostgresStorage(url)
+    try:
+        stored = {r.import_id for r in check.load()}
+    finally:
+        check.close()
+    assert "bench-7" not in stored
+    assert "bench-8" in stored
