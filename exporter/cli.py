@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("IMPORT_STATUS_EXPORTER_STORAGE_URL") or None,
         help="postgresql://user:password@host/db: a PostgreSQL database shared by replicas, "
         "instead of the SQLite file (default: $IMPORT_STATUS_EXPORTER_STORAGE_URL, else "
-        "storage.url of the config file; prefer those, or storage.url_file, to keep the "
-        "password out of the process list)",
+        "storage.url of the config file; a URL from either wins over any storage path; "
+        "prefer those, or storage.url_file, to keep the password out of the process list)",
     )
     parser.add_argument(
         "--web.max-requests",
@@ -193,11 +193,12 @@ def check_config(path: str) -> int:
 def choose_storage(
     path: str | None, url: str | None, config: Config
 ) -> tuple[str | None, str | None]:
-    """(SQLite path, PostgreSQL URL): the command line's choice, else the
-    config file's, else the default file. A URL wins over a path."""
-    if url is None and path is None:
-        url = config.storage_url()
-    return (path or config.storage_path() or DEFAULT_STORAGE_PATH), url
+    """(SQLite path, PostgreSQL URL). A URL given anywhere (the command line
+    first, else the config file) selects PostgreSQL: a storage path may come
+    from an image's environment ($IMPORT_STATUS_EXPORTER_STORAGE_PATH) and must
+    not hide the config's database. The path: the command line's, else the
+    config's, else the default file."""
+    return (path or config.storage_path() or DEFAULT_STORAGE_PATH), (url or config.storage_url())
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -210,7 +210,7 @@ async def test_elevate_cluster_id_gives_the_cloud_url(
     assert source.url == polled
 
 
-def test_storage_url_from_the_command_line_or_the_config_wins_over_the_file(
+def test_a_storage_url_from_the_command_line_or_the_config_wins_over_any_path(
     tmp_path: Path,
 ) -> None:
     from exporter.cli import DEFAULT_STORAGE_PATH, choose_storage
@@ -223,5 +223,6 @@ def test_storage_url_from_the_command_line_or_the_config_wins_over_the_file(
     (tmp_path / "pg-url").write_text(url)
     shared = parse_config_data({"storage": {"url_file": "pg-url"}}, "config.yaml", tmp_path)
     assert choose_storage(None, None, shared)[1] == url
-    # --storage.path on the command line: the file, whatever the config says.
-    assert choose_storage("other.db", None, shared) == ("other.db", None)
+    # A path (the image sets $IMPORT_STATUS_EXPORTER_STORAGE_PATH) never hides the database.
+    assert choose_storage("other.db", None, shared)[1] == url
+    assert choose_storage("other.db", None, plain) == ("other.db", None)
