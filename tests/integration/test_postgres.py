@@ -2,7 +2,9 @@
 real server (tests/postgres.py): registrations survive a SIGKILL and a
 restart; PostgreSQL down at start is waited for (not ready, no crash);
 PostgreSQL restarted under load loses no acknowledged registration, while
-polling and /metrics go on; the password never reaches a log line."""
+polling and /metrics go on; the password never reaches a log line. Two
+replicas on one database follow each other's registrations and removals, and
+a SIGKILL of either costs the other nothing."""
 
 from __future__ import annotations
 
@@ -257,3 +259,40 @@ async def test_a_registration_on_one_replica_is_polled_by_the_other_within_secon
         check.close()
     assert "bench-7" not in stored
     assert "bench-8" in stored
+
+
+async def test_a_sigkilled_replica_costs_the_other_nothing_and_catches_up_on_restart(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    port_a, port_b = free_port(), free_port()
+
+    async def post(session: aiohttp.ClientSession, port: int, import_id: str) -> int:
+        async with session.post(
+            f"http://127.0.0.1:{port}/api/v1/imports",
+            json={"source": "elevate", "id": import_id},
+            headers=AUTH,
+        ) as response:
+            return response.status
+
+    async with aiohttp.ClientSession() as session, exporter_process(config_file, port_a) as (a, _):
+        async with exporter_process(config_file, port_b) as (b, _):
+            await wait_listing(session, port_a, lambda listing: "1005" in listing)
+            await wait_listing(session, port_b, lambda listing: "1005" in listing)
+            assert await post(session, port_a, "bench-1") == 201
+            await wait_listing(session, port_b, lambda listing: "bench-1" in listing)
+            b.send_signal(signal.SIGKILL)
+            await b.wait()
+        # A goes on alone, and B, restarted, has what was registered meanwhile.
+        assert await post(session, port_a, "bench-2") == 201
+        async with exporter_process(config_file, port_b) as (b, _):
+            await wait_listing(
+                session, port_b, lambda listing: {"bench-1", "bench-2"} <= set(listing)
+            )
+            a.send_signal(signal.SIGKILL)
+            await a.wait()
+            assert await post(session, port_b, "bench-3") == 201
+            listing = await wait_listing(session, port_b, lambda listing: "bench-3" in listing)
+            assert {"bench-1", "bench-2", "bench-3"} <= set(listing)
