@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +27,7 @@ from exporter.runtime import (
     ListenError,
     parse_listen_address,
 )
+from exporter.sharding import WHOLE, Shard, ordinal_of
 from exporter.storage import StoreError
 from exporter.storage.postgres import open_when_reachable
 from exporter.web import route_prefix_of
@@ -117,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="path prefix of every endpoint (e.g. /import-status); default: the path of "
         "--web.external-url, else /",
     )
+    parser.add_argument(
+        "--shard",
+        type=int,
+        default=None,
+        help="this process's shard, 0 to --total-shards - 1: it polls and exports only the "
+        "imports it owns (by a stable hash of source and id)",
+    )
+    parser.add_argument(
+        "--total-shards", dest="total_shards", type=int, default=1, help="how many shards (1)"
+    )
+    parser.add_argument(
+        "--shard.from-hostname",
+        dest="shard_from_hostname",
+        action="store_true",
+        help="take --shard from the host name's ordinal (a StatefulSet pod, import-status-2)",
+    )
     parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
     parser.add_argument(
         "--log.format", dest="log_format", choices=["logfmt", "json"], default="logfmt"
@@ -156,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_requests < 0 or args.header_timeout <= 0:
         print("--web.max-requests must be >= 0 and --web.read-header-timeout > 0", file=sys.stderr)
         return 2
+    try:
+        shard = shard_of(args)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     before, after = raise_open_file_limit()
     if after != before:
         log.info("raised the open file limit from %d to %d", before, after)
@@ -165,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     try:
-        return asyncio.run(run(args))
+        return asyncio.run(run(args, shard))
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -173,6 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StoreError, ListenError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def shard_of(args: argparse.Namespace) -> Shard:
+    """--shard, --total-shards and --shard.from-hostname as a :class:`Shard`."""
+    index = args.shard
+    if args.shard_from_hostname:
+        if index is not None:
+            raise ValueError("give --shard or --shard.from-hostname, not both")
+        index = ordinal_of(socket.gethostname())
+    return Shard(index or 0, args.total_shards)
 
 
 def check_config(path: str) -> int:
@@ -201,7 +235,7 @@ def choose_storage(
     return (path or config.storage_path() or DEFAULT_STORAGE_PATH), (url or config.storage_url())
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -240,6 +274,11 @@ async def run(args: argparse.Namespace) -> int:
 
             config = await stack.enter_async_context(start_demo_simulator(args.demo_speed))
         else:
+            # No cyclic GC until start-up is done (Exporter.start freezes what
+            # it built, then enables it): with 100,000 imports, collections
+            # walking the growing config and state again and again took
+            # seconds of the start-up.
+            gc.disable()
             config = load_config(args.config_file)
             storage_path, storage_url = choose_storage(storage_path, storage_url, config)
 
@@ -258,6 +297,7 @@ async def run(args: argparse.Namespace) -> int:
             store=store,
             max_requests=args.max_requests,
             header_timeout=args.header_timeout,
+            shard=shard,
             route_prefix=(
                 args.route_prefix
                 if args.route_prefix is not None

@@ -1,8 +1,12 @@
-"""Reads the state and renders it as Prometheus metric families at scrape time.
+"""The exporter's metric families as ``prometheus_client`` collectors.
 
-A collector that builds families from the state on each scrape cannot leak
-series of imports that are gone, and is faster than long-lived labelled
-gauges at 10,000 imports.
+``/metrics`` serves the per-import families from :mod:`exporter.exposition`,
+which keeps each import's lines rendered; the few per-source and per-process
+families come from the collectors here (``StateCollector(state,
+imports=False)``). ``StateCollector(state)`` with its import families is the
+reference that exposition is tested against series by series, and the
+baseline of ``bench/scrape.py``: it builds every family from the state on
+each call, so it cannot leak series of imports that are gone.
 """
 
 from __future__ import annotations
@@ -33,22 +37,27 @@ _BUCKET_BOUNDS = [*(f"{b:g}" for b in REQUEST_DURATION_BUCKETS), "+Inf"]
 
 
 class StateCollector(Collector):
-    """Exposes every source and import in the :class:`StateStore`."""
+    """Exposes every source and import in the :class:`StateStore`; with
+    ``imports=False`` everything but the per-import families (which
+    :class:`exporter.exposition.ImportLines` renders)."""
 
-    def __init__(self, state: StateStore) -> None:
+    def __init__(self, state: StateStore, *, imports: bool = True) -> None:
         self.state = state
+        self.imports = imports
 
     def describe(self) -> Iterator[Metric]:
         """The families :meth:`collect` yields, without samples: what lets a
         ``name[]`` filter find this collector (and no render at registration)."""
-        yield from self._import_metrics(empty=True)
+        if self.imports:
+            yield from import_families()
         yield from self._source_metrics(empty=True)
         yield GaugeMetricFamily("import_exporter_build_info", "")
         yield GaugeMetricFamily("import_exporter_config_last_reload_successful", "")
         yield GaugeMetricFamily("import_exporter_config_last_reload_success_timestamp_seconds", "")
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._import_metrics()
+        if self.imports:
+            yield from self._import_metrics()
         yield from self._source_metrics()
         build = GaugeMetricFamily(
             "import_exporter_build_info",
@@ -70,88 +79,11 @@ class StateCollector(Collector):
                 value=self.state.last_reload_success_at,
             )
 
-    def _import_metrics(self, *, empty: bool = False) -> Iterator[Metric]:
+    def _import_metrics(self) -> Iterator[Metric]:
         now = self.state.clock()
-        keys = ["source", "import"]
-        state = GaugeMetricFamily(
-            "import_state",
-            "1 for the import's current normalized state, 0 for the other states." + POLLED,
-            labels=[*keys, "state"],
-        )
-        info = GaugeMetricFamily(
-            "import_info",
-            "Always 1; the upstream system, the raw upstream status (empty before the "
-            "first answer), the import's name and its origin (config: listed in the config "
-            "file, api: registered through the API)." + POLLED,
-            labels=[*keys, "system", "upstream_state", "name", "origin"],
-        )
-        completed = GaugeMetricFamily(
-            "import_items_completed",
-            "Items the upstream reports as imported so far (only where it reports counts)."
-            + POLLED,
-            labels=keys,
-        )
-        expected = GaugeMetricFamily(
-            "import_items_expected",
-            "Items the upstream reports the import will process in total "
-            "(only where it reports counts)." + POLLED,
-            labels=keys,
-        )
-        failed = GaugeMetricFamily(
-            "import_items_failed",
-            "Items the upstream reports as failed (only where it reports counts)." + POLLED,
-            labels=keys,
-        )
-        start = GaugeMetricFamily(
-            "import_start_timestamp_seconds",
-            "When the import started: the upstream's start time where it reports one "
-            "(Zilliant), else when the exporter first saw it running." + POLLED,
-            labels=keys,
-        )
-        end = GaugeMetricFamily(
-            "import_end_timestamp_seconds",
-            "When the import finished: the upstream's stop time where it reports one "
-            "(Zilliant), else when the exporter first saw it in a final state." + POLLED,
-            labels=keys,
-        )
-        duration = GaugeMetricFamily(
-            "import_duration_seconds",
-            "End minus start of a finished import, or now minus start while it runs." + POLLED,
-            labels=keys,
-        )
-        changed = GaugeMetricFamily(
-            "import_state_change_timestamp_seconds",
-            "When the exporter first saw the import's current state." + POLLED,
-            labels=keys,
-        )
-        progress = GaugeMetricFamily(
-            "import_last_progress_timestamp_seconds",
-            "When the exporter last saw the import's state, step or completed count change."
-            + POLLED,
-            labels=keys,
-        )
-        success = GaugeMetricFamily(
-            "import_last_poll_success_timestamp_seconds",
-            "When a background poll last got an answer about the import." + POLLED,
-            labels=keys,
-        )
-        attempt = GaugeMetricFamily(
-            "import_last_poll_attempt_timestamp_seconds",
-            "When the latest background poll of the import came back, answered or failed.",
-            labels=keys,
-        )
-        failures = GaugeMetricFamily(
-            "import_consecutive_poll_failures",
-            "Background polls of the import that failed in a row since the last answer "
-            "about it (0 once a poll is answered). Above 0 the import's other series are "
-            "out of date; never answered, its state is pending.",
-            labels=keys,
-        )
-        families: tuple[Metric, ...] = (state, info, completed, expected, failed, start, end)
-        families += (duration, changed, progress, success, attempt, failures)
-        if empty:
-            yield from families
-            return
+        families = import_families()
+        state, info, completed, expected, failed, start, end = families[:7]
+        duration, changed, progress, success, attempt, failures = families[7:]
         for record in list(self.state.imports.values()):
             labels = [record.source, record.import_id]
             failures.add_metric(labels, record.consecutive_failures)
@@ -193,7 +125,8 @@ class StateCollector(Collector):
         up = GaugeMetricFamily(
             "import_source_up",
             "1 while the latest background poll of at least one watched import reached "
-            "the source's API and understood the answer; 0 when every one failed.",
+            "the source's API and understood the answer; 0 when every one failed. Absent "
+            "while the source watches no import in this process and never polled.",
             labels=keys,
         )
         requests = CounterMetricFamily(
@@ -231,12 +164,13 @@ class StateCollector(Collector):
         if empty:
             yield from families
             return
-        counts: dict[str, int] = {}
-        for record in list(self.state.imports.values()):
-            counts[record.source] = counts.get(record.source, 0) + 1
+        counts = self.state.imports.per_source  # kept by the index: no walk of every import
         for source in list(self.state.sources.values()):
             labels = [source.name, source.system]
-            up.add_metric(labels, 1.0 if source.up else 0.0)
+            if source.up is not None or counts.get(source.name):
+                # Absent while the source watches nothing here and never did
+                # (no import yet, or another shard owns them all): not "down".
+                up.add_metric(labels, 1.0 if source.up else 0.0)
             requests.add_metric(labels, source.requests_total)
             for reason in REASONS:
                 errors.add_metric([*labels, reason.value], source.errors_total.get(reason, 0))
@@ -254,11 +188,103 @@ class StateCollector(Collector):
         yield from families
 
 
-def build_registry(state: StateStore) -> CollectorRegistry:
+def import_families() -> tuple[GaugeMetricFamily, ...]:
+    """The per-import families, empty, in the order they are exposed."""
+    keys = ["source", "import"]
+    state = GaugeMetricFamily(
+        "import_state",
+        "1 for the import's current normalized state, 0 for the other states." + POLLED,
+        labels=[*keys, "state"],
+    )
+    info = GaugeMetricFamily(
+        "import_info",
+        "Always 1; the upstream system, the raw upstream status (empty before the "
+        "first answer), the import's name and its origin (config: listed in the config "
+        "file, api: registered through the API)." + POLLED,
+        labels=[*keys, "system", "upstream_state", "name", "origin"],
+    )
+    completed = GaugeMetricFamily(
+        "import_items_completed",
+        "Items the upstream reports as imported so far (only where it reports counts)." + POLLED,
+        labels=keys,
+    )
+    expected = GaugeMetricFamily(
+        "import_items_expected",
+        "Items the upstream reports the import will process in total "
+        "(only where it reports counts)." + POLLED,
+        labels=keys,
+    )
+    failed = GaugeMetricFamily(
+        "import_items_failed",
+        "Items the upstream reports as failed (only where it reports counts)." + POLLED,
+        labels=keys,
+    )
+    start = GaugeMetricFamily(
+        "import_start_timestamp_seconds",
+        "When the import started: the upstream's start time where it reports one "
+        "(Zilliant), else when the exporter first saw it running." + POLLED,
+        labels=keys,
+    )
+    end = GaugeMetricFamily(
+        "import_end_timestamp_seconds",
+        "When the import finished: the upstream's stop time where it reports one "
+        "(Zilliant), else when the exporter first saw it in a final state." + POLLED,
+        labels=keys,
+    )
+    duration = GaugeMetricFamily(
+        "import_duration_seconds",
+        "End minus start of a finished import, or now minus start while it runs." + POLLED,
+        labels=keys,
+    )
+    changed = GaugeMetricFamily(
+        "import_state_change_timestamp_seconds",
+        "When the exporter first saw the import's current state." + POLLED,
+        labels=keys,
+    )
+    progress = GaugeMetricFamily(
+        "import_last_progress_timestamp_seconds",
+        "When the exporter last saw the import's state, step or completed count change." + POLLED,
+        labels=keys,
+    )
+    success = GaugeMetricFamily(
+        "import_last_poll_success_timestamp_seconds",
+        "When a background poll last got an answer about the import." + POLLED,
+        labels=keys,
+    )
+    attempt = GaugeMetricFamily(
+        "import_last_poll_attempt_timestamp_seconds",
+        "When the latest background poll of the import came back, answered or failed.",
+        labels=keys,
+    )
+    failures = GaugeMetricFamily(
+        "import_consecutive_poll_failures",
+        "Background polls of the import that failed in a row since the last answer "
+        "about it (0 once a poll is answered). Above 0 the import's other series are "
+        "out of date; never answered, its state is pending.",
+        labels=keys,
+    )
+    return (
+        state,
+        info,
+        completed,
+        expected,
+        failed,
+        start,
+        end,
+        duration,
+        changed,
+        progress,
+        success,
+        attempt,
+        failures,
+    )
+
+
+def build_registry(state: StateStore, *, imports: bool = True) -> CollectorRegistry:
     # auto_describe: the process and platform collectors have no describe();
     # without it a ``name[]`` filter finds none of their names.
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(StateCollector(state))
+    registry.register(StateCollector(state, imports=imports))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

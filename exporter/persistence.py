@@ -1,7 +1,7 @@
 """Keeps the state in the storage backend: what changed is written within a
-second (a newer poll time alone every 30 s), retention forgets what ended long
-ago, and every write that answers a request is ordered with the others by one
-lock (which a reload holds too while it replaces sources)."""
+second (a newer poll time alone every 30 s) in chunks, retention forgets what
+ended long ago, and every write is ordered with the others by one lock (which
+a reload holds too while it replaces sources)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ PERSIST_INTERVAL = 1.0
 """Seconds between writes of what polls learnt (registrations are written at once)."""
 POLL_TIMES_EVERY = 30
 """Write imports whose only news is a newer poll time every this many writes."""
+WRITE_CHUNK = 2000
+"""Rows per transaction of a periodic write: a registration waits behind one
+chunk at most (a few ms), not a write of every import."""
 
 Forget = Callable[[ImportRecord], None]
 """Stops polling and forgets an import whose retention ended."""
@@ -40,29 +43,54 @@ class Persistence:
         """Why the last write failed (None: it succeeded, or there is no storage)."""
         return self.storage.health.failing if self.storage is not None else None
 
-    async def write(
-        self,
-        *,
-        with_poll_times: bool = False,
-        rows: Sequence[Row] = (),
-        deleted: Sequence[ImportKey] = (),
-    ) -> None:
-        """Write what changed since the last write, and a request's ``rows`` and
-        ``deleted`` keys (not yet applied in memory), in one transaction; on
-        failure keep what was pending for the next write. Call under :attr:`lock`."""
-        changed, forgotten = self.state.take_changes(with_poll_times=with_poll_times)
-        if self.storage is None or not (changed or forgotten or rows or deleted):
+    async def write(self, *, rows: Sequence[Row] = (), deleted: Sequence[ImportKey] = ()) -> None:
+        """Write a request's ``rows`` and ``deleted`` keys (not yet applied in
+        memory) in one transaction. Only those: what polls learnt is
+        :meth:`write_pending`'s, so a registration never waits behind a bulk
+        write of every import. Call under :attr:`lock`."""
+        if self.storage is None or not (rows or deleted):
             return
-        gone = set(deleted)
-        # A snapshot, taken on the loop; the request's rows last, so they win.
-        pending = [to_row(r) for r in changed if (r.source, r.import_id) not in gone]
-        try:
-            await asyncio.to_thread(
-                self.storage.write, rows, [*forgotten, *deleted], refresh=pending
-            )
-        except StoreError:
-            self.state.requeue(changed, forgotten)
-            raise
+        await asyncio.to_thread(self.storage.write, rows, deleted)
+
+    async def write_pending(self, *, with_poll_times: bool = False) -> None:
+        """Write what changed since the last write (with ``with_poll_times``
+        also the imports whose only news is a newer poll time) in transactions
+        of at most :data:`WRITE_CHUNK` rows, each under :attr:`lock`, so a
+        registration waits for one chunk at most. Each chunk's rows are built
+        on the event loop (each a consistent snapshot of its record) from the
+        changed records only; on failure what is left is kept for the next."""
+        if self.storage is None:
+            return
+        changed: list[ImportRecord] = []
+        forgotten: list[ImportKey] = []
+        at = 0
+        while True:
+            async with self.lock:
+                if at == 0:
+                    # Taken under the lock: no registration lands between the
+                    # take and the first chunk's deletes.
+                    changed, forgotten = self.state.take_changes(with_poll_times=with_poll_times)
+                    if not (changed or forgotten):
+                        return
+                chunk = changed[at : at + WRITE_CHUNK]
+                deleted = forgotten if at == 0 else []
+                # An import forgotten (or registered anew) since the take is
+                # not written back from its old record.
+                rows = [to_row(record) for record in chunk if self._is_current(record)]
+                try:
+                    # refresh: a shared database must not get back from them
+                    # a registration another replica deleted.
+                    await asyncio.to_thread(self.storage.write, [], deleted, rows)
+                except StoreError:
+                    self.state.requeue(changed[at:], deleted)
+                    raise
+            at += WRITE_CHUNK
+            if at >= len(changed):
+                return
+
+    def _is_current(self, record: ImportRecord) -> bool:
+        key = (record.source, record.import_id)
+        return self.state.imports.get(key) is record or self.state.parked.get(key) is record
 
     def start(self, retention: Callable[[], float], forget: Forget) -> None:
         self.task = asyncio.create_task(self._run(retention, forget), name="persist")
@@ -88,11 +116,11 @@ class Persistence:
                             source=record.source, import_=record.import_id, retention_seconds=keep
                         ),
                     )
-                try:
-                    await self.write(with_poll_times=tick % POLL_TIMES_EVERY == 0)
-                except StoreError as exc:
-                    # The storage logged it when writes began to fail.
-                    log.debug("cannot store the state of the imports: %s", exc)
+            try:
+                await self.write_pending(with_poll_times=tick % POLL_TIMES_EVERY == 0)
+            except StoreError as exc:
+                # The storage logged it when writes began to fail.
+                log.debug("cannot store the state of the imports: %s", exc)
             if self.storage is not None:
                 # A stat, but behind the storage's lock, which a write may hold.
                 await asyncio.to_thread(self.storage.verify)
@@ -104,9 +132,8 @@ class Persistence:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         if self.storage is not None:
-            async with self.lock:
-                try:
-                    await self.write(with_poll_times=True)
-                except StoreError as exc:
-                    log.error("cannot store the state of the imports: %s", exc)
+            try:
+                await self.write_pending(with_poll_times=True)
+            except StoreError as exc:
+                log.error("cannot store the state of the imports: %s", exc)
             self.storage.close()

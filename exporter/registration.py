@@ -16,6 +16,7 @@ from exporter.logs import context
 from exporter.model import Origin
 from exporter.persistence import Persistence
 from exporter.poller import Poller
+from exporter.sharding import Shard
 from exporter.sources.base import ImportSpec
 from exporter.state import ImportRecord, StateStore
 from exporter.storage import StoreError, to_row
@@ -33,7 +34,9 @@ class Registration:
         poller: Poller,
         persistence: Persistence,
         config: Callable[[], Config],
+        shard: Shard | None = None,
     ) -> None:
+        self.shard = shard or Shard()
         self.state = state
         self.poller = poller
         self.persistence = persistence
@@ -60,6 +63,14 @@ class Registration:
                     f"source {source!r} is a {scheduler.source.system} server: it watches the "
                     "server's current import and takes no import ids",
                     "source",
+                )
+            if not self.shard.owns(source, import_id):
+                raise TrackingError(
+                    Refusal.OTHER_SHARD,
+                    f"{source}/{import_id} belongs to shard {self.shard.owner(source, import_id)} "
+                    f"of {self.shard.total}, not to this one ({self.shard.index}): register it "
+                    "there",
+                    "id",
                 )
             existing = self.state.imports.get((source, import_id))
             if existing is None:
@@ -182,8 +193,8 @@ class Registration:
                 scheduler = self.poller.schedulers.get(record.source)
                 if key in self.state.imports or key in self.state.parked or scheduler is None:
                     continue
-                if scheduler.source.follows_server:
-                    continue
+                if scheduler.source.follows_server or not self.shard.owns(*key):
+                    continue  # another shard's to poll
                 scheduler.add(ImportSpec(record.import_id, record.name), origin=Origin.API)
                 log.info(
                     "tracking: registered through another replica",

@@ -29,6 +29,9 @@ ERROR_TIMES_KEPT = 1000
 """Error times kept per source for the status page's recent count; bounded so
 a source failing every poll of 10,000 imports cannot grow memory."""
 
+SHARED_OBSERVATIONS = 4096
+"""Distinct answers without counts or times kept as shared objects, at most."""
+
 Clock = Callable[[], float]
 
 
@@ -155,6 +158,11 @@ class StateStore:
         self._changed: set[ImportKey] = set()
         self._touched: set[ImportKey] = set()
         self._forgotten: set[ImportKey] = set()
+        self._unrendered: set[ImportKey] = set()
+        """Imports whose exported lines may differ from the last render (changed,
+        polled, added or gone), for :mod:`exporter.exposition`."""
+        self._observations: dict[Observation, Observation] = {}
+        """Answers without counts or times, one object each (see record_observation)."""
         self.last_reload_successful = True
         self.last_reload_success_at: float | None = None
 
@@ -205,14 +213,17 @@ class StateStore:
             )
             self.imports[key] = record
             self._changed.add(key)
+            self._unrendered.add(key)
         else:
             if name is not None and name != record.name:
                 record.name = name
                 self._changed.add(key)
+                self._unrendered.add(key)
             if origin is Origin.CONFIG and record.origin is not Origin.CONFIG:
                 # Listed in the config now: the file owns it from here on.
                 record.origin = Origin.CONFIG
                 self._changed.add(key)
+                self._unrendered.add(key)
         return record
 
     def untrack(self, source: str, import_id: str) -> None:
@@ -224,12 +235,14 @@ class StateStore:
             self._changed.discard(key)
             self._touched.discard(key)
             self._forgotten.add(key)
+            self._unrendered.add(key)
 
     def restore(self, records: list[ImportRecord]) -> None:
         """Put back what a previous run knew (before its sources are applied)."""
         for record in records:
             key = (record.source, record.import_id)
             (self.imports if record.parked_at is None else self.parked)[key] = record
+            self._unrendered.add(key)
             # A row of schema 1 has no count of failures in a row; an error
             # newer than the last answer still means the import could not be read.
             error_at = record.last_error_at
@@ -307,6 +320,7 @@ class StateStore:
             # Untracked while the poll was in flight: the answer is dropped.
             return ImportRecord(source=source, import_id=import_id, system="", observation=obs)
         previous = record.observation
+        obs = self._shared_observation(obs, previous)
         was_final = record.confirmed_final
         if record.first_seen is None:
             record.first_seen = now
@@ -330,7 +344,30 @@ class StateStore:
             self._changed.add((source, import_id))
         else:
             self._touched.add((source, import_id))
+        self._unrendered.add((source, import_id))
         return record
+
+    def _shared_observation(self, obs: Observation, previous: Observation | None) -> Observation:
+        """The same answer again keeps the object kept so far; an answer
+        without counts or times (all of Elevate's) is one shared object per
+        distinct value. An observation holds an enum member, so the cyclic GC
+        tracks it: 100,000 fresh ones kept would make every full collection
+        walk them all (those kept since start-up are frozen, see app.py)."""
+        if previous is not None and previous == obs:
+            return previous
+        if (
+            obs.items_completed is None
+            and obs.items_expected is None
+            and obs.items_failed is None
+            and obs.started_at is None
+            and obs.ended_at is None
+        ):
+            shared = self._observations.get(obs)
+            if shared is not None:
+                return shared
+            if len(self._observations) < SHARED_OBSERVATIONS:
+                self._observations[obs] = obs
+        return obs
 
     def record_error(self, source: str, import_id: str, error: SourceError) -> None:
         """A poll of one import failed."""
@@ -381,8 +418,17 @@ class StateStore:
         record.last_error_at = now
         record.last_attempt = now
         (self._changed if news else self._touched).add(key)
+        self._unrendered.add(key)
 
     # --- readers' helpers ---------------------------------------------------
+
+    def take_unrendered(self) -> set[ImportKey]:
+        """The imports added, changed, polled or gone since the last call (O(1):
+        the set is handed over, not copied). Call it on the event loop, where
+        the records change, so no change falls between two takes."""
+        keys = self._unrendered
+        self._unrendered = set()
+        return keys
 
     def ready(self) -> bool:
         """Every tracked import has been polled by this process (or is finished
@@ -394,10 +440,11 @@ class StateStore:
     # --- parking: registered imports of sources no longer configured ---------
 
     def park(
-        self, source: str, *, unless_system: str | None = None
+        self, source: str, *, keep: Callable[[ImportRecord], bool] | None = None
     ) -> tuple[list[ImportRecord], list[ImportRecord]]:
         """Set aside the imports of a source that left the config (or, with
-        ``unless_system``, those of another system than the source's now).
+        ``keep``, those of it that ``keep`` does not accept: another system
+        than the source's now, or owned by another shard).
 
         Registered ones are parked: kept and stored, but neither polled nor
         exported; ones the config listed are forgotten (the file owned them).
@@ -405,7 +452,7 @@ class StateStore:
         now = self.clock()
         parked, forgotten = [], []
         for key, record in list(self.imports.items()):
-            if key[0] != source or record.system == unless_system:
+            if key[0] != source or (keep is not None and keep(record)):
                 continue
             if record.origin is Origin.CONFIG:
                 self.untrack(*key)
@@ -420,15 +467,17 @@ class StateStore:
             parked.append(record)
         return parked, forgotten
 
-    def unpark(self, source: str, system: str) -> list[ImportRecord]:
-        """Bring back the parked imports of a returning source of the same system."""
-        back = [r for k, r in self.parked.items() if k[0] == source and r.system == system]
+    def unpark(self, source: str, accept: Callable[[ImportRecord], bool]) -> list[ImportRecord]:
+        """Bring back the parked imports of a returning source that ``accept``
+        takes (of the source's system, owned by this shard)."""
+        back = [r for k, r in self.parked.items() if k[0] == source and accept(r)]
         for record in back:
             key = (record.source, record.import_id)
             del self.parked[key]
             record.parked_at = None
             self.imports[key] = record
             self._changed.add(key)
+            self._unrendered.add(key)
         return back
 
     def expired_parked(self, retention: float) -> list[ImportRecord]:

@@ -23,6 +23,7 @@ class Refusal(Enum):
     NOT_TRACKED = "not tracked"
     LISTED_IN_CONFIG = "listed in the config file"
     NOT_STORED = "the storage refused the write"
+    OTHER_SHARD = "another shard owns the import"
 
 
 class TrackingError(Exception):

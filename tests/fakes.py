@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from exporter.config import WithImports
 from exporter.model import Observation, SourceError
+from exporter.simulator import DEMO_CREDENTIALS
 from exporter.sources.base import ImportSpec, Source
 
 Behaviour = Callable[[str], Observation]
@@ -48,3 +49,24 @@ def raise_error(error: SourceError) -> Behaviour:
         raise error
 
     return behave
+
+
+def zilliant_source(url: str, ids: list[str], **settings: Any) -> dict[str, Any]:
+    """A Zilliant source entry (named ``pricing``) for the simulator at ``url``,
+    logging in to its Salesforce token endpoint with the demo credentials."""
+    creds = DEMO_CREDENTIALS
+    return {
+        "name": "pricing",
+        "type": "zilliant",
+        "url": url,
+        "forwarded_host": creds.forwarded_host,
+        "salesforce": {
+            "token_url": f"{url}/services/oauth2/token",
+            "client_id": creds.client_id,
+            "client_secret": creds.client_secret,
+            "username": creds.username,
+            "password": creds.password,
+        },
+        "imports": [{"id": i} for i in ids],
+        **settings,
+    }

@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 LAYERS: list[tuple[str, ...]] = [
     # The vocabulary and tools everything may use.
     ("exporter", "exporter.model", "exporter.redact", "exporter.reads", "exporter.limits",
-     "exporter.hup", "exporter.logs", "exporter.simulator"),
+     "exporter.hup", "exporter.logs", "exporter.sharding", "exporter.simulator"),
     # The config's building blocks.
     ("exporter.config",),
     # One module per upstream API, then the list of them.
@@ -27,8 +27,8 @@ LAYERS: list[tuple[str, ...]] = [
     # What writes it and keeps it.
     ("exporter.poller", "exporter.storage", "exporter.tracking"),
     # Readers of the state (and persistence, which reads changes out of it).
-    ("exporter.persistence", "exporter.metrics", "exporter.pages", "exporter.api",
-     "exporter.webconfig", "exporter.web"),
+    ("exporter.persistence", "exporter.metrics", "exporter.exposition", "exporter.pages",
+     "exporter.api", "exporter.webconfig", "exporter.web"),
     ("exporter.registration",),
     # Wiring, and the programs on top.
     ("exporter.runtime", "exporter.demo", "exporter.client"),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import subprocess
+import weakref
 from pathlib import Path
 
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.exposition import ImportLines, render_metrics
 from exporter.metrics import build_registry
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
 from exporter.state import StateStore
@@ -16,9 +18,20 @@ from exporter.storage import to_row
 from exporter.storage.sqlite import SQLiteStorage as Store
 from tests.conftest import Clock, tool
 
+_lines: weakref.WeakKeyDictionary[StateStore, ImportLines] = weakref.WeakKeyDictionary()
+
+
+def scrape(state: StateStore, names: tuple[str, ...] = ()) -> bytes:
+    """``/metrics`` as the exporter renders it (text format), from one
+    long-lived cache per state as in the exporter."""
+    lines = _lines.setdefault(state, ImportLines(state))
+    lines.take_changes()
+    encoder, content_type = choose_encoder("")
+    return render_metrics(build_registry(state, imports=False), encoder, content_type, lines, names)
+
 
 def samples(state: StateStore) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = generate_latest(build_registry(state)).decode()
+    text = scrape(state).decode()
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -111,7 +124,6 @@ def test_name_filter_finds_a_metric_of_each_collector(world: tuple[StateStore, C
     """``/metrics?name[]=...`` as the README documents it, for every collector."""
     state, _ = world
     state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
-    registry = build_registry(state)
     for name, family in (
         ("import_source_up", "import_source_up"),
         ("import_state", "import_state"),
@@ -120,7 +132,7 @@ def test_name_filter_finds_a_metric_of_each_collector(world: tuple[StateStore, C
         ("process_cpu_seconds_total", "process_cpu_seconds"),
         ("python_info", "python_info"),
     ):
-        text = generate_latest(registry.restricted_registry([name])).decode()
+        text = scrape(state, (name,)).decode()
         names = {f.name for f in text_string_to_metric_families(text)}
         assert names == {family}, (name, names)
 
@@ -234,7 +246,7 @@ def test_exposition_passes_promtool_check_metrics(world: tuple[StateStore, Clock
     promtool = tool("promtool")
     state, _ = world
     state.record_observation("elevate-prod", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
-    text = generate_latest(build_registry(state))
+    text = scrape(state)
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 

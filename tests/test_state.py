@@ -73,7 +73,7 @@ def test_parking_keeps_registered_imports_and_forgets_configured_ones(clock: Clo
     assert [r.import_id for r in forgotten] == ["1001"]
     assert not state.imports
     assert ("shop", "1002") in state.parked
-    back = state.unpark("shop", "elevate")
+    back = state.unpark("shop", lambda record: record.system == "elevate")
     assert [r.import_id for r in back] == ["1002"]
     assert ("shop", "1002") in state.imports
 

@@ -26,6 +26,7 @@ from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS, Fault, Simulator, create_app
 from exporter.state import StateStore
 from tests.conftest import wait_until
+from tests.fakes import zilliant_source
 from tests.test_faults import Metrics
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -269,22 +270,9 @@ async def test_concurrent_polls_share_one_token_fetch_and_a_rejected_token_is_no
     config = parse_config_data(
         {
             "sources": [
-                {
-                    "name": "pricing",
-                    "type": "zilliant",
-                    "url": url,
-                    "forwarded_host": DEMO_CREDENTIALS.forwarded_host,
-                    "concurrency": 8,
-                    "salesforce": {
-                        "token_url": f"{url}/services/oauth2/token",
-                        "client_id": DEMO_CREDENTIALS.client_id,
-                        "client_secret": DEMO_CREDENTIALS.client_secret,
-                        "username": DEMO_CREDENTIALS.username,
-                        "password": DEMO_CREDENTIALS.password,
-                    },
-                    "imports": [{"id": _RUNNING}] * 1 + [{"id": f"x{i}"} for i in range(20)],
-                    **FAST,
-                }
+                zilliant_source(
+                    url, [_RUNNING, *(f"x{i}" for i in range(20))], concurrency=8, **FAST
+                )
             ]
         },
         "test",
@@ -375,25 +363,7 @@ async def test_only_the_apis_own_answer_means_not_found(
     server = await aiohttp_server(create_app(simulator))
     url = str(server.make_url("")).rstrip("/")
     config = parse_config_data(
-        {
-            "sources": [
-                {
-                    "name": "pricing",
-                    "type": "zilliant",
-                    "url": url,
-                    "forwarded_host": DEMO_CREDENTIALS.forwarded_host,
-                    "salesforce": {
-                        "token_url": f"{url}/services/oauth2/token",
-                        "client_id": DEMO_CREDENTIALS.client_id,
-                        "client_secret": DEMO_CREDENTIALS.client_secret,
-                        "username": DEMO_CREDENTIALS.username,
-                        "password": DEMO_CREDENTIALS.password,
-                    },
-                    "imports": [{"id": "no-such-import"}, {"id": _RUNNING}],
-                    **FAST,
-                }
-            ]
-        },
+        {"sources": [zilliant_source(url, ["no-such-import", _RUNNING], **FAST)]},
         "test",
     )
     exporter = await running(Exporter(config, "127.0.0.1:0"))

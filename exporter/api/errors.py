@@ -71,6 +71,7 @@ REFUSAL_STATUS = {
     Refusal.LIMIT_REACHED: 409,
     Refusal.LISTED_IN_CONFIG: 409,
     Refusal.NOT_STORED: 503,
+    Refusal.OTHER_SHARD: 421,  # Misdirected Request: the message names the owner
 }
 """The one place a domain refusal becomes an HTTP status."""
 

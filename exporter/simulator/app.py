@@ -229,6 +229,10 @@ async def elevate_status(request: web.Request) -> web.StreamResponse:
     reason: str | None = None
     if import_id.startswith("bench-"):
         status = "IN_PROGRESS"
+    elif import_id.startswith("churn-"):
+        # Benchmarks whose store must really write: the answer changes every
+        # second (running, then waiting), at a different second for each id.
+        status = ("IN_PROGRESS", "WAITING")[(int(sim.elapsed()) + hash(import_id)) % 2]
     else:
         script = sim.scenarios.elevate.get(import_id)
         elapsed = sim.elapsed()

@@ -10,7 +10,7 @@ restart, so a stall that began before the restart is still seen as a stall.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -108,12 +108,12 @@ class Storage(Protocol):
         """Every stored import, parked ones included."""
 
     def write(
-        self, rows: Iterable[Row], deleted: Iterable[ImportKey] = (), refresh: Iterable[Row] = ()
+        self, rows: Sequence[Row], deleted: Sequence[ImportKey] = (), refresh: Sequence[Row] = ()
     ) -> None:
         """Upsert ``rows`` (registrations) and ``refresh`` (what polls learnt)
         and delete ``deleted`` in one transaction: durable when it returns. A
         backend shared by processes must not let ``refresh`` bring back an
-        imported registered through the API that another process deleted."""
+        import registered through the API that another process deleted."""
 
     def verify(self) -> None:
         """Check the backend is still the one it was opened as (a cheap probe);

@@ -32,7 +32,10 @@ def run_quick(script: str, out: Path) -> dict[str, object]:
     return data
 
 
-@pytest.mark.parametrize("script", ["polling.py", "scrape.py", "memory.py", "load.py", "abuse.py"])
+@pytest.mark.parametrize(
+    "script",
+    ["polling.py", "scrape.py", "memory.py", "load.py", "abuse.py", "shards.py", "scale.py"],
+)
 def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> None:
     data = run_quick(script, tmp_path / "out.json")
     results = data["results"]
@@ -46,9 +49,17 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["rate_ratio"] > 0
         assert row["cpu_ratio"] > 0
     elif script == "scrape.py":
-        assert row["text"]["ratio_p50"] > 0
+        assert row["text"]["reference_ratio"] > 0
         assert row["openmetrics"]["bytes"] > 0
+        assert row["floor_ratio"] > 0
+        assert row["gzip1_bytes"] > 0
         assert row["live"]["max_loop_stall_s"] >= 0
+    elif script == "scale.py":
+        assert row["start_to_served_s"] > 0
+        assert row["rss_per_import_bytes"] != 0
+        assert row["scraping"]["scrape_p99_s"] > 0
+        assert row["polls_ratio"] >= 0
+        assert row["scraping"]["max_delay_s"] > 0
     elif script == "memory.py":
         assert row["rss_bytes"] > 0
         assert "bytes_per_import" in row
@@ -61,6 +72,11 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["scrapes_p50_ratio"] > 0
         assert row["registrations_p99_ratio"] > 0
         assert data["loop_hold"]["page_max_ms"] >= 0  # type: ignore[index]
+    elif script == "shards.py":
+        # Two shards together poll every import once, no more and no fewer.
+        assert [r["shards"] for r in results] == [1, 2]
+        assert results[0]["imports"] == row["imports"] == 200
+        assert row["polls_per_s"] > 0
     else:
         assert row["scrapes_served"] > 0
         assert row["failures"] >= 0

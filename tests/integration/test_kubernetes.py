@@ -42,14 +42,17 @@ def test_every_object_validates_against_its_schema(tree: Path) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     operator = pytest.importorskip("cloudcoil.models.prometheus_operator.v1")
     objects = render(tree)
+    # One process with its volume, or shards each with a volume of its own.
+    workload = (
+        {"StatefulSet"} if tree.name == "sharded" else {"PersistentVolumeClaim", "Deployment"}
+    )
     assert {o["kind"] for o in objects} == {
         "ConfigMap",
         "Secret",
         "Service",
-        "PersistentVolumeClaim",
-        "Deployment",
         "ServiceMonitor",
         "PrometheusRule",
+        *workload,
     }
     for obj in objects:
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
@@ -138,3 +141,14 @@ def test_the_validation_catches_unknown_fields() -> None:
         mode="json", by_alias=True, exclude_unset=True
     )
     assert kept != monitor
+
+
+def test_the_sharded_overlay_runs_one_shard_per_pod() -> None:
+    objects = by_kind(render(KUBE / "overlays" / "sharded"))
+    stateful = objects["StatefulSet"]["spec"]
+    args = stateful["template"]["spec"]["containers"][0]["args"]
+    assert "--shard.from-hostname" in args
+    assert f"--total-shards={stateful['replicas']}" in args  # one shard per pod
+    assert [t["metadata"]["name"] for t in stateful["volumeClaimTemplates"]] == ["data"]
+    assert objects["Service"]["spec"]["clusterIP"] == "None"  # stable pod names
+    assert stateful["serviceName"] == objects["Service"]["metadata"]["name"]

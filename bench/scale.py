@@ -1,0 +1,376 @@
+"""Scale: one exporter process with 10,000, 50,000 and 100,000 imports,
+measured from outside.
+
+    .venv/bin/python bench/scale.py            # 10,000, 50,000 and 100,000 imports
+    .venv/bin/python bench/scale.py --quick    # 1,000 imports, seconds; what the tests run
+
+Per size, a fresh exporter process (the command line, its config read from a
+YAML file, its SQLite store holding a previous run's rows of every import)
+polls the simulator (its own process), whose answers change every second, so
+the store really writes. Measured:
+
+- start-up: from spawning the process to listening, and to the first
+  ``/metrics`` that serves the restored state;
+- the worst event-loop delay: ``/-/healthy`` probed every 10 ms from this
+  process, in a window of polling alone and a window where another process
+  scrapes ``/metrics`` back to back (gzip); both cover the store's writes
+  (every second);
+- polls/s in both windows, and scrape p50/p99 in the second;
+- cyclic GC collections and the longest pause per generation, recorded in the
+  exporter process by ``gc.callbacks``;
+- RSS after the scrapes under polling, per import (less a one-import process's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT, free_port, percentile, print_table, simulator_process, write_json
+
+TARGETS = {
+    "start_to_served_s": 5.0,  # at 100,000
+    "max_delay_s_10k": 0.020,
+    "max_delay_s_100k": 0.050,
+    "scrape_p99_s_100k": 2.0,
+    "polls_ratio": 0.8,
+    "rss_per_import_bytes": 4096,
+}
+CONCURRENCY = 8
+SCRAPER = """
+import json, sys, time, urllib.request
+durations = []
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    request = urllib.request.Request(sys.argv[1], headers={"Accept-Encoding": "gzip"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=120) as response:
+        response.read()
+        assert response.status == 200
+    durations.append(time.perf_counter() - t0)
+print(json.dumps(durations))
+"""
+REQUESTS = re.compile(rb"^import_source_requests_total\{[^}]*\} (\S+)$", re.M)
+
+
+def child(stats_path: str, argv: list[str]) -> int:
+    """The exporter's command line, with its GC pauses recorded to ``stats_path``."""
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    long: list[tuple[float, int, float]] = []
+    started = [0.0]
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            took = time.perf_counter() - started[0]
+            pauses[info["generation"]].append(took)
+            if took > 0.001:
+                long.append((time.time(), info["generation"], took))
+
+    gc.callbacks.append(watch)
+    from exporter.cli import main
+
+    code = main(argv)
+    Path(stats_path).write_text(
+        json.dumps(
+            {
+                "by_generation": {
+                    str(gen): {"count": len(p), "max_s": max(p, default=0.0), "total_s": sum(p)}
+                    for gen, p in pauses.items()
+                },
+                "over_1ms": long,
+            }
+        )
+    )
+    return code
+
+
+def prepare(folder: Path, url: str, count: int) -> tuple[Path, Path]:
+    """A YAML config watching ``count`` imports, and a store holding a row of
+    each (what a previous run learnt)."""
+    from exporter.model import Observation, State
+    from exporter.simulator import DEMO_CREDENTIALS
+    from exporter.state import StateStore
+    from exporter.storage import to_row
+    from exporter.storage.sqlite import SQLiteStorage as Store
+
+    ids = [f"churn-{i}" for i in range(count)]
+    config = folder / "config.yaml"
+    lines = [
+        "sources:",
+        "  - name: bench",
+        "    type: elevate",
+        f"    url: {url}",
+        f"    api_key: {DEMO_CREDENTIALS.elevate_api_key}",
+        "    interval: 1s",
+        "    timeout: 1s",
+        f"    concurrency: {CONCURRENCY}",
+        "    imports:",
+        *(f"      - id: {i}\n        name: import {i}" for i in ids),
+    ]
+    config.write_text("\n".join(lines) + "\n")
+    state = StateStore()
+    state.add_source("bench", "elevate", 1.0)
+    for i in ids:
+        state.track("bench", i, name=f"import {i}")
+        state.record_observation("bench", i, Observation(State.RUNNING, "IN_PROGRESS"))
+    database = folder / "state.db"
+    store = Store(database)
+    try:
+        store.write([to_row(record) for record in state.imports.values()])
+    finally:
+        store.close()
+    return config, database
+
+
+class Probe:
+    """``/-/healthy`` every 10 ms; the worst answer time is the worst
+    event-loop delay (plus one loopback round trip)."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session = session
+        self.url = f"{base}/-/healthy"
+        self.worst = 0.0
+        self.count = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def reset(self) -> None:
+        self.worst, self.count = 0.0, 0
+
+    async def run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            async with self.session.get(self.url) as response:
+                await response.read()
+            took = time.perf_counter() - t0
+            self.worst = max(self.worst, took)
+            self.count += 1
+            await asyncio.sleep(max(0.0, 0.010 - took))
+
+
+async def requests_total(session: aiohttp.ClientSession, base: str) -> float:
+    async with session.get(f"{base}/metrics?name[]=import_source_requests_total") as response:
+        body = await response.read()
+    return sum(float(value) for value in REQUESTS.findall(body))
+
+
+def rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def window(
+    session: aiohttp.ClientSession, base: str, probe: Probe, seconds: float, scrape: bool
+) -> dict[str, Any]:
+    polls0 = await requests_total(session, base)
+    probe.reset()
+    t0 = time.perf_counter()
+    wall0 = time.time()
+    durations: list[float] = []
+    if scrape:
+        scraper = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            SCRAPER,
+            f"{base}/metrics",
+            str(seconds),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await scraper.communicate()
+        durations = json.loads(out)
+    else:
+        await asyncio.sleep(seconds)
+    elapsed = time.perf_counter() - t0
+    worst, probes = probe.worst, probe.count
+    polls = await requests_total(session, base) - polls0
+    result: dict[str, Any] = {
+        "seconds": elapsed,
+        "polls_per_s": polls / elapsed,
+        "max_delay_s": worst,
+        "probes": probes,
+        "wall": [wall0, time.time()],
+    }
+    if scrape:
+        result |= {
+            "scrapes": len(durations),
+            "scrape_p50_s": percentile(durations, 50),
+            "scrape_p99_s": percentile(durations, 99),
+        }
+    return result
+
+
+async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        config, database = prepare(folder, url, count)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        stats = folder / "gc.json"
+        t0 = time.perf_counter()
+        process = await asyncio.create_subprocess_exec(
+            *[
+                sys.executable,
+                __file__,
+                "--child",
+                str(stats),
+                "--config.file",
+                str(config),
+                "--storage.path",
+                str(database),
+                "--web.listen-address",
+                f"127.0.0.1:{port}",
+                "--log.level",
+                "warn",
+            ],
+            cwd=ROOT,
+        )
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                listening = await until(session, f"{base}/-/healthy", t0, process)
+                restored = (
+                    f'import_state{{import="churn-{count - 1}",source="bench",state="running"}} 1.0'
+                )
+                served = await until(session, f"{base}/metrics", t0, process, restored.encode())
+                probe = Probe(session, base)
+                probe.task = asyncio.create_task(probe.run())
+                ready = await until(session, f"{base}/-/ready", t0, process, timeout=600)
+                await asyncio.sleep(2.0)  # the first round's write
+                polling = await window(session, base, probe, seconds, scrape=False)
+                scraping = await window(session, base, probe, seconds, scrape=True)
+                rss = rss_of(process.pid)
+                probe.task.cancel()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 120)
+        gc_stats = json.loads(stats.read_text()) if stats.exists() else {}
+    in_windows = [
+        took
+        for when, _, took in gc_stats.get("over_1ms", [])
+        if polling["wall"][0] <= when <= scraping["wall"][1]
+    ]
+    gc_stats["max_pause_in_windows_s"] = max(in_windows, default=0.0)
+    return {
+        "imports": count,
+        "start_to_listening_s": listening,
+        "start_to_served_s": served,
+        "start_to_ready_s": ready,
+        "polling": polling,
+        "scraping": scraping,
+        "polls_ratio": scraping["polls_per_s"] / max(polling["polls_per_s"], 1e-9),
+        "rss_bytes": rss,
+        "gc": gc_stats,
+    }
+
+
+async def until(
+    session: aiohttp.ClientSession,
+    url: str,
+    t0: float,
+    process: asyncio.subprocess.Process,
+    needle: bytes | None = None,
+    timeout: float = 300,
+) -> float:
+    """Seconds from ``t0`` until ``url`` answers 200 (with ``needle`` in its body)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            raise RuntimeError(f"the exporter exited ({process.returncode})")
+        try:
+            async with session.get(url) as response:
+                body = await response.read()
+                if response.status == 200 and (needle is None or needle in body):
+                    return time.perf_counter() - t0
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.01)
+    raise TimeoutError(url)
+
+
+async def main_async(sizes: list[int], seconds: float) -> dict[str, Any]:
+    results = []
+    with simulator_process() as url:
+        one = await measure(url, 1, min(seconds, 2.0))
+        for count in sizes:
+            row = await measure(url, count, seconds)
+            row["rss_per_import_bytes"] = (row["rss_bytes"] - one["rss_bytes"]) / (count - 1)
+            results.append(row)
+    return {"one_import_rss_bytes": one["rss_bytes"], "seconds": seconds, "results": results}
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        return child(sys.argv[2], sys.argv[3:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", type=int, nargs="*", default=None)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    sizes = args.sizes or ([1000] if args.quick else [10_000, 50_000, 100_000])
+    seconds = args.seconds or (2.0 if args.quick else 15.0)
+    data = asyncio.run(main_async(sizes, seconds))
+    rows = []
+    for r in data["results"]:
+        gen2 = r["gc"].get("by_generation", {}).get("2", {})
+        rows.append(
+            [
+                r["imports"],
+                r["start_to_listening_s"],
+                r["start_to_served_s"],
+                r["polling"]["polls_per_s"],
+                r["scraping"]["polls_per_s"],
+                r["polls_ratio"],
+                r["polling"]["max_delay_s"] * 1000,
+                r["scraping"]["max_delay_s"] * 1000,
+                r["scraping"]["scrape_p50_s"],
+                r["scraping"]["scrape_p99_s"],
+                r["gc"]["max_pause_in_windows_s"] * 1000,
+                gen2.get("count", ""),
+                r["rss_per_import_bytes"],
+            ]
+        )
+    print_table(
+        "Scale (targets: served <= 5 s and delay <= 50 ms at 100,000, delay <= 20 ms at "
+        "10,000; polls ratio >= 0.8; scrape p99 < 2 s; RSS <= 4,096 B/import)",
+        [
+            "imports",
+            "listening s",
+            "served s",
+            "polls/s",
+            "polls/s scraped",
+            "ratio",
+            "delay ms",
+            "delay ms scraped",
+            "scrape p50 s",
+            "p99 s",
+            "GC max ms (windows)",
+            "gen2 GCs",
+            "RSS B/import",
+        ],
+        rows,
+    )
+    write_json("scale", data, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    raise SystemExit(main())

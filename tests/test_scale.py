@@ -1,0 +1,151 @@
+"""What lets one process hold 100,000 imports: batch writes of the store in
+one statement and in chunks a registration does not wait behind, and the
+long-lived objects out of the cyclic collector's way. (Their speed is shown
+by bench/scale.py, not timed here.)"""
+
+from __future__ import annotations
+
+import gc
+import random
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from exporter import persistence as persistence_module
+from exporter.config.loader import load_config
+from exporter.model import ErrorReason, Observation, Origin, SourceError, State
+from exporter.runtime import Exporter
+from exporter.state import ImportRecord, StateStore
+from exporter.storage import Row, to_row
+from exporter.storage.sqlite import SQLiteStorage as Store
+from tests.conftest import wait_until
+from tests.integration.test_persistence import ServerFactory, simulator_server, write_config
+
+ODD = ['a"b', "back\\slash", "new\nline", "ünïcödé ✓", "emoji 🙂", "", "null", "[1]"]
+
+
+def odd_records(count: int) -> list[ImportRecord]:
+    rng = random.Random(7)
+    clock = [1_700_000_000.0]
+    state = StateStore(clock=lambda: clock[0])
+    state.add_source("s", "elevate", 30.0)
+    for n in range(count):
+        import_id = f"{n}-{rng.choice(ODD)}"
+        state.track("s", import_id, name=rng.choice([None, *ODD]), origin=rng.choice(list(Origin)))
+        clock[0] += rng.uniform(0, 1000) + rng.random() / 3
+        if rng.random() < 0.7:
+            state.record_observation(
+                "s",
+                import_id,
+                Observation(
+                    rng.choice(list(State)),
+                    rng.choice(ODD),
+                    items_completed=rng.choice([None, 0, 2**53 + 1]),
+                    started_at=rng.choice([None, clock[0] - 1 / 3]),
+                ),
+            )
+        if rng.random() < 0.3:
+            state.record_error("s", import_id, SourceError(ErrorReason.TIMEOUT, rng.choice(ODD)))
+    return list(state.imports.values())
+
+
+def stored(store: Store) -> set[Row]:
+    return {to_row(record) for record in store.load()}
+
+
+def test_a_batch_write_keeps_every_value_exactly(tmp_path: Path) -> None:
+    """Rows go to SQLite as one JSON array: strings, big integers and floats
+    come back as they were written, None as None."""
+    records = odd_records(3000)
+    store = Store(tmp_path / "state.db")
+    try:
+        store.write([to_row(record) for record in records])
+        assert stored(store) == {to_row(record) for record in records}
+        gone = [(r.source, r.import_id) for r in records[::3]]
+        changed = [to_row(r) for r in records[1::3]]  # written again, unchanged
+        store.write(changed, gone)
+        assert stored(store) == {to_row(r) for r in records if (r.source, r.import_id) not in gone}
+        store.write([], [])  # nothing: no statement, no error
+    finally:
+        store.close()
+
+
+async def test_periodic_writes_come_in_chunks_and_registrations_write_their_own_row(
+    aiohttp_server: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    simulator: TestServer = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    monkeypatch.setattr(persistence_module, "WRITE_CHUNK", 2)
+    exporter = Exporter(load_config(config_file), "127.0.0.1:0", storage_path=str(tmp_path / "db"))
+    await exporter.start()
+    assert exporter.store is not None
+    assert exporter.persistence.task is not None
+    exporter.persistence.task.cancel()  # the test decides when the periodic write runs
+    writes: list[int] = []
+    original = exporter.store.write
+
+    def spy(
+        rows: list[Row],
+        deleted: list[tuple[str, str]] = [],  # noqa: B006
+        refresh: list[Row] = [],  # noqa: B006
+    ) -> None:
+        writes.append(len(rows) + len(refresh))  # registrations, or what polls learnt
+        original(rows, deleted, refresh)
+
+    monkeypatch.setattr(exporter.store, "write", spy)
+    try:
+        for n in range(5):
+            await exporter.register("elevate", f"20{n}", None)
+        assert writes == [1] * 5  # each registration: its own row, nothing pending
+        records = [exporter.state.imports[("elevate", f"20{n}")] for n in range(5)]
+        await wait_until(lambda: all(r.observation is not None for r in records))
+        writes.clear()
+        await exporter.persistence.write_pending(with_poll_times=True)
+        assert writes
+        assert max(writes) <= 2
+        assert sum(writes) >= 5
+        stored_ids = {record.import_id for record in exporter.store.load()}
+        assert {f"20{n}" for n in range(5)} <= stored_ids
+    finally:
+        await exporter.stop()
+
+
+async def test_long_lived_objects_are_frozen_after_start_and_reload(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    exporter = Exporter(
+        load_config(config_file), "127.0.0.1:0", config_loader=lambda: load_config(config_file)
+    )
+    gc.unfreeze()  # earlier tests in this process may have frozen theirs
+    await exporter.start()
+    try:
+        after_start = gc.get_freeze_count()
+        assert after_start > 0
+        gc.unfreeze()
+        assert await exporter.reload() == []
+        assert gc.get_freeze_count() > 0
+    finally:
+        await exporter.stop()
+
+
+def test_identical_answers_share_one_object() -> None:
+    """What the cyclic GC would walk at every full collection stays small:
+    10,000 imports answering alike hold a handful of observations."""
+    state = StateStore()
+    state.add_source("s", "elevate", 30.0)
+    for n in range(10_000):
+        state.track("s", f"{n}")
+    for round_ in range(3):
+        for n in range(10_000):
+            status = ("IN_PROGRESS", "WAITING")[(n + round_) % 2]
+            state.record_observation(
+                "s", f"{n}", Observation(State.RUNNING if n % 2 else State.WAITING, status)
+            )
+    held = {id(record.observation) for record in state.imports.values()}
+    assert len(held) <= 4
+    counted = Observation(State.RUNNING, "x", items_completed=5)
+    state.record_observation("s", "0", counted)
+    assert state.imports[("s", "0")].observation == counted  # counts are kept as they come
