@@ -31,7 +31,7 @@ from exporter.redact import register_secret
 from exporter.registration import Registration
 from exporter.sharding import WHOLE, Shard
 from exporter.sources.base import ImportSpec, Source, SourceHooks
-from exporter.sources.registry import build_source
+from exporter.sources.registry import SOURCES, build_source
 from exporter.state import ImportRecord, StateStore
 from exporter.storage import Storage
 from exporter.storage.sqlite import SQLiteStorage
@@ -46,6 +46,9 @@ from exporter.webconfig import (
 )
 
 log = logging.getLogger(__name__)
+
+SERVER_SYSTEMS = frozenset(source.system for source in SOURCES if source.follows_server)
+"""Systems whose source is one server, owned by a shard as a whole."""
 
 DEFAULT_PORT = 10451
 RENDER_SWITCH_INTERVAL = 0.001
@@ -172,6 +175,10 @@ class Exporter:
         )
         if self.store is not None:
             restored = await asyncio.to_thread(self.store.load)
+            if getattr(self.store, "shared", False):
+                # Another shard's imports are its own to keep: never parked
+                # (nor forgotten) by this one in the shared database.
+                restored = [r for r in restored if self._owns_stored(r)]
             self.state.restore(restored)
             log.info("restored %d imports from %s", len(restored), self.store.path)
         self._prepare_to_apply(self.config)
@@ -289,6 +296,11 @@ class Exporter:
                 log.warning(
                     f"deprecated setting: {warning}", extra=context(source=source_config.name)
                 )
+
+    def _owns_stored(self, record: ImportRecord) -> bool:
+        """:meth:`_owns` for a stored record, before its source is built."""
+        whole = record.system in SERVER_SYSTEMS
+        return self.shard.owns(record.source, None if whole else record.import_id)
 
     def _owns(self, source: Source[Any], import_id: str) -> bool:
         """A server (Rocket.Chat) belongs to a shard as a whole, an id by itself."""

@@ -147,6 +147,9 @@ class PostgresStorage:
     """The PostgreSQL database behind the state, over one connection that is
     reopened when lost. Safe to call from one thread at a time."""
 
+    shared = True
+    """Other processes (replicas, shards) write the same database."""
+
     def __init__(self, url: str) -> None:
         try:
             import psycopg  # noqa: F401  (the optional extra: a clear error without it)

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from exporter.config.loader import load_config
 from exporter.runtime import Exporter
+from exporter.sharding import Shard
 from exporter.storage.postgres import PostgresStorage
 from tests.conftest import ROOT, free_port, wait_until
 from tests.integration.test_durability import call, register
@@ -296,3 +297,50 @@ async def test_a_sigkilled_replica_costs_the_other_nothing_and_catches_up_on_res
             assert await post(session, port_b, "bench-3") == 201
             listing = await wait_listing(session, port_b, lambda listing: "bench-3" in listing)
             assert {"bench-1", "bench-2", "bench-3"} <= set(listing)
+
+
+async def test_shards_on_one_database_keep_each_others_registrations(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    shards = [Shard(0, 2), Shard(1, 2)]
+    ids = [
+        next(f"bench-{n}" for n in range(100) if s.owns("elevate", f"bench-{n}")) for s in shards
+    ]
+
+    def shard_exporter(shard: Shard) -> Exporter:
+        return Exporter(
+            load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url), shard=shard
+        )
+
+    first, second = shard_exporter(shards[0]), shard_exporter(shards[1])
+    await first.start()
+    try:
+        await second.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                assert (await register(http, first, ids[0]))[0] == 201
+                assert (await register(http, second, ids[1]))[0] == 201
+        finally:
+            await second.stop()
+    finally:
+        await first.stop()
+    # Shard 0 restarted alone: it restores its own, and neither parks nor
+    # forgets shard 1's registration in the shared database.
+    again = shard_exporter(shards[0])
+    await again.start()
+    try:
+        assert ("elevate", ids[0]) in again.state.imports
+        assert ("elevate", ids[1]) not in again.state.imports
+        assert ("elevate", ids[1]) not in again.state.parked
+    finally:
+        await again.stop()
+    check = PostgresStorage(url)
+    try:
+        stored = {r.import_id: r for r in check.load()}
+    finally:
+        check.close()
+    assert {ids[0], ids[1]} <= set(stored)
+    assert stored[ids[1]].parked_at is None
