@@ -25,7 +25,8 @@ WORKDIR /app
 COPY constraints.txt pyproject.toml README.md LICENSE ./
 COPY exporter ./exporter
 COPY docker/healthcheck.py /usr/local/bin/import-status-healthcheck
-RUN pip install --disable-pip-version-check --constraint constraints.txt . \
+# The postgres extra (psycopg): storage.url works in the image too.
+RUN pip install --disable-pip-version-check --constraint constraints.txt ".[postgres]" \
  && chmod 0755 /usr/local/bin/import-status-healthcheck \
  && useradd --system --uid 10001 --no-create-home exporter \
  && mkdir -p /etc/import-status-exporter /var/lib/import-status-exporter \

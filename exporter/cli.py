@@ -36,6 +36,7 @@ from exporter.sharding import WHOLE, Shard, ordinal_of
 from exporter.sources.base import HttpResponse
 from exporter.sources.http_json import Extractor, HttpJsonConfig
 from exporter.storage import StoreError
+from exporter.storage.postgres import open_when_reachable
 from exporter.web import route_prefix_of
 
 log = logging.getLogger("exporter")
@@ -93,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: $IMPORT_STATUS_EXPORTER_STORAGE_PATH, else storage.path of the config "
         f"file, else {DEFAULT_STORAGE_PATH}; "
         "with --demo: none, state is kept in memory only)",
+    )
+    parser.add_argument(
+        "--storage.url",
+        dest="storage_url",
+        default=os.environ.get("IMPORT_STATUS_EXPORTER_STORAGE_URL") or None,
+        help="postgresql://user:password@host/db: a PostgreSQL database shared by replicas, "
+        "instead of the SQLite file (default: $IMPORT_STATUS_EXPORTER_STORAGE_URL, else "
+        "storage.url of the config file; a URL from either wins over any storage path; "
+        "prefer those, or storage.url_file, to keep the password out of the process list)",
     )
     parser.add_argument(
         "--web.max-requests",
@@ -298,6 +308,17 @@ def check_answer(config: Config, name: str, answer: str, status: int) -> int:
     return 0
 
 
+def choose_storage(
+    path: str | None, url: str | None, config: Config
+) -> tuple[str | None, str | None]:
+    """(SQLite path, PostgreSQL URL). A URL given anywhere (the command line
+    first, else the config file) selects PostgreSQL: a storage path may come
+    from an image's environment ($IMPORT_STATUS_EXPORTER_STORAGE_PATH) and must
+    not hide the config's database. The path: the command line's, else the
+    config's, else the default file."""
+    return (path or config.storage_path() or DEFAULT_STORAGE_PATH), (url or config.storage_url())
+
+
 async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -331,6 +352,7 @@ async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
         config: Config
         loader = None
         storage_path: str | None = args.storage_path
+        storage_url: str | None = args.storage_url
         if args.demo:
             from exporter.demo import start_demo_simulator
 
@@ -342,17 +364,21 @@ async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
             # seconds of the start-up.
             gc.disable()
             config = load_config(args.config_file, expand_env=args.expand_env)
-            storage_path = storage_path or config.storage_path() or DEFAULT_STORAGE_PATH
+            storage_path, storage_url = choose_storage(storage_path, storage_url, config)
 
             def loader() -> Config:
                 return load_config(args.config_file, expand_env=args.expand_env)
 
+        store = await open_when_reachable(storage_url, stop)
+        if stop.is_set():
+            return 0  # stopped while waiting for the database
         starting = Exporter(
             config,
             args.listen_address,
             args.web_config_file,
             loader,
             storage_path=storage_path,
+            store=store,
             max_requests=args.max_requests,
             header_timeout=args.header_timeout,
             shard=shard,

@@ -78,7 +78,9 @@ class Persistence:
                 # not written back from its old record.
                 rows = [to_row(record) for record in chunk if self._is_current(record)]
                 try:
-                    await asyncio.to_thread(self.storage.write, rows, deleted)
+                    # refresh: a shared database must not get back from them
+                    # a registration another replica deleted.
+                    await asyncio.to_thread(self.storage.write, [], deleted, rows)
                 except StoreError:
                     self.state.requeue(changed[at:], deleted)
                     raise

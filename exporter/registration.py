@@ -5,6 +5,8 @@ changes nothing; it runs under the persistence lock, ordered with reloads."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -39,6 +41,7 @@ class Registration:
         self.poller = poller
         self.persistence = persistence
         self._config = config
+        self._following: asyncio.Task[None] | None = None
 
     @property
     def api_tokens(self) -> tuple[str, ...]:
@@ -140,3 +143,69 @@ class Registration:
             raise TrackingError(
                 Refusal.NOT_STORED, f"cannot store the removal: {exc.public}"
             ) from exc
+
+    # --- other replicas ---------------------------------------------------------
+
+    def follow_store(self) -> None:
+        """Pick up registrations and removals other replicas sharing the
+        database made, when the store says there were some (PostgreSQL's
+        ``watch``; a store without it is this process's alone)."""
+        store = self.persistence.storage
+        watch: Callable[[Callable[[], None]], None] | None = getattr(store, "watch", None)
+        if watch is None:
+            return
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def on_change() -> None:  # from the store's thread
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(changed.set)
+
+        async def follow() -> None:
+            while True:
+                await changed.wait()
+                changed.clear()
+                await self.sync_with_store()
+
+        self._following = asyncio.create_task(follow(), name="follow-store")
+        watch(on_change)
+
+    async def stop_following(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following
+
+    async def sync_with_store(self) -> None:
+        """Track what the database has registered and this process does not,
+        and stop tracking what was registered here but is no longer there."""
+        store = self.persistence.storage
+        if store is None:
+            return
+        async with self.persistence.lock:  # ordered with this process's own writes
+            try:
+                records = await asyncio.to_thread(store.load)
+            except StoreError as exc:
+                log.debug("cannot read the registrations of other replicas: %s", exc)
+                return  # the store calls again once it reconnected
+            stored = {(r.source, r.import_id): r for r in records if r.origin is Origin.API}
+            for key, record in stored.items():
+                scheduler = self.poller.schedulers.get(record.source)
+                if key in self.state.imports or key in self.state.parked or scheduler is None:
+                    continue
+                if scheduler.source.follows_server or not self.shard.owns(*key):
+                    continue  # another shard's to poll
+                scheduler.add(ImportSpec(record.import_id, record.name), origin=Origin.API)
+                log.info(
+                    "tracking: registered through another replica",
+                    extra=context(source=record.source, import_=record.import_id),
+                )
+            for key, record in list(self.state.imports.items()):
+                scheduler = self.poller.schedulers.get(key[0])
+                if record.origin is not Origin.API or key in stored or scheduler is None:
+                    continue
+                scheduler.remove(key[1])
+                log.info(
+                    "stopped tracking: removed through another replica",
+                    extra=context(source=key[0], import_=key[1]),
+                )

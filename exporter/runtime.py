@@ -32,7 +32,7 @@ from exporter.redact import register_secret
 from exporter.registration import Registration
 from exporter.sharding import WHOLE, Shard
 from exporter.sources.base import ImportSpec, Source, SourceHooks
-from exporter.sources.registry import build_source
+from exporter.sources.registry import SOURCES, build_source
 from exporter.state import ImportRecord, StateStore
 from exporter.storage import Storage
 from exporter.storage.sqlite import SQLiteStorage
@@ -47,6 +47,9 @@ from exporter.webconfig import (
 )
 
 log = logging.getLogger(__name__)
+
+SERVER_SYSTEMS = frozenset(source.system for source in SOURCES if source.follows_server)
+"""Systems whose source is one server, owned by a shard as a whole."""
 
 DEFAULT_PORT = 10451
 RENDER_SWITCH_INTERVAL = 0.001
@@ -103,6 +106,7 @@ class Exporter:
         config_loader: ConfigLoader | None = None,
         storage_path: str | None = None,
         *,
+        store: Storage | None = None,
         max_requests: int = 0,
         header_timeout: float = HEADER_READ_TIMEOUT,
         shard: Shard = WHOLE,
@@ -111,7 +115,8 @@ class Exporter:
         self.config = config
         self.config_loader = config_loader
         # Opened first: a corrupt database stops the start-up with a clear error.
-        self.store: Storage | None = (
+        # ``store``: a backend opened by the caller (PostgreSQL), else the file.
+        self.store: Storage | None = store or (
             SQLiteStorage(storage_path) if storage_path is not None else None
         )
         self.listen_address = listen_address
@@ -172,6 +177,10 @@ class Exporter:
         )
         if self.store is not None:
             restored = await asyncio.to_thread(self.store.load)
+            if getattr(self.store, "shared", False):
+                # Another shard's imports are its own to keep: never parked
+                # (nor forgotten) by this one in the shared database.
+                restored = [r for r in restored if self._owns_stored(r)]
             self.state.restore(restored)
             log.info("restored %d imports from %s", len(restored), self.store.path)
         self._prepare_to_apply(self.config)
@@ -187,6 +196,7 @@ class Exporter:
         # Every import's lines rendered before listening (about 0.7 s at
         # 100,000), so the first scrape serves the restored state at once.
         self.import_lines.take_changes()
+        self.registration.follow_store()  # other replicas' registrations (PostgreSQL)
         loop = asyncio.get_running_loop()
         self._previous_exception_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._loop_exception)
@@ -305,6 +315,11 @@ class Exporter:
                 log.warning(
                     f"deprecated setting: {warning}", extra=context(source=source_config.name)
                 )
+
+    def _owns_stored(self, record: ImportRecord) -> bool:
+        """:meth:`_owns` for a stored record, before its source is built."""
+        whole = record.system in SERVER_SYSTEMS
+        return self.shard.owns(record.source, None if whole else record.import_id)
 
     def _owns(self, source: Source[Any], import_id: str) -> bool:
         """A server (Rocket.Chat) belongs to a shard as a whole, an id by itself."""
@@ -434,6 +449,7 @@ class Exporter:
             await self._runner.cleanup()
         for name in list(self.discoverers):
             await self._stop_discovery(name)
+        await self.registration.stop_following()
         await self.poller.stop()
         await self.persistence.stop()
         if self._session is not None:

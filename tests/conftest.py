@@ -13,10 +13,14 @@ import asyncio
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 INTEGRATION = Path(__file__).resolve().parent / "integration"
@@ -77,6 +81,19 @@ def tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (scripts/setup --test installs it)")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole session (stopped at its end); skips
+    only if PostgreSQL or psycopg is not installed. Take a fresh database for
+    a test with ``postgres.database()``."""
+    from tests.postgres import running_server
+
+    with running_server() as server:
+        if isinstance(server, str):
+            pytest.skip(server)
+        yield server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -350,3 +350,33 @@ def test_checking_a_config_registers_no_secret_for_redaction() -> None:
     redact.clear_secrets()
     parse_config_text(ELEVATE.replace("k-123456", "only-parsed-secret"), "config.yaml")
     assert redact.redact("only-parsed-secret") == "only-parsed-secret"
+
+
+def test_storage_url_is_a_secret_in_any_of_its_forms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = "postgresql://exporter:s3cret-pw@db.example:5432/imports"
+    (tmp_path / "pg-url").write_text(url + "\n")
+    monkeypatch.setenv("PG_URL_FOR_TEST", url)
+    config_file = tmp_path / "config.yaml"
+    for given in ("{url_file: pg-url}", "{url_env: PG_URL_FOR_TEST}", f"{{url: '{url}'}}"):
+        config_file.write_text(f"storage: {given}\n" + ELEVATE)
+        config = load_config(config_file)
+        assert config.storage_url() == url
+        assert config.storage_path() is None
+        secrets = set(config.secret_values())
+        assert {url, "s3cret-pw"} <= secrets  # redacted from logs once applied
+
+    config_file.write_text("storage: {path: state.db, url_env: PG_URL_FOR_TEST}\n" + ELEVATE)
+    assert errors_of_file(config_file) == [
+        f"{config_file}: storage.url_env: give storage.path (SQLite) or storage.url "
+        "(PostgreSQL), not both"
+    ]
+    monkeypatch.setenv("PG_URL_FOR_TEST", "mysql://exporter:s3cret-pw@db/imports")
+    config_file.write_text("storage: {url_env: PG_URL_FOR_TEST}\n" + ELEVATE)
+    errors = errors_of_file(config_file)
+    assert errors == [f"{config_file}: storage.url_env: must be a postgresql:// URL"]
+    config_file.write_text("storage: {url_file: missing}\n" + ELEVATE)
+    assert f"{config_file}: storage.url_file: cannot read missing" in str(
+        errors_of_file(config_file)
+    )

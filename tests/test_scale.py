@@ -85,9 +85,13 @@ async def test_periodic_writes_come_in_chunks_and_registrations_write_their_own_
     writes: list[int] = []
     original = exporter.store.write
 
-    def spy(rows: list[Row], deleted: list[tuple[str, str]] = []) -> None:  # noqa: B006
-        writes.append(len(rows))
-        original(rows, deleted)
+    def spy(
+        rows: list[Row],
+        deleted: list[tuple[str, str]] = [],  # noqa: B006
+        refresh: list[Row] = [],  # noqa: B006
+    ) -> None:
+        writes.append(len(rows) + len(refresh))  # registrations, or what polls learnt
+        original(rows, deleted, refresh)
 
     monkeypatch.setattr(exporter.store, "write", spy)
     try:

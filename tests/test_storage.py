@@ -1,9 +1,12 @@
-"""The storage contract, on the SQLite backend: what is written comes back,
-deletes are kept, one process owns a file, and failures say why."""
+"""The storage contract, on both backends (SQLite and PostgreSQL): what is
+written comes back, deletes are kept, a reopened store has it all; then what
+each backend adds: one process owns a SQLite file; PostgreSQL is shared,
+versions its schema, reconnects, and never shows its password."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,12 @@ import pytest
 from exporter.model import ErrorReason, Observation, Origin, State
 from exporter.state import ImportRecord
 from exporter.storage import Storage, StoreError, to_row
+from exporter.storage.postgres import PostgresStorage
 from exporter.storage.sqlite import SQLiteStorage
+from tests.conftest import free_port
+from tests.postgres import PostgresServer
+
+Opener = Callable[[], Storage]
 
 
 def record(import_id: str, **fields: object) -> ImportRecord:
@@ -21,11 +29,42 @@ def record(import_id: str, **fields: object) -> ImportRecord:
     return base
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens the same store again each call (closed at the end of the test)."""
+    opened: list[Storage] = []
+    if request.param == "sqlite":
+        where = str(tmp_path / "state.db")
+        make: Callable[[], Storage] = lambda: SQLiteStorage(where)  # noqa: E731
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres")
+        url = server.database()
+        make = lambda: PostgresStorage(url)  # noqa: E731
+
+    def open_it() -> Storage:
+        opened.append(make())
+        return opened[-1]
+
+    yield open_it
+    for store in opened:
+        store.close()
+
+
 @pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
+def storage(opener: Opener) -> Storage:
+    return opener()
+
+
+@pytest.fixture
+def sqlite_storage(tmp_path: Path) -> Iterator[Storage]:
     opened = SQLiteStorage(tmp_path / "state.db")
     yield opened
     opened.close()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    return postgres.database()
 
 
 def test_what_is_written_comes_back_whole(storage: Storage) -> None:
@@ -54,13 +93,33 @@ def test_upserts_and_deletes_in_one_write(storage: Storage) -> None:
     assert storage.health.last_write_ok
 
 
-@pytest.mark.usefixtures("storage")
+def test_a_reopened_store_has_everything_written(opener: Opener) -> None:
+    first = opener()
+    first.write([to_row(record("1", first_seen=5.0)), to_row(record("2"))])
+    first.write([], deleted=[("shop", "2")])
+    first.close()
+    assert [(r.import_id, r.first_seen) for r in opener().load()] == [("1", 5.0)]
+
+
+def test_what_polls_learnt_is_written_too(storage: Storage) -> None:
+    storage.write([to_row(record("api"))])
+    listed = record("listed", origin=Origin.CONFIG, first_seen=1.0)
+    storage.write([], refresh=[to_row(listed), to_row(record("api", last_success=9.0))])
+    loaded = {r.import_id: r for r in storage.load()}
+    assert loaded["listed"] == listed
+    assert loaded["api"].last_success == 9.0
+
+
+@pytest.mark.usefixtures("sqlite_storage")
 def test_one_process_owns_a_file(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="in use"):
         SQLiteStorage(tmp_path / "state.db")
 
 
-def test_a_deleted_file_fails_the_next_write_and_says_why(tmp_path: Path, storage: Storage) -> None:
+def test_a_deleted_file_fails_the_next_write_and_says_why(
+    tmp_path: Path, sqlite_storage: Storage
+) -> None:
+    storage = sqlite_storage
     (tmp_path / "state.db").unlink()
     with pytest.raises(StoreError) as caught:
         storage.write([to_row(record("1"))])
@@ -68,3 +127,114 @@ def test_a_deleted_file_fails_the_next_write_and_says_why(tmp_path: Path, storag
     assert "deleted or replaced" in caught.value.public
     assert str(tmp_path) not in caught.value.public  # API clients never see the path
     assert storage.health.failing == "vanished"
+
+
+# --- PostgreSQL ---------------------------------------------------------------
+
+
+def test_replicas_sharing_a_database_see_each_others_writes(pg_url: str) -> None:
+    a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    try:
+        a.write([to_row(record("1"))])
+        b.write([to_row(record("2"))], deleted=[("shop", "1")])
+        assert [r.import_id for r in a.load()] == ["2"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_password_is_never_shown(postgres: PostgresServer, pg_url: str) -> None:
+    store = PostgresStorage(pg_url)
+    store.close()
+    assert postgres.password not in store.path
+    assert store.path.startswith("postgresql://postgres:***@127.0.0.1:")
+    wrong = pg_url.replace(postgres.password, "not-the-password")
+    with pytest.raises(StoreError) as caught:
+        PostgresStorage(wrong)
+    assert "not-the-password" not in str(caught.value)
+    assert "password authentication failed" in str(caught.value)
+
+
+def test_a_server_that_is_not_there_is_unavailable_and_says_where(
+    postgres: PostgresServer,
+) -> None:
+    url = f"postgresql://postgres:{postgres.password}@127.0.0.1:{free_port()}/db"
+    with pytest.raises(StoreError) as caught:
+        PostgresStorage(url)
+    assert caught.value.reason == "unavailable"
+    assert "127.0.0.1" in str(caught.value)  # where, for the log
+    assert postgres.password not in str(caught.value)
+    assert "cannot be reached" in caught.value.public
+    assert "127.0.0.1" not in caught.value.public
+
+
+def test_a_newer_schema_stops_the_start_naming_the_database(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    import psycopg
+
+    PostgresStorage(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE import_status_schema SET version = 99")
+    with pytest.raises(StoreError, match="newer exporter") as caught:
+        PostgresStorage(pg_url)
+    assert pg_url.rsplit("/", 1)[1] in str(caught.value)  # the database's name
+    assert postgres.password not in str(caught.value)
+
+
+def test_a_restarted_server_fails_writes_then_is_written_again(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    store = PostgresStorage(pg_url)
+    try:
+        store.write([to_row(record("1"))])
+        postgres.stop()
+        try:
+            with pytest.raises(StoreError) as caught:
+                store.write([to_row(record("2"))])
+            assert caught.value.reason == "unavailable"
+            assert store.health.failing == "unavailable"
+            store.verify()  # still down: still failing, counted once
+            assert store.health.write_errors["unavailable"] == 1
+        finally:
+            postgres.start()
+        store.verify()  # reconnects: ready again before the next write
+        assert store.health.failing is None
+        store.write([to_row(record("2"))])
+        assert sorted(r.import_id for r in store.load()) == ["1", "2"]
+    finally:
+        store.close()
+
+
+def test_what_polls_learnt_never_brings_back_a_registration_deleted_elsewhere(
+    pg_url: str,
+) -> None:
+    a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    try:
+        a.write([to_row(record("1"))])
+        b.write([], deleted=[("shop", "1")])
+        a.write([], refresh=[to_row(record("1", last_success=9.0))])  # A polled it meanwhile
+        assert a.load() == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_other_replicas_hear_of_registrations_and_removals_not_of_polls(pg_url: str) -> None:
+    a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    heard = threading.Semaphore(0)
+    try:
+        b.watch(heard.release)
+        assert heard.acquire(timeout=10)  # once listening: read what came before
+        a.write([to_row(record("1"))])
+        assert heard.acquire(timeout=10)
+        a.write([], refresh=[to_row(record("1", last_success=9.0))])
+        a.write([], deleted=[("shop", "1")])
+        assert heard.acquire(timeout=10)
+        b.write([to_row(record("2"))])  # its own: not heard
+        a.write([to_row(record("3"))])
+        assert heard.acquire(timeout=10)
+        assert not heard.acquire(timeout=0.5)  # nothing else was heard
+    finally:
+        a.close()
+        b.close()

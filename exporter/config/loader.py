@@ -120,6 +120,8 @@ def parse_config_data(data: Any, origin: str, base_dir: Path | None = None) -> C
                 for loc, msg in describe_errors(exc, SOURCE_TYPES)
             ]
     errors += [f"{origin}: {loc}: {msg}" for loc, msg in _check_sources(valid, base_dir)]
+    if top is not None:
+        errors += [f"{origin}: {loc}: {msg}" for loc, msg in _check_storage(top, base_dir)]
     api = top.api if top is not None else _valid_or_none(ApiConfig, data.get("api", {}))
     if api is not None:  # its tokens' problems too, even when other top-level keys are wrong
         errors += [f"{origin}: {loc}: {msg}" for loc, msg in _read_api_tokens(api, base_dir)]
@@ -128,6 +130,21 @@ def parse_config_data(data: Any, origin: str, base_dir: Path | None = None) -> C
     config = top.model_copy(update={"sources": [source for _, source in valid]})
     config.relative_to(base_dir)
     return config
+
+
+def _check_storage(config: Config, base_dir: Path | None) -> Iterable[tuple[str, str]]:
+    storage = config.storage
+    problems = list(resolve_secrets(storage, "storage", base_dir))
+    yield from problems
+    given = storage.given_field("url")
+    if given is None or problems:
+        return
+    if storage.path is not None:
+        yield f"storage.{given}", "give storage.path (SQLite) or storage.url (PostgreSQL), not both"
+    url = config.storage_url() or ""
+    if not url.startswith(("postgresql://", "postgres://")):
+        # Never the value: it holds the password.
+        yield f"storage.{given}", "must be a postgresql:// URL"
 
 
 def _valid_or_none(model: type[StrictModel], data: Any) -> Any:

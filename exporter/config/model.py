@@ -5,18 +5,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, PrivateAttr
 
-from exporter.config.base import Duration, SourceConfig, StrictModel
+from exporter.config.base import Duration, SecretHolder, SourceConfig, StrictModel
 
 API_TOKEN_MIN_LENGTH = 16
 
 
-class StorageConfig(StrictModel):
+class StorageConfig(SecretHolder):
+    SECRETS: ClassVar[dict[str, bool]] = {"url": False}
+
     path: str | None = None
     """SQLite file keeping registrations and what was learnt about every import
     across restarts; relative to the config file. ``--storage.path`` wins."""
+    url: str | None = None
+    """``postgresql://user:password@host/db``: a PostgreSQL database instead of
+    the file, shared by replicas. A secret (it holds the password): give it as
+    ``url``, ``url_env`` or ``url_file``. ``--storage.url`` wins."""
+    url_env: str | None = None
+    url_file: str | None = None
 
 
 class ApiConfig(StrictModel):
@@ -59,9 +69,19 @@ class Config(StrictModel):
             path = self._base_dir / path
         return str(path)
 
+    def storage_url(self) -> str | None:
+        """The PostgreSQL URL (resolved from ``url``, ``url_env`` or ``url_file``)."""
+        return self.storage.secret("url")
+
     def secret_values(self) -> Iterator[str]:
         """Every secret this config holds: registered for redaction when it is
         applied (not when a file is merely checked)."""
+        url = self.storage_url()
+        if url is not None:
+            yield url
+            password = urlsplit(url).password
+            if password:
+                yield password
         for source in self.sources:
             for _, holder in source.secret_holders():
                 yield from holder.secret_values()

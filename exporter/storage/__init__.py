@@ -1,10 +1,10 @@
 """Where the state survives a restart: the :class:`Storage` interface, and the
 record snapshot (:func:`to_row`) every backend writes and reads back.
 
-SQLite (:mod:`.sqlite`) is the embedded default; a backend is anything with
-these methods. The state is the one truth while the process runs; a backend
-is how it survives a restart, so a stall that began before the restart is
-still seen as a stall.
+SQLite (:mod:`.sqlite`) is the embedded default, PostgreSQL (:mod:`.postgres`)
+the registry replicas share; a backend is anything with these methods. The
+state is the one truth while the process runs; a backend is how it survives a
+restart, so a stall that began before the restart is still seen as a stall.
 """
 
 from __future__ import annotations
@@ -50,7 +50,15 @@ COLUMNS = (
     "parked_at",
 )
 
-WRITE_ERROR_REASONS = ("disk_full", "read_only", "busy", "io_error", "vanished", "other")
+WRITE_ERROR_REASONS = (
+    "disk_full",
+    "read_only",
+    "busy",
+    "io_error",
+    "vanished",
+    "unavailable",
+    "other",
+)
 """Why a write failed: a small fixed set, exported as a metric label."""
 PUBLIC_REASON = {
     "disk_full": "the disk is full",
@@ -58,6 +66,7 @@ PUBLIC_REASON = {
     "busy": "the database is locked",
     "io_error": "the disk failed",
     "vanished": "the database file was deleted or replaced while in use",
+    "unavailable": "the database server cannot be reached",
     "other": "the database refused the write",
 }
 
@@ -98,9 +107,13 @@ class Storage(Protocol):
     def load(self) -> list[ImportRecord]:
         """Every stored import, parked ones included."""
 
-    def write(self, rows: Sequence[Row], deleted: Sequence[ImportKey] = ()) -> None:
-        """Upsert ``rows`` and delete ``deleted`` in one transaction: durable
-        when it returns."""
+    def write(
+        self, rows: Sequence[Row], deleted: Sequence[ImportKey] = (), refresh: Sequence[Row] = ()
+    ) -> None:
+        """Upsert ``rows`` (registrations) and ``refresh`` (what polls learnt)
+        and delete ``deleted`` in one transaction: durable when it returns. A
+        backend shared by processes must not let ``refresh`` bring back an
+        import registered through the API that another process deleted."""
 
     def verify(self) -> None:
         """Check the backend is still the one it was opened as (a cheap probe);

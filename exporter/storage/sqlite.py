@@ -149,9 +149,14 @@ class SQLiteStorage:
         except (sqlite3.Error, ValueError, TypeError) as exc:
             raise StoreError(f"{self.path}: cannot read the stored imports: {exc}") from exc
 
-    def write(self, rows: Sequence[Row], deleted: Sequence[ImportKey] = ()) -> None:
-        """Upsert ``rows`` (from :func:`to_row`) and delete ``deleted`` keys, in
-        one transaction of at most two statements. Raises :class:`StoreError`."""
+    def write(
+        self, rows: Sequence[Row], deleted: Sequence[ImportKey] = (), refresh: Sequence[Row] = ()
+    ) -> None:
+        """Upsert ``refresh`` and ``rows`` (from :func:`to_row`) and delete
+        ``deleted`` keys, in one transaction of at most two statements (one
+        process owns the file, so ``refresh`` is written like ``rows``).
+        Raises :class:`StoreError`."""
+        rows = [*refresh, *rows]
         try:
             rows_json, deleted_json = _to_json(rows), _to_json(deleted)
         except (TypeError, ValueError) as exc:

@@ -208,3 +208,21 @@ async def test_elevate_cluster_id_gives_the_cloud_url(
         source = build_source(source_config, session)
     assert isinstance(source, ElevateSource)
     assert source.url == polled
+
+
+def test_a_storage_url_from_the_command_line_or_the_config_wins_over_any_path(
+    tmp_path: Path,
+) -> None:
+    from exporter.cli import DEFAULT_STORAGE_PATH, choose_storage
+    from exporter.config.loader import parse_config_data
+
+    url = "postgresql://exporter:pw@db/imports"
+    plain = parse_config_data({}, "config.yaml", base_dir=tmp_path)
+    assert choose_storage(None, None, plain) == (str(DEFAULT_STORAGE_PATH), None)
+    assert choose_storage(None, url, plain)[1] == url
+    (tmp_path / "pg-url").write_text(url)
+    shared = parse_config_data({"storage": {"url_file": "pg-url"}}, "config.yaml", tmp_path)
+    assert choose_storage(None, None, shared)[1] == url
+    # A path (the image sets $IMPORT_STATUS_EXPORTER_STORAGE_PATH) never hides the database.
+    assert choose_storage("other.db", None, shared)[1] == url
+    assert choose_storage("other.db", None, plain) == ("other.db", None)

@@ -1,0 +1,346 @@
+"""The exporter on a shared PostgreSQL registry (``storage.url``), against a
+real server (tests/postgres.py): registrations survive a SIGKILL and a
+restart; PostgreSQL down at start is waited for (not ready, no crash);
+PostgreSQL restarted under load loses no acknowledged registration, while
+polling and /metrics go on; the password never reaches a log line. Two
+replicas on one database follow each other's registrations and removals, and
+a SIGKILL of either costs the other nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from exporter.config.loader import load_config
+from exporter.runtime import Exporter
+from exporter.sharding import Shard
+from exporter.storage.postgres import PostgresStorage
+from tests.conftest import ROOT, free_port, wait_until
+from tests.integration.test_durability import call, register
+from tests.integration.test_persistence import (
+    AUTH,
+    simulator_server,
+    wait_listing,
+    write_config,
+)
+from tests.postgres import PostgresServer
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+def write_pg_config(tmp_path: Path, simulator_url: str, database_url: str) -> Path:
+    """The persistence tests' config, on PostgreSQL: the URL from a file."""
+    config_file = write_config(tmp_path, simulator_url)
+    (tmp_path / "pg-url").write_text(database_url + "\n")
+    text = config_file.read_text().replace("  path: state.db\n", "  url_file: pg-url\n")
+    config_file.write_text(text)
+    return config_file
+
+
+@contextlib.asynccontextmanager
+async def exporter_process(
+    config_file: Path, port: int
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path]]:
+    """The exporter as a process; its log (stderr) goes to a file beside the config."""
+    log = config_file.parent / f"exporter-{port}-{free_port()}.log"
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "exporter", "--config.file", str(config_file),
+            "--web.listen-address", f"127.0.0.1:{port}", cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
+    try:
+        yield proc, log
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_registrations_survive_a_sigkill_and_the_password_is_never_logged(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    port = free_port()
+    registered = [f"pipeline-{i}" for i in range(10)]
+    async with aiohttp.ClientSession() as session:
+        async with exporter_process(config_file, port) as (proc, log):
+            await wait_listing(session, port, lambda listing: "1005" in listing)
+            for import_id in registered:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/api/v1/imports",
+                    json={"source": "elevate", "id": import_id, "name": f"job {import_id}"},
+                    headers=AUTH,
+                ) as response:
+                    assert response.status == 201
+            proc.send_signal(signal.SIGKILL)  # at once: acknowledged means committed
+            await proc.wait()
+        async with exporter_process(config_file, port) as (proc, log2):
+            listing = await wait_listing(session, port, lambda listing: len(listing) > 1)
+            assert set(registered) <= set(listing)
+            assert listing["pipeline-3"]["name"] == "job pipeline-3"
+            assert listing["pipeline-3"]["origin"] == "api"
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                assert await proc.wait() == 0
+    logged = log.read_text() + log2.read_text()
+    assert "restored" in logged
+    assert "postgresql://postgres:***@127.0.0.1" in logged
+    assert postgres.password not in logged
+
+
+async def test_postgres_down_at_start_is_waited_for_not_a_crash(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    port = free_port()
+    async with aiohttp.ClientSession() as session:
+        await asyncio.to_thread(postgres.stop)
+        try:
+            async with exporter_process(config_file, port) as (proc, log):
+                await wait_until(
+                    lambda: "cannot reach PostgreSQL, retrying" in log.read_text(),
+                    timeout=20,
+                    what="the log to say PostgreSQL cannot be reached",
+                )
+                assert proc.returncode is None  # waiting, not crashed
+                with contextlib.suppress(aiohttp.ClientError):  # not ready: not even listening
+                    async with session.get(f"http://127.0.0.1:{port}/-/ready") as response:
+                        assert response.status != 200
+                await asyncio.to_thread(postgres.start)
+                # The backoff is at most a few seconds this early.
+                listing = await wait_listing(session, port, lambda listing: "1005" in listing)
+                assert "1005" in listing
+                assert postgres.password not in log.read_text()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(postgres.start)  # already up: pg_ctl says so
+
+
+async def test_postgres_restarted_under_load_loses_no_acknowledged_registration(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    exporter = Exporter(load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url))
+    await exporter.start()
+    acknowledged: list[str] = []
+    answers: list[tuple[float, int]] = []
+    loop = asyncio.get_running_loop()
+
+    async def load(http: aiohttp.ClientSession) -> None:
+        for n in range(100_000):
+            import_id = f"load-{n}"
+            status, body = await register(http, exporter, import_id)
+            assert status in (201, 503), body
+            answers.append((loop.time(), status))
+            if status == 201:
+                acknowledged.append(import_id)
+            await asyncio.sleep(0.01)  # a steady stream, not a busy loop
+
+    def answered_since(moment: float, status: int) -> bool:
+        return any(at > moment and got == status for at, got in answers)
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            loader = asyncio.create_task(load(http))
+            try:
+                await wait_until(lambda: len(acknowledged) >= 20, timeout=20)
+                await wait_until(exporter.state.ready, timeout=20)
+                polls_before = exporter.state.imports[("elevate", "1005")].last_attempt
+
+                down_at = loop.time()
+                await asyncio.to_thread(postgres.stop)
+                try:
+                    await wait_until(lambda: answered_since(down_at, 503), timeout=20)
+                    status, page = await call(http, "GET", exporter, "/-/ready")
+                    assert status == 503
+                    assert "unavailable" in page
+                    status, text = await call(http, "GET", exporter, "/metrics")
+                    assert status == 200
+                    assert 'import_exporter_store_write_errors_total{reason="unavailable"}' in text
+                    # Polling goes on from memory.
+                    await wait_until(
+                        lambda: (
+                            exporter.state.imports[("elevate", "1005")].last_attempt != polls_before
+                        ),
+                        timeout=10,
+                    )
+                finally:
+                    await asyncio.to_thread(postgres.start)
+                up_at = loop.time()
+                await wait_until(lambda: answered_since(up_at, 201), timeout=20)
+                # And a restart in one go (pg_ctl restart) while the stream runs.
+                restart_at = loop.time()
+                await asyncio.to_thread(postgres.restart)
+                await wait_until(lambda: answered_since(restart_at, 201), timeout=20)
+            finally:
+                loader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loader
+            await wait_until(lambda: exporter.persistence.failing() is None, timeout=10)
+            await wait_until(exporter.state.ready, timeout=30)  # every new import polled
+            assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
+    finally:
+        await exporter.stop()
+    check = PostgresStorage(url)
+    try:
+        stored = {record.import_id for record in check.load()}
+    finally:
+        check.close()
+    assert set(acknowledged) <= stored
+    assert len(acknowledged) >= 22  # 20 before, one after each outage
+
+
+async def test_a_registration_on_one_replica_is_polled_by_the_other_within_seconds(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    a = Exporter(load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url))
+    b = Exporter(load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url))
+    await a.start()
+    try:
+        await b.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+
+                async def listed_by_b() -> set[str]:
+                    status, body = await call(http, "GET", b, "/api/v1/imports")
+                    assert status == 200
+                    return {item["id"] for item in body["imports"]}
+
+                def polled_by_b(import_id: str) -> bool:
+                    record = b.state.imports.get(("elevate", import_id))
+                    return record is not None and record.observation is not None
+
+                assert (await register(http, a, "bench-7", "nightly"))[0] == 201
+                await wait_until(
+                    lambda: ("elevate", "bench-7") in b.state.imports,
+                    timeout=5,
+                    what="B to track it",
+                )
+                await wait_until(lambda: polled_by_b("bench-7"), timeout=5, what="B to poll it")
+                assert "bench-7" in await listed_by_b()
+                assert b.state.imports[("elevate", "bench-7")].name == "nightly"
+
+                # And back: a registration on B reaches A; a removal on A leaves B.
+                assert (await register(http, b, "bench-8"))[0] == 201
+                await wait_until(lambda: ("elevate", "bench-8") in a.state.imports, timeout=5)
+                status, _ = await call(
+                    http, "DELETE", a, "/api/v1/imports/elevate/bench-7", headers=AUTH
+                )
+                assert status == 204
+                await wait_until(lambda: ("elevate", "bench-7") not in b.state.imports, timeout=5)
+                assert "bench-7" not in await listed_by_b()
+                # What B learns by polling never brings the removed import back.
+                await wait_until(lambda: polled_by_b("bench-8"), timeout=5)
+                await wait_until(b.state.ready, timeout=10)
+        finally:
+            await b.stop()
+    finally:
+        await a.stop()
+    check = PostgresStorage(url)
+    try:
+        stored = {r.import_id for r in check.load()}
+    finally:
+        check.close()
+    assert "bench-7" not in stored
+    assert "bench-8" in stored
+
+
+async def test_a_sigkilled_replica_costs_the_other_nothing_and_catches_up_on_restart(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    port_a, port_b = free_port(), free_port()
+
+    async def post(session: aiohttp.ClientSession, port: int, import_id: str) -> int:
+        async with session.post(
+            f"http://127.0.0.1:{port}/api/v1/imports",
+            json={"source": "elevate", "id": import_id},
+            headers=AUTH,
+        ) as response:
+            return response.status
+
+    async with aiohttp.ClientSession() as session, exporter_process(config_file, port_a) as (a, _):
+        async with exporter_process(config_file, port_b) as (b, _):
+            await wait_listing(session, port_a, lambda listing: "1005" in listing)
+            await wait_listing(session, port_b, lambda listing: "1005" in listing)
+            assert await post(session, port_a, "bench-1") == 201
+            await wait_listing(session, port_b, lambda listing: "bench-1" in listing)
+            b.send_signal(signal.SIGKILL)
+            await b.wait()
+        # A goes on alone, and B, restarted, has what was registered meanwhile.
+        assert await post(session, port_a, "bench-2") == 201
+        async with exporter_process(config_file, port_b) as (b, _):
+            await wait_listing(
+                session, port_b, lambda listing: {"bench-1", "bench-2"} <= set(listing)
+            )
+            a.send_signal(signal.SIGKILL)
+            await a.wait()
+            assert await post(session, port_b, "bench-3") == 201
+            listing = await wait_listing(session, port_b, lambda listing: "bench-3" in listing)
+            assert {"bench-1", "bench-2", "bench-3"} <= set(listing)
+
+
+async def test_shards_on_one_database_keep_each_others_registrations(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    shards = [Shard(0, 2), Shard(1, 2)]
+    ids = [
+        next(f"bench-{n}" for n in range(100) if s.owns("elevate", f"bench-{n}")) for s in shards
+    ]
+
+    def shard_exporter(shard: Shard) -> Exporter:
+        return Exporter(
+            load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url), shard=shard
+        )
+
+    first, second = shard_exporter(shards[0]), shard_exporter(shards[1])
+    await first.start()
+    try:
+        await second.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                assert (await register(http, first, ids[0]))[0] == 201
+                assert (await register(http, second, ids[1]))[0] == 201
+        finally:
+            await second.stop()
+    finally:
+        await first.stop()
+    # Shard 0 restarted alone: it restores its own, and neither parks nor
+    # forgets shard 1's registration in the shared database.
+    again = shard_exporter(shards[0])
+    await again.start()
+    try:
+        assert ("elevate", ids[0]) in again.state.imports
+        assert ("elevate", ids[1]) not in again.state.imports
+        assert ("elevate", ids[1]) not in again.state.parked
+    finally:
+        await again.stop()
+    check = PostgresStorage(url)
+    try:
+        stored = {r.import_id: r for r in check.load()}
+    finally:
+        check.close()
+    assert {ids[0], ids[1]} <= set(stored)
+    assert stored[ids[1]].parked_at is None

@@ -1,0 +1,136 @@
+"""A real PostgreSQL server for the tests: Debian's ``postgresql`` package,
+in a temporary directory, listening on 127.0.0.1 (and a socket in that
+directory) only, run as an unprivileged user, with password authentication
+over TCP so the tests see that the password never leaks. One per session
+(:func:`tests.conftest.postgres`); each test takes a database of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.conftest import free_port
+
+USER = "postgres"
+"""The system user the server runs as (Debian's package creates it); also the
+database superuser."""
+
+
+def find_bindir() -> Path | None:
+    """The newest installed PostgreSQL's bin directory (Debian's layout)."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parent.parent.name),
+    )
+    return Path(found[-1]).parent if found else None
+
+
+class PostgresServer:
+    """One server; :meth:`database` gives a test a fresh database's URL."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.dir = Path(tempfile.mkdtemp(prefix="ise-postgres-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.password = secrets.token_urlsafe(18)
+        self._names = itertools.count(1)
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses root: the server runs as postgres
+            pwd.getpwnam(USER)  # KeyError: no such user (the fixture skips)
+            os.chown(self.dir, pwd.getpwnam(USER).pw_uid, pwd.getpwnam(USER).pw_gid)
+            os.chmod(self.dir, 0o700)
+            self._as_user = ["runuser", "-u", USER, "--"]
+        pwfile = self.dir / "pw"
+        pwfile.write_text(self.password)
+        if self._as_user:
+            os.chown(pwfile, pwd.getpwnam(USER).pw_uid, -1)
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            USER,
+            f"--pwfile={pwfile}",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--no-sync",
+        )
+        pwfile.unlink()
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.dir}'\n"
+                "fsync = off\nshared_buffers = 16MB\nmax_connections = 40\n"
+            )
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run(
+            [*self._as_user, str(self.bindir / tool), *args],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def restart(self) -> None:
+        # -l: the server's output must not hold pg_ctl's pipe open.
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-m", "fast", "-w",
+            "restart",
+        )  # fmt: skip
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{USER}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def database(self) -> str:
+        """A new, empty database; its URL (with the password)."""
+        import psycopg
+
+        name = f"test_{os.getpid()}_{next(self._names)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"'.encode())
+        return self.url(name)
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_server() -> Iterator[PostgresServer | str]:
+    """A server, or why there is none (the caller skips with it)."""
+    bindir = find_bindir()
+    if bindir is None:
+        yield "PostgreSQL is not installed (scripts/setup --test installs it)"
+        return
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        yield "psycopg is not installed (pip install -e '.[test]')"
+        return
+    try:
+        server = PostgresServer(bindir)
+    except KeyError:
+        yield f"no {USER} system user to run PostgreSQL as"
+        return
+    try:
+        yield server
+    finally:
+        server.close()
