@@ -3,12 +3,13 @@ classification, and the :class:`Source` interface the poller drives."""
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
@@ -288,3 +289,64 @@ class Source(ABC, Generic[ConfigT]):
             observe=self.hooks.request,
             client_timeout=self.client_timeout,
         )
+
+
+class SharedToken:
+    """A credential a source fetches itself (an OAuth token) and every poll
+    shares: cached until it expires or is rejected, and fetched single-flight:
+    polls that need one while a fetch is under way wait for it and share its
+    outcome, failure included (one login attempt, not one per import).
+
+    ``fetch`` makes one call of the token endpoint and returns the value to
+    send and its lifetime in seconds (None: until rejected); it raises
+    :class:`SourceError` (source-wide, so the poller holds the source)."""
+
+    EXPIRY_MARGIN = 0.9
+    """A token is renewed after this share of its lifetime."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[tuple[str, float | None]]]) -> None:
+        self._fetch = fetch
+        self._value: str | None = None
+        self._expires = math.inf
+        self._lock = asyncio.Lock()
+        self._fetches = 0
+        """Fetches finished: a poll that waited through one shares its outcome."""
+        self._failure: SourceError | None = None
+
+    def current(self) -> str | None:
+        """The cached value, if it has not expired."""
+        if self._value is not None and time.monotonic() >= self._expires:
+            self._value = None
+        return self._value
+
+    def keep(self, value: str) -> None:
+        """A value that is not fetched (configured), kept until rejected."""
+        self._value, self._expires = value, math.inf
+
+    def forget(self, value: str) -> None:
+        """``value`` was rejected: it is never sent again."""
+        if self._value == value:
+            self._value = None
+
+    async def get(self, rejected: str | None = None) -> str:
+        """A value other than ``rejected``, fetched if need be."""
+        fetches = self._fetches
+        async with self._lock:
+            if self._fetches != fetches and self._failure is not None:
+                raise self._failure
+            current = self.current()
+            if current is not None and current != rejected:
+                return current  # someone else refreshed meanwhile
+            try:
+                value, lifetime = await self._fetch()
+            except SourceError as exc:
+                self._failure = exc
+                raise
+            finally:
+                self._fetches += 1
+            self._failure = None
+            self._value = value
+            self._expires = (
+                math.inf if lifetime is None else time.monotonic() + lifetime * self.EXPIRY_MARGIN
+            )
+            return value

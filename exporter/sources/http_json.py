@@ -14,13 +14,11 @@ error naming its field) and once more when the adapter is built, never per poll.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
 import math
 import re
-import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
@@ -44,6 +42,7 @@ from exporter.redact import register_secret
 from exporter.sources.base import (
     HttpResponse,
     ImportSpec,
+    SharedToken,
     Source,
     SourceHooks,
     error_for_status,
@@ -649,7 +648,6 @@ _IMPORT_ID = re.compile(IMPORT_ID_PATTERN)
 
 # --- auth ---------------------------------------------------------------------------
 
-TOKEN_EXPIRY_MARGIN = 0.9
 """A fetched token is used for this share of its ``expires_in``, then refreshed."""
 
 
@@ -680,54 +678,23 @@ def parse_token(response: HttpResponse) -> tuple[str, float | None]:
 
 
 class TokenFetcher:
-    """An OAuth2 ``client_credentials`` token: fetched, cached (until shortly
-    before ``expires_in``), refreshed when refused. Single-flight: polls that
-    need one while a fetch is under way wait for it and share its outcome,
-    failure included (one login attempt, not one per import)."""
+    """An OAuth2 token (``client_credentials`` or ``password`` grant): fetched,
+    cached until shortly before ``expires_in``, refreshed when refused, and
+    single-flight (:class:`~exporter.sources.base.SharedToken`)."""
 
     def __init__(self, source: HttpJsonSource, auth: AuthConfig) -> None:
         self.source = source
         self.auth = auth
-        self.token: str | None = None
-        self.expires: float = math.inf
-        self._lock = asyncio.Lock()
-        self._fetches = 0
-        self._failure: SourceError | None = None
+        self.shared = SharedToken(self._login)
+        self.current = self.shared.current
+        self.forget = self.shared.forget
+        self.get = self.shared.get
 
-    def current(self) -> str | None:
-        if self.token is not None and time.monotonic() >= self.expires:
-            self.token = None
-        return self.token
-
-    def forget(self, token: str) -> None:
-        if self.token == token:
-            self.token = None
-
-    async def get(self, rejected: str | None) -> str:
-        fetches = self._fetches
-        async with self._lock:
-            if self._fetches != fetches and self._failure is not None:
-                raise self._failure
-            current = self.current()
-            if current is not None and current != rejected:
-                return current  # someone else refreshed meanwhile
-            try:
-                token, lifetime = await self._fetch()
-            except SourceError as exc:
-                self._failure = exc
-                raise
-            finally:
-                self._fetches += 1
-            self._failure = None
-            register_secret(token, transient=True)
-            self.token = token
-            self.expires = (
-                time.monotonic() + lifetime * TOKEN_EXPIRY_MARGIN
-                if lifetime is not None
-                else math.inf
-            )
-            log.info("fetched a new OAuth2 token", extra=context(source=self.source.name))
-            return token
+    async def _login(self) -> tuple[str, float | None]:
+        token, lifetime = await self._fetch()
+        register_secret(token, transient=True)
+        log.info("fetched a new OAuth2 token", extra=context(source=self.source.name))
+        return token, lifetime
 
     async def _fetch(self) -> tuple[str, float | None]:
         """One call of the token endpoint. Any failure holds the source;

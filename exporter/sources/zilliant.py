@@ -7,7 +7,6 @@ which the exporter calls itself, caches, and calls again once on a 401.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -28,6 +27,7 @@ from exporter.model import ErrorReason, Observation, ParseError, SourceError, St
 from exporter.redact import register_secret
 from exporter.sources.base import (
     HttpResponse,
+    SharedToken,
     Source,
     SourceHooks,
     error_for_status,
@@ -224,14 +224,10 @@ class ZilliantSource(Source[ZilliantConfig]):
         super().__init__(config, session, hooks)
         self.salesforce: SalesforceConfig | None = config.salesforce
         self.fetches_tokens = config.salesforce is not None
-        self._authorization: str | None = None
+        self.token = SharedToken(self._login)
         static = config.secret("token_json")
         if static is not None:
-            self._authorization = self._encode(static, fetched=False)
-        self._token_lock = asyncio.Lock()
-        self._token_fetches = 0
-        """Token fetches finished: a poll that waited through one shares its outcome."""
-        self._token_failure: SourceError | None = None
+            self.token.keep(self._encode(static, fetched=False))
 
     @staticmethod
     def _encode(token_json: str, *, fetched: bool) -> str:
@@ -247,27 +243,12 @@ class ZilliantSource(Source[ZilliantConfig]):
         register_secret(encoded, transient=fetched)
         return f"OAuth {encoded}"
 
-    async def _token(self, rejected: str | None) -> str:
-        """An Authorization value other than ``rejected``; single-flight: polls
-        that need one while a fetch is under way wait for it and share its
-        outcome, failure included (one login attempt, not one per import)."""
-        fetches = self._token_fetches
-        async with self._token_lock:
-            if self._token_fetches != fetches and self._token_failure is not None:
-                raise self._token_failure
-            if self._authorization is not None and self._authorization != rejected:
-                return self._authorization  # someone else refreshed meanwhile
-            try:
-                token_json = await self._fetch_token()
-            except SourceError as exc:
-                self._token_failure = exc
-                raise
-            finally:
-                self._token_fetches += 1
-            self._token_failure = None
-            self._authorization = self._encode(token_json, fetched=True)
-            log.info("fetched a new Salesforce token", extra=context(source=self.name))
-            return self._authorization
+    async def _login(self) -> tuple[str, None]:
+        """A new Authorization value (Salesforce tokens carry no expiry: a 401
+        is how expiry shows)."""
+        authorization = self._encode(await self._fetch_token(), fetched=True)
+        log.info("fetched a new Salesforce token", extra=context(source=self.name))
+        return authorization, None
 
     async def _fetch_token(self) -> str:
         """One call of the token endpoint. Any failure is source-wide: it holds
@@ -311,23 +292,17 @@ class ZilliantSource(Source[ZilliantConfig]):
 
     async def poll(self, import_id: str) -> Observation:
         url = self.import_url(import_id)
-        authorization = self._authorization
-        if authorization is None:
-            authorization = await self._token(None)
+        authorization = self.token.current() or await self.token.get()
         response = await self._get(url, authorization)
         if response.status == 401 and self.salesforce is not None:
             # Salesforce tokens carry no expiry: a 401 is how expiry shows. A
             # rejected token is never sent again.
-            self._forget(authorization)
-            authorization = await self._token(authorization)
+            self.token.forget(authorization)
+            authorization = await self.token.get(authorization)
             response = await self._get(url, authorization)
             if response.status == 401:
-                self._forget(authorization)
+                self.token.forget(authorization)
         return parse_status(response, import_id)
-
-    def _forget(self, authorization: str) -> None:
-        if self._authorization == authorization:
-            self._authorization = None
 
     async def _get(self, url: URL, authorization: str) -> HttpResponse:
         return await self.request(
