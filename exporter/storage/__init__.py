@@ -9,6 +9,8 @@ restart, so a stall that began before the restart is still seen as a stall.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from typing import Protocol
 
 from exporter.model import ErrorReason, Observation, Origin, State
 from exporter.state import ImportKey, ImportRecord
+
+log = logging.getLogger(__name__)
 
 Row = tuple[object, ...]
 """One import as a backend stores it, in :data:`COLUMNS` order."""
@@ -94,6 +98,24 @@ class StoreHealth:
     last_write_success_at: float | None = None
     failing: str | None = None
     """The reason of the failure the last write ended in; None while writes succeed."""
+
+    def failed(self, exc: StoreError) -> None:
+        """A write failed: counted; logged once when writes start failing (or
+        fail differently), not once per retry."""
+        self.write_errors[exc.reason] += 1
+        self.last_write_ok = False
+        if self.failing != exc.reason:
+            log.error("cannot write the database: %s", exc)
+        self.failing = exc.reason
+
+    def succeeded(self, where: str) -> None:
+        """A write went through; logged when it ends a failure (``where`` names
+        the database for the log, never for API clients)."""
+        if self.failing is not None:
+            log.info("the database %s can be written again", where)
+        self.failing = None
+        self.last_write_ok = True
+        self.last_write_success_at = time.time()
 
 
 class Storage(Protocol):

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -325,20 +324,10 @@ class PostgresStorage:
             self._failed(exc)
 
     def _failed(self, exc: StoreError) -> None:
-        health = self.health
-        health.write_errors[exc.reason] += 1
-        health.last_write_ok = False
-        if health.failing != exc.reason:
-            log.error("cannot write the database: %s", exc)
-        health.failing = exc.reason
+        self.health.failed(exc)
 
     def _succeeded(self) -> None:
-        health = self.health
-        if health.failing is not None:
-            log.info("the database %s can be written again", self.path)
-        health.failing = None
-        health.last_write_ok = True
-        health.last_write_success_at = time.time()
+        self.health.succeeded(self.path)
 
     def watch(self, on_change: Callable[[], None]) -> None:
         """Call ``on_change`` (from a thread of its own) when another replica

@@ -21,7 +21,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -215,22 +214,10 @@ class SQLiteStorage:
             )
 
     def _failed(self, exc: StoreError) -> None:
-        health = self.health
-        health.write_errors[exc.reason] += 1
-        health.last_write_ok = False
-        if health.failing != exc.reason:
-            # One line when writes start failing (or fail differently), not
-            # one per retry.
-            log.error("cannot write the database: %s", exc)
-        health.failing = exc.reason
+        self.health.failed(exc)
 
     def _succeeded(self) -> None:
-        health = self.health
-        if health.failing is not None:
-            log.info("the database %s can be written again", self.path)
-        health.failing = None
-        health.last_write_ok = True
-        health.last_write_success_at = time.time()
+        self.health.succeeded(self.path)
 
     def close(self) -> None:
         with self._lock:
