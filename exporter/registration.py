@@ -15,11 +15,11 @@ from exporter.config import Config
 from exporter.logs import context
 from exporter.model import Origin
 from exporter.persistence import Persistence
-from exporter.poller import Poller
+from exporter.poller import Poller, SourceScheduler
 from exporter.sharding import Shard
 from exporter.sources.base import ImportSpec
-from exporter.state import ImportRecord, StateStore
-from exporter.storage import StoreError, to_row
+from exporter.state import ImportKey, ImportRecord, StateStore
+from exporter.storage import SharedStorage, StoreError, to_row
 from exporter.tracking import Refusal, TrackingError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,9 @@ class Registration:
                     "server's current import and takes no import ids",
                     "source",
                 )
-            if not self.shard.owns(source, import_id):
+            registry = self.registry
+            owned = self.shard.owns(source, import_id)
+            if not owned and registry is None:
                 raise TrackingError(
                     Refusal.OTHER_SHARD,
                     f"{source}/{import_id} belongs to shard {self.shard.owner(source, import_id)} "
@@ -73,6 +75,8 @@ class Registration:
                     "id",
                 )
             existing = self.state.imports.get((source, import_id))
+            if registry is not None and existing is None:
+                return await self._claim(registry, scheduler, source, import_id, name, owned)
             if existing is None:
                 limit = self._config().api.max_imports_per_source
                 if self.state.imports.count_of(source) >= limit:
@@ -108,8 +112,60 @@ class Registration:
         )
         return record, existing is None
 
+    async def _claim(
+        self,
+        registry: SharedStorage,
+        scheduler: SourceScheduler,
+        source: str,
+        import_id: str,
+        name: str | None,
+        owned: bool,
+    ) -> tuple[ImportRecord, bool]:
+        """Register in the shared database an import this process does not
+        track (yet): the shard that owns it hears of it by the database's
+        notification and polls it; one registered there already (through
+        another replica) is answered as it is stored."""
+        limit = self._config().api.max_imports_per_source
+        try:
+            if await asyncio.to_thread(registry.count, source) >= limit:
+                raise TrackingError(
+                    Refusal.LIMIT_REACHED,
+                    f"source {source!r} already tracks {limit} imports, the most "
+                    "api.max_imports_per_source allows",
+                )
+            wanted = ImportRecord(
+                source=source,
+                import_id=import_id,
+                system=scheduler.source.system,
+                name=name,
+                origin=Origin.API,
+            )
+            record, new = await asyncio.to_thread(registry.claim, to_row(wanted))
+        except StoreError as exc:
+            raise TrackingError(
+                Refusal.NOT_STORED, f"cannot store the registration: {exc.public}"
+            ) from exc
+        if owned and record.parked_at is None:
+            scheduler.add(ImportSpec(import_id, record.name), origin=record.origin)
+            record = self.state.imports.get((source, import_id), record)
+        log.info(
+            "tracking via the API" if new else "already tracking via the API",
+            extra=context(
+                source=source,
+                import_=import_id,
+                shard=self.shard.index if owned else self.shard.owner(source, import_id),
+            ),
+        )
+        return record, new
+
     async def unregister(self, source: str, import_id: str) -> None:
         async with self.persistence.lock:  # ordered with reloads, as in register()
+            registry = self.registry
+            key = (source, import_id)
+            if registry is not None and key not in self.state.imports:
+                await self._forget_stored(registry, source, import_id)
+                self.state.forget_parked(source, import_id)
+                return
             if (source, import_id) in self.state.parked:
                 await self._delete(source, import_id)
                 self.state.forget_parked(source, import_id)
@@ -136,6 +192,63 @@ class Registration:
             scheduler.remove(import_id)
         log.info("stopped tracking via the API", extra=context(source=source, import_=import_id))
 
+    async def _forget_stored(self, registry: SharedStorage, source: str, import_id: str) -> None:
+        """Delete from the shared database an import this process does not
+        poll: its owner stops when the database tells it."""
+        try:
+            stored = await asyncio.to_thread(registry.get, (source, import_id))
+        except StoreError as exc:
+            raise TrackingError(
+                Refusal.NOT_STORED, f"cannot read the registration: {exc.public}"
+            ) from exc
+        if stored is None:
+            raise TrackingError(
+                Refusal.NOT_TRACKED, f"import {import_id!r} of source {source!r} is not tracked"
+            )
+        if stored.origin is Origin.CONFIG:
+            raise TrackingError(
+                Refusal.LISTED_IN_CONFIG,
+                f"import {import_id!r} is listed in the config file; remove it there and reload",
+            )
+        await self._delete(source, import_id)
+        log.info("stopped tracking via the API", extra=context(source=source, import_=import_id))
+
+    # --- reads of the shared registry ---------------------------------------------
+
+    @property
+    def registry(self) -> SharedStorage | None:
+        """The database every replica registers into, if there is one."""
+        store = self.persistence.storage
+        return store if isinstance(store, SharedStorage) else None
+
+    @property
+    def shared(self) -> bool:
+        return self.registry is not None
+
+    async def stored(self, source: str, import_id: str) -> ImportRecord | None:
+        registry = self.registry
+        if registry is None:
+            return None
+        try:
+            return await asyncio.to_thread(registry.get, (source, import_id))
+        except StoreError as exc:
+            raise TrackingError(
+                Refusal.NOT_STORED, f"cannot read the shared registry: {exc.public}"
+            ) from exc
+
+    async def stored_page(
+        self, after: ImportKey | None, source: str | None, state: str | None, limit: int
+    ) -> list[ImportRecord]:
+        registry = self.registry
+        if registry is None:
+            return []
+        try:
+            return await asyncio.to_thread(registry.page, after, source, state, limit)
+        except StoreError as exc:
+            raise TrackingError(
+                Refusal.NOT_STORED, f"cannot read the shared registry: {exc.public}"
+            ) from exc
+
     async def _delete(self, source: str, import_id: str) -> None:
         try:
             await self.persistence.write(deleted=[(source, import_id)])
@@ -150,9 +263,8 @@ class Registration:
         """Pick up registrations and removals other replicas sharing the
         database made, when the store says there were some (PostgreSQL's
         ``watch``; a store without it is this process's alone)."""
-        store = self.persistence.storage
-        watch: Callable[[Callable[[], None]], None] | None = getattr(store, "watch", None)
-        if watch is None:
+        registry = self.registry
+        if registry is None:
             return
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
@@ -168,7 +280,7 @@ class Registration:
                 await self.sync_with_store()
 
         self._following = asyncio.create_task(follow(), name="follow-store")
-        watch(on_change)
+        registry.watch(on_change)
 
     async def stop_following(self) -> None:
         if self._following is not None:
@@ -179,12 +291,12 @@ class Registration:
     async def sync_with_store(self) -> None:
         """Track what the database has registered and this process does not,
         and stop tracking what was registered here but is no longer there."""
-        store = self.persistence.storage
-        if store is None:
+        registry = self.registry
+        if registry is None:
             return
         async with self.persistence.lock:  # ordered with this process's own writes
             try:
-                records = await asyncio.to_thread(store.load)
+                records = await asyncio.to_thread(registry.load_registered)
             except StoreError as exc:
                 log.debug("cannot read the registrations of other replicas: %s", exc)
                 return  # the store calls again once it reconnected

@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Protocol
 
-from exporter.state import ImportRecord, StateStore
+from exporter.state import ImportKey, ImportRecord, StateStore
 
 
 class Refusal(Enum):
@@ -57,3 +57,18 @@ class ImportTracker(Protocol):
     async def unregister(self, source: str, import_id: str) -> None:
         """Stop tracking and forget at once. Raises :class:`TrackingError` (not
         tracked, listed in the config file, not stored)."""
+
+    @property
+    def shared(self) -> bool:
+        """Replicas share one registry (a database): reads of the API come
+        from it, so every replica answers for every import."""
+
+    async def stored(self, source: str, import_id: str) -> ImportRecord | None:
+        """The import as the shared registry has it. Raises
+        :class:`TrackingError` (``NOT_STORED``) when it cannot be read."""
+
+    async def stored_page(
+        self, after: ImportKey | None, source: str | None, state: str | None, limit: int
+    ) -> list[ImportRecord]:
+        """Up to ``limit`` imports of the shared registry after ``after``, in
+        key order. Raises :class:`TrackingError` (``NOT_STORED``)."""

@@ -27,6 +27,7 @@ from exporter.config import ID_RULE
 from exporter.config.loader import parse_config_data
 from exporter.registration import Registration
 from exporter.runtime import Exporter
+from exporter.sharding import Shard
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 from exporter.tracking import Refusal, TrackingError
 
@@ -576,6 +577,23 @@ async def test_openapi_document_matches_the_routes_and_their_status_codes(
         await check(("POST", IMPORTS), IMPORTS, {"headers": BEARER, "json": good}, 503)
         monkeypatch.setattr(exporter.registration, "unregister", failing_store)
         await check(("DELETE", one), f"{IMPORTS}/elevate-prod/1001", {"headers": BEARER}, 503)
+        monkeypatch.undo()
+
+        # Shards without a shared database: another shard's import is refused.
+        shard = Shard(0, 2)
+        theirs = next(
+            f"bench-{n}" for n in range(100) if not shard.owns("elevate-prod", f"bench-{n}")
+        )
+        monkeypatch.setattr(exporter.registration, "shard", shard)
+        await check(
+            ("POST", IMPORTS), IMPORTS, {"headers": BEARER, "json": {**good, "id": theirs}}, 421
+        )
+        # A shared registry that cannot be read: lists and lookups say so.
+        monkeypatch.setattr(Registration, "shared", property(lambda _: True))
+        monkeypatch.setattr(exporter.registration, "stored", failing_store)
+        monkeypatch.setattr(exporter.registration, "stored_page", failing_store)
+        await check(("GET", IMPORTS), IMPORTS, {"headers": BASIC}, 503)
+        await check(("GET", one), f"{IMPORTS}/elevate-prod/{theirs}", {"headers": BASIC}, 503)
 
         assert reached == documented
 

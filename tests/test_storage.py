@@ -238,3 +238,47 @@ def test_other_replicas_hear_of_registrations_and_removals_not_of_polls(pg_url: 
     finally:
         a.close()
         b.close()
+
+
+def test_a_claim_keeps_what_the_owner_learnt_and_only_renames(pg_url: str) -> None:
+    owner, other = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    try:
+        claimed, new = other.claim(to_row(record("1", name="nightly")))
+        assert new
+        assert claimed.name == "nightly"
+        assert claimed.observation is None
+        running = Observation(state=State.RUNNING, upstream_state="running")
+        owner.write([], refresh=[to_row(record("1", name="nightly", observation=running))])
+        again, new = other.claim(to_row(record("1")))  # no name: nothing changes
+        assert not new
+        assert again.name == "nightly"
+        assert again.observation == running
+        renamed, _ = other.claim(to_row(record("1", name="weekly")))
+        assert renamed.name == "weekly"
+        assert renamed.observation == running
+    finally:
+        owner.close()
+        other.close()
+
+
+def test_every_replica_reads_every_import_a_page_at_a_time(pg_url: str) -> None:
+    store = PostgresStorage(pg_url)
+    try:
+        running = Observation(state=State.RUNNING, upstream_state="running")
+        rows = [to_row(record(f"{n:02}", observation=running if n % 2 else None)) for n in range(5)]
+        store.write(rows, refresh=[to_row(ImportRecord("chat", "x", "rocketchat"))])
+        first = store.page(None, "shop", None, 2)
+        assert [r.import_id for r in first] == ["00", "01"]
+        rest = store.page(("shop", "01"), "shop", None, 10)
+        assert [r.import_id for r in rest] == ["02", "03", "04"]
+        assert [r.import_id for r in store.page(None, None, "running", 10)] == ["01", "03"]
+        assert [r.source for r in store.page(None, None, None, 1)] == ["chat"]
+        assert store.count("shop") == 5
+        assert store.count("nothing") == 0
+        got = store.get(("shop", "03"))
+        assert got is not None
+        assert got.observation == running
+        assert store.get(("shop", "99")) is None
+        assert [r.import_id for r in store.load_registered()] == [f"{n:02}" for n in range(5)]
+    finally:
+        store.close()

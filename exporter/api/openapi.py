@@ -117,6 +117,7 @@ def openapi_document() -> dict[str, Any]:
                         ),
                         "401": UNAUTHORIZED_READ,
                         "404": _error("unknown source"),
+                        "503": _error("the registry replicas share (storage.url) cannot be read"),
                     },
                 },
                 "post": {
@@ -144,6 +145,10 @@ def openapi_document() -> dict[str, Any]:
                         "404": _error("unknown source"),
                         "409": _error("the source tracks api.max_imports_per_source imports"),
                         "413": _error(f"the body is over {MAX_BODY_BYTES} bytes"),
+                        "421": _error(
+                            "another shard owns the import and the shards share no database "
+                            "(storage.url): register it on the shard the message names"
+                        ),
                         "503": _error("the registration could not be stored"),
                     },
                 },
@@ -159,6 +164,7 @@ def openapi_document() -> dict[str, Any]:
                         "400": _error("the source or id is malformed"),
                         "401": UNAUTHORIZED_READ,
                         "404": _error("unknown source, or the import is not tracked"),
+                        "503": _error("the registry replicas share (storage.url) cannot be read"),
                     },
                 },
                 "delete": {
@@ -171,7 +177,10 @@ def openapi_document() -> dict[str, Any]:
                         **write_errors,
                         "404": _error("unknown source, or the import is not tracked"),
                         "409": _error("listed in the config file: remove it there"),
-                        "503": _error("the removal could not be stored: still tracked"),
+                        "503": _error(
+                            "the removal could not be stored (or, on a shared registry, the "
+                            "import could not be read): still tracked"
+                        ),
                     },
                 },
             },

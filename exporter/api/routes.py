@@ -99,11 +99,18 @@ class _Api:
         # default executor that renders /metrics and writes the store.
         self.reads = reads or BulkReads()
 
-    def _record(self, source: str, import_id: str) -> ImportRecord:
+    async def _record(self, source: str, import_id: str) -> ImportRecord:
         state = self.tracker.state
         record = state.imports.get((source, import_id)) or state.parked.get((source, import_id))
         if record is not None:
-            return record
+            return record  # polled here: fresher than what the database has
+        if self.tracker.shared:
+            try:
+                record = await self.tracker.stored(source, import_id)
+            except TrackingError as exc:
+                raise tracking_error(exc) from None
+            if record is not None:
+                return record
         if source not in state.sources:
             raise ApiError(404, f"unknown source {source!r}", "source")
         raise ApiError(404, f"{source}/{import_id} is not tracked", "id")
@@ -121,11 +128,39 @@ class _Api:
         known = {*state.sources, *(record.source for record in state.parked.values())}
         if query.source is not None and query.source not in known:
             raise ApiError(404, f"unknown source {query.source!r}", "source")
-        # Parked imports are listed too, in key order among the tracked ones.
-        records, next_key = _page((state.imports, state.parked), query)
+        if self.tracker.shared:
+            records, next_key = await self._stored_page(query)
+        else:
+            # Parked imports are listed too, in key order among the tracked ones.
+            records, next_key = _page((state.imports, state.parked), query)
         now = state.clock()
         body = await self.reads.run(lambda reads: _page_body(records, now, next_key, reads.pace))
         return web.Response(body=body, content_type="application/json")
+
+    async def _stored_page(
+        self, query: ListQuery
+    ) -> tuple[list[ImportRecord], tuple[str, str] | None]:
+        """A page of the registry replicas share, so every replica lists every
+        import: each as this process has it if it polls it (fresher), else as
+        the database has it (its owner writes what it learns within a second)."""
+        after = _cursor_key(query.after) if query.after is not None else None
+        wanted = query.state.value if query.state is not None else None
+        try:
+            stored = await self.tracker.stored_page(after, query.source, wanted, query.limit + 1)
+        except TrackingError as exc:
+            raise tracking_error(exc) from None
+        state = self.tracker.state
+        page = stored[: query.limit]
+        records = [
+            state.imports.get(key) or state.parked.get(key) or record
+            for record in page
+            for key in [(record.source, record.import_id)]
+        ]
+        if query.state is not None:  # this process may know a newer state
+            records = [record for record in records if record.state == query.state]
+        if len(stored) <= query.limit:
+            return records, None
+        return records, (page[-1].source, page[-1].import_id)
 
     async def register(self, request: web.Request) -> web.Response:
         require_writer(request, self.tracker)
@@ -142,7 +177,7 @@ class _Api:
 
     async def show(self, request: web.Request) -> web.Response:
         path = _path(request)
-        return self._view(self._record(path.source, path.id))
+        return self._view(await self._record(path.source, path.id))
 
     async def unregister(self, request: web.Request) -> web.Response:
         require_writer(request, self.tracker)

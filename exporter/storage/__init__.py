@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from exporter.model import ErrorReason, Observation, Origin, State
 from exporter.state import ImportKey, ImportRecord
@@ -143,6 +143,39 @@ class Storage(Protocol):
 
     def close(self) -> None:
         """Release it (and the ownership of it) for good."""
+
+
+@runtime_checkable
+class SharedStorage(Storage, Protocol):
+    """A backend other processes (replicas, shards) write too: the registry
+    every one of them reads, so any replica answers for every import."""
+
+    shared: bool
+
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """Call ``on_change`` (from a thread) when another process committed
+        a registration or removal, until :meth:`close`."""
+
+    def load_registered(self) -> list[ImportRecord]:
+        """The imports registered through the API (what replicas follow)."""
+
+    def get(self, key: ImportKey) -> ImportRecord | None:
+        """One stored import, as its owner last wrote it."""
+
+    def page(
+        self, after: ImportKey | None, source: str | None, state: str | None, limit: int
+    ) -> list[ImportRecord]:
+        """Up to ``limit`` stored imports after ``after`` in key order, of
+        ``source`` and in ``state`` when given."""
+
+    def count(self, source: str) -> int:
+        """How many imports of ``source`` are stored."""
+
+    def claim(self, row: Row) -> tuple[ImportRecord, bool]:
+        """Store a registration unless the import is stored already (then
+        only a name given in ``row`` replaces the stored one, and what its
+        owner learnt is kept); the stored import, and whether it is new.
+        Committed, and the other processes told, when it returns."""
 
 
 def to_row(record: ImportRecord) -> Row:

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -84,6 +84,13 @@ _UPDATE = (
     + ", ".join(f"{column} = %s" for column in COLUMNS[2:])
     + " WHERE source = %s AND import_id = %s"
 )
+_SELECTED = ", ".join(COLUMNS)
+_CLAIM = (
+    f"INSERT INTO imports ({_SELECTED}) VALUES ({', '.join('%s' for _ in COLUMNS)}) "
+    f"ON CONFLICT (source, import_id) DO NOTHING RETURNING {_SELECTED}"
+)
+_RENAME = f"UPDATE imports SET name = %s WHERE source = %s AND import_id = %s RETURNING {_SELECTED}"
+_GET = f"SELECT {_SELECTED} FROM imports WHERE source = %s AND import_id = %s"
 CHANNEL = "import_status_changes"
 """NOTIFY channel: a registration or removal was committed (payload: the
 writer's token, so a replica skips its own)."""
@@ -235,21 +242,102 @@ class PostgresStorage:
         except psycopg.Error as exc:
             raise self._error("cannot create or migrate the schema", exc) from exc
 
+    def _select(self, where: str = "", params: Sequence[object] = (), tail: str = "") -> list[Row]:
+        import psycopg
+
+        query = f"SELECT {_SELECTED} FROM imports {where} {tail}"
+        with self._lock:
+            try:
+                conn = self._connect()
+                with conn.transaction():
+                    return [tuple(row) for row in conn.execute(query.encode(), params).fetchall()]
+            except psycopg.Error as exc:
+                raise self._read_failed("cannot read the stored imports", exc) from exc
+
+    def _read_failed(self, what: str, exc: Exception) -> StoreError:
+        """A read failed: the next call reconnects, and a server that is gone
+        shows in :attr:`health` (readiness) at once, not at the next write."""
+        self._drop()
+        error = self._error(what, exc)
+        self._probe_failed(error)
+        return error
+
+    def _records(self, rows: Iterable[Row]) -> list[ImportRecord]:
+        try:
+            return [from_row(row) for row in rows]
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"{self.path}: cannot read the stored imports: {exc}") from exc
+
     def load(self) -> list[ImportRecord]:
+        return self._records(self._select())
+
+    def load_registered(self) -> list[ImportRecord]:
+        """The imports registered through the API (what replicas follow)."""
+        return self._records(self._select("WHERE origin = %s", (Origin.API.value,)))
+
+    def get(self, key: ImportKey) -> ImportRecord | None:
+        found = self._records(self._select("WHERE source = %s AND import_id = %s", key))
+        return found[0] if found else None
+
+    def page(
+        self, after: ImportKey | None, source: str | None, state: str | None, limit: int
+    ) -> list[ImportRecord]:
+        conditions: list[str] = []
+        params: list[object] = []
+        if after is not None:
+            conditions.append("(source, import_id) > (%s, %s)")
+            params += after
+        if source is not None:
+            conditions.append("source = %s")
+            params.append(source)
+        if state is not None:
+            conditions.append("state = %s")
+            params.append(state)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        params.append(limit)
+        return self._records(self._select(where, params, "ORDER BY source, import_id LIMIT %s"))
+
+    def count(self, source: str) -> int:
         import psycopg
 
         with self._lock:
             try:
                 conn = self._connect()
                 with conn.transaction():
-                    rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM imports").fetchall()
+                    row = conn.execute(
+                        "SELECT count(*) FROM imports WHERE source = %s", (source,)
+                    ).fetchone()
+            except psycopg.Error as exc:
+                raise self._read_failed("cannot count the stored imports", exc) from exc
+        return int(row[0]) if row else 0
+
+    def claim(self, row: Row) -> tuple[ImportRecord, bool]:
+        """Insert the registration, or (stored already) only set the name it
+        gives; one transaction, the other replicas told on commit."""
+        import psycopg
+
+        name = row[COLUMNS.index("name")]
+        with self._lock:
+            try:
+                conn = self._connect()
+                with conn.transaction():
+                    inserted = conn.execute(_CLAIM, row).fetchone()
+                    if inserted is None and name is not None:
+                        stored = conn.execute(_RENAME, (name, row[0], row[1])).fetchone()
+                    elif inserted is None:
+                        stored = conn.execute(_GET, (row[0], row[1])).fetchone()
+                    else:
+                        stored = inserted
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._token))
             except psycopg.Error as exc:
                 self._drop()
-                raise self._error("cannot read the stored imports", exc) from exc
-        try:
-            return [from_row(tuple(row)) for row in rows]
-        except (ValueError, TypeError) as exc:
-            raise StoreError(f"{self.path}: cannot read the stored imports: {exc}") from exc
+                error = self._error("cannot write", exc)
+                self._failed(error)
+                raise error from exc
+            self._succeeded()
+        if stored is None:  # deleted between the two statements: not possible in one transaction
+            raise StoreError(f"{self.path}: the registration vanished while it was written")
+        return self._records([tuple(stored)])[0], inserted is not None
 
     def write(
         self, rows: Iterable[Row], deleted: Iterable[ImportKey] = (), refresh: Iterable[Row] = ()

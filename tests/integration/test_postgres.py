@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
@@ -344,3 +345,84 @@ async def test_shards_on_one_database_keep_each_others_registrations(
         check.close()
     assert {ids[0], ids[1]} <= set(stored)
     assert stored[ids[1]].parked_at is None
+
+
+async def test_any_shard_takes_a_registration_and_lists_every_import_with_its_state(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    shards = [Shard(0, 2), Shard(1, 2)]
+    # Registered on shard 0, owned (and so polled) by shard 1.
+    theirs = next(f"bench-{n}" for n in range(100) if shards[1].owns("elevate", f"bench-{n}"))
+    config_owner = 0 if shards[0].owns("elevate", "1005") else 1
+    exporters = [
+        Exporter(load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url), shard=shard)
+        for shard in shards
+    ]
+    here, owner = exporters
+    for exporter in exporters:
+        await exporter.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def listed(exporter: Exporter) -> dict[str, Any]:
+                status, body = await call(http, "GET", exporter, "/api/v1/imports")
+                assert status == 200, body
+                return {item["id"]: item for item in body["imports"]}
+
+            def every_import_with_its_state(listing: dict[str, dict[str, Any]]) -> bool:
+                return {"1005", theirs} <= set(listing) and all(
+                    item["state"] is not None for item in listing.values()
+                )
+
+            status, created = await register(http, here, theirs, "nightly")
+            assert status == 201, created
+            assert created["state"] is None  # answered before its owner polled it
+            assert ("elevate", theirs) not in here.state.imports  # not polled here
+            await wait_until(
+                lambda: (
+                    (record := owner.state.imports.get(("elevate", theirs))) is not None
+                    and record.observation is not None
+                ),
+                timeout=5,
+                what="the owning shard to poll the registration",
+            )
+            assert owner.state.imports[("elevate", theirs)].name == "nightly"
+            # Either shard lists every import, each with its latest state.
+            for exporter in exporters:
+                await wait_listing(http, exporter.port, every_import_with_its_state)
+            status, shown = await call(http, "GET", here, f"/api/v1/imports/elevate/{theirs}")
+            assert status == 200
+            assert shown["state"] is not None
+            assert shown["name"] == "nightly"
+            # The same registration again, on either shard: it is there already.
+            assert (await register(http, owner, theirs))[0] == 200
+            assert (await register(http, here, theirs))[0] == 200
+            # A config-listed import cannot be removed through the other shard either.
+            status, _ = await call(
+                http,
+                "DELETE",
+                exporters[1 - config_owner],
+                "/api/v1/imports/elevate/1005",
+                headers=AUTH,
+            )
+            assert status == 409
+            # Removed through the shard that does not poll it: its owner stops.
+            status, _ = await call(
+                http, "DELETE", here, f"/api/v1/imports/elevate/{theirs}", headers=AUTH
+            )
+            assert status == 204
+            await wait_until(
+                lambda: ("elevate", theirs) not in owner.state.imports,
+                timeout=5,
+                what="the owning shard to stop polling it",
+            )
+            for exporter in exporters:
+                assert theirs not in await listed(exporter)
+                status, _ = await call(http, "GET", exporter, f"/api/v1/imports/elevate/{theirs}")
+                assert status == 404
+    finally:
+        for exporter in reversed(exporters):
+            await exporter.stop()
