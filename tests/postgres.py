@@ -15,6 +15,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,12 +38,14 @@ def find_bindir() -> Path | None:
 class PostgresServer:
     """One server; :meth:`database` gives a test a fresh database's URL."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, primary: PostgresServer | None = None) -> None:
+        """A new server, or (with ``primary``) a streaming standby of it:
+        a base backup of the primary's data, with its password."""
         self.bindir = bindir
         self.dir = Path(tempfile.mkdtemp(prefix="ise-postgres-"))
         self.data = self.dir / "data"
         self.port = free_port()
-        self.password = secrets.token_urlsafe(18)
+        self.password: str = primary.password if primary else secrets.token_urlsafe(18)
         self._names = itertools.count(1)
         self._as_user: list[str] = []
         if os.geteuid() == 0:  # initdb refuses root: the server runs as postgres
@@ -50,6 +53,24 @@ class PostgresServer:
             os.chown(self.dir, pwd.getpwnam(USER).pw_uid, pwd.getpwnam(USER).pw_gid)
             os.chmod(self.dir, 0o700)
             self._as_user = ["runuser", "-u", USER, "--"]
+        if primary is None:
+            self._initdb()
+        else:
+            # Over the primary's socket (initdb's pg_hba trusts local
+            # replication); -R makes it a standby that follows the primary.
+            self._run(
+                "pg_basebackup", "-D", str(self.data), "-h", str(primary.dir),
+                "-p", str(primary.port), "-U", USER, "-X", "stream", "-R", "--no-sync",
+            )  # fmt: skip
+        with (self.data / "postgresql.conf").open("a") as conf:  # the last setting wins
+            conf.write(
+                f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.dir}'\n"
+                "fsync = off\nshared_buffers = 16MB\nmax_connections = 40\n"
+            )
+        self.start()
+
+    def _initdb(self) -> None:
         pwfile = self.dir / "pw"
         pwfile.write_text(self.password)
         if self._as_user:
@@ -66,13 +87,6 @@ class PostgresServer:
             "--no-sync",
         )
         pwfile.unlink()
-        with (self.data / "postgresql.conf").open("a") as conf:
-            conf.write(
-                f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
-                f"unix_socket_directories = '{self.dir}'\n"
-                "fsync = off\nshared_buffers = 16MB\nmax_connections = 40\n"
-            )
-        self.start()
 
     def _run(self, tool: str, *args: str) -> None:
         subprocess.run(
@@ -94,6 +108,36 @@ class PostgresServer:
             "pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-m", "fast", "-w",
             "restart",
         )  # fmt: skip
+
+    def standby(self) -> PostgresServer:
+        """A streaming standby of this server, replicated synchronously: a
+        commit on this server returns once the standby has it, so a failover
+        to it loses no acknowledged write."""
+        import psycopg
+
+        standby = PostgresServer(self.bindir, primary=self)
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            conn.execute("SELECT pg_reload_conf()")
+            deadline = time.monotonic() + 30
+            while (
+                conn.execute(
+                    "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'"
+                ).fetchone()
+                is None
+            ):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the standby did not become synchronous in 30 s")
+                time.sleep(0.05)
+        return standby
+
+    def promote(self) -> None:
+        """Make this standby the primary (as a failover manager would)."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "promote")
+
+    def crash(self) -> None:
+        """Stop at once, as a lost machine would (no shutdown checkpoint)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}:{self.password}@127.0.0.1:{self.port}/{database}"

@@ -1,8 +1,9 @@
 """The exporter on a shared PostgreSQL registry (``storage.url``), against a
 real server (tests/postgres.py): registrations survive a SIGKILL and a
 restart; PostgreSQL down at start is waited for (not ready, no crash);
-PostgreSQL restarted under load loses no acknowledged registration, while
-polling and /metrics go on; the password never reaches a log line. Two
+PostgreSQL restarted under load, or failed over to a promoted standby, loses
+no acknowledged registration, while polling and /metrics go on; the password
+never reaches a log line. Two
 replicas on one database follow each other's registrations and removals, and
 a SIGKILL of either costs the other nothing."""
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
 from exporter.config.loader import load_config
@@ -31,7 +33,7 @@ from tests.integration.test_persistence import (
     wait_listing,
     write_config,
 )
-from tests.postgres import PostgresServer
+from tests.postgres import PostgresServer, running_server
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -426,3 +428,74 @@ async def test_any_shard_takes_a_registration_and_lists_every_import_with_its_st
     finally:
         for exporter in reversed(exporters):
             await exporter.stop()
+
+
+async def test_a_failover_to_the_promoted_standby_loses_no_acknowledged_registration(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A primary with a synchronous standby, both in the URL with
+    ``target_session_attrs=read-write`` (how libpq finds the primary); the
+    primary crashes under a stream of registrations and the standby is
+    promoted: the exporter answers 503 meanwhile, then writes to the new
+    primary, which has every registration that was acknowledged."""
+    with running_server() as primary:
+        if isinstance(primary, str):
+            pytest.skip(primary)
+        standby = await asyncio.to_thread(primary.standby)
+        try:
+            database = primary.database().rsplit("/", 1)[1]
+            url = (
+                f"postgresql://postgres:{primary.password}@127.0.0.1:{primary.port},"
+                f"127.0.0.1:{standby.port}/{database}?target_session_attrs=read-write"
+            )
+            simulator = await simulator_server(aiohttp_server)
+            config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+            exporter = Exporter(load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url))
+            await exporter.start()
+            acknowledged: list[str] = []
+            answers: list[tuple[float, int]] = []
+            loop = asyncio.get_running_loop()
+
+            async def load(http: aiohttp.ClientSession) -> None:
+                for n in range(100_000):
+                    status, body = await register(http, exporter, f"load-{n}")
+                    assert status in (201, 503), body
+                    answers.append((loop.time(), status))
+                    if status == 201:
+                        acknowledged.append(f"load-{n}")
+                    await asyncio.sleep(0.01)  # a steady stream, not a busy loop
+
+            def answered_since(moment: float, status: int) -> bool:
+                return any(at > moment and got == status for at, got in answers)
+
+            try:
+                async with aiohttp.ClientSession() as http:
+                    loader = asyncio.create_task(load(http))
+                    try:
+                        await wait_until(lambda: len(acknowledged) >= 20, timeout=20)
+                        crashed_at = loop.time()
+                        await asyncio.to_thread(primary.crash)
+                        await wait_until(lambda: answered_since(crashed_at, 503), timeout=20)
+                        assert (await call(http, "GET", exporter, "/-/ready"))[0] == 503
+                        await asyncio.to_thread(standby.promote)
+                        promoted_at = loop.time()
+                        await wait_until(lambda: answered_since(promoted_at, 201), timeout=30)
+                        written_after = len(acknowledged)
+                        await wait_until(lambda: len(acknowledged) >= written_after + 5, timeout=10)
+                    finally:
+                        loader.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await loader
+                    await wait_until(lambda: exporter.persistence.failing() is None, timeout=10)
+                    await wait_until(exporter.state.ready, timeout=30)
+                    assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
+            finally:
+                await exporter.stop()
+            check = PostgresStorage(standby.url(database))
+            try:
+                stored = {record.import_id for record in check.load()}
+            finally:
+                check.close()
+            assert set(acknowledged) <= stored
+        finally:
+            standby.close()
