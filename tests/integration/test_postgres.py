@@ -3,9 +3,9 @@ real server (tests/postgres.py): registrations survive a SIGKILL and a
 restart; PostgreSQL down at start is waited for (not ready, no crash);
 PostgreSQL restarted under load, or failed over to a promoted standby, loses
 no acknowledged registration, while polling and /metrics go on; the password
-never reaches a log line. Two
-replicas on one database follow each other's registrations and removals, and
-a SIGKILL of either costs the other nothing."""
+never reaches a log line. Two replicas on one database follow each other's
+registrations and removals, a SIGKILL of either costs the other nothing, and
+with shards any shard takes any registration and lists every import."""
 
 from __future__ import annotations
 
