@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from exporter.config.loader import load_config
+from exporter.storage.postgres import is_postgres_url
 from grafana.mixin_config import load_config as load_mixin
 from tests.conftest import tool
 from tests.integration.grafana_helpers import ALERTS, ROOT
@@ -42,7 +43,7 @@ def test_every_object_validates_against_its_schema(tree: Path) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     operator = pytest.importorskip("cloudcoil.models.prometheus_operator.v1")
     objects = render(tree)
-    # One process with its volume, or shards each with a volume of its own.
+    # One process with its volume, or shards sharing PostgreSQL (no volume).
     workload = (
         {"StatefulSet"} if tree.name == "sharded" else {"PersistentVolumeClaim", "Deployment"}
     )
@@ -143,12 +144,23 @@ def test_the_validation_catches_unknown_fields() -> None:
     assert kept != monitor
 
 
-def test_the_sharded_overlay_runs_one_shard_per_pod() -> None:
+def test_the_sharded_overlay_runs_one_shard_per_pod_on_postgres_from_the_secret() -> None:
     objects = by_kind(render(KUBE / "overlays" / "sharded"))
     stateful = objects["StatefulSet"]["spec"]
-    args = stateful["template"]["spec"]["containers"][0]["args"]
+    container = stateful["template"]["spec"]["containers"][0]
+    args = container["args"]
     assert "--shard.from-hostname" in args
     assert f"--total-shards={stateful['replicas']}" in args  # one shard per pod
-    assert [t["metadata"]["name"] for t in stateful["volumeClaimTemplates"]] == ["data"]
     assert objects["Service"]["spec"]["clusterIP"] == "None"  # stable pod names
     assert stateful["serviceName"] == objects["Service"]["metadata"]["name"]
+    # The shards share PostgreSQL: the URL (a secret) comes from the Secret
+    # through the environment, not a flag, and no pod keeps a file of its own.
+    assert not any(arg.startswith(("--storage.path", "--storage.url")) for arg in args)
+    assert "volumeClaimTemplates" not in stateful
+    (variable,) = [e for e in container["env"] if e["name"] == "IMPORT_STATUS_EXPORTER_STORAGE_URL"]
+    reference = variable["valueFrom"]["secretKeyRef"]
+    secret = objects["Secret"]
+    assert reference["name"] == secret["metadata"]["name"]
+    url = base64.b64decode(secret["data"][reference["key"]]).decode()
+    assert is_postgres_url(url)
+    assert {"elevate-api-key", "api-tokens"} <= set(secret["data"])  # the base's, kept
