@@ -77,6 +77,8 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert [r["shards"] for r in results] == [1, 2]
         assert results[0]["imports"] == row["imports"] == 200
         assert row["polls_per_s"] > 0
+        assert row["cpu_ms_per_poll"] > 0
+        assert row["upstream_cores"] >= 0
     else:
         assert row["scrapes_served"] > 0
         assert row["failures"] >= 0
