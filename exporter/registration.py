@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from exporter.config import Config
 from exporter.logs import context
@@ -23,6 +23,10 @@ from exporter.storage import SharedStorage, StoreError, to_row
 from exporter.tracking import Refusal, TrackingError
 
 log = logging.getLogger(__name__)
+
+RESYNC_DELAY = 1.0
+"""Seconds before reading the registrations again when the database could not
+be read (the store reconnects meanwhile)."""
 
 
 class Registration:
@@ -261,23 +265,40 @@ class Registration:
 
     def follow_store(self) -> None:
         """Pick up registrations and removals other replicas sharing the
-        database made, when the store says there were some (PostgreSQL's
-        ``watch``; a store without it is this process's alone)."""
+        database made, when the database says there were some (its
+        ``watch``: the imports changed, or None for all of them)."""
         registry = self.registry
         if registry is None:
             return
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
+        heard: set[ImportKey] = set()
+        everything = False
 
-        def on_change() -> None:  # from the store's thread
+        def note(keys: Sequence[ImportKey] | None) -> None:
+            nonlocal everything
+            if keys is None:
+                everything = True
+            else:
+                heard.update(keys)
+            changed.set()
+
+        def on_change(keys: Sequence[ImportKey] | None) -> None:  # from the store's thread
             with contextlib.suppress(RuntimeError):  # the loop is closing
-                loop.call_soon_threadsafe(changed.set)
+                loop.call_soon_threadsafe(note, keys)
 
         async def follow() -> None:
+            nonlocal everything
             while True:
                 await changed.wait()
                 changed.clear()
-                await self.sync_with_store()
+                keys = None if everything else sorted(heard)
+                everything = False
+                heard.clear()
+                if not await self.sync_with_store(keys):
+                    # What was heard is not lost: everything is read again.
+                    await asyncio.sleep(RESYNC_DELAY)
+                    note(None)
 
         self._following = asyncio.create_task(follow(), name="follow-store")
         registry.watch(on_change)
@@ -288,18 +309,23 @@ class Registration:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._following
 
-    async def sync_with_store(self) -> None:
+    async def sync_with_store(self, keys: Sequence[ImportKey] | None = None) -> bool:
         """Track what the database has registered and this process does not,
-        and stop tracking what was registered here but is no longer there."""
+        and stop tracking what was registered here but is no longer there:
+        for ``keys``, or (None) for every registration. False if the database
+        cannot be read."""
         registry = self.registry
         if registry is None:
-            return
+            return True
         async with self.persistence.lock:  # ordered with this process's own writes
             try:
-                records = await asyncio.to_thread(registry.load_registered)
+                if keys is None:
+                    records = await asyncio.to_thread(registry.load_registered)
+                else:
+                    records = await asyncio.to_thread(registry.get_many, keys)
             except StoreError as exc:
                 log.debug("cannot read the registrations of other replicas: %s", exc)
-                return  # the store calls again once it reconnected
+                return False
             stored = {(r.source, r.import_id): r for r in records if r.origin is Origin.API}
             for key, record in stored.items():
                 scheduler = self.poller.schedulers.get(record.source)
@@ -312,7 +338,13 @@ class Registration:
                     "tracking: registered through another replica",
                     extra=context(source=record.source, import_=record.import_id),
                 )
-            for key, record in list(self.state.imports.items()):
+            tracked = self.state.imports
+            candidates = (
+                list(tracked.items())
+                if keys is None
+                else [(key, tracked[key]) for key in keys if key in tracked]
+            )
+            for key, record in candidates:
                 scheduler = self.poller.schedulers.get(key[0])
                 if record.origin is not Origin.API or key in stored or scheduler is None:
                     continue
@@ -321,3 +353,4 @@ class Registration:
                     "stopped tracking: removed through another replica",
                     extra=context(source=key[0], import_=key[1]),
                 )
+        return True

@@ -5,7 +5,7 @@ versions its schema, reconnects, and never shows its password."""
 
 from __future__ import annotations
 
-import threading
+import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -222,19 +222,27 @@ def test_what_polls_learnt_never_brings_back_a_registration_deleted_elsewhere(
 
 def test_other_replicas_hear_of_registrations_and_removals_not_of_polls(pg_url: str) -> None:
     a, b = PostgresStorage(pg_url), PostgresStorage(pg_url)
-    heard = threading.Semaphore(0)
+    heard: queue.Queue[list[tuple[str, str]] | None] = queue.Queue()
+
+    def next_heard() -> list[tuple[str, str]] | None:
+        return heard.get(timeout=10)
+
     try:
-        b.watch(heard.release)
-        assert heard.acquire(timeout=10)  # once listening: read what came before
+        b.watch(lambda keys: heard.put(None if keys is None else list(keys)))
+        assert next_heard() is None  # once listening: read everything that came before
         a.write([to_row(record("1"))])
-        assert heard.acquire(timeout=10)
+        assert next_heard() == [("shop", "1")]
         a.write([], refresh=[to_row(record("1", last_success=9.0))])
         a.write([], deleted=[("shop", "1")])
-        assert heard.acquire(timeout=10)
+        assert next_heard() == [("shop", "1")]
         b.write([to_row(record("2"))])  # its own: not heard
-        a.write([to_row(record("3"))])
-        assert heard.acquire(timeout=10)
-        assert not heard.acquire(timeout=0.5)  # nothing else was heard
+        a.claim(to_row(record("3")))
+        assert next_heard() == [("shop", "3")]
+        # Too many to name in one notification: read everything.
+        a.write([to_row(record(f"many-{n:04}-{'x' * 50}")) for n in range(200)])
+        assert next_heard() is None
+        with pytest.raises(queue.Empty):
+            heard.get(timeout=0.5)  # nothing else was heard
     finally:
         a.close()
         b.close()
@@ -279,6 +287,9 @@ def test_every_replica_reads_every_import_a_page_at_a_time(pg_url: str) -> None:
         assert got is not None
         assert got.observation == running
         assert store.get(("shop", "99")) is None
+        both = store.get_many([("shop", "01"), ("shop", "99"), ("chat", "x")])
+        assert sorted(r.import_id for r in both) == ["01", "x"]
+        assert store.get_many([]) == []
         assert [r.import_id for r in store.load_registered()] == [f"{n:02}" for n in range(5)]
     finally:
         store.close()

@@ -152,15 +152,19 @@ class SharedStorage(Storage, Protocol):
 
     shared: bool
 
-    def watch(self, on_change: Callable[[], None]) -> None:
-        """Call ``on_change`` (from a thread) when another process committed
-        a registration or removal, until :meth:`close`."""
+    def watch(self, on_change: Callable[[Sequence[ImportKey] | None], None]) -> None:
+        """Call ``on_change`` (from a thread) with the imports another process
+        registered or removed, once committed, or with None when they are not
+        known (read every registration), until :meth:`close`."""
 
     def load_registered(self) -> list[ImportRecord]:
         """The imports registered through the API (what replicas follow)."""
 
     def get(self, key: ImportKey) -> ImportRecord | None:
         """One stored import, as its owner last wrote it."""
+
+    def get_many(self, keys: Sequence[ImportKey]) -> list[ImportRecord]:
+        """The stored imports of ``keys`` (those that are stored)."""
 
     def page(
         self, after: ImportKey | None, source: str | None, state: str | None, limit: int

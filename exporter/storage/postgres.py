@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import threading
@@ -92,10 +93,12 @@ _CLAIM = (
 _RENAME = f"UPDATE imports SET name = %s WHERE source = %s AND import_id = %s RETURNING {_SELECTED}"
 _GET = f"SELECT {_SELECTED} FROM imports WHERE source = %s AND import_id = %s"
 CHANNEL = "import_status_changes"
-"""NOTIFY channel: a registration or removal was committed (payload: the
-writer's token, so a replica skips its own)."""
+"""NOTIFY channel: a registration or removal was committed (payload: JSON,
+the writer's token, so a replica skips its own, and the imports' keys)."""
 _MIGRATION_LOCK = 0x1D5E_0016
 """pg_advisory_xact_lock key: replicas starting at once migrate one after the other."""
+MAX_NOTE = 7000
+"""Bytes of a NOTIFY payload at most (PostgreSQL's limit is 8,000)."""
 CONNECT_TIMEOUT = 5
 """Seconds to wait for a connection (a write waits no longer on a dead server)."""
 
@@ -279,6 +282,13 @@ class PostgresStorage:
         found = self._records(self._select("WHERE source = %s AND import_id = %s", key))
         return found[0] if found else None
 
+    def get_many(self, keys: Sequence[ImportKey]) -> list[ImportRecord]:
+        if not keys:
+            return []
+        sources, ids = [key[0] for key in keys], [key[1] for key in keys]
+        where = "WHERE (source, import_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+        return self._records(self._select(where, (sources, ids)))
+
     def page(
         self, after: ImportKey | None, source: str | None, state: str | None, limit: int
     ) -> list[ImportRecord]:
@@ -328,7 +338,7 @@ class PostgresStorage:
                         stored = conn.execute(_GET, (row[0], row[1])).fetchone()
                     else:
                         stored = inserted
-                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._token))
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._note([row[:2]])))
             except psycopg.Error as exc:
                 self._drop()
                 error = self._error("cannot write", exc)
@@ -366,7 +376,8 @@ class PostgresStorage:
                     if upserts or rows:
                         cursor.executemany(_UPSERT, [*upserts, *rows])
                     if rows or deleted:
-                        cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._token))
+                        keys = [(row[0], row[1]) for row in rows] + deleted
+                        cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._note(keys)))
             except psycopg.Error as exc:
                 # Reconnect next time: after a failover the old connection may
                 # still be open, to a server that became a standby.
@@ -417,17 +428,24 @@ class PostgresStorage:
     def _succeeded(self) -> None:
         self.health.succeeded(self.path)
 
-    def watch(self, on_change: Callable[[], None]) -> None:
-        """Call ``on_change`` (from a thread of its own) when another replica
-        committed a registration or removal, and once listening (again), for
-        what was missed before, until :meth:`close`. LISTEN on a connection of
-        its own: one NOTIFY per change, no polling of the database."""
+    def _note(self, keys: Sequence[Sequence[object]]) -> str:
+        """A NOTIFY payload: who wrote (a replica skips its own) and which
+        imports, unless they do not fit (then readers read every registration)."""
+        note = json.dumps({"by": self._token, "keys": [list(key) for key in keys]})
+        return note if len(note) <= MAX_NOTE else json.dumps({"by": self._token})
+
+    def watch(self, on_change: Callable[[Sequence[ImportKey] | None], None]) -> None:
+        """Call ``on_change`` (from a thread of its own) with the imports
+        another replica registered or removed, once committed; and with None
+        (read everything) once listening (again), for what was missed before,
+        until :meth:`close`. LISTEN on a connection of its own: one NOTIFY per
+        change, no polling of the database."""
         self._watcher = threading.Thread(
             target=self._listen, args=(on_change,), name="postgres-listen", daemon=True
         )
         self._watcher.start()
 
-    def _listen(self, on_change: Callable[[], None]) -> None:
+    def _listen(self, on_change: Callable[[Sequence[ImportKey] | None], None]) -> None:
         import psycopg
 
         delay = RETRY_FIRST
@@ -439,12 +457,13 @@ class PostgresStorage:
                     conn.execute(f"LISTEN {CHANNEL}")
                     # Whatever was committed before this LISTEN (since the
                     # start's load, or while disconnected) is read now.
-                    on_change()
+                    on_change(None)
                     delay = RETRY_FIRST
                     while not self._closing.is_set():
                         for note in conn.notifies(timeout=0.5):
-                            if note.payload != self._token:
-                                on_change()
+                            heard = _heard(note.payload)
+                            if heard is None or heard[0] != self._token:
+                                on_change(heard[1] if heard else None)
             except psycopg.Error as exc:
                 log.debug("listening for changes: %s", self._error("lost", exc))
                 self._closing.wait(delay)
@@ -456,6 +475,17 @@ class PostgresStorage:
             self._watcher.join(timeout=5)
         with self._lock:
             self._drop()
+
+
+def _heard(payload: str) -> tuple[str, list[ImportKey] | None] | None:
+    """Who wrote and which imports (None: not said), from a NOTIFY payload;
+    None if it is not one of ours."""
+    try:
+        note = json.loads(payload)
+        keys = note.get("keys")
+        return str(note["by"]), None if keys is None else [(str(s), str(i)) for s, i in keys]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _secrets_of(url: str) -> list[str]:
