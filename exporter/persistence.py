@@ -10,6 +10,8 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from exporter.logs import context
 from exporter.state import ImportKey, ImportRecord, StateStore
@@ -25,6 +27,10 @@ WRITE_CHUNK = 2000
 """Rows per transaction of a periodic write: a registration waits behind one
 chunk at most (a few ms), not a write of every import."""
 
+MAX_WAITING_READS = 16
+"""API reads of the database waiting at once, at most (see :meth:`Persistence.read`)."""
+
+T = TypeVar("T")
 Forget = Callable[[ImportRecord], None]
 """Stops polling and forgets an import whose retention ended."""
 
@@ -38,6 +44,27 @@ class Persistence:
         self.lock = asyncio.Lock()
         """Held by every write, by retention, and by a reload replacing sources."""
         self.task: asyncio.Task[None] | None = None
+        # The storage's own thread: a database that hangs holds it, not the
+        # default executor that renders /metrics. (Backends take one call at
+        # a time anyway.)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="storage")
+        self._waiting_reads = 0
+
+    async def call(self, method: Callable[..., T], *args: object) -> T:
+        """Run a storage method on the storage's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, method, *args)
+
+    async def read(self, method: Callable[..., T], *args: object) -> T:
+        """:meth:`call` for a client's read: past :data:`MAX_WAITING_READS`
+        waiting (a database that hangs), refused at once (``busy``) rather
+        than queued for minutes."""
+        if self._waiting_reads >= MAX_WAITING_READS:
+            raise StoreError("too many reads wait for the database", "busy")
+        self._waiting_reads += 1
+        try:
+            return await self.call(method, *args)
+        finally:
+            self._waiting_reads -= 1
 
     def failing(self) -> str | None:
         """Why the last write failed (None: it succeeded, or there is no storage)."""
@@ -50,7 +77,7 @@ class Persistence:
         write of every import. Call under :attr:`lock`."""
         if self.storage is None or not (rows or deleted):
             return
-        await asyncio.to_thread(self.storage.write, rows, deleted)
+        await self.call(self.storage.write, rows, deleted)
 
     async def write_pending(self, *, with_poll_times: bool = False) -> None:
         """Write what changed since the last write (with ``with_poll_times``
@@ -80,7 +107,7 @@ class Persistence:
                 try:
                     # refresh: a shared database must not get back from them
                     # a registration another replica deleted.
-                    await asyncio.to_thread(self.storage.write, [], deleted, rows)
+                    await self.call(self.storage.write, [], deleted, rows)
                 except StoreError:
                     self.state.requeue(changed[at:], deleted)
                     raise
@@ -123,7 +150,7 @@ class Persistence:
                 log.debug("cannot store the state of the imports: %s", exc)
             if self.storage is not None:
                 # A stat, but behind the storage's lock, which a write may hold.
-                await asyncio.to_thread(self.storage.verify)
+                await self.call(self.storage.verify)
 
     async def stop(self) -> None:
         """Stop the periodic writes, write what is left, release the storage."""
@@ -136,4 +163,5 @@ class Persistence:
                 await self.write_pending(with_poll_times=True)
             except StoreError as exc:
                 log.error("cannot store the state of the imports: %s", exc)
-            self.storage.close()
+            await self.call(self.storage.close)
+        self._thread.shutdown(wait=False)

@@ -78,9 +78,9 @@ class Registration:
                     "there",
                     "id",
                 )
-            existing = self.state.imports.get((source, import_id))
-            if registry is not None and existing is None:
+            if registry is not None:
                 return await self._claim(registry, scheduler, source, import_id, name, owned)
+            existing = self.state.imports.get((source, import_id))
             if existing is None:
                 limit = self._config().api.max_imports_per_source
                 if self.state.imports.count_of(source) >= limit:
@@ -125,30 +125,36 @@ class Registration:
         name: str | None,
         owned: bool,
     ) -> tuple[ImportRecord, bool]:
-        """Register in the shared database an import this process does not
-        track (yet): the shard that owns it hears of it by the database's
-        notification and polls it; one registered there already (through
-        another replica) is answered as it is stored."""
+        """Register in the database replicas share. Always committed there,
+        even for an import this process tracks (another replica may have just
+        removed it: a 200 from memory would be a lie). The shard that owns it
+        polls it, told by the database's notification if that is not this one;
+        one stored already is answered as stored, only its name replaced."""
         limit = self._config().api.max_imports_per_source
+        tracked = self.state.imports.get((source, import_id))
+        wanted = tracked or ImportRecord(
+            source=source,
+            import_id=import_id,
+            system=scheduler.source.system,
+            name=name,
+            origin=Origin.API,
+        )
+        if name is not None and wanted.name != name:
+            wanted = dataclasses.replace(wanted, name=name)
         try:
-            if await asyncio.to_thread(registry.count, source) >= limit:
-                raise TrackingError(
-                    Refusal.LIMIT_REACHED,
-                    f"source {source!r} already tracks {limit} imports, the most "
-                    "api.max_imports_per_source allows",
-                )
-            wanted = ImportRecord(
-                source=source,
-                import_id=import_id,
-                system=scheduler.source.system,
-                name=name,
-                origin=Origin.API,
-            )
-            record, new = await asyncio.to_thread(registry.claim, to_row(wanted))
+            # What this process learnt of it goes in with it, if it is new there.
+            claimed = await self.persistence.call(registry.claim, to_row(wanted), limit)
         except StoreError as exc:
             raise TrackingError(
                 Refusal.NOT_STORED, f"cannot store the registration: {exc.public}"
             ) from exc
+        if claimed is None:
+            raise TrackingError(
+                Refusal.LIMIT_REACHED,
+                f"source {source!r} already has {limit} imports, the most "
+                "api.max_imports_per_source allows (counted over every replica)",
+            )
+        record, new = claimed
         if owned and record.parked_at is None:
             scheduler.add(ImportSpec(import_id, record.name), origin=record.origin)
             record = self.state.imports.get((source, import_id), record)
@@ -200,7 +206,7 @@ class Registration:
         """Delete from the shared database an import this process does not
         poll: its owner stops when the database tells it."""
         try:
-            stored = await asyncio.to_thread(registry.get, (source, import_id))
+            stored = await self.persistence.read(registry.get, (source, import_id))
         except StoreError as exc:
             raise TrackingError(
                 Refusal.NOT_STORED, f"cannot read the registration: {exc.public}"
@@ -234,7 +240,7 @@ class Registration:
         if registry is None:
             return None
         try:
-            return await asyncio.to_thread(registry.get, (source, import_id))
+            return await self.persistence.read(registry.get, (source, import_id))
         except StoreError as exc:
             raise TrackingError(
                 Refusal.NOT_STORED, f"cannot read the shared registry: {exc.public}"
@@ -247,7 +253,7 @@ class Registration:
         if registry is None:
             return []
         try:
-            return await asyncio.to_thread(registry.page, after, source, state, limit)
+            return await self.persistence.read(registry.page, after, source, state, limit)
         except StoreError as exc:
             raise TrackingError(
                 Refusal.NOT_STORED, f"cannot read the shared registry: {exc.public}"
@@ -292,7 +298,9 @@ class Registration:
             while True:
                 await changed.wait()
                 changed.clear()
-                keys = None if everything else sorted(heard)
+                # Only this shard's imports concern it (a removal too: it
+                # polls only what it owns).
+                keys = None if everything else sorted(k for k in heard if self.shard.owns(*k))
                 everything = False
                 heard.clear()
                 if not await self.sync_with_store(keys):
@@ -310,47 +318,72 @@ class Registration:
                 await self._following
 
     async def sync_with_store(self, keys: Sequence[ImportKey] | None = None) -> bool:
-        """Track what the database has registered and this process does not,
-        and stop tracking what was registered here but is no longer there:
-        for ``keys``, or (None) for every registration. False if the database
-        cannot be read."""
+        """Follow what other replicas registered, renamed and removed: for
+        ``keys`` (any origin but the config file's), or (None) for every
+        registration. False if the database cannot be read."""
         registry = self.registry
         if registry is None:
             return True
         async with self.persistence.lock:  # ordered with this process's own writes
             try:
                 if keys is None:
-                    records = await asyncio.to_thread(registry.load_registered)
+                    records = await self.persistence.call(registry.load_registered)
                 else:
-                    records = await asyncio.to_thread(registry.get_many, keys)
+                    records = await self.persistence.call(registry.get_many, keys)
             except StoreError as exc:
                 log.debug("cannot read the registrations of other replicas: %s", exc)
                 return False
-            stored = {(r.source, r.import_id): r for r in records if r.origin is Origin.API}
+            stored = {(r.source, r.import_id): r for r in records}
             for key, record in stored.items():
-                scheduler = self.poller.schedulers.get(record.source)
-                if key in self.state.imports or key in self.state.parked or scheduler is None:
-                    continue
-                if scheduler.source.follows_server or not self.shard.owns(*key):
-                    continue  # another shard's to poll
-                scheduler.add(ImportSpec(record.import_id, record.name), origin=Origin.API)
-                log.info(
-                    "tracking: registered through another replica",
-                    extra=context(source=record.source, import_=record.import_id),
-                )
-            tracked = self.state.imports
-            candidates = (
-                list(tracked.items())
-                if keys is None
-                else [(key, tracked[key]) for key in keys if key in tracked]
-            )
-            for key, record in candidates:
-                scheduler = self.poller.schedulers.get(key[0])
-                if record.origin is not Origin.API or key in stored or scheduler is None:
-                    continue
-                scheduler.remove(key[1])
-                log.info(
-                    "stopped tracking: removed through another replica",
-                    extra=context(source=key[0], import_=key[1]),
-                )
+                if record.origin is Origin.API:
+                    self._follow_registration(key, record)
+            if keys is None:  # every registration was read: what is not there is gone
+                gone = [
+                    key
+                    for key, record in [*self.state.imports.items(), *self.state.parked.items()]
+                    if record.origin is Origin.API and key not in stored
+                ]
+            else:  # these were named: what is not there was removed
+                gone = [key for key in keys if key not in stored]
+            for key in gone:
+                self._follow_removal(key)
         return True
+
+    def _follow_registration(self, key: ImportKey, stored: ImportRecord) -> None:
+        scheduler = self.poller.schedulers.get(key[0])
+        if scheduler is None or key in self.state.parked:
+            return
+        tracked = self.state.imports.get(key)
+        if tracked is not None:
+            if stored.name is not None and stored.name != tracked.name:
+                scheduler.add(ImportSpec(key[1], stored.name), origin=tracked.origin)
+                log.info(
+                    "renamed through another replica",
+                    extra=context(source=key[0], import_=key[1], name=stored.name),
+                )
+            return
+        if scheduler.source.follows_server or not self.shard.owns(*key):
+            return  # another shard's to poll
+        scheduler.add(ImportSpec(key[1], stored.name), origin=Origin.API)
+        log.info(
+            "tracking: registered through another replica",
+            extra=context(source=key[0], import_=key[1]),
+        )
+
+    def _follow_removal(self, key: ImportKey) -> None:
+        if key in self.state.parked:
+            self.state.forget_parked(*key)
+            log.info(
+                "forgot a parked import: removed through another replica",
+                extra=context(source=key[0], import_=key[1]),
+            )
+            return
+        tracked = self.state.imports.get(key)
+        scheduler = self.poller.schedulers.get(key[0])
+        if tracked is None or scheduler is None or tracked.origin is Origin.CONFIG:
+            return
+        scheduler.remove(key[1])
+        log.info(
+            "stopped tracking: removed through another replica",
+            extra=context(source=key[0], import_=key[1]),
+        )

@@ -6,6 +6,7 @@ over TCP so the tests see that the password never leaks. One per session
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import itertools
@@ -178,3 +179,50 @@ def running_server() -> Iterator[PostgresServer | str]:
         yield server
     finally:
         server.close()
+
+
+class FreezableProxy:
+    """A TCP proxy on loopback in front of a server. Frozen, it still accepts
+    connections but passes nothing on, either way: a server that hangs
+    without closing anything (a lost host, a stuck network)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def freeze(self) -> None:
+        self._thawed.clear()
+
+    def thaw(self) -> None:
+        self._thawed.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._thawed.wait()
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [writer, up_writer]
+        await asyncio.gather(
+            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self._thawed.wait()
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        self.thaw()
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()

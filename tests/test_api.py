@@ -367,6 +367,8 @@ async def test_bad_reads_and_deletes(exporter: Exporter, http: aiohttp.ClientSes
         ("GET", f"{IMPORTS}/nope/1", {}, 404, "source"),
         ("GET", f"{IMPORTS}/elevate-prod/a%20b", {}, 400, "id"),
         ("GET", f"{IMPORTS}/{'s' * 101}/1", {}, 400, "source"),
+        ("GET", f"{IMPORTS}/elev%00ate/1", {}, 400, "source"),
+        ("GET", IMPORTS, {"source": "elev\x00ate"}, 400, "source"),
         ("GET", IMPORTS, {"source": "nope"}, 404, "source"),
         ("GET", IMPORTS, {"source": ""}, 400, "source"),
         ("GET", IMPORTS, {"state": "exploded"}, 400, "state"),
@@ -706,6 +708,9 @@ async def test_the_list_comes_in_pages_with_a_cursor_that_keeps_the_filters(
         ({"limit": "5001"}, "limit"),
         ({"limit": "many"}, "limit"),
         ({"after": "not-a-cursor"}, "after"),
+        # Keys no source or import can have (a NUL, which a database refuses).
+        ({"after": base64.urlsafe_b64encode(b'["a\\u0000","b"]').decode()}, "after"),
+        ({"after": base64.urlsafe_b64encode(b'["elevate-prod","a b"]').decode()}, "after"),
     ]:
         status, answer, _ = await call(http, "GET", url(exporter, IMPORTS), params=params)
         assert status == 400, answer

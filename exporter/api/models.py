@@ -12,7 +12,7 @@ from pydantic_core import CoreSchema
 
 from exporter.api.constants import DEFAULT_PAGE, MAX_PAGE
 from exporter.config import DisplayName, ImportId
-from exporter.config.base import IMPORT_ID_PATTERN
+from exporter.config.base import IMPORT_ID_PATTERN, SOURCE_NAME_PATTERN
 from exporter.model import ErrorReason, Origin, State
 from exporter.state import ImportRecord
 
@@ -36,7 +36,7 @@ class _DocumentImportId:
         return schema
 
 
-SourceName = Annotated[str, Field(min_length=1, max_length=100)]
+SourceName = Annotated[str, Field(min_length=1, max_length=100, pattern=SOURCE_NAME_PATTERN)]
 BodyImportId = Annotated[ImportId, _DocumentImportId(or_integer=True)]
 PathImportId = Annotated[ImportId, _DocumentImportId(or_integer=False)]
 

@@ -10,6 +10,7 @@ import bisect
 import heapq
 import itertools
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from exporter.api.constants import MAX_BODY_BYTES, PREFIX, SCAN_PER_PAGE, VIEWS_
 from exporter.api.errors import ApiError, error_response, first_problem, tracking_error
 from exporter.api.models import ImportPath, ListQuery, RegisterRequest, import_view
 from exporter.api.openapi import openapi_document
+from exporter.config.base import IMPORT_ID_PATTERN, SOURCE_NAME_PATTERN
 from exporter.import_index import ImportIndex
 from exporter.reads import BulkReads, unpaced
 from exporter.state import ImportRecord
@@ -76,7 +78,14 @@ def _cursor_key(cursor: str) -> tuple[str, str]:
         key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, binascii.Error):
         key = None
-    if not (isinstance(key, list) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+    if not (
+        isinstance(key, list)
+        and len(key) == 2
+        and isinstance(key[0], str)
+        and isinstance(key[1], str)
+        and re.fullmatch(SOURCE_NAME_PATTERN, key[0])
+        and re.fullmatch(IMPORT_ID_PATTERN, key[1])
+    ):
         raise ApiError(400, "after: not a cursor from this API (use the `next` of a page)", "after")
     return key[0], key[1]
 

@@ -44,6 +44,8 @@ def _id_to_str(value: Any) -> Any:
     return value
 
 
+SOURCE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+"""A source's name: what the ``source`` label, the API's paths and cursors carry."""
 IMPORT_ID_PATTERN = r"^[A-Za-z0-9._:@-]*[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*$"
 """At least one character that is not a dot: "." and ".." cannot be addressed
 in a URL path (clients collapse them)."""
@@ -130,7 +132,7 @@ class SourceConfig(SecretHolder):
     """Settings every source type has. Each type subclasses it in its own
     module, with ``type: Literal["<its type>"]``."""
 
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    name: str = Field(min_length=1, max_length=100, pattern=SOURCE_NAME_PATTERN)
     interval: Duration = 30.0
     timeout: Duration = 10.0
     concurrency: int = Field(default=4, ge=1, le=256)

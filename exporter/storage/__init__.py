@@ -172,14 +172,12 @@ class SharedStorage(Storage, Protocol):
         """Up to ``limit`` stored imports after ``after`` in key order, of
         ``source`` and in ``state`` when given."""
 
-    def count(self, source: str) -> int:
-        """How many imports of ``source`` are stored."""
-
-    def claim(self, row: Row) -> tuple[ImportRecord, bool]:
+    def claim(self, row: Row, limit: int) -> tuple[ImportRecord, bool] | None:
         """Store a registration unless the import is stored already (then
         only a name given in ``row`` replaces the stored one, and what its
-        owner learnt is kept); the stored import, and whether it is new.
-        Committed, and the other processes told, when it returns."""
+        owner learnt is kept); the stored import, and whether it is new; None
+        if it is new and its source has ``limit`` imports stored. Committed,
+        and the other processes told, when it returns."""
 
 
 def to_row(record: ImportRecord) -> Row:

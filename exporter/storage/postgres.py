@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -80,16 +82,20 @@ _UPSERT = (
     "ON CONFLICT (source, import_id) DO UPDATE SET "
     + ", ".join(f"{column} = EXCLUDED.{column}" for column in COLUMNS[2:])
 )
+_LEARNT = tuple(column for column in COLUMNS[2:] if column != "name")
+"""What a poll's write of a registration sets: not its name, which belongs to
+the registrations (a rename through another replica must not be undone)."""
 _UPDATE = (
     "UPDATE imports SET "
-    + ", ".join(f"{column} = %s" for column in COLUMNS[2:])
+    + ", ".join(f"{column} = %s" for column in _LEARNT)
     + " WHERE source = %s AND import_id = %s"
 )
 _SELECTED = ", ".join(COLUMNS)
-_CLAIM = (
+_INSERT = (
     f"INSERT INTO imports ({_SELECTED}) VALUES ({', '.join('%s' for _ in COLUMNS)}) "
     f"ON CONFLICT (source, import_id) DO NOTHING RETURNING {_SELECTED}"
 )
+_COUNT = "SELECT count(*) FROM imports WHERE source = %s"
 _RENAME = f"UPDATE imports SET name = %s WHERE source = %s AND import_id = %s RETURNING {_SELECTED}"
 _GET = f"SELECT {_SELECTED} FROM imports WHERE source = %s AND import_id = %s"
 CHANNEL = "import_status_changes"
@@ -115,6 +121,8 @@ _REASON_BY_SQLSTATE = {
     "57P02": "unavailable",  # crash_shutdown
     "57P03": "unavailable",  # cannot_connect_now (starting up, shutting down)
 }
+SERVER_GONE = frozenset({"unavailable", "read_only"})
+"""Failures of the server, not of a statement: the probe sees them end."""
 _REASON_BY_SQLSTATE_CLASS = {"08": "unavailable", "58": "io_error", "53": "disk_full"}
 
 
@@ -168,6 +176,7 @@ class PostgresStorage:
                 "pip install 'import-status-exporter[postgres]'"
             ) from exc
         self._url = url
+        self._options = _connection_options(url)
         self.path = redact_url(url)
         self._secrets = _secrets_of(url)
         self.health = StoreHealth()
@@ -197,11 +206,7 @@ class PostgresStorage:
             return self._conn
         self._drop()
         try:
-            self._conn = psycopg.connect(
-                self._url,
-                connect_timeout=CONNECT_TIMEOUT,
-                application_name="import-status-exporter",
-            )
+            self._conn = psycopg.connect(self._url, **self._options)
         except psycopg.Error as exc:
             raise self._error("cannot connect", exc) from exc
         return self._conn
@@ -259,10 +264,14 @@ class PostgresStorage:
 
     def _read_failed(self, what: str, exc: Exception) -> StoreError:
         """A read failed: the next call reconnects, and a server that is gone
-        shows in :attr:`health` (readiness) at once, not at the next write."""
+        (or a standby) shows in :attr:`health` (readiness) at once, not at the
+        next write; the probe clears it when the server is back. A read that
+        failed for its own sake (a value the server refused) is that read's
+        error only."""
         self._drop()
         error = self._error(what, exc)
-        self._probe_failed(error)
+        if error.reason in SERVER_GONE:
+            self._probe_failed(error)
         return error
 
     def _records(self, rows: Iterable[Row]) -> list[ImportRecord]:
@@ -307,37 +316,32 @@ class PostgresStorage:
         params.append(limit)
         return self._records(self._select(where, params, "ORDER BY source, import_id LIMIT %s"))
 
-    def count(self, source: str) -> int:
-        import psycopg
-
-        with self._lock:
-            try:
-                conn = self._connect()
-                with conn.transaction():
-                    row = conn.execute(
-                        "SELECT count(*) FROM imports WHERE source = %s", (source,)
-                    ).fetchone()
-            except psycopg.Error as exc:
-                raise self._read_failed("cannot count the stored imports", exc) from exc
-        return int(row[0]) if row else 0
-
-    def claim(self, row: Row) -> tuple[ImportRecord, bool]:
+    def claim(self, row: Row, limit: int) -> tuple[ImportRecord, bool] | None:
         """Insert the registration, or (stored already) only set the name it
-        gives; one transaction, the other replicas told on commit."""
+        gives; None if it is new and its source has ``limit`` imports stored.
+        One transaction, serialized per source (an advisory lock) so replicas
+        registering at once keep the limit; the other replicas told on commit."""
         import psycopg
 
-        name = row[COLUMNS.index("name")]
+        source, import_id, name = row[0], row[1], row[COLUMNS.index("name")]
         with self._lock:
             try:
                 conn = self._connect()
                 with conn.transaction():
-                    inserted = conn.execute(_CLAIM, row).fetchone()
-                    if inserted is None and name is not None:
-                        stored = conn.execute(_RENAME, (name, row[0], row[1])).fetchone()
-                    elif inserted is None:
-                        stored = conn.execute(_GET, (row[0], row[1])).fetchone()
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_source_lock(str(source)),))
+                    stored = conn.execute(_GET, (source, import_id)).fetchone()
+                    new = stored is None
+                    if stored is None:
+                        count = conn.execute(_COUNT, (source,)).fetchone()
+                        if count is not None and count[0] >= limit:
+                            return None
+                        stored = conn.execute(_INSERT, row).fetchone()
+                        if stored is None:  # a poll's write of the owner came first
+                            stored, new = conn.execute(_GET, (source, import_id)).fetchone(), False
+                    elif name is not None and name != stored[COLUMNS.index("name")]:
+                        stored = conn.execute(_RENAME, (name, source, import_id)).fetchone()
                     else:
-                        stored = inserted
+                        return self._records([tuple(stored)])[0], False  # nothing to tell
                     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._note([row[:2]])))
             except psycopg.Error as exc:
                 self._drop()
@@ -345,9 +349,8 @@ class PostgresStorage:
                 self._failed(error)
                 raise error from exc
             self._succeeded()
-        if stored is None:  # deleted between the two statements: not possible in one transaction
-            raise StoreError(f"{self.path}: the registration vanished while it was written")
-        return self._records([tuple(stored)])[0], inserted is not None
+        assert stored is not None  # the row is locked by this transaction's lock on its source
+        return self._records([tuple(stored)])[0], new
 
     def write(
         self, rows: Iterable[Row], deleted: Iterable[ImportKey] = (), refresh: Iterable[Row] = ()
@@ -361,7 +364,12 @@ class PostgresStorage:
 
         rows, deleted = list(rows), list(deleted)
         origin = COLUMNS.index("origin")
-        updates = [(*row[2:], row[0], row[1]) for row in refresh if row[origin] == Origin.API]
+        learnt = [COLUMNS.index(column) for column in _LEARNT]
+        updates = [
+            (*(row[i] for i in learnt), row[0], row[1])
+            for row in refresh
+            if row[origin] == Origin.API
+        ]
         upserts = [row for row in refresh if row[origin] != Origin.API]
         with self._lock:
             try:
@@ -414,7 +422,7 @@ class PostgresStorage:
                 self._drop()
                 self._probe_failed(exc)
                 return
-            if self.health.failing in {"unavailable", "read_only"}:
+            if self.health.failing in SERVER_GONE:
                 self._succeeded()
 
     def _probe_failed(self, exc: StoreError) -> None:
@@ -451,23 +459,28 @@ class PostgresStorage:
         delay = RETRY_FIRST
         while not self._closing.is_set():
             try:
-                with psycopg.connect(
-                    self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
-                ) as conn:
+                with psycopg.connect(self._url, autocommit=True, **self._options) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     # Whatever was committed before this LISTEN (since the
                     # start's load, or while disconnected) is read now.
                     on_change(None)
                     delay = RETRY_FIRST
+                    checked = time.monotonic()
                     while not self._closing.is_set():
                         for note in conn.notifies(timeout=0.5):
                             heard = _heard(note.payload)
                             if heard is None or heard[0] != self._token:
                                 on_change(heard[1] if heard else None)
+                        if time.monotonic() - checked >= HEARTBEAT:
+                            # A connection that only listens learns of a dead
+                            # server only when it sends something (then within
+                            # tcp_user_timeout), so it asks now and then.
+                            conn.execute("SELECT 1")
+                            checked = time.monotonic()
             except psycopg.Error as exc:
                 log.debug("listening for changes: %s", self._error("lost", exc))
                 self._closing.wait(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                delay = min(delay * 2, LISTEN_RETRY_MAX)
 
     def close(self) -> None:
         self._closing.set()
@@ -486,6 +499,34 @@ def _heard(payload: str) -> tuple[str, list[ImportKey] | None] | None:
         return str(note["by"]), None if keys is None else [(str(s), str(i)) for s, i in keys]
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def _connection_options(url: str) -> dict[str, Any]:
+    """libpq settings the URL does not set: a name in pg_stat_activity, a
+    bounded connect, and TCP keepalives and a user timeout, so a server that
+    vanished without closing the connection (a lost host, a partition) fails
+    the call in hand within seconds instead of hours."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        given = conninfo_to_dict(url)
+    except Exception:  # psycopg says what is wrong when it connects
+        given = {}
+    defaults: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT,
+        "application_name": "import-status-exporter",
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+    }
+    return {key: value for key, value in defaults.items() if key not in given}
+
+
+def _source_lock(source: str) -> int:
+    """The advisory lock key of a source's registrations (a signed 64-bit hash)."""
+    return int.from_bytes(hashlib.blake2b(source.encode(), digest_size=8).digest(), signed=True)
 
 
 def _secrets_of(url: str) -> list[str]:
@@ -507,6 +548,11 @@ def _secrets_of(url: str) -> list[str]:
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
 """Seconds between attempts to reach PostgreSQL at start: doubling up to this."""
+LISTEN_RETRY_MAX = 5.0
+"""Seconds between attempts to listen again: the owner of an import registered
+elsewhere starts polling it within this once the server is back."""
+HEARTBEAT = 10.0
+"""Seconds between the listening connection's checks that the server is there."""
 
 
 async def open_when_reachable(url: str | None, stop: asyncio.Event) -> PostgresStorage | None:

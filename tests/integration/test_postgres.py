@@ -22,6 +22,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from exporter.config.loader import load_config
+from exporter.persistence import MAX_WAITING_READS
 from exporter.runtime import Exporter
 from exporter.sharding import Shard
 from exporter.storage.postgres import PostgresStorage
@@ -33,7 +34,7 @@ from tests.integration.test_persistence import (
     wait_listing,
     write_config,
 )
-from tests.postgres import PostgresServer, running_server
+from tests.postgres import FreezableProxy, PostgresServer, running_server
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -499,3 +500,175 @@ async def test_a_failover_to_the_promoted_standby_loses_no_acknowledged_registra
             assert set(acknowledged) <= stored
         finally:
             standby.close()
+
+
+def shard_pair(config_file: Path, url: str, **kwargs: Any) -> list[Exporter]:
+    return [
+        Exporter(
+            load_config(config_file),
+            "127.0.0.1:0",
+            store=PostgresStorage(url),
+            shard=Shard(n, 2),
+            **kwargs,
+        )
+        for n in range(2)
+    ]
+
+
+def owned_by(shard: int, prefix: str = "bench") -> str:
+    return next(
+        f"{prefix}-{n}" for n in range(100) if Shard(shard, 2).owns("elevate", f"{prefix}-{n}")
+    )
+
+
+async def test_a_rename_through_another_shard_is_kept_by_the_owner(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    here, owner = shard_pair(config_file, url)
+    theirs = owned_by(1)
+    for exporter in (here, owner):
+        await exporter.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            assert (await register(http, here, theirs, "nightly"))[0] == 201
+            await wait_until(lambda: ("elevate", theirs) in owner.state.imports, timeout=5)
+            status, renamed = await register(http, here, theirs, "weekly")
+            assert status == 200
+            assert renamed["name"] == "weekly"
+            await wait_until(
+                lambda: owner.state.imports[("elevate", theirs)].name == "weekly",
+                timeout=5,
+                what="the owner to take the new name",
+            )
+            # The owner's writes of what it polls (poll times included) keep it.
+            await owner.persistence.write_pending(with_poll_times=True)
+            status, shown = await call(http, "GET", here, f"/api/v1/imports/elevate/{theirs}")
+            assert shown["name"] == "weekly"
+    finally:
+        for exporter in (owner, here):
+            await exporter.stop()
+
+
+async def test_the_limit_of_a_source_counts_every_shard_and_spares_a_repeat(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    text = config_file.read_text().replace(
+        "  tokens_file: tokens\n", "  tokens_file: tokens\n  max_imports_per_source: 3\n"
+    )
+    config_file.write_text(text)
+    first, second = shard_pair(config_file, url)
+    for exporter in (first, second):
+        await exporter.start()
+    try:
+        # 1005 (listed in the config) is stored once a shard wrote it.
+        await wait_until(
+            lambda: ("elevate", "1005") in (first.state.imports | second.state.imports)
+        )
+        await (
+            first if ("elevate", "1005") in first.state.imports else second
+        ).persistence.write_pending()
+        async with aiohttp.ClientSession() as http:
+            assert (await register(http, first, owned_by(0)))[0] == 201
+            assert (await register(http, first, owned_by(1)))[0] == 201
+            status, refused = await register(http, second, owned_by(0, "more"))
+            assert status == 409, refused
+            assert "api.max_imports_per_source" in refused["error"]
+            # Registering one that is there already is no new import: 200 on either.
+            assert (await register(http, second, owned_by(0)))[0] == 200
+            assert (await register(http, second, owned_by(1)))[0] == 200
+    finally:
+        for exporter in (second, first):
+            await exporter.stop()
+
+
+async def test_a_parked_import_removed_through_another_shard_is_forgotten_by_its_owner(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
+    # The owner's config loses the source on reload: its registrations park.
+    without = tmp_path / "without.yaml"
+    without.write_text(config_file.read_text().replace("name: elevate", "name: elevate-new"))
+    here = Exporter(
+        load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url), shard=Shard(0, 2)
+    )
+    owner = Exporter(
+        load_config(config_file),
+        "127.0.0.1:0",
+        store=PostgresStorage(url),
+        shard=Shard(1, 2),
+        config_loader=lambda: load_config(without),
+    )
+    theirs = owned_by(1)
+    for exporter in (here, owner):
+        await exporter.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            assert (await register(http, here, theirs))[0] == 201
+            await wait_until(lambda: ("elevate", theirs) in owner.state.imports, timeout=5)
+            assert await owner.reload() == []
+            assert ("elevate", theirs) in owner.state.parked
+            await owner.persistence.write_pending()
+            status, _ = await call(
+                http, "DELETE", here, f"/api/v1/imports/elevate/{theirs}", headers=AUTH
+            )
+            assert status == 204
+            await wait_until(
+                lambda: ("elevate", theirs) not in owner.state.parked,
+                timeout=5,
+                what="the owner to forget the parked import",
+            )
+            for exporter in (here, owner):
+                status, _ = await call(http, "GET", exporter, f"/api/v1/imports/elevate/{theirs}")
+                assert status == 404
+    finally:
+        for exporter in (owner, here):
+            await exporter.stop()
+
+
+async def test_a_hung_database_never_holds_up_metrics_and_reads_are_bounded(
+    aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    """The database stops answering without closing anything: API reads that
+    need it wait (at most MAX_WAITING_READS of them; the rest answer 503 at
+    once), and /metrics, which never needs it, answers meanwhile."""
+    simulator = await simulator_server(aiohttp_server)
+    url = postgres.database()
+    proxy = FreezableProxy(postgres.port)
+    proxied = url.replace(f":{postgres.port}/", f":{await proxy.start()}/")
+    config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), proxied)
+    # Opened in a thread: the proxy runs on this event loop.
+    store = await asyncio.to_thread(PostgresStorage, proxied)
+    exporter = Exporter(load_config(config_file), "127.0.0.1:0", store=store)
+    await exporter.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await wait_until(exporter.state.ready, timeout=10)
+            proxy.freeze()
+            readers = [
+                asyncio.create_task(call(http, "GET", exporter, f"/api/v1/imports/elevate/x-{n}"))
+                for n in range(MAX_WAITING_READS + 4)
+            ]
+            await wait_until(
+                lambda: sum(r.done() for r in readers) >= 4, timeout=10, what="reads refused"
+            )
+            assert all(r.result()[0] == 503 for r in readers if r.done())
+            async with asyncio.timeout(5):  # a hung database is not a hung /metrics
+                status, text = await call(http, "GET", exporter, "/metrics")
+            assert status == 200
+            assert "import_state" in text
+            proxy.thaw()
+            answers = await asyncio.gather(*readers)
+            assert {status for status, _ in answers} <= {404, 503}
+            assert [status for status, _ in answers].count(404) == MAX_WAITING_READS
+    finally:
+        proxy.thaw()
+        await exporter.stop()
+        await proxy.close()
