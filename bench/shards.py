@@ -153,7 +153,8 @@ def run_shards(
         )
         for n in range(total)
     ]
-    # The upstream's CPU over the whole run (start-up included: an upper bound).
+    # The upstream's CPU over the whole run, start-up included (when it idles):
+    # its share while the shards poll is somewhat higher.
     upstream0, started = process_cpu(upstream_pid), time.perf_counter()
     shards = []
     for process in processes:
