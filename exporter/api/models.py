@@ -77,7 +77,9 @@ class ListQuery(_Input):
     )
     after: str | None = Field(
         default=None,
-        max_length=1000,
+        # A cursor is base64url of a source name and an id (at most ~420 characters).
+        max_length=600,
+        pattern=r"^[A-Za-z0-9_-]+$",
         description="continue after this cursor: the `next` of the previous page "
         "(keep the same filters)",
     )
