@@ -24,6 +24,13 @@ from exporter.tracking import Refusal, TrackingError
 
 log = logging.getLogger(__name__)
 
+
+def not_stored(what: str, exc: StoreError) -> TrackingError:
+    """The refusal of a change (or read) the database did not take; says why
+    without the database's address."""
+    return TrackingError(Refusal.NOT_STORED, f"{what}: {exc.public}")
+
+
 RESYNC_DELAY = 1.0
 """Seconds before reading the registrations again when the database could not
 be read (the store reconnects meanwhile)."""
@@ -105,9 +112,7 @@ class Registration:
             try:
                 await self.persistence.write(rows=[to_row(wanted)] if wanted else [])
             except StoreError as exc:
-                raise TrackingError(
-                    Refusal.NOT_STORED, f"cannot store the registration: {exc.public}"
-                ) from exc
+                raise not_stored("cannot store the registration", exc) from exc
             scheduler.add(ImportSpec(import_id, name), origin=Origin.API)
             record = self.state.imports[(source, import_id)]
         log.info(
@@ -145,9 +150,7 @@ class Registration:
             # What this process learnt of it goes in with it, if it is new there.
             claimed = await self.persistence.call(registry.claim, to_row(wanted), limit)
         except StoreError as exc:
-            raise TrackingError(
-                Refusal.NOT_STORED, f"cannot store the registration: {exc.public}"
-            ) from exc
+            raise not_stored("cannot store the registration", exc) from exc
         if claimed is None:
             raise TrackingError(
                 Refusal.LIMIT_REACHED,
@@ -208,9 +211,7 @@ class Registration:
         try:
             stored = await self.persistence.read(registry.get, (source, import_id))
         except StoreError as exc:
-            raise TrackingError(
-                Refusal.NOT_STORED, f"cannot read the registration: {exc.public}"
-            ) from exc
+            raise not_stored("cannot read the registration", exc) from exc
         if stored is None:
             raise TrackingError(
                 Refusal.NOT_TRACKED, f"import {import_id!r} of source {source!r} is not tracked"
@@ -242,9 +243,7 @@ class Registration:
         try:
             return await self.persistence.read(registry.get, (source, import_id))
         except StoreError as exc:
-            raise TrackingError(
-                Refusal.NOT_STORED, f"cannot read the shared registry: {exc.public}"
-            ) from exc
+            raise not_stored("cannot read the shared registry", exc) from exc
 
     async def stored_page(
         self, after: ImportKey | None, source: str | None, state: str | None, limit: int
@@ -255,17 +254,13 @@ class Registration:
         try:
             return await self.persistence.read(registry.page, after, source, state, limit)
         except StoreError as exc:
-            raise TrackingError(
-                Refusal.NOT_STORED, f"cannot read the shared registry: {exc.public}"
-            ) from exc
+            raise not_stored("cannot read the shared registry", exc) from exc
 
     async def _delete(self, source: str, import_id: str) -> None:
         try:
             await self.persistence.write(deleted=[(source, import_id)])
         except StoreError as exc:
-            raise TrackingError(
-                Refusal.NOT_STORED, f"cannot store the removal: {exc.public}"
-            ) from exc
+            raise not_stored("cannot store the removal", exc) from exc
 
     # --- other replicas ---------------------------------------------------------
 

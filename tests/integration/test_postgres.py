@@ -132,6 +132,40 @@ async def test_postgres_down_at_start_is_waited_for_not_a_crash(
                 await asyncio.to_thread(postgres.start)  # already up: pg_ctl says so
 
 
+class RegistrationStream:
+    """Registrations sent one after another while it runs (a steady stream,
+    not a busy loop): which were acknowledged, and when each answer came."""
+
+    def __init__(self, http: aiohttp.ClientSession, exporter: Exporter) -> None:
+        self.http = http
+        self.exporter = exporter
+        self.acknowledged: list[str] = []
+        self.answers: list[tuple[float, int]] = []
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for n in range(100_000):
+            status, body = await register(self.http, self.exporter, f"load-{n}")
+            assert status in (201, 503), body
+            self.answers.append((loop.time(), status))
+            if status == 201:
+                self.acknowledged.append(f"load-{n}")
+            await asyncio.sleep(0.01)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[RegistrationStream]:
+        task = asyncio.create_task(self._run())
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def answered_since(self, moment: float, status: int) -> bool:
+        return any(at > moment and got == status for at, got in self.answers)
+
+
 async def test_postgres_restarted_under_load_loses_no_acknowledged_registration(
     aiohttp_server: ServerFactory, tmp_path: Path, postgres: PostgresServer
 ) -> None:
@@ -140,35 +174,18 @@ async def test_postgres_restarted_under_load_loses_no_acknowledged_registration(
     config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
     exporter = Exporter(load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url))
     await exporter.start()
-    acknowledged: list[str] = []
-    answers: list[tuple[float, int]] = []
     loop = asyncio.get_running_loop()
-
-    async def load(http: aiohttp.ClientSession) -> None:
-        for n in range(100_000):
-            import_id = f"load-{n}"
-            status, body = await register(http, exporter, import_id)
-            assert status in (201, 503), body
-            answers.append((loop.time(), status))
-            if status == 201:
-                acknowledged.append(import_id)
-            await asyncio.sleep(0.01)  # a steady stream, not a busy loop
-
-    def answered_since(moment: float, status: int) -> bool:
-        return any(at > moment and got == status for at, got in answers)
-
     try:
         async with aiohttp.ClientSession() as http:
-            loader = asyncio.create_task(load(http))
-            try:
-                await wait_until(lambda: len(acknowledged) >= 20, timeout=20)
+            async with RegistrationStream(http, exporter).running() as stream:
+                await wait_until(lambda: len(stream.acknowledged) >= 20, timeout=20)
                 await wait_until(exporter.state.ready, timeout=20)
                 polls_before = exporter.state.imports[("elevate", "1005")].last_attempt
 
                 down_at = loop.time()
                 await asyncio.to_thread(postgres.stop)
                 try:
-                    await wait_until(lambda: answered_since(down_at, 503), timeout=20)
+                    await wait_until(lambda: stream.answered_since(down_at, 503), timeout=20)
                     status, page = await call(http, "GET", exporter, "/-/ready")
                     assert status == 503
                     assert "unavailable" in page
@@ -185,15 +202,11 @@ async def test_postgres_restarted_under_load_loses_no_acknowledged_registration(
                 finally:
                     await asyncio.to_thread(postgres.start)
                 up_at = loop.time()
-                await wait_until(lambda: answered_since(up_at, 201), timeout=20)
+                await wait_until(lambda: stream.answered_since(up_at, 201), timeout=20)
                 # And a restart in one go (pg_ctl restart) while the stream runs.
                 restart_at = loop.time()
                 await asyncio.to_thread(postgres.restart)
-                await wait_until(lambda: answered_since(restart_at, 201), timeout=20)
-            finally:
-                loader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await loader
+                await wait_until(lambda: stream.answered_since(restart_at, 201), timeout=20)
             await wait_until(lambda: exporter.persistence.failing() is None, timeout=10)
             await wait_until(exporter.state.ready, timeout=30)  # every new import polled
             assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
@@ -204,8 +217,8 @@ async def test_postgres_restarted_under_load_loses_no_acknowledged_registration(
         stored = {record.import_id for record in check.load()}
     finally:
         check.close()
-    assert set(acknowledged) <= stored
-    assert len(acknowledged) >= 22  # 20 before, one after each outage
+    assert set(stream.acknowledged) <= stored
+    assert len(stream.acknowledged) >= 22  # 20 before, one after each outage
 
 
 async def test_a_registration_on_one_replica_is_polled_by_the_other_within_seconds(
@@ -453,40 +466,24 @@ async def test_a_failover_to_the_promoted_standby_loses_no_acknowledged_registra
             config_file = write_pg_config(tmp_path, str(simulator.make_url("")).rstrip("/"), url)
             exporter = Exporter(load_config(config_file), "127.0.0.1:0", store=PostgresStorage(url))
             await exporter.start()
-            acknowledged: list[str] = []
-            answers: list[tuple[float, int]] = []
             loop = asyncio.get_running_loop()
-
-            async def load(http: aiohttp.ClientSession) -> None:
-                for n in range(100_000):
-                    status, body = await register(http, exporter, f"load-{n}")
-                    assert status in (201, 503), body
-                    answers.append((loop.time(), status))
-                    if status == 201:
-                        acknowledged.append(f"load-{n}")
-                    await asyncio.sleep(0.01)  # a steady stream, not a busy loop
-
-            def answered_since(moment: float, status: int) -> bool:
-                return any(at > moment and got == status for at, got in answers)
-
             try:
                 async with aiohttp.ClientSession() as http:
-                    loader = asyncio.create_task(load(http))
-                    try:
-                        await wait_until(lambda: len(acknowledged) >= 20, timeout=20)
+                    async with RegistrationStream(http, exporter).running() as stream:
+                        await wait_until(lambda: len(stream.acknowledged) >= 20, timeout=20)
                         crashed_at = loop.time()
                         await asyncio.to_thread(primary.crash)
-                        await wait_until(lambda: answered_since(crashed_at, 503), timeout=20)
+                        await wait_until(lambda: stream.answered_since(crashed_at, 503), timeout=20)
                         assert (await call(http, "GET", exporter, "/-/ready"))[0] == 503
                         await asyncio.to_thread(standby.promote)
                         promoted_at = loop.time()
-                        await wait_until(lambda: answered_since(promoted_at, 201), timeout=30)
-                        written_after = len(acknowledged)
-                        await wait_until(lambda: len(acknowledged) >= written_after + 5, timeout=10)
-                    finally:
-                        loader.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await loader
+                        await wait_until(
+                            lambda: stream.answered_since(promoted_at, 201), timeout=30
+                        )
+                        written_after = len(stream.acknowledged)
+                        await wait_until(
+                            lambda: len(stream.acknowledged) >= written_after + 5, timeout=10
+                        )
                     await wait_until(lambda: exporter.persistence.failing() is None, timeout=10)
                     await wait_until(exporter.state.ready, timeout=30)
                     assert (await call(http, "GET", exporter, "/-/ready"))[0] == 200
@@ -497,7 +494,7 @@ async def test_a_failover_to_the_promoted_standby_loses_no_acknowledged_registra
                 stored = {record.import_id for record in check.load()}
             finally:
                 check.close()
-            assert set(acknowledged) <= stored
+            assert set(stream.acknowledged) <= stored
         finally:
             standby.close()
 
