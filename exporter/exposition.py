@@ -73,10 +73,28 @@ def escape(value: str) -> str:
     return value
 
 
+GO_TEXTS_KEPT = 4096
+_go_texts: dict[float, str] = {}
+
+
+def go_float(value: float) -> str:
+    """``floatToGoString``, remembered for the latest values: an import's
+    times are mostly one poll's clock reading, written three or four times.
+    Zero is not remembered: 0.0 and -0.0 are one key but two texts."""
+    text = _go_texts.get(value)
+    if text is None or not value:
+        if not value:
+            return floatToGoString(value)
+        if len(_go_texts) >= GO_TEXTS_KEPT:
+            _go_texts.clear()
+        text = _go_texts[value] = floatToGoString(value)
+    return text
+
+
 def _line(name: str, labels: str, value: float | None) -> bytes:
     if value is None:
         return _EMPTY
-    return f"{name}{{{labels}}} {floatToGoString(value)}\n".encode()
+    return f"{name}{{{labels}}} {go_float(value)}\n".encode()
 
 
 def render_import(record: ImportRecord) -> tuple[tuple[bytes, ...], bytes, float | None]:

@@ -276,3 +276,12 @@ def test_a_body_joined_or_gzipped_in_pieces_is_the_whole_body(
     assert stable_lines(whole.decode()) == stable_lines(ours(lines, accept))
     assert gzip.decompress(exposition.gzip_parts(list(parts))) == whole
     assert exposition.join_parts(list(parts)) == whole
+
+
+def test_remembered_number_texts_are_prometheus_clients() -> None:
+    values: list[float] = [0, 0.0, -0.0, 0.0, 1, 1.0, True, 2**53 + 1, 1e6, 999999.5, 1.7e9]
+    values += [1_700_000_000.123, 1e16, 1e-5, -3.5, float("inf"), float("-inf"), float("nan")]
+    rng = random.Random(3)
+    values += [rng.uniform(-1e10, 1e10) for _ in range(200)] * 2
+    for value in values:
+        assert exposition.go_float(value) == exposition.floatToGoString(value), value
