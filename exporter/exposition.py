@@ -165,14 +165,14 @@ class _Families(Collector):
 
 RENDER_SLICE = 200
 """Imports rendered on the event loop between two yields to it (about 2 ms)."""
-JOIN_SLICE = 256
-"""Imports whose lines of a family one C-level join copies: the render
-thread holds the GIL through a join, so one join of a whole family (80 MB of
-``import_state`` at 100,000 imports) stopped the event loop for tens of
-milliseconds. A slice of the largest family (about 200 KB) stays below the
-size glibc serves from ``mmap`` (see :func:`return_large_buffers_to_the_os`):
-the memory of each piece, released once compressed, serves the next one,
-instead of fresh pages faulted in for every piece."""
+JOIN_SLICE = 2048
+"""Imports whose lines of a family one C-level join copies (about 1.6 MB of
+``import_state``, a millisecond or so): the render thread holds the GIL
+through a join, so one join of a whole family (80 MB at 100,000 imports)
+stopped the event loop for tens of milliseconds. Not much smaller either:
+after each piece's join and gzip the thread waits for the GIL again, up to a
+switch interval behind a busy event loop; with 256 imports a piece (5,000
+pieces at 100,000 imports) back-to-back scrapes took twice as long."""
 
 
 @dataclass(slots=True)
