@@ -28,7 +28,7 @@ import ctypes.util
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter, sub
@@ -73,10 +73,28 @@ def escape(value: str) -> str:
     return value
 
 
+GO_TEXTS_KEPT = 4096
+_go_texts: dict[float, str] = {}
+
+
+def go_float(value: float) -> str:
+    """``floatToGoString``, remembered for the latest values: an import's
+    times are mostly one poll's clock reading, written three or four times.
+    Zero is not remembered: 0.0 and -0.0 are one key but two texts."""
+    text = _go_texts.get(value)
+    if text is None or not value:
+        if not value:
+            return floatToGoString(value)
+        if len(_go_texts) >= GO_TEXTS_KEPT:
+            _go_texts.clear()
+        text = _go_texts[value] = floatToGoString(value)
+    return text
+
+
 def _line(name: str, labels: str, value: float | None) -> bytes:
     if value is None:
         return _EMPTY
-    return f"{name}{{{labels}}} {floatToGoString(value)}\n".encode()
+    return f"{name}{{{labels}}} {go_float(value)}\n".encode()
 
 
 def render_import(record: ImportRecord) -> tuple[tuple[bytes, ...], bytes, float | None]:
@@ -147,6 +165,14 @@ class _Families(Collector):
 
 RENDER_SLICE = 200
 """Imports rendered on the event loop between two yields to it (about 2 ms)."""
+JOIN_SLICE = 2048
+"""Imports whose lines of a family one C-level join copies (about 1.6 MB of
+``import_state``, a millisecond or so): the render thread holds the GIL
+through a join, so one join of a whole family (80 MB at 100,000 imports)
+stopped the event loop for tens of milliseconds. Not much smaller either:
+after each piece's join and gzip the thread waits for the GIL again, up to a
+switch interval behind a busy event loop; with 256 imports a piece (5,000
+pieces at 100,000 imports) back-to-back scrapes took twice as long."""
 
 
 @dataclass(slots=True)
@@ -216,23 +242,27 @@ class ImportLines:
 
     def render(
         self, encoder: Encoder, content_type: str, names: frozenset[str] | None = None
-    ) -> list[bytes]:
+    ) -> Iterator[bytes]:
         """The per-import families (only those in ``names`` if given), each its
-        ``# HELP``/``# TYPE`` and its lines, as parts to join. Any thread."""
+        ``# HELP``/``# TYPE`` and its lines, as parts to join, made as they
+        are taken (so a consumer that compresses each holds one at a time).
+        Any thread; the lines are those of when the first part is taken."""
         with self._lock:
             self._apply_pending()
             headers = self._headers_of(encoder, content_type)
             now = self.state.clock()
-            parts: list[bytes] = []
-            values = self._lines.values()
+            values = list(self._lines.values())
+            running = list(self._running.values())
             for index, name in enumerate(FAMILY_NAMES):
                 if names is not None and name not in names:
                     continue
-                parts.append(headers[index])
-                parts.append(b"".join(map(itemgetter(index), values)))
-                if index == _DURATION and self._running:
-                    parts.append(_running_lines(self._running, now))
-            return parts
+                yield headers[index]
+                line = itemgetter(index)
+                for at in range(0, len(values), JOIN_SLICE):
+                    yield b"".join(map(line, values[at : at + JOIN_SLICE]))
+                if index == _DURATION:
+                    for at in range(0, len(running), JOIN_SLICE):
+                        yield _running_lines(running[at : at + JOIN_SLICE], now)
 
     def _apply_pending(self) -> None:
         lines, running = self._lines, self._running
@@ -256,9 +286,8 @@ class ImportLines:
         return headers
 
 
-def _running_lines(running: dict[ImportKey, tuple[bytes, float]], now: float) -> bytes:
+def _running_lines(values: Sequence[tuple[bytes, float]], now: float) -> bytes:
     """The duration lines of running imports, at ``now``: C-level maps only."""
-    values = running.values()
     took = list(map(max, map(sub, repeat(now), map(itemgetter(1), values)), repeat(0.0)))
     if max(took) < 1e6:
         # Below 1e6, repr is floatToGoString (which switches to an exponent
@@ -274,6 +303,22 @@ def _strip_eof(body: bytes) -> bytes:
     return body[: -len(_EOF)] if body.endswith(_EOF) else body
 
 
+def render_parts(
+    registry: CollectorRegistry,
+    encoder: Encoder,
+    content_type: str,
+    imports: ImportLines | None = None,
+    names: Sequence[str] = (),
+) -> Iterator[bytes]:
+    """The whole ``/metrics`` body as parts to join, made as they are taken:
+    the per-import families from ``imports``, then the registry's families,
+    through ``encoder`` (``choose_encoder``'s); ``names``: only these (the
+    ``name[]`` filter)."""
+    if imports is not None:
+        yield from imports.render(encoder, content_type, frozenset(names) if names else None)
+    yield encoder(registry.restricted_registry(list(names)) if names else registry)
+
+
 def render_metrics(
     registry: CollectorRegistry,
     encoder: Encoder,
@@ -281,22 +326,39 @@ def render_metrics(
     imports: ImportLines | None = None,
     names: Sequence[str] = (),
 ) -> bytes:
-    """The whole ``/metrics`` body: the per-import families from ``imports``,
-    then the registry's families, through ``encoder`` (``choose_encoder``'s);
-    ``names``: only these (the ``name[]`` filter)."""
-    target: Collector = registry.restricted_registry(list(names)) if names else registry
-    parts = (
-        imports.render(encoder, content_type, frozenset(names) if names else None)
-        if imports
-        else []
-    )
-    parts.append(encoder(target))
-    return b"".join(parts)
+    """:func:`render_parts` joined, as one bytes."""
+    return b"".join(render_parts(registry, encoder, content_type, imports, names))
+
+
+def join_parts(parts: Iterable[bytes]) -> bytearray:
+    """``parts`` as one buffer, copied a part at a time (each copy a short
+    hold of the GIL, where one ``b"".join`` of a 150 MB body held it for
+    tens of milliseconds). Each part is released once copied."""
+    parts = list(parts)
+    body = bytearray(sum(map(len, parts)))
+    view = memoryview(body)
+    at = 0
+    for index, part in enumerate(parts):
+        view[at : at + len(part)] = part
+        at += len(part)
+        parts[index] = _EMPTY
+    view.release()
+    return body
+
+
+def gzip_parts(parts: Iterable[bytes], level: int = GZIP_LEVEL) -> bytes:
+    """``parts`` gzipped as one body, a part at a time as they come (zlib
+    releases the GIL while it compresses; the uncompressed body is never
+    joined nor held whole)."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
+    out = list(map(compressor.compress, parts))
+    out.append(compressor.flush())
+    return b"".join(out)
 
 
 def gzip_body(body: bytes, level: int = GZIP_LEVEL) -> bytes:
     """``body`` gzipped (zlib releases the GIL while it compresses)."""
-    return zlib.compress(body, level, wbits=31)
+    return gzip_parts([body], level)
 
 
 _M_MMAP_THRESHOLD = -3

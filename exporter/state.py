@@ -13,9 +13,10 @@ parked, expired) belongs beside the others: they keep one invariant.
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from exporter.import_index import ImportIndex, ImportKey
@@ -161,6 +162,11 @@ class StateStore:
         self._unrendered: set[ImportKey] = set()
         """Imports whose exported lines may differ from the last render (changed,
         polled, added or gone), for :mod:`exporter.exposition`."""
+        self._waiting: set[ImportKey] = set()
+        """Tracked imports neither polled by this process nor finished and no
+        longer polled: :meth:`ready` is O(1) (probes come every few seconds)."""
+        self._retention_at = 0
+        """Where the next slice of the retention scan starts (see :meth:`expired`)."""
         self._observations: dict[Observation, Observation] = {}
         """Answers without counts or times, one object each (see record_observation)."""
         self.last_reload_successful = True
@@ -214,6 +220,7 @@ class StateStore:
             self.imports[key] = record
             self._changed.add(key)
             self._unrendered.add(key)
+            self._waiting.add(key)
         else:
             if name is not None and name != record.name:
                 record.name = name
@@ -232,6 +239,7 @@ class StateStore:
         if source_record is not None:
             source_record.answering.discard(import_id)
         if self.imports.pop(key, None) is not None:
+            self._waiting.discard(key)
             self._changed.discard(key)
             self._touched.discard(key)
             self._forgotten.add(key)
@@ -243,6 +251,8 @@ class StateStore:
             key = (record.source, record.import_id)
             (self.imports if record.parked_at is None else self.parked)[key] = record
             self._unrendered.add(key)
+            if record.parked_at is None and not (record.polled_this_run or record.confirmed_final):
+                self._waiting.add(key)
             # A row of schema 1 has no count of failures in a row; an error
             # newer than the last answer still means the import could not be read.
             error_at = record.last_error_at
@@ -256,17 +266,34 @@ class StateStore:
     ) -> tuple[list[ImportRecord], list[ImportKey]]:
         """Imports changed and keys forgotten since they were last taken; with
         ``with_poll_times`` also the imports whose only news is a newer poll."""
-        keys = self._changed
-        if with_poll_times:
-            keys |= self._touched
-            self._touched = set()
-        changed = [
-            record for key in keys if (record := self.imports.get(key) or self.parked.get(key))
-        ]
-        forgotten = list(self._forgotten)
-        self._changed = set()
-        self._forgotten = set()
+        keys, forgotten = self.take_change_keys(with_poll_times=with_poll_times)
+        imports, parked = self.imports, self.parked
+        changed = [record for key in keys if (record := imports.get(key) or parked.get(key))]
         return changed, forgotten
+
+    def take_change_keys(
+        self, *, with_poll_times: bool = False
+    ) -> tuple[Iterator[ImportKey], list[ImportKey]]:
+        """:meth:`take_changes` as keys, to be read a chunk at a time: O(1)
+        here (the sets are handed over, not copied nor merged), so taking
+        100,000 newer poll times costs the event loop nothing at once. A key
+        may name an import forgotten since (then it is in neither index)."""
+        changed = self._changed
+        self._changed = set()
+        keys: Iterator[ImportKey] = iter(changed)
+        if with_poll_times:
+            touched = self._touched
+            self._touched = set()
+            keys = itertools.chain(keys, (key for key in touched if key not in changed))
+        forgotten = list(self._forgotten)
+        self._forgotten = set()
+        return keys, forgotten
+
+    def requeue_keys(self, keys: Iterable[ImportKey], forgotten: list[ImportKey]) -> None:
+        """Give back keys taken by :meth:`take_change_keys` that could not be written."""
+        imports, parked = self.imports, self.parked
+        self._changed.update(key for key in keys if key in imports or key in parked)
+        self._forgotten.update(key for key in forgotten if key not in imports and key not in parked)
 
     def requeue(self, changed: list[ImportRecord], forgotten: list[ImportKey]) -> None:
         """Give back changes that could not be written, to be taken again."""
@@ -278,14 +305,24 @@ class StateStore:
             key for key in forgotten if key not in self.imports and key not in self.parked
         )
 
-    def expired(self, retention: float) -> list[ImportRecord]:
+    def expired(self, retention: float, *, at_most: int | None = None) -> list[ImportRecord]:
         """Registered imports that ended (or were not found) over ``retention`` ago.
 
         Imports listed in the config file stay while they are listed: the file
-        says to watch them."""
+        says to watch them. ``at_most``: look at that many imports only, the
+        next ones in key order after those the previous call looked at (from
+        the first again after the last), so a periodic scan of 100,000
+        imports costs the event loop a slice at a time."""
         cutoff = self.clock() - retention
         out = []
-        for record in self.imports.values():
+        records: Iterable[ImportRecord] = self.imports.values()
+        if at_most is not None:
+            ordered, imports = self.imports.ordered, self.imports
+            start = self._retention_at if self._retention_at < len(ordered) else 0
+            keys = ordered[start : start + at_most]
+            self._retention_at = start + len(keys)
+            records = [imports[key] for key in keys]
+        for record in records:
             if record.origin is Origin.CONFIG:
                 continue
             ended = record.end_timestamp
@@ -332,6 +369,7 @@ class StateStore:
             record.consecutive_failures = 0
             self._changed.add((source, import_id))
         record.polled_this_run = True
+        self._waiting.discard((source, import_id))
         source_record = self.sources.get(source)
         if source_record is not None:
             source_record.up = True
@@ -415,6 +453,7 @@ class StateStore:
         if record is None:
             return
         record.polled_this_run = True
+        self._waiting.discard(key)
         news = (
             record.last_error != message
             or record.last_error_reason != error.reason
@@ -441,9 +480,7 @@ class StateStore:
     def ready(self) -> bool:
         """Every tracked import has been polled by this process (or is finished
         and no longer polled): what was restored from the store is not news."""
-        return all(
-            record.polled_this_run or record.confirmed_final for record in self.imports.values()
-        )
+        return not self._waiting
 
     # --- parking: registered imports of sources no longer configured ---------
 
@@ -486,6 +523,8 @@ class StateStore:
             self.imports[key] = record
             self._changed.add(key)
             self._unrendered.add(key)
+            if not record.confirmed_final:  # parking took its poll of this run
+                self._waiting.add(key)
         return back
 
     def expired_parked(self, retention: float) -> list[ImportRecord]:

@@ -18,7 +18,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.api import add_api_routes, bearer_passes
-from exporter.exposition import ImportLines, gzip_body, render_metrics
+from exporter.exposition import ImportLines, gzip_parts, join_parts, render_parts
 from exporter.pages import parse_refresh, parse_show, prepare_status_page
 from exporter.reads import BulkReads
 from exporter.state import StateStore
@@ -224,7 +224,7 @@ def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = N
     quarter of the time rendering, and polling goes on; a body is never older
     than its scrape.
     """
-    in_flight: dict[MetricsKey, asyncio.Future[bytes]] = {}
+    in_flight: dict[MetricsKey, asyncio.Future[bytes | bytearray]] = {}
     not_before: dict[MetricsKey, float] = {}
 
     async def handler(request: web.Request) -> web.Response:
@@ -243,17 +243,17 @@ def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = N
         if future is None:
             took = [0.0]
 
-            def render() -> bytes:
+            def render() -> bytes | bytearray:
                 started = time.perf_counter()
-                body = render_metrics(registry, encoder, content_type, imports, names)
-                body = gzip_body(body) if gzipped else body
+                parts = render_parts(registry, encoder, content_type, imports, names)
+                body = gzip_parts(parts) if gzipped else join_parts(parts)
                 took[0] = time.perf_counter() - started
                 return body
 
             future = loop.run_in_executor(None, _render, render)
             in_flight[key] = future
 
-            def rendered(_done: asyncio.Future[bytes], key: MetricsKey = key) -> None:
+            def rendered(_done: asyncio.Future[bytes | bytearray], key: MetricsKey = key) -> None:
                 in_flight.pop(key, None)
                 if took[0] >= PACE_MIN_SECONDS:
                     pause = min(PACE_FACTOR * took[0], PACE_MAX_SECONDS)
@@ -290,7 +290,7 @@ _gc_lock = threading.Lock()
 _renders = 0
 
 
-def _render(render: Callable[[], bytes]) -> bytes:
+def _render(render: Callable[[], bytes | bytearray]) -> bytes | bytearray:
     """Encode with the cyclic garbage collector paused.
 
     A render allocates hundreds of thousands of short-lived objects (freed by

@@ -5,6 +5,7 @@ formats, as the state changes under one long-lived cache."""
 from __future__ import annotations
 
 import functools
+import gzip
 import random
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from exporter import exposition
 from exporter.exposition import FAMILY_NAMES, RENDER_SLICE, ImportLines, render_metrics
 from exporter.metrics import build_registry
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
@@ -245,3 +247,41 @@ async def test_a_refresh_on_the_loop_in_slices_renders_every_change() -> None:
     body = render_metrics(registry, encoder, content_type, lines).decode()
     assert stable_lines(body) == stable_lines(reference(state, TEXT))
     assert 'import="3"' not in body
+
+
+@pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
+def test_a_body_joined_or_gzipped_in_pieces_is_the_whole_body(
+    accept: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``/metrics`` serves: every family's lines in slices of a few
+    imports (running ones too), copied or gzipped a piece at a time."""
+    monkeypatch.setattr(exposition, "JOIN_SLICE", 3)
+    clock = Clock()
+    state = StateStore(clock=clock)
+    state.add_source("elevate", "elevate", 30.0)
+    lines = ImportLines(state)
+    for n in range(10):
+        state.track("elevate", f"{n}", name=f"import {n}")
+        running = Observation(State.RUNNING, "IN_PROGRESS", started_at=clock.now - n)
+        state.record_observation(
+            "elevate", f"{n}", running if n % 2 else random_observation(random.Random(n), clock.now)
+        )
+    lines.take_changes()
+    encoder, content_type = choose_encoder(accept)
+    registry = build_registry(state, imports=False)
+    parts = list(exposition.render_parts(registry, encoder, content_type, lines))
+    assert len(parts) > len(FAMILY_NAMES) + 1  # the families came in slices
+    whole = b"".join(parts)
+    assert_same(lines, accept)
+    assert stable_lines(whole.decode()) == stable_lines(ours(lines, accept))
+    assert gzip.decompress(exposition.gzip_parts(list(parts))) == whole
+    assert exposition.join_parts(list(parts)) == whole
+
+
+def test_remembered_number_texts_are_prometheus_clients() -> None:
+    values: list[float] = [0, 0.0, -0.0, 0.0, 1, 1.0, True, 2**53 + 1, 1e6, 999999.5, 1.7e9]
+    values += [1_700_000_000.123, 1e16, 1e-5, -3.5, float("inf"), float("-inf"), float("nan")]
+    rng = random.Random(3)
+    values += [rng.uniform(-1e10, 1e10) for _ in range(200)] * 2
+    for value in values:
+        assert exposition.go_float(value) == exposition.floatToGoString(value), value

@@ -5,6 +5,7 @@ by bench/scale.py, not timed here.)"""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import random
 from pathlib import Path
@@ -127,6 +128,32 @@ async def test_long_lived_objects_are_frozen_after_start_and_reload(
         gc.unfreeze()
         assert await exporter.reload() == []
         assert gc.get_freeze_count() > 0
+    finally:
+        await exporter.stop()
+
+
+async def test_what_the_first_round_of_polls_built_is_frozen_too(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Each import's request URL is built at its first poll and kept: once
+    every import was polled, those are out of the collector's sight as well."""
+    simulator = await simulator_server(aiohttp_server)
+    config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
+    exporter = Exporter(load_config(config_file), "127.0.0.1:0")
+    await exporter.start()
+    try:
+        async with asyncio.timeout(20):
+            await exporter.first_round_frozen.wait()
+        assert exporter.state.ready()
+        urls = [
+            scheduler.source.import_url(import_id)
+            for scheduler in exporter.poller.schedulers.values()
+            for _, import_id in exporter.state.imports
+            if _ == scheduler.source.name and not scheduler.source.follows_server
+        ]
+        assert urls
+        collected = {id(obj) for obj in gc.get_objects()}
+        assert not [url for url in urls if id(url) in collected]
     finally:
         await exporter.stop()
 

@@ -109,3 +109,35 @@ def test_ready_once_every_import_was_polled_by_this_process(clock: Clock) -> Non
     assert not state.ready()
     state.record_error("shop", "1002", SourceError(ErrorReason.TIMEOUT, "slow"))
     assert state.ready()  # polled, even if it failed
+
+
+def test_ready_follows_imports_added_parked_and_brought_back(clock: Clock) -> None:
+    state = world(clock)
+    for import_id in ("1001", "1002"):
+        state.record_observation("shop", import_id, Observation(State.RUNNING, "IN_PROGRESS"))
+    assert state.ready()
+    state.track("shop", "1003", origin=Origin.API)
+    assert not state.ready()  # a new registration waits for its first poll
+    state.untrack("shop", "1003")
+    assert state.ready()
+    state.park("shop")
+    assert state.ready()  # nothing tracked
+    state.unpark("shop", lambda _record: True)
+    assert not state.ready()  # back, but not polled since it came back
+    state.record_observation("shop", "1002", Observation(State.RUNNING, "IN_PROGRESS"))
+    assert state.ready()
+
+
+def test_retention_scan_in_slices_covers_every_import(clock: Clock) -> None:
+    state = world(clock)
+    for import_id in ("1003", "1004", "1005"):
+        state.track("shop", import_id, origin=Origin.API)
+    for import_id in ("1002", "1004"):
+        for _ in range(2):
+            state.record_observation("shop", import_id, Observation(State.FAILED, "FAILURE"))
+    clock.now += 61
+    found = []
+    for _ in range(3):  # five imports, two at a time: every one seen within three scans
+        found += [r.import_id for r in state.expired(retention=60, at_most=2)]
+    assert sorted(found) == ["1002", "1004"]
+    assert [r.import_id for r in state.expired(retention=60, at_most=2)] == ["1002"]  # again
