@@ -13,10 +13,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from exporter.config.loader import parse_config_data
-from exporter.model import ErrorReason, SourceError, State
-from exporter.sources.base import Source
+from exporter.model import ErrorReason, ParseError, SourceError, State
+from exporter.sources.base import HttpResponse, Source
 from exporter.sources.registry import build_source
 from exporter.sources.zilliant import ZilliantSource
 
@@ -575,3 +576,25 @@ async def test_rocketchat_invalid_operation_is_failed_and_403_is_skipped_for_goo
     assert (await source.poll("x")).state is State.RUNNING  # 403: carry on without it
     assert (await source.poll("x")).state is State.RUNNING
     assert operation_calls == 2  # never asked again after the 403
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A count no database column holds (PostgreSQL's BIGINT): refused as
+        # the answer of that one import, not left to fail every store write.
+        b'{"success": true, "step": "importer_done", "count": {"completed": 9223372036854775808}}',
+        # NaN and Infinity are not JSON (RFC 8259), though Python reads them.
+        b'{"success": true, "step": "importer_done", "count": {"completed": NaN}}',
+        b'{"success": true, "step": "importer_done", "count": {"total": 1e999}}',
+    ],
+)
+def test_numbers_no_store_can_hold_are_an_invalid_answer(body: bytes) -> None:
+    from exporter.sources.http_json import to_count
+    from exporter.sources.rocketchat import parse_progress
+
+    with pytest.raises(ParseError):
+        parse_progress(HttpResponse(200, CIMultiDictProxy(CIMultiDict()), body))
+    with pytest.raises(ParseError, match="is not a count"):
+        to_count(2**63, "extract.completed")
+    assert to_count(2**63 - 1, "extract.completed") == 2**63 - 1

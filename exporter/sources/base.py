@@ -116,10 +116,29 @@ def _describe(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {exc}")[:300]
 
 
+MAX_COUNT = 2**63 - 1
+"""The largest count an answer may carry: what every store's integer column
+(PostgreSQL's BIGINT) holds. A larger one is an invalid answer of its import,
+not a value that would fail every write of the store."""
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999: JSON, but no number
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
 def parse_json(body: bytes) -> Any:
-    """Decode a JSON body or raise :class:`ParseError`."""
+    """Decode a JSON body or raise :class:`ParseError`. NaN and Infinity
+    (which Python reads, RFC 8259 does not) and numbers out of a double's
+    range are not JSON here: nothing downstream has to guard against them."""
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ParseError(f"body is not JSON ({len(body)} bytes)") from exc
     except RecursionError as exc:  # e.g. 100,000 "[": small, but deeper than Python recurses

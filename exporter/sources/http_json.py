@@ -40,6 +40,7 @@ from exporter.logs import context
 from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
 from exporter.redact import register_secret
 from exporter.sources.base import (
+    MAX_COUNT,
     HttpResponse,
     ImportSpec,
     SharedToken,
@@ -357,13 +358,16 @@ def to_count(value: Any, what: str) -> int | None:
         return None
     if isinstance(value, bool):
         raise ParseError(f"{what} is not a count")
-    if isinstance(value, str) and value.isdecimal() and value.isascii():
-        return int(value)
-    if isinstance(value, int) and value >= 0:
-        return value
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
-    raise ParseError(f"{what} is not a count")
+    count: int | None = None
+    if isinstance(value, str) and value.isdecimal() and value.isascii() and len(value) < 30:
+        count = int(value)
+    elif isinstance(value, int):
+        count = value
+    elif isinstance(value, float) and value.is_integer():
+        count = int(value)
+    if count is None or not 0 <= count <= MAX_COUNT:
+        raise ParseError(f"{what} is not a count")
+    return count
 
 
 def to_timestamp(value: Any, time_format: str, what: str) -> float | None:

@@ -20,6 +20,7 @@ from exporter.config import HttpUrl, SourceConfig
 from exporter.logs import context
 from exporter.model import ErrorReason, Observation, ParseError, SourceError, State
 from exporter.sources.base import (
+    MAX_COUNT,
     HttpResponse,
     ImportSpec,
     Source,
@@ -115,7 +116,7 @@ def _error_text(body: bytes) -> str:
 def _count(value: Any, field: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
         raise ParseError(f"getImportProgress: {field} is not a count")
     return value
 
