@@ -327,3 +327,15 @@ def test_a_connection_that_vanished_fails_in_seconds_unless_the_url_says_otherwi
     given = _connection_options("postgresql://u:p@db/x?tcp_user_timeout=5000&connect_timeout=2")
     assert "tcp_user_timeout" not in given  # the URL's own settings win
     assert "connect_timeout" not in given
+
+
+def test_a_write_of_more_rows_than_one_statement_takes_keeps_them_all(storage: Storage) -> None:
+    from exporter.storage.sqlite import ROWS_PER_STATEMENT
+
+    many = [
+        to_row(record(f"{n:05}", last_success=n + 0.1)) for n in range(ROWS_PER_STATEMENT * 2 + 1)
+    ]
+    storage.write([], refresh=many)
+    stored = {r.import_id: r for r in storage.load()}
+    assert len(stored) == len(many)
+    assert stored[f"{ROWS_PER_STATEMENT * 2:05}"].last_success == ROWS_PER_STATEMENT * 2 + 0.1

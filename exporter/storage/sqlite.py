@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import itertools
 import json
 import logging
 import os
@@ -45,13 +47,23 @@ CREATE TABLE IF NOT EXISTS imports (
     PRIMARY KEY (source, import_id)
 ) WITHOUT ROWID
 """
-# A batch is one statement over a JSON array of rows: SQLite walks it without
-# the GIL, where executemany took the GIL back for every row (and, competing
-# with the event loop for it, held the write lock 30-50 s for 100,000 rows).
-_FIELDS = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(COLUMNS)))
-_UPSERT = (
-    f"INSERT OR REPLACE INTO imports ({', '.join(COLUMNS)}) SELECT {_FIELDS} FROM json_each(?)"
-)
+# A batch is a few multi-row statements with bound parameters: SQLite runs
+# each without the GIL, where executemany took the GIL back for every row
+# (and, competing with the event loop for it, held the write lock 30-50 s for
+# 100,000 rows). Bound values cost less than the JSON array this replaced
+# (8.5 ms per 2,000 rows against 29 ms of json_extract and encoding).
+ROWS_PER_STATEMENT = 1000
+"""Rows per INSERT: 27,000 parameters, within SQLite's 32,766."""
+
+
+@functools.cache
+def _upsert(count: int) -> str:
+    row = "(" + ", ".join("?" for _ in COLUMNS) + ")"
+    return f"INSERT OR REPLACE INTO imports ({', '.join(COLUMNS)}) VALUES " + ", ".join(
+        [row] * count
+    )
+
+
 _DELETE = (
     "DELETE FROM imports WHERE (source, import_id) IN "
     "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
@@ -157,7 +169,7 @@ class SQLiteStorage:
         Raises :class:`StoreError`."""
         rows = [*refresh, *rows]
         try:
-            rows_json, deleted_json = _to_json(rows), _to_json(deleted)
+            deleted_json = _to_json(deleted)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"{self.path}: cannot write: {exc}") from exc
         with self._lock:
@@ -168,13 +180,15 @@ class SQLiteStorage:
                     try:
                         if deleted:
                             self._db.execute(_DELETE, (deleted_json,))
-                        if rows:
-                            self._db.execute(_UPSERT, (rows_json,))
+                        for at in range(0, len(rows), ROWS_PER_STATEMENT):
+                            part = rows[at : at + ROWS_PER_STATEMENT]
+                            values = list(itertools.chain.from_iterable(part))
+                            self._db.execute(_upsert(len(part)), values)
                     except BaseException:
                         self._db.execute("ROLLBACK")
                         raise
                     self._db.execute("COMMIT")
-                except sqlite3.Error as exc:
+                except (sqlite3.Error, OverflowError) as exc:  # Overflow: an int over 64 bits
                     code = getattr(exc, "sqlite_errorcode", None)
                     reason = _REASON_BY_SQLITE_CODE.get(code & 0xFF, "other") if code else "other"
                     raise StoreError(f"{self.path}: cannot write: {exc}", reason) from exc
