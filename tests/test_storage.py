@@ -335,7 +335,7 @@ def test_a_write_of_more_rows_than_one_statement_takes_keeps_them_all(storage: S
     many = [
         to_row(record(f"{n:05}", last_success=n + 0.1)) for n in range(ROWS_PER_STATEMENT * 2 + 1)
     ]
-    storage.write([], refresh=many)
+    storage.write(many)
     stored = {r.import_id: r for r in storage.load()}
     assert len(stored) == len(many)
     assert stored[f"{ROWS_PER_STATEMENT * 2:05}"].last_success == ROWS_PER_STATEMENT * 2 + 0.1
