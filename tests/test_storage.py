@@ -339,3 +339,16 @@ def test_a_write_of_more_rows_than_one_statement_takes_keeps_them_all(storage: S
     stored = {r.import_id: r for r in storage.load()}
     assert len(stored) == len(many)
     assert stored[f"{ROWS_PER_STATEMENT * 2:05}"].last_success == ROWS_PER_STATEMENT * 2 + 0.1
+
+
+def test_sqlite_prepares_a_few_statement_sizes_whatever_the_batch() -> None:
+    """SQLite caches every statement it prepared: one per batch size held
+    hundreds of megabytes of statements of up to 27,000 parameters."""
+    from exporter.storage.sqlite import _statement_sizes
+
+    used: set[int] = set()
+    for count in range(2001):
+        sizes = _statement_sizes(count)
+        assert sum(sizes) == count
+        used.update(sizes)
+    assert len(used) <= 9
