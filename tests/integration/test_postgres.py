@@ -497,6 +497,20 @@ async def test_a_failover_to_the_promoted_standby_loses_no_acknowledged_registra
             standby.close()
 
 
+@contextlib.asynccontextmanager
+async def running(*exporters: Exporter) -> AsyncIterator[None]:
+    """The exporters started in order, stopped in reverse (those that started)."""
+    started: list[Exporter] = []
+    try:
+        for exporter in exporters:
+            await exporter.start()
+            started.append(exporter)
+        yield
+    finally:
+        for exporter in reversed(started):
+            await exporter.stop()
+
+
 def shard_pair(config_file: Path, url: str, **kwargs: Any) -> list[Exporter]:
     return [
         Exporter(
@@ -523,9 +537,7 @@ async def test_a_rename_through_another_shard_is_kept_by_the_owner(
     config_file = await simulated_config(aiohttp_server, tmp_path, url)
     here, owner = shard_pair(config_file, url)
     theirs = owned_by(1)
-    for exporter in (here, owner):
-        await exporter.start()
-    try:
+    async with running(here, owner):
         async with aiohttp.ClientSession() as http:
             assert (await register(http, here, theirs, "nightly"))[0] == 201
             await wait_until(lambda: ("elevate", theirs) in owner.state.imports, timeout=5)
@@ -541,9 +553,6 @@ async def test_a_rename_through_another_shard_is_kept_by_the_owner(
             await owner.persistence.write_pending(with_poll_times=True)
             status, shown = await call(http, "GET", here, f"/api/v1/imports/elevate/{theirs}")
             assert shown["name"] == "weekly"
-    finally:
-        for exporter in (owner, here):
-            await exporter.stop()
 
 
 async def test_the_limit_of_a_source_counts_every_shard_and_spares_a_repeat(
@@ -556,9 +565,7 @@ async def test_the_limit_of_a_source_counts_every_shard_and_spares_a_repeat(
     )
     config_file.write_text(text)
     first, second = shard_pair(config_file, url)
-    for exporter in (first, second):
-        await exporter.start()
-    try:
+    async with running(first, second):
         # 1005 (listed in the config) counts too, once its shard wrote it.
         config_owner = first if Shard(0, 2).owns("elevate", "1005") else second
         await config_owner.persistence.write_pending()
@@ -571,9 +578,6 @@ async def test_the_limit_of_a_source_counts_every_shard_and_spares_a_repeat(
             # Registering one that is there already is no new import: 200 on either.
             assert (await register(http, second, owned_by(0)))[0] == 200
             assert (await register(http, second, owned_by(1)))[0] == 200
-    finally:
-        for exporter in (second, first):
-            await exporter.stop()
 
 
 async def test_a_parked_import_removed_through_another_shard_is_forgotten_by_its_owner(
@@ -595,9 +599,7 @@ async def test_a_parked_import_removed_through_another_shard_is_forgotten_by_its
         config_loader=lambda: load_config(without),
     )
     theirs = owned_by(1)
-    for exporter in (here, owner):
-        await exporter.start()
-    try:
+    async with running(here, owner):
         async with aiohttp.ClientSession() as http:
             assert (await register(http, here, theirs))[0] == 201
             await wait_until(lambda: ("elevate", theirs) in owner.state.imports, timeout=5)
@@ -616,9 +618,6 @@ async def test_a_parked_import_removed_through_another_shard_is_forgotten_by_its
             for exporter in (here, owner):
                 status, _ = await call(http, "GET", exporter, f"/api/v1/imports/elevate/{theirs}")
                 assert status == 404
-    finally:
-        for exporter in (owner, here):
-            await exporter.stop()
 
 
 async def test_a_hung_database_never_holds_up_metrics_and_reads_are_bounded(
