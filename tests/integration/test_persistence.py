@@ -208,6 +208,18 @@ async def api_list(session: aiohttp.ClientSession, port: int) -> dict[str, dict[
         params = {"limit": "5000", "after": body["next"]}
 
 
+async def post_registration(
+    session: aiohttp.ClientSession, port: int, import_id: str, name: str | None = None
+) -> int:
+    """Register an ``elevate`` import with the exporter process on ``port``; the status."""
+    async with session.post(
+        f"http://127.0.0.1:{port}/api/v1/imports",
+        json={"source": "elevate", "id": import_id, "name": name},
+        headers=AUTH,
+    ) as response:
+        return response.status
+
+
 async def wait_listing(
     session: aiohttp.ClientSession, port: int, done: Callable[[dict[str, dict[str, Any]]], bool]
 ) -> dict[str, dict[str, Any]]:
@@ -246,12 +258,7 @@ async def test_sigkill_loses_no_acknowledged_registration_and_keeps_state_and_st
         async with exporter_process(config_file, port) as proc:
             await wait_listing(session, port, lambda listing: "1005" in listing)
             for import_id in registered:
-                async with session.post(
-                    f"http://127.0.0.1:{port}/api/v1/imports",
-                    json={"source": "elevate", "id": import_id, "name": f"job {import_id}"},
-                    headers=AUTH,
-                ) as response:
-                    assert response.status == 201
+                assert await post_registration(session, port, import_id, f"job {import_id}") == 201
             proc.send_signal(signal.SIGKILL)  # at once: nothing had time to flush
             await proc.wait()
 

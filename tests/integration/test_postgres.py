@@ -30,6 +30,7 @@ from tests.conftest import ROOT, free_port, wait_until
 from tests.integration.test_durability import call, register
 from tests.integration.test_persistence import (
     AUTH,
+    post_registration,
     simulator_server,
     wait_listing,
     write_config,
@@ -86,12 +87,7 @@ async def test_registrations_survive_a_sigkill_and_the_password_is_never_logged(
         async with exporter_process(config_file, port) as (proc, log):
             await wait_listing(session, port, lambda listing: "1005" in listing)
             for import_id in registered:
-                async with session.post(
-                    f"http://127.0.0.1:{port}/api/v1/imports",
-                    json={"source": "elevate", "id": import_id, "name": f"job {import_id}"},
-                    headers=AUTH,
-                ) as response:
-                    assert response.status == 201
+                assert await post_registration(session, port, import_id, f"job {import_id}") == 201
             proc.send_signal(signal.SIGKILL)  # at once: acknowledged means committed
             await proc.wait()
         async with exporter_process(config_file, port) as (proc, log2):
@@ -287,31 +283,23 @@ async def test_a_sigkilled_replica_costs_the_other_nothing_and_catches_up_on_res
     config_file = await simulated_config(aiohttp_server, tmp_path, postgres.database())
     port_a, port_b = free_port(), free_port()
 
-    async def post(session: aiohttp.ClientSession, port: int, import_id: str) -> int:
-        async with session.post(
-            f"http://127.0.0.1:{port}/api/v1/imports",
-            json={"source": "elevate", "id": import_id},
-            headers=AUTH,
-        ) as response:
-            return response.status
-
     async with aiohttp.ClientSession() as session, exporter_process(config_file, port_a) as (a, _):
         async with exporter_process(config_file, port_b) as (b, _):
             await wait_listing(session, port_a, lambda listing: "1005" in listing)
             await wait_listing(session, port_b, lambda listing: "1005" in listing)
-            assert await post(session, port_a, "bench-1") == 201
+            assert await post_registration(session, port_a, "bench-1") == 201
             await wait_listing(session, port_b, lambda listing: "bench-1" in listing)
             b.send_signal(signal.SIGKILL)
             await b.wait()
         # A goes on alone, and B, restarted, has what was registered meanwhile.
-        assert await post(session, port_a, "bench-2") == 201
+        assert await post_registration(session, port_a, "bench-2") == 201
         async with exporter_process(config_file, port_b) as (b, _):
             await wait_listing(
                 session, port_b, lambda listing: {"bench-1", "bench-2"} <= set(listing)
             )
             a.send_signal(signal.SIGKILL)
             await a.wait()
-            assert await post(session, port_b, "bench-3") == 201
+            assert await post_registration(session, port_b, "bench-3") == 201
             listing = await wait_listing(session, port_b, lambda listing: "bench-3" in listing)
             assert {"bench-1", "bench-2", "bench-3"} <= set(listing)
 
