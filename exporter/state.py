@@ -161,7 +161,11 @@ class StateStore:
         self._forgotten: set[ImportKey] = set()
         self._unrendered: set[ImportKey] = set()
         """Imports whose exported lines may differ from the last render (changed,
-        polled, added or gone), for :mod:`exporter.exposition`."""
+        added or gone), for :mod:`exporter.exposition`."""
+        self._repolled: set[ImportKey] = set()
+        """Imports polled again whose only news is in their poll lines (last
+        attempt, last success, failures in a row): most polls. Rendering just
+        those lines again is a few times cheaper than the whole import."""
         self._waiting: set[ImportKey] = set()
         """Tracked imports neither polled by this process nor finished and no
         longer polled: :meth:`ready` is O(1) (probes come every few seconds)."""
@@ -359,6 +363,7 @@ class StateStore:
         previous = record.observation
         obs = self._shared_observation(obs, previous)
         was_final = record.confirmed_final
+        seen = (record.seen_running_at, record.seen_finished_at)
         if record.first_seen is None:
             record.first_seen = now
         _note_times(record, previous, obs, now)
@@ -382,7 +387,10 @@ class StateStore:
             self._changed.add((source, import_id))
         else:
             self._touched.add((source, import_id))
-        self._unrendered.add((source, import_id))
+        if obs is previous and seen == (record.seen_running_at, record.seen_finished_at):
+            self._repolled.add((source, import_id))
+        else:
+            self._unrendered.add((source, import_id))
         return record
 
     def _shared_observation(self, obs: Observation, previous: Observation | None) -> Observation:
@@ -465,17 +473,20 @@ class StateStore:
         record.last_error_at = now
         record.last_attempt = now
         (self._changed if news else self._touched).add(key)
-        self._unrendered.add(key)
+        self._repolled.add(key)  # an error is not in an import's lines
 
     # --- readers' helpers ---------------------------------------------------
 
-    def take_unrendered(self) -> set[ImportKey]:
-        """The imports added, changed, polled or gone since the last call (O(1):
-        the set is handed over, not copied). Call it on the event loop, where
-        the records change, so no change falls between two takes."""
-        keys = self._unrendered
-        self._unrendered = set()
-        return keys
+    def take_unrendered(self) -> tuple[set[ImportKey], set[ImportKey]]:
+        """Since the last call: the imports added, changed or gone, and those
+        (not among them) only polled again, whose news is in their poll
+        lines alone. O(changed): the sets are handed over, not copied. Call
+        it on the event loop, where the records change, so no change falls
+        between two takes."""
+        changed, repolled = self._unrendered, self._repolled
+        self._unrendered, self._repolled = set(), set()
+        repolled -= changed
+        return changed, repolled
 
     def ready(self) -> bool:
         """Every tracked import has been polled by this process (or is finished

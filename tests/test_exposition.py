@@ -285,3 +285,42 @@ def test_remembered_number_texts_are_prometheus_clients() -> None:
     values += [rng.uniform(-1e10, 1e10) for _ in range(200)] * 2
     for value in values:
         assert exposition.go_float(value) == exposition.floatToGoString(value), value
+
+
+@pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
+def test_polls_that_change_only_poll_times_show_their_new_times(
+    accept: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Most polls bring the same answer: only the import's poll lines are
+    rendered again (its labels taken from the kept attempt line, whatever
+    they hold), and every line still equals the reference's."""
+    clock = Clock()
+    state = StateStore(clock=clock)
+    state.add_source("elevate", "elevate", 30.0)
+    lines = ImportLines(state)
+    ids = ["plain", "odd } 1.0 id", *ODD]
+    same = Observation(State.RUNNING, "IN_PROGRESS", items_completed=5, started_at=clock.now)
+    for import_id in ids:
+        state.track("elevate", import_id, name="with space } 2")
+        state.record_observation("elevate", import_id, same)
+    assert_same(lines, accept)
+    whole_renders: list[ImportRecord] = []
+    render_entry = exposition.render_entry
+
+    def counted(record: ImportRecord) -> exposition.Entry:
+        whole_renders.append(record)
+        return render_entry(record)
+
+    monkeypatch.setattr(exposition, "render_entry", counted)
+    for step in range(6):
+        clock.now += 7.25
+        for import_id in ids:
+            if step in (2, 3):
+                state.record_error("elevate", import_id, SourceError(ErrorReason.TIMEOUT, "slow"))
+            else:
+                state.record_observation("elevate", import_id, same)
+        assert_same(lines, accept)
+    assert whole_renders == []
+    attempts = series(ours(lines, accept), accept)["import_last_poll_attempt_timestamp_seconds"]
+    odd = frozenset({("source", "elevate"), ("import", "odd } 1.0 id")})
+    assert ("import_last_poll_attempt_timestamp_seconds", odd, clock.now) in attempts[2]
