@@ -6,10 +6,8 @@ Every handler only reads the :class:`StateStore`; none waits on an upstream.
 from __future__ import annotations
 
 import asyncio
-import gc
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -18,7 +16,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.api import add_api_routes, bearer_passes
-from exporter.exposition import ImportLines, gzip_parts, join_parts, render_parts
+from exporter.exposition import ImportLines, build_body, render_registry
 from exporter.pages import parse_refresh, parse_show, prepare_status_page
 from exporter.reads import BulkReads
 from exporter.state import StateStore
@@ -213,9 +211,11 @@ PACE_MAX_SECONDS = 1.0
 def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = None) -> Handler:
     """``/metrics`` like ``prometheus_client.aiohttp.make_aiohttp_handler``
     (the same encoders, content negotiation and ``name[]`` filter), with the
-    per-import families from ``imports`` (kept rendered), rendered and
-    gzipped in a worker thread so polls never wait on a scrape. Scrapes that
-    arrive while a render of the same kind is running share it, gzip included.
+    per-import families from ``imports`` (kept rendered), joined on the event
+    loop a slice at a time and gzipped in a worker thread, so polls never
+    wait long on a scrape (:func:`~exporter.exposition.build_body`). Scrapes
+    that arrive while a render of the same kind is running share it, gzip
+    included.
 
     Paced: after a render that took over :data:`PACE_MIN_SECONDS` (from about
     10,000 imports), the next of its kind starts :data:`PACE_FACTOR` times
@@ -224,7 +224,7 @@ def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = N
     quarter of the time rendering, and polling goes on; a body is never older
     than its scrape.
     """
-    in_flight: dict[MetricsKey, asyncio.Future[bytes | bytearray]] = {}
+    in_flight: dict[MetricsKey, asyncio.Future[bytearray]] = {}
     not_before: dict[MetricsKey, float] = {}
 
     async def handler(request: web.Request) -> web.Response:
@@ -241,23 +241,21 @@ def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = N
             await imports.refresh()
             future = in_flight.get(key)  # started by another scrape meanwhile
         if future is None:
-            took = [0.0]
-
-            def render() -> bytes | bytearray:
-                started = time.perf_counter()
-                parts = render_parts(registry, encoder, content_type, imports, names)
-                body = gzip_parts(parts) if gzipped else join_parts(parts)
-                took[0] = time.perf_counter() - started
-                return body
-
-            future = loop.run_in_executor(None, _render, render)
+            started = time.perf_counter()
+            # The registry's families in a worker thread (a collector may
+            # block), the kept lines on the loop meanwhile.
+            collected = loop.run_in_executor(None, render_registry, registry, encoder, names)
+            parts: Iterable[bytes] = ()
+            if imports is not None:
+                parts = imports.render(encoder, content_type, frozenset(names) or None)
+            future = asyncio.ensure_future(build_body(parts, gzipped, then=collected))
             in_flight[key] = future
 
-            def rendered(_done: asyncio.Future[bytes | bytearray], key: MetricsKey = key) -> None:
+            def rendered(_done: asyncio.Future[bytearray], key: MetricsKey = key) -> None:
                 in_flight.pop(key, None)
-                if took[0] >= PACE_MIN_SECONDS:
-                    pause = min(PACE_FACTOR * took[0], PACE_MAX_SECONDS)
-                    not_before[key] = loop.time() + pause
+                took = time.perf_counter() - started
+                if took >= PACE_MIN_SECONDS:
+                    not_before[key] = loop.time() + min(PACE_FACTOR * took, PACE_MAX_SECONDS)
                 else:
                     not_before.pop(key, None)
 
@@ -284,29 +282,3 @@ def accepts_gzip(accept_encoding: str) -> bool:
                     return False
             return True
     return False
-
-
-_gc_lock = threading.Lock()
-_renders = 0
-
-
-def _render(render: Callable[[], bytes | bytearray]) -> bytes | bytearray:
-    """Encode with the cyclic garbage collector paused.
-
-    A render allocates hundreds of thousands of short-lived objects (freed by
-    reference counting; they form no cycles), which would trigger full
-    collections that walk every live object with the GIL held: at 10,000
-    imports that stalled the event loop by ~100 ms per scrape.
-    """
-    global _renders
-    with _gc_lock:
-        _renders += 1
-        if _renders == 1:
-            gc.disable()
-    try:
-        return render()
-    finally:
-        with _gc_lock:
-            _renders -= 1
-            if _renders == 0:
-                gc.enable()

@@ -4,6 +4,7 @@ formats, as the state changes under one long-lived cache."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gzip
 import random
@@ -118,8 +119,15 @@ def random_observation(rng: random.Random, now: float) -> Observation:
     )
 
 
+@pytest.mark.parametrize("join_slice", [exposition.JOIN_SLICE, 3])
 @pytest.mark.parametrize("seed", range(6))
-def test_output_equals_the_reference_collector_as_the_state_changes(seed: int) -> None:
+def test_output_equals_the_reference_collector_as_the_state_changes(
+    seed: int, join_slice: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random changes, renders between some (each family's slices kept
+    joined from one render to the next; with slices of 3 imports, removals
+    move imports between slices)."""
+    monkeypatch.setattr(exposition, "JOIN_SLICE", join_slice)
     rng = random.Random(seed)
     clock = Clock()
     state = StateStore(clock=clock)
@@ -250,11 +258,12 @@ async def test_a_refresh_on_the_loop_in_slices_renders_every_change() -> None:
 
 
 @pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
-def test_a_body_joined_or_gzipped_in_pieces_is_the_whole_body(
+def test_a_body_joined_or_gzipped_in_batches_is_the_whole_body(
     accept: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What ``/metrics`` serves: every family's lines in slices of a few
-    imports (running ones too), copied or gzipped a piece at a time."""
+    imports (running ones too), copied or gzipped a batch at a time on the
+    event loop."""
     monkeypatch.setattr(exposition, "JOIN_SLICE", 3)
     clock = Clock()
     state = StateStore(clock=clock)
@@ -274,8 +283,10 @@ def test_a_body_joined_or_gzipped_in_pieces_is_the_whole_body(
     whole = b"".join(parts)
     assert_same(lines, accept)
     assert stable_lines(whole.decode()) == stable_lines(ours(lines, accept))
-    assert gzip.decompress(exposition.gzip_parts(list(parts))) == whole
-    assert exposition.join_parts(list(parts)) == whole
+    monkeypatch.setattr(exposition, "GZIP_BATCH", 1000)
+    gzipped = asyncio.run(exposition.build_body(iter(parts), gzipped=True))
+    assert gzip.decompress(gzipped) == whole
+    assert asyncio.run(exposition.build_body(iter(parts), gzipped=False)) == whole
 
 
 def test_remembered_number_texts_are_prometheus_clients() -> None:
@@ -305,13 +316,13 @@ def test_polls_that_change_only_poll_times_show_their_new_times(
         state.record_observation("elevate", import_id, same)
     assert_same(lines, accept)
     whole_renders: list[ImportRecord] = []
-    render_entry = exposition.render_entry
+    render_lines = exposition.render_lines
 
-    def counted(record: ImportRecord) -> exposition.Entry:
+    def counted(record: ImportRecord) -> tuple[exposition.Line, ...]:
         whole_renders.append(record)
-        return render_entry(record)
+        return render_lines(record)
 
-    monkeypatch.setattr(exposition, "render_entry", counted)
+    monkeypatch.setattr(exposition, "render_lines", counted)
     for step in range(6):
         clock.now += 7.25
         for import_id in ids:
