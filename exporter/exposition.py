@@ -185,6 +185,8 @@ _POLL_FAMILIES = (
 )
 _ATTEMPT, _SUCCESS, _FAILURES = (FAMILY_NAMES.index(name) for name in _POLL_FAMILIES)
 _ATTEMPT_NAME, _SUCCESS_NAME, _FAILURES_NAME = (name.encode() for name in _POLL_FAMILIES)
+_NO_FAILURES = b"} 0.0\n"
+"""The end of a failures line whose count is 0 (one failure is ``} 1.0``)."""
 
 
 def render_lines(record: ImportRecord) -> tuple[Line, ...]:
@@ -318,10 +320,19 @@ class ImportLines:
                 self._render_keys([key])
                 continue
             labels = attempt[len(_ATTEMPT_NAME) : attempt.rindex(b" ") + 1]
-            attempts[slot] = _value_line(_ATTEMPT_NAME, labels, record.last_attempt)
+            attempted = record.last_attempt
+            when = go_float(attempted).encode() + b"\n" if attempted is not None else None
+            attempts[slot] = _EMPTY if when is None else _ATTEMPT_NAME + labels + when
             if record.observation is not None:
-                successes[slot] = _value_line(_SUCCESS_NAME, labels, record.last_success)
-            failures[slot] = _value_line(_FAILURES_NAME, labels, record.consecutive_failures)
+                success = record.last_success
+                successes[slot] = (
+                    _SUCCESS_NAME + labels + when
+                    if when is not None and success == attempted
+                    else _value_line(_SUCCESS_NAME, labels, success)
+                )
+            count = record.consecutive_failures
+            if count or not cast(bytes, failures[slot]).endswith(_NO_FAILURES):
+                failures[slot] = _value_line(_FAILURES_NAME, labels, count)
 
     def render(
         self, encoder: Encoder, content_type: str, names: frozenset[str] | None = None
