@@ -52,7 +52,7 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["text"]["reference_ratio"] > 0
         assert row["openmetrics"]["bytes"] > 0
         assert row["floor_ratio"] > 0
-        assert 0 < row["gzip_isal1_bytes"] <= row["gzip1_bytes"] * 1.1
+        assert 0 < row["gzip_isal1_bytes"] <= row["gzip1_bytes"] * 1.25
         assert row["live"]["max_loop_stall_s"] >= 0
     elif script == "scale.py":
         assert row["start_to_served_s"] > 0
