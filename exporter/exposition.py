@@ -250,16 +250,22 @@ class ImportLines:
             self._refreshing = asyncio.Lock()
         async with self._refreshing:  # one at a time: the newest render wins
             changed, repolled = self.state.take_unrendered()
-            keys = list(changed)
-            for at in range(0, len(keys), RENDER_SLICE):
-                if at:
+            keys, polled = list(changed), list(repolled)
+            done = polled_done = 0
+            try:
+                while done < len(keys):
+                    if done:
+                        await asyncio.sleep(0)
+                    self._render_keys(keys[done : done + RENDER_SLICE])
+                    done += RENDER_SLICE
+                    _untrack_young()
+                while polled_done < len(polled):
                     await asyncio.sleep(0)
-                self._render_keys(keys[at : at + RENDER_SLICE])
-                _untrack_young()
-            keys = list(repolled)
-            for at in range(0, len(keys), POLL_LINES_SLICE):
-                await asyncio.sleep(0)
-                self._render_poll_lines(keys[at : at + POLL_LINES_SLICE])
+                    self._render_poll_lines(polled[polled_done : polled_done + POLL_LINES_SLICE])
+                    polled_done += POLL_LINES_SLICE
+            finally:
+                # Interrupted (cancelled): what is not rendered yet is for the next.
+                self.state.put_back_unrendered(keys[done:], polled[polled_done:])
 
     def take_changes(self) -> None:
         """:meth:`refresh` at once, in one piece (tests, benchmarks)."""
@@ -358,14 +364,19 @@ class ImportLines:
             yield b"".join(lines[at : at + JOIN_SLICE])
 
     def _durations(self, now: float) -> Iterator[bytes]:
-        """Finished imports' duration lines as kept; running ones' made now."""
+        """Finished imports' duration lines as kept; running ones' made now
+        (a slice at a time, both)."""
         lines = list(self._families[_DURATION])
-        running = cast(list[Running], list(compress(lines, map(isinstance, lines, repeat(tuple)))))
-        stopped = cast(list[bytes], list(compress(lines, map(isinstance, lines, repeat(bytes)))))
-        for at in range(0, len(running), JOIN_SLICE):
-            yield _running_lines(running[at : at + JOIN_SLICE], now)
-        for at in range(0, len(stopped), JOIN_SLICE):
-            yield b"".join(stopped[at : at + JOIN_SLICE])
+        for at in range(0, len(lines), JOIN_SLICE):
+            piece = lines[at : at + JOIN_SLICE]
+            running = cast(
+                list[Running], list(compress(piece, map(isinstance, piece, repeat(tuple))))
+            )
+            if running:
+                yield _running_lines(running, now)
+            yield b"".join(
+                cast(Iterator[bytes], compress(piece, map(isinstance, piece, repeat(bytes))))
+            )
 
     def _headers_of(self, encoder: Encoder, content_type: str) -> tuple[bytes, ...]:
         headers = self._headers.get(content_type)

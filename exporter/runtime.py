@@ -175,9 +175,10 @@ class Exporter:
         self._first_round: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        # Renders run in a worker thread; a short GIL switch interval keeps
-        # the event loop's many small I/O steps from queueing behind a render
-        # for 5 ms each (the convoy effect).
+        # gzip, the registry's families and the store run in worker threads;
+        # a short GIL switch interval keeps the event loop's many small I/O
+        # steps from queueing behind one of them for 5 ms each (the convoy
+        # effect).
         sys.setswitchinterval(RENDER_SWITCH_INTERVAL)
         return_large_buffers_to_the_os()
         self._session = aiohttp.ClientSession(

@@ -488,6 +488,14 @@ class StateStore:
         repolled -= changed
         return changed, repolled
 
+    def put_back_unrendered(
+        self, changed: Iterable[ImportKey], repolled: Iterable[ImportKey]
+    ) -> None:
+        """Imports taken by :meth:`take_unrendered` but not rendered (a
+        refresh interrupted): the next take has them again."""
+        self._unrendered.update(changed)
+        self._repolled.update(repolled)
+
     def ready(self) -> bool:
         """Every tracked import has been polled by this process (or is finished
         and no longer polled): what was restored from the store is not news."""

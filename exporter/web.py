@@ -16,7 +16,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.api import add_api_routes, bearer_passes
-from exporter.exposition import ImportLines, build_body, render_registry
+from exporter.exposition import Encoder, ImportLines, build_body, render_registry
 from exporter.pages import parse_refresh, parse_show, prepare_status_page
 from exporter.reads import BulkReads
 from exporter.state import StateStore
@@ -226,6 +226,35 @@ def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = N
     """
     in_flight: dict[MetricsKey, asyncio.Future[bytearray]] = {}
     not_before: dict[MetricsKey, float] = {}
+    rendering = asyncio.Lock()
+
+    async def render(
+        encoder: Encoder,
+        content_type: str,
+        names: tuple[str, ...],
+        gzipped: bool,
+        took: list[float],
+    ) -> bytearray:
+        # The registry's families in a worker thread (a collector may block),
+        # the kept lines on the loop meanwhile.
+        loop = asyncio.get_running_loop()
+        collected = loop.run_in_executor(None, render_registry, registry, encoder, names)
+        # Retrieved even if the render fails first (no "never retrieved" log).
+        collected.add_done_callback(lambda done: done.cancelled() or done.exception())
+        # The kept lines one render at a time, refresh included: a refresh
+        # (on the loop, where the records change) never runs while a render
+        # reads them, so every family of a body is of the same moment.
+        async with rendering:
+            started = time.perf_counter()
+            try:
+                if imports is not None:
+                    await imports.refresh()
+                parts: Iterable[bytes] = ()
+                if imports is not None:
+                    parts = imports.render(encoder, content_type, frozenset(names) or None)
+                return await build_body(parts, gzipped, then=collected)
+            finally:
+                took[0] = time.perf_counter() - started
 
     async def handler(request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
@@ -236,26 +265,15 @@ def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = N
         if key not in in_flight and (wait := not_before.get(key, 0.0) - loop.time()) > 0:
             await asyncio.sleep(wait)
         future = in_flight.get(key)
-        if future is None and imports is not None:
-            # On the loop, where the records change; a slice at a time.
-            await imports.refresh()
-            future = in_flight.get(key)  # started by another scrape meanwhile
         if future is None:
-            started = time.perf_counter()
-            # The registry's families in a worker thread (a collector may
-            # block), the kept lines on the loop meanwhile.
-            collected = loop.run_in_executor(None, render_registry, registry, encoder, names)
-            parts: Iterable[bytes] = ()
-            if imports is not None:
-                parts = imports.render(encoder, content_type, frozenset(names) or None)
-            future = asyncio.ensure_future(build_body(parts, gzipped, then=collected))
+            took = [0.0]
+            future = asyncio.ensure_future(render(encoder, content_type, names, gzipped, took))
             in_flight[key] = future
 
             def rendered(_done: asyncio.Future[bytearray], key: MetricsKey = key) -> None:
                 in_flight.pop(key, None)
-                took = time.perf_counter() - started
-                if took >= PACE_MIN_SECONDS:
-                    not_before[key] = loop.time() + min(PACE_FACTOR * took, PACE_MAX_SECONDS)
+                if took[0] >= PACE_MIN_SECONDS:
+                    not_before[key] = loop.time() + min(PACE_FACTOR * took[0], PACE_MAX_SECONDS)
                 else:
                     not_before.pop(key, None)
 

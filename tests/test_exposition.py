@@ -10,10 +10,12 @@ import gzip
 import random
 import shutil
 import subprocess
-from collections.abc import Iterator
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -26,6 +28,7 @@ from exporter.exposition import FAMILY_NAMES, RENDER_SLICE, ImportLines, render_
 from exporter.metrics import build_registry
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
 from exporter.state import ImportRecord, StateStore
+from exporter.web import create_web_app
 
 TEXT = ""
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -335,3 +338,76 @@ def test_polls_that_change_only_poll_times_show_their_new_times(
     attempts = series(ours(lines, accept), accept)["import_last_poll_attempt_timestamp_seconds"]
     odd = frozenset({("source", "elevate"), ("import", "odd } 1.0 id")})
     assert ("import_last_poll_attempt_timestamp_seconds", odd, clock.now) in attempts[2]
+
+
+class Watched(ImportLines):
+    """Kept lines whose render says when it has sent its first family."""
+
+    def __init__(self, state: StateStore) -> None:
+        super().__init__(state)
+        self.first_family_sent = asyncio.Event()
+
+    def render(
+        self, encoder: exposition.Encoder, content_type: str, names: frozenset[str] | None = None
+    ) -> Iterator[bytes]:
+        for count, part in enumerate(super().render(encoder, content_type, names)):
+            if count == 2:  # header and one slice of import_state
+                self.first_family_sent.set()
+            yield part
+
+
+async def test_a_change_during_a_render_shows_in_every_family_of_the_next_body_only(
+    aiohttp_client: Callable[[web.Application], Awaitable[TestClient[Any, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two scrapes of different formats at once: the second one's refresh
+    waits for the first render, so no body has an import in some families and
+    not in others (a join of import_state and import_info would flicker)."""
+    monkeypatch.setattr(exposition, "JOIN_SLICE", 1)
+    monkeypatch.setattr(exposition, "LOOP_SLICE_SECONDS", 0.0)
+    state = StateStore(clock=Clock())
+    state.add_source("elevate", "elevate", 30.0)
+    for n in range(20):
+        state.track("elevate", f"{n}")
+        state.record_observation("elevate", f"{n}", Observation(State.RUNNING, "IN_PROGRESS"))
+    lines = Watched(state)
+    registry = build_registry(state, imports=False)
+    client = await aiohttp_client(create_web_app(state, registry, import_lines=lines))
+    first = asyncio.ensure_future(client.get("/metrics"))
+    await asyncio.wait_for(lines.first_family_sent.wait(), 10)
+    state.untrack("elevate", "7")
+    state.track("elevate", "new")
+    second = asyncio.ensure_future(client.get("/metrics", headers={"Accept": OPENMETRICS}))
+    bodies = [await (await first).text(), await (await second).text()]
+    families = ("import_state", "import_info", "import_consecutive_poll_failures")
+    for body, accept in zip(bodies, (TEXT, OPENMETRICS), strict=True):
+        per_family = series(body, accept)
+        for import_id in ("7", "new"):
+            shown = {
+                name
+                for name in families
+                if any(
+                    dict(labels).get("import") == import_id for _, labels, _ in per_family[name][2]
+                )
+            }
+            assert shown in (set(), set(families)), (import_id, accept)
+    assert 'import="7"' in bodies[0]
+    assert 'import="new"' not in bodies[0]
+    assert 'import="7"' not in bodies[1]
+    assert 'import="new"' in bodies[1]
+
+
+async def test_a_refresh_cancelled_midway_leaves_the_rest_for_the_next() -> None:
+    clock = Clock()
+    state = StateStore(clock=clock)
+    state.add_source("elevate", "elevate", 30.0)
+    lines = ImportLines(state)
+    for n in range(3 * RENDER_SLICE):
+        state.track("elevate", f"{n}")
+        state.record_observation("elevate", f"{n}", Observation(State.RUNNING, "IN_PROGRESS"))
+    refresh = asyncio.ensure_future(lines.refresh())
+    await asyncio.sleep(0)  # the first slice rendered
+    refresh.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await refresh
+    assert_same(lines, TEXT)
