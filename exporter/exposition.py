@@ -223,10 +223,10 @@ class ImportLines:
 
     :meth:`refresh` renders the imports changed since the last one, on the
     event loop (where the records change, so each is a consistent snapshot),
-    a slice at a time; the loop alone writes the lists. :meth:`render` copies
-    each family's list with one C-level call (atomic under the GIL, so any
-    thread may render) and joins it a slice at a time with C-level joins.
-    This object must be the only one taking the state's unrendered imports.
+    a slice at a time; the loop alone writes the lists. :meth:`render` joins
+    each family's lines a slice at a time with C-level joins, never while a
+    refresh runs (the caller sees to it). This object must be the only one
+    taking the state's unrendered imports.
     """
 
     def __init__(self, state: StateStore) -> None:
@@ -346,8 +346,9 @@ class ImportLines:
         """The per-import families (only those in ``names`` if given), each its
         ``# HELP``/``# TYPE`` and its lines, as parts to join, made as they
         are taken (so a consumer that compresses each holds one at a time).
-        Any thread; each family's lines are of one moment (copied with one
-        C-level call, atomic under the GIL), that of its header."""
+        The lines are read as they are, a slice at a time: no :meth:`refresh`
+        may run until the last part is taken (``/metrics`` renders and
+        refreshes under one lock), so every family is of one moment."""
         headers = self._headers_of(encoder, content_type)
         for index, name in enumerate(FAMILY_NAMES):
             if names is not None and name not in names:
@@ -359,14 +360,14 @@ class ImportLines:
                 yield from self._family(index)
 
     def _family(self, index: int) -> Iterator[bytes]:
-        lines = cast(list[bytes], list(self._families[index]))
+        lines = cast(list[bytes], self._families[index])
         for at in range(0, len(lines), JOIN_SLICE):
             yield b"".join(lines[at : at + JOIN_SLICE])
 
     def _durations(self, now: float) -> Iterator[bytes]:
         """Finished imports' duration lines as kept; running ones' made now
         (a slice at a time, both)."""
-        lines = list(self._families[_DURATION])
+        lines = self._families[_DURATION]
         for at in range(0, len(lines), JOIN_SLICE):
             piece = lines[at : at + JOIN_SLICE]
             running = cast(
