@@ -40,6 +40,14 @@ from tests.postgres import FreezableProxy, PostgresServer, running_server
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
+async def remove(http: aiohttp.ClientSession, exporter: Exporter, import_id: str) -> int:
+    """``DELETE`` an Elevate import through ``exporter``'s API; the status."""
+    status, _ = await call(
+        http, "DELETE", exporter, f"/api/v1/imports/elevate/{import_id}", headers=AUTH
+    )
+    return status
+
+
 def write_pg_config(tmp_path: Path, simulator_url: str, database_url: str) -> Path:
     """The persistence tests' config, on PostgreSQL: the URL from a file."""
     config_file = write_config(tmp_path, simulator_url)
@@ -255,10 +263,7 @@ async def test_a_registration_on_one_replica_is_polled_by_the_other_within_secon
                 # And back: a registration on B reaches A; a removal on A leaves B.
                 assert (await register(http, b, "bench-8"))[0] == 201
                 await wait_until(lambda: ("elevate", "bench-8") in a.state.imports, timeout=5)
-                status, _ = await call(
-                    http, "DELETE", a, "/api/v1/imports/elevate/bench-7", headers=AUTH
-                )
-                assert status == 204
+                assert await remove(http, a, "bench-7") == 204
                 await wait_until(lambda: ("elevate", "bench-7") not in b.state.imports, timeout=5)
                 assert "bench-7" not in await listed_by_b()
                 # What B learns by polling never brings the removed import back.
@@ -403,19 +408,9 @@ async def test_any_shard_takes_a_registration_and_lists_every_import_with_its_st
             assert (await register(http, owner, theirs))[0] == 200
             assert (await register(http, here, theirs))[0] == 200
             # A config-listed import cannot be removed through the other shard either.
-            status, _ = await call(
-                http,
-                "DELETE",
-                exporters[1 - config_owner],
-                "/api/v1/imports/elevate/1005",
-                headers=AUTH,
-            )
-            assert status == 409
+            assert await remove(http, exporters[1 - config_owner], "1005") == 409
             # Removed through the shard that does not poll it: its owner stops.
-            status, _ = await call(
-                http, "DELETE", here, f"/api/v1/imports/elevate/{theirs}", headers=AUTH
-            )
-            assert status == 204
+            assert await remove(http, here, theirs) == 204
             await wait_until(
                 lambda: ("elevate", theirs) not in owner.state.imports,
                 timeout=5,
@@ -594,10 +589,7 @@ async def test_a_parked_import_removed_through_another_shard_is_forgotten_by_its
             assert await owner.reload() == []
             assert ("elevate", theirs) in owner.state.parked
             await owner.persistence.write_pending()
-            status, _ = await call(
-                http, "DELETE", here, f"/api/v1/imports/elevate/{theirs}", headers=AUTH
-            )
-            assert status == 204
+            assert await remove(http, here, theirs) == 204
             await wait_until(
                 lambda: ("elevate", theirs) not in owner.state.parked,
                 timeout=5,
