@@ -524,12 +524,17 @@ async def _joined(parts: list[bytes]) -> bytearray:
 
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-MMAP_THRESHOLD = 256 * 1024
+MMAP_THRESHOLD = 320 * 1024
+"""Above 256 KiB: asyncio reads every socket into a new 256 KiB buffer (its
+transports' ``max_size``) and shrinks it to what arrived. At 256 KiB each
+read cost an ``mmap``, an ``mremap``, a ``munmap`` and a page fault: about
+5 microseconds of every poll."""
 
 
 def return_large_buffers_to_the_os() -> bool:
-    """glibc only (elsewhere a no-op, False): allocations of 256 KiB and more
-    (a body, its gzip, a family's join) always from ``mmap``, so freeing them
+    """glibc only (elsewhere a no-op, False): allocations of
+    :data:`MMAP_THRESHOLD` and more (a body, its gzip, a family's join)
+    always from ``mmap``, so freeing them
     gives the memory back. Left alone, glibc raises that threshold to the
     largest block freed so far, after which every scrape's tens of megabytes
     come from the heaps of the threads that render and stay there,

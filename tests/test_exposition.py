@@ -10,6 +10,7 @@ import gzip
 import random
 import shutil
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -411,3 +412,28 @@ async def test_a_refresh_cancelled_midway_leaves_the_rest_for_the_next() -> None
     with pytest.raises(asyncio.CancelledError):
         await refresh
     assert_same(lines, TEXT)
+
+
+_SOCKET_READS = """
+import asyncio.selector_events, resource, socket, sys
+from exporter.exposition import return_large_buffers_to_the_os
+if not return_large_buffers_to_the_os():
+    sys.exit("not glibc")
+size = asyncio.selector_events._SelectorSocketTransport.max_size
+left, right = socket.socketpair()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2000):
+    left.send(b"{}")
+    right.recv(size)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_socket_reads_do_not_map_memory_once_large_buffers_go_back_to_the_os() -> None:
+    """asyncio reads every socket into a new buffer of its transports'
+    ``max_size``: one poll's answer must not cost a fresh mapping (and a page
+    fault) because big buffers are mapped so they can be given back."""
+    run = subprocess.run([sys.executable, "-c", _SOCKET_READS], capture_output=True, text=True)
+    if run.stderr.strip() == "not glibc":
+        pytest.skip("not glibc")
+    assert int(run.stdout) < 200, run.stderr
