@@ -133,12 +133,17 @@ def _finite(text: str) -> float:
     return number
 
 
+_JSON = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
+
+
 def parse_json(body: bytes) -> Any:
     """Decode a JSON body or raise :class:`ParseError`. NaN and Infinity
     (which Python reads, RFC 8259 does not) and numbers out of a double's
     range are not JSON here: nothing downstream has to guard against them."""
     try:
-        return json.loads(body, parse_constant=_not_json, parse_float=_finite)
+        # As json.loads reads bytes, through one decoder made once (json.loads
+        # with options makes a decoder per call: a third of a poll's parse).
+        return _JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ParseError(f"body is not JSON ({len(body)} bytes)") from exc
     except RecursionError as exc:  # e.g. 100,000 "[": small, but deeper than Python recurses
