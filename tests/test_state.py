@@ -3,6 +3,10 @@ retention do to the records, as the readers then see them."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
 from exporter.state import StateStore
 from tests.conftest import Clock
@@ -100,6 +104,28 @@ def test_changes_are_taken_once_and_given_back_when_a_write_fails(clock: Clock) 
     assert forgotten == [("shop", "1002")]
     state.requeue(changed, forgotten)
     assert state.take_changes()[1] == [("shop", "1002")]
+
+
+@pytest.mark.parametrize("changing", [3, 300], ids=["a few sorted", "many picked in order"])
+def test_changes_are_taken_in_key_order_for_the_store(clock: Clock, changing: int) -> None:
+    """The store keeps rows in key order; a write in that order touches each
+    page once. Imports whose only news is a newer poll are in the order too."""
+    state = StateStore(clock)
+    state.add_source("shop", "elevate", 30.0)
+    ids = [f"{n:04d}" for n in random.Random(1).sample(range(10_000), 400)]
+    running = Observation(State.RUNNING, "IN_PROGRESS")
+    for import_id in ids:
+        state.track("shop", import_id)
+        state.record_observation("shop", import_id, running)
+    state.take_changes(with_poll_times=True)
+    shuffled = random.Random(2).sample(ids, len(ids))
+    changed, repolled = shuffled[:changing], shuffled[changing : changing + 20]
+    for import_id in changed:
+        state.record_observation("shop", import_id, Observation(State.FAILED, "FAILURE"))
+    for import_id in repolled:
+        state.record_observation("shop", import_id, running)
+    keys, _ = state.take_change_keys(with_poll_times=True)
+    assert list(keys) == sorted(("shop", import_id) for import_id in changed + repolled)
 
 
 def test_ready_once_every_import_was_polled_by_this_process(clock: Clock) -> None:
