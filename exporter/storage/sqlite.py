@@ -74,6 +74,13 @@ def _upsert(count: int) -> str:
     )
 
 
+# sqlite3 binds an int, float or str at once, but looks for an adapter for
+# anything else, None included, and finds none only after formatting an
+# AttributeError for the protocol's ``__adapt__``: a third of a row's write
+# (a row has a dozen NULLs). With an adapter registered, None binds as NULL
+# after one dict lookup.
+sqlite3.register_adapter(type(None), lambda value: value)
+
 _DELETE = (
     "DELETE FROM imports WHERE (source, import_id) IN "
     "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
