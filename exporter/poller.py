@@ -108,6 +108,20 @@ class SourceScheduler:
                 await task
         self._tasks.clear()
 
+    def _take_due(self) -> str | None:
+        """The import due first, taken, if one is due and the source not held."""
+        heap = self._heap
+        while heap:
+            due, _, import_id = heap[0]
+            if import_id not in self._scheduled:
+                heapq.heappop(heap)  # removed while waiting
+                continue
+            if max(due, self._paused_until) > self.clock():
+                return None
+            heapq.heappop(heap)
+            return import_id
+        return None
+
     async def _next_due(self) -> str:
         """Wait until an import is due (and the source is not held); take it."""
         while True:
@@ -132,7 +146,10 @@ class SourceScheduler:
         # Workers take due imports straight from the heap: no dispatcher task
         # and no queue hop per poll.
         while True:
-            import_id = await self._next_due()
+            # While imports are due, no coroutine to wait for one.
+            import_id = self._take_due()
+            if import_id is None:
+                import_id = await self._next_due()
             next_due = await self.poll_once(import_id)
             if import_id not in self._scheduled:
                 continue  # removed while in flight

@@ -367,7 +367,8 @@ class StateStore:
 
     def record_observation(self, source: str, import_id: str, obs: Observation) -> ImportRecord:
         now = self.clock()
-        record = self.imports.get((source, import_id))
+        key = (source, import_id)
+        record = self.imports.get(key)
         if record is None:
             # Untracked while the poll was in flight: the answer is dropped.
             return ImportRecord(source=source, import_id=import_id, system="", observation=obs)
@@ -383,9 +384,9 @@ class StateStore:
         record.last_attempt = now
         if record.consecutive_failures:
             record.consecutive_failures = 0
-            self._changed.add((source, import_id))
+            self._changed.add(key)
         record.polled_this_run = True
-        self._waiting.discard((source, import_id))
+        self._waiting.discard(key)
         source_record = self.sources.get(source)
         if source_record is not None:
             source_record.up = True
@@ -395,13 +396,13 @@ class StateStore:
             else:
                 source_record.answering.add(import_id)
         if previous != obs or record.confirmed_final != was_final:
-            self._changed.add((source, import_id))
+            self._changed.add(key)
         else:
-            self._touched.add((source, import_id))
+            self._touched.add(key)
         if obs is previous and seen == (record.seen_running_at, record.seen_finished_at):
-            self._repolled.add((source, import_id))
+            self._repolled.add(key)
         else:
-            self._unrendered.add((source, import_id))
+            self._unrendered.add(key)
         return record
 
     def _shared_observation(self, obs: Observation, previous: Observation | None) -> Observation:

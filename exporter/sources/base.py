@@ -9,7 +9,7 @@ import json
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Container, Mapping
+from collections.abc import Awaitable, Callable, Container, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
@@ -291,7 +291,7 @@ class Source(ABC, Generic[ConfigT]):
         ``discovery_interval``. Raises :class:`SourceError`."""
         return []
 
-    async def request(
+    def request(
         self,
         method: str,
         url: str | URL,
@@ -299,9 +299,11 @@ class Source(ABC, Generic[ConfigT]):
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
         data: Mapping[str, str] | bytes | None = None,
-    ) -> HttpResponse:
-        """:func:`http_request` with this source's session, timeout, cap and observer."""
-        return await http_request(
+    ) -> Coroutine[Any, Any, HttpResponse]:
+        """:func:`http_request` with this source's session, timeout, cap and
+        observer (its coroutine: no coroutine of its own wrapped round it, on
+        every poll)."""
+        return http_request(
             self.session,
             method,
             url,
