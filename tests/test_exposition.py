@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import gzip
+import os
 import random
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -291,6 +293,17 @@ def test_a_body_joined_or_gzipped_in_batches_is_the_whole_body(
     gzipped = asyncio.run(exposition.build_body(iter(parts), gzipped=True))
     assert gzip.decompress(gzipped) == whole
     assert asyncio.run(exposition.build_body(iter(parts), gzipped=False)) == whole
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_gzip_runs_in_a_thread_of_lower_priority_than_the_event_loop() -> None:
+    """On a busy machine polling and probes get the CPU before a scrape's compression."""
+    body = asyncio.run(exposition.build_body(iter([b"x" * 1000]), gzipped=True))
+    assert gzip.decompress(body) == b"x" * 1000
+    (thread,) = [t for t in threading.enumerate() if t.name.startswith("gzip")]
+    assert thread.native_id is not None
+    niceness = os.getpriority(os.PRIO_PROCESS, thread.native_id)
+    assert niceness == exposition.GZIP_NICENESS > os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def test_remembered_number_texts_are_prometheus_clients() -> None:
