@@ -19,7 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
-from exporter.config.loader import load_config
+from exporter.config.loader import load_config, load_config_apart
 from exporter.hup import catch_early, take_early
 from exporter.limits import raise_open_file_limit
 from exporter.logs import LEVELS, setup_logging
@@ -363,7 +363,8 @@ async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
             # walking the growing config and state again and again took
             # seconds of the start-up.
             gc.disable()
-            config = load_config(args.config_file, expand_env=args.expand_env)
+            # Parsed in a child: the parse's garbage stays out of this heap.
+            config = load_config_apart(args.config_file, expand_env=args.expand_env)
             storage_path, storage_url = choose_storage(storage_path, storage_url, config)
 
             def loader() -> Config:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import get_args
 
 import pytest
 
 from exporter.config import ConfigError
-from exporter.config.loader import load_config, parse_config_text
+from exporter.config.loader import load_config, load_config_apart, parse_config_text
 from exporter.sources.elevate import ElevateConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -380,3 +381,87 @@ def test_storage_url_is_a_secret_in_any_of_its_forms(
     assert f"{config_file}: storage.url_file: cannot read missing" in str(
         errors_of_file(config_file)
     )
+
+
+APART = """
+sources:
+  - {name: a, type: elevate, cluster_id: c, api_key: inline-secret-value,
+     imports: [{id: "1", name: catalogue}, {id: "2"}]}
+  - {name: b, type: elevate, cluster_id: c, api_key_env: ELEVATE_KEY_FOR_TEST}
+  - {name: c, type: rocketchat, url: "http://chat", user_id: u, auth_token_file: token}
+"""
+
+
+@pytest.mark.parametrize("recipe", ["", *sorted((ROOT / "examples" / "recipes").glob("*.yaml"))])
+def test_a_config_loaded_in_a_child_process_is_the_config_loaded_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe: str | Path
+) -> None:
+    """Start-up parses the file in a forked child and unpickles the result:
+    the same models, secrets included."""
+    (tmp_path / "token").write_text("file-secret-value\n")
+    monkeypatch.setenv("ELEVATE_KEY_FOR_TEST", "env-secret-value")
+    for name in ("SALESFORCE", "SHOPIFY"):
+        monkeypatch.setenv(f"{name}_INSTANCE_URL", "https://instance.example")
+        monkeypatch.setenv(f"{name}_TOKEN_URL", "https://instance.example/token")
+        monkeypatch.setenv(f"{name}_SHOP_URL", "https://shop.example")
+        monkeypatch.setenv(f"{name}_CLIENT_ID", "client-id")
+        monkeypatch.setenv(f"{name}_CLIENT_SECRET", "client-secret-value")
+        monkeypatch.setenv(f"{name}_ACCESS_TOKEN", "access-token-value")
+    path = tmp_path / "config.yaml"
+    recipe_source = "  -\n" + textwrap.indent(Path(recipe).read_text(), "    ") if recipe else ""
+    path.write_text(APART + recipe_source)
+    here = load_config(path, expand_env=True)
+    apart = load_config_apart(path, expand_env=True)
+    assert apart == here
+    for mine, theirs in zip(apart.sources, here.sources, strict=True):
+        assert list(mine.secret_values()) == list(theirs.secret_values())
+    if not recipe:
+        assert apart.sources[1].secret("api_key") == "env-secret-value"
+        assert apart.sources[2].secret("auth_token") == "file-secret-value"
+        assert apart.sources[0].import_entries()[0].name == "catalogue"
+
+
+def test_a_broken_config_loaded_in_a_child_process_names_every_problem(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(APART.replace("cluster_id: c,", "cluster_id: c, interval: soon,", 1))
+    with pytest.raises(ConfigError) as here:
+        load_config(path)
+    with pytest.raises(ConfigError) as apart:
+        load_config_apart(path)
+    assert apart.value.errors == here.value.errors
+    assert "sources[0].interval: must be a duration like 30s" in apart.value.errors[0]
+
+
+_PARSE_GARBAGE = """
+import os, re, sys, tempfile
+from exporter.config.loader import load_config, load_config_apart
+path = os.path.join(tempfile.mkdtemp(), "config.yaml")
+with open(path, "w") as out:
+    out.write("sources:\\n  - {name: a, type: elevate, cluster_id: c, api_key: k, imports: [\\n")
+    out.write(",\\n".join(f"    {{id: i{n}, name: import {n}}}" for n in range(20000)) + "]}\\n")
+config = (load_config_apart if sys.argv[1] == "apart" else load_config)(path)
+assert len(config.sources[0].import_entries()) == 20000
+read, write = os.pipe()
+os.dup2(write, 2)
+sys._debugmallocstats()
+os.close(write)
+os.close(2)
+stats = os.read(read, 1 << 20).decode()
+print(int(re.search(r"bytes in available blocks\\s+=\\s+([\\d,]+)", stats)[1].replace(",", "")))
+"""
+
+
+def test_the_parse_of_a_config_loaded_in_a_child_leaves_no_garbage_in_this_heap() -> None:
+    """Freed blocks of the parse stay among the kept config's, never returned
+    (1.6 KB of RSS per import): here there are none."""
+
+    def free_bytes(how: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", _PARSE_GARBAGE, how], capture_output=True, text=True, cwd=ROOT
+        )
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout)
+
+    here, apart = free_bytes("here"), free_bytes("apart")
+    assert here > 10_000_000  # what the parse leaves behind when it runs here
+    assert apart < here / 4

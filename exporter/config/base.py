@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, ClassVar
 
+import pydantic.dataclasses
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from pydantic_core import PydanticCustomError
 
@@ -94,7 +95,12 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ImportEntry(StrictModel):
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
+class ImportEntry:
+    """One import listed in the file. A slotted dataclass, not a model: a model
+    also keeps a ``__dict__`` and a set of the fields given, about 400 bytes
+    more for each of 100,000 imports."""
+
     id: ImportId
     name: DisplayName | None = None
 

@@ -10,7 +10,9 @@ above the sources in the import graph, the config's building blocks below.
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,48 @@ def load_config(path: str | Path, *, expand_env: bool = False) -> Config:
     except OSError as exc:
         raise ConfigError([f"{origin}: cannot read: {exc.strerror or exc}"]) from exc
     return parse_config_text(text, origin, base_dir=Path(path).parent, expand_env=expand_env)
+
+
+def load_config_apart(path: str | Path, *, expand_env: bool = False) -> Config:
+    """:func:`load_config` in a forked child process; this one only unpickles
+    the result (or the :class:`ConfigError`).
+
+    Parsing 100,000 imports makes and frees a YAML tree and the validator's
+    intermediates around the objects kept: the freed blocks stay in this
+    heap's arenas among the kept ones, never returned (160 MB at 100,000
+    imports, 1.6 KB per import of RSS). Unpickled here, the config alone
+    takes fresh arenas. Where there is no ``fork``, or already a second
+    thread (forking one is unsafe), or the child fails otherwise, it loads
+    here, which also raises what the child hit."""
+    if not hasattr(os, "fork") or threading.active_count() > 1:
+        return load_config(path, expand_env=expand_env)
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no cleanup of what the parent owns, whatever happens
+        code = 1
+        try:
+            os.close(reading)
+            outcome: Config | list[str]
+            try:
+                outcome = load_config(path, expand_env=expand_env)
+            except ConfigError as exc:
+                outcome = exc.errors
+            with os.fdopen(writing, "wb") as out:
+                pickle.dump(outcome, out, protocol=pickle.HIGHEST_PROTOCOL)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writing)
+    with os.fdopen(reading, "rb") as incoming:
+        data = incoming.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        return load_config(path, expand_env=expand_env)
+    outcome = pickle.loads(data)  # our own child's answer, through our own pipe
+    if isinstance(outcome, list):
+        raise ConfigError(outcome)
+    assert isinstance(outcome, Config)
+    return outcome
 
 
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
