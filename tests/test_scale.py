@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from exporter import persistence as persistence_module
 from exporter.config.loader import load_config
@@ -135,8 +136,9 @@ async def test_long_lived_objects_are_frozen_after_start_and_reload(
 async def test_what_the_first_round_of_polls_built_is_frozen_too(
     aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:
-    """Each import's request URL is built at its first poll and kept: once
-    every import was polled, those are out of the collector's sight as well."""
+    """Each import's request URL is built at its first poll and its parts
+    kept: once every import was polled, those are out of the collector's
+    sight as well, and no URL is kept."""
     simulator = await simulator_server(aiohttp_server)
     config_file = write_config(tmp_path, str(simulator.make_url("")).rstrip("/"))
     exporter = Exporter(load_config(config_file), "127.0.0.1:0")
@@ -145,15 +147,15 @@ async def test_what_the_first_round_of_polls_built_is_frozen_too(
         async with asyncio.timeout(20):
             await exporter.first_round_frozen.wait()
         assert exporter.state.ready()
-        urls = [
-            scheduler.source.import_url(import_id)
+        kept = [
+            parts
             for scheduler in exporter.poller.schedulers.values()
-            for _, import_id in exporter.state.imports
-            if _ == scheduler.source.name and not scheduler.source.follows_server
+            for parts in scheduler.source._import_urls.values()
         ]
-        assert urls
+        assert len(kept) >= len(exporter.state.imports) // 2
         collected = {id(obj) for obj in gc.get_objects()}
-        assert not [url for url in urls if id(url) in collected]
+        assert not [parts for parts in kept if id(parts) in collected]
+        assert len([obj for obj in gc.get_objects() if isinstance(obj, URL)]) < len(kept)
     finally:
         await exporter.stop()
 

@@ -112,6 +112,10 @@ async def test_get_with_escaped_id_query_headers_and_static_header_auth(
     assert request.match_info["id"] == "a:b@c"
     # Whatever an id holds stays one path segment.
     assert source.build_import_url("a/b c?#").raw_path == "/jobs/a%2Fb%20c%3F%23"
+    # Polled through the URL's kept parts: the same URL, byte for byte.
+    for tricky in ("a/b c?#", "ü%20&=+", "a:b@c"):
+        assert str(source.import_url(tricky)) == str(source.build_import_url(tricky))
+        assert source.import_url(tricky) == source.build_import_url(tricky)
     assert dict(request.query) == {"expand": "counts", "job": "a:b@c"}
     assert request.headers["X-Tenant"] == "t1"
     assert request.headers["X-Api-Key"] == "key-secret-123456"

@@ -7,6 +7,7 @@ import asyncio
 import email.utils
 import json
 import math
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Container, Coroutine, Mapping
@@ -26,6 +27,16 @@ MAX_DEFLATE_RATIO = 1032
 n bytes is at most n * 1032 bytes decompressed."""
 
 URL_CACHE_SIZE = 100_000
+
+
+class UrlParts(NamedTuple):
+    """A URL as its encoded parts (scheme and authority shared by a source's imports)."""
+
+    scheme: str
+    authority: str
+    path: str
+    query: str
+
 
 RequestObserver = Callable[[float], None]
 """Called with the duration in seconds of every HTTP request a source makes."""
@@ -262,17 +273,32 @@ class Source(ABC, Generic[ConfigT]):
         self.max_bytes = config.max_response_bytes
         self.hooks = hooks or SourceHooks()
         self.client_timeout = aiohttp.ClientTimeout(total=config.timeout)
-        self._import_urls: dict[str, URL] = {}
+        self._import_urls: dict[str, UrlParts] = {}
 
     def import_url(self, import_id: str) -> URL:
-        """The URL polled for one import, built once: building a URL with its
-        query or quoted path on every poll cost more than the rest of an adapter."""
-        url = self._import_urls.get(import_id)
-        if url is None:
+        """The URL polled for one import, from its encoded parts, kept: encoding
+        the id into a query or a path on every poll cost more than the rest of
+        an adapter. Not the URL itself: a URL keeps a cache of what aiohttp
+        asks of it (0.6 KB); the parts are a tenth of that, and a URL built of
+        them, encoded, takes 0.7 us."""
+        parts = self._import_urls.get(import_id)
+        if parts is None:
             if len(self._import_urls) >= URL_CACHE_SIZE:
                 self._import_urls.clear()  # ids come and go; stay bounded
-            url = self._import_urls[import_id] = self.build_import_url(import_id)
-        return url
+            url = self.build_import_url(import_id)
+            parts = self._import_urls[import_id] = UrlParts(
+                sys.intern(url.scheme),
+                sys.intern(url.raw_authority),
+                url.raw_path,
+                url.raw_query_string,
+            )
+        return URL.build(
+            scheme=parts.scheme,
+            authority=parts.authority,
+            path=parts.path,
+            query_string=parts.query,
+            encoded=True,
+        )
 
     def build_import_url(self, import_id: str) -> URL:
         """Adapters that poll one URL per import id say how it is made."""
