@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 
@@ -392,12 +394,77 @@ sources:
 """
 
 
+_BOTH_WAYS = """
+import asyncio, json, os, signal, sys
+from exporter.config import ConfigError
+from exporter.config import loader
+
+forks, child_signals = [], {}
+fork, load_config = os.fork, loader.load_config
+
+def spied_fork():
+    pid = fork()
+    if pid:
+        forks.append(pid)
+    return pid
+
+def load_in_child(*args, **kwargs):
+    if not forks:  # in the child (the parent appends once fork returns)
+        wakeup = signal.set_wakeup_fd(-1)
+        handlers = [signal.getsignal(n) is signal.SIG_DFL for n in (signal.SIGTERM, signal.SIGHUP)]
+        with open(sys.argv[2], "w") as out:
+            json.dump({"wakeup_fd": wakeup, "default_handlers": handlers}, out)
+    return load_config(*args, **kwargs)
+
+def outcome(load):
+    try:
+        config = load(sys.argv[1], expand_env=True)
+    except ConfigError as exc:
+        return config_errors(exc)
+    return config, [list(source.secret_values()) for source in config.sources]
+
+def config_errors(exc):
+    return exc.errors
+
+async def main():
+    # As at start-up: inside the event loop, which handles SIGTERM.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: None)
+    os.fork, loader.load_config = spied_fork, load_in_child
+    apart = outcome(loader.load_config_apart)
+    os.fork, loader.load_config = fork, load_config
+    here = outcome(loader.load_config)
+    print(json.dumps({"forked": len(forks), "same": apart == here, "errors": here
+                      if isinstance(here, list) else None}))
+
+asyncio.run(main())
+"""
+
+
+def load_both_ways(path: Path) -> dict[str, Any]:
+    """``path`` loaded in a fresh process by ``load_config_apart`` (from inside
+    an event loop, as at start-up) and by ``load_config``: whether the child
+    was forked, whether both are the same (secrets included), the errors."""
+    seen = path.parent / "child.json"
+    run = subprocess.run(
+        [sys.executable, "-c", _BOTH_WAYS, str(path), str(seen)],
+        capture_output=True,
+        text=True,
+        cwd=path.parent,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr
+    result: dict[str, Any] = json.loads(run.stdout)
+    result["child"] = json.loads(seen.read_text())
+    return result
+
+
 @pytest.mark.parametrize("recipe", ["", *sorted((ROOT / "examples" / "recipes").glob("*.yaml"))])
 def test_a_config_loaded_in_a_child_process_is_the_config_loaded_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe: str | Path
 ) -> None:
     """Start-up parses the file in a forked child and unpickles the result:
-    the same models, secrets included."""
+    the same models, secrets included. Signals sent to the child are its own,
+    not the event loop's."""
     (tmp_path / "token").write_text("file-secret-value\n")
     monkeypatch.setenv("ELEVATE_KEY_FOR_TEST", "env-secret-value")
     for name in ("SALESFORCE", "SHOPIFY"):
@@ -407,29 +474,47 @@ def test_a_config_loaded_in_a_child_process_is_the_config_loaded_here(
         monkeypatch.setenv(f"{name}_CLIENT_ID", "client-id")
         monkeypatch.setenv(f"{name}_CLIENT_SECRET", "client-secret-value")
         monkeypatch.setenv(f"{name}_ACCESS_TOKEN", "access-token-value")
-    path = tmp_path / "config.yaml"
     recipe_source = "  -\n" + textwrap.indent(Path(recipe).read_text(), "    ") if recipe else ""
+    path = tmp_path / "config.yaml"
     path.write_text(APART + recipe_source)
-    here = load_config(path, expand_env=True)
-    apart = load_config_apart(path, expand_env=True)
-    assert apart == here
-    for mine, theirs in zip(apart.sources, here.sources, strict=True):
-        assert list(mine.secret_values()) == list(theirs.secret_values())
-    if not recipe:
-        assert apart.sources[1].secret("api_key") == "env-secret-value"
-        assert apart.sources[2].secret("auth_token") == "file-secret-value"
-        assert apart.sources[0].import_entries()[0].name == "catalogue"
+    both = load_both_ways(path)
+    assert both["forked"] == 1
+    assert both["same"] is True
+    assert both["errors"] is None
+    assert both["child"] == {"wakeup_fd": -1, "default_handlers": [True, True]}
 
 
 def test_a_broken_config_loaded_in_a_child_process_names_every_problem(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(APART.replace("cluster_id: c,", "cluster_id: c, interval: soon,", 1))
-    with pytest.raises(ConfigError) as here:
-        load_config(path)
-    with pytest.raises(ConfigError) as apart:
-        load_config_apart(path)
-    assert apart.value.errors == here.value.errors
-    assert "sources[0].interval: must be a duration like 30s" in apart.value.errors[0]
+    (tmp_path / "token").write_text("file-secret-value\n")
+    both = load_both_ways(path)
+    assert both["forked"] == 1
+    assert both["same"] is True
+    assert "sources[0].interval: must be a duration like 30s" in both["errors"][0]
+
+
+def test_a_config_is_parsed_here_when_no_child_can_be_forked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of processes (a cgroup's pids.max): start-up goes on, and says why."""
+    path = tmp_path / "config.yaml"
+    path.write_text(ELEVATE)
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    monkeypatch.setattr(os, "fork", no_fork)
+    config = load_config_apart(path)
+    assert config == load_config(path)
+    assert "cannot parse the config in a child process" in caplog.text
+
+
+def test_an_unknown_key_of_a_listed_import_is_an_unknown_field() -> None:
+    assert errors_of(ELEVATE.replace('{id: "1"}', '{id: "1", nmae: x}')) == [
+        "config.yaml: sources[0].imports[0].nmae: unknown field"
+    ]
 
 
 _PARSE_GARBAGE = """

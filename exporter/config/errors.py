@@ -35,8 +35,8 @@ def describe_errors(
             if not (part in union_tags and (i == 0 or isinstance(loc[i - 1], int)))
         ]
         kind = error["type"]
-        if kind == "extra_forbidden":
-            message = "unknown field"
+        if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+            message = "unknown field"  # the second: a key a dataclass (ImportEntry) lacks
         elif kind == "missing":
             message = "required"
         elif kind in ("union_tag_invalid", "union_tag_not_found"):

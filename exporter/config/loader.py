@@ -9,9 +9,11 @@ above the sources in the import graph, the config's building blocks below.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
+import signal
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +27,8 @@ from exporter.config.errors import ConfigError, describe_errors, format_loc
 from exporter.config.model import API_TOKEN_MIN_LENGTH, ApiConfig, Config
 from exporter.config.secrets import resolve_secrets
 from exporter.sources.registry import SOURCE_CONFIG, SOURCE_TYPES
+
+log = logging.getLogger(__name__)
 
 # --- loading -----------------------------------------------------------------
 
@@ -57,16 +61,45 @@ def load_config_apart(path: str | Path, *, expand_env: bool = False) -> Config:
     intermediates around the objects kept: the freed blocks stay in this
     heap's arenas among the kept ones, never returned (160 MB at 100,000
     imports, 1.6 KB per import of RSS). Unpickled here, the config alone
-    takes fresh arenas. Where there is no ``fork``, or already a second
-    thread (forking one is unsafe), or the child fails otherwise, it loads
-    here, which also raises what the child hit."""
+    takes fresh arenas. Where there is no ``fork`` or already a second
+    thread (forking one is unsafe), it loads here; where the fork or the
+    child fails, it says so and loads here, which also raises what the
+    child hit."""
     if not hasattr(os, "fork") or threading.active_count() > 1:
         return load_config(path, expand_env=expand_env)
+    try:
+        data = _load_in_child(path, expand_env)
+    except OSError as exc:
+        data = b""
+        log.warning("cannot parse the config in a child process (%s); parsing it here", exc)
+    if not data:
+        log.warning("parsing the config in a child process failed; parsing it here")
+        return load_config(path, expand_env=expand_env)
+    outcome = pickle.loads(data)  # our own child's answer, through our own pipe
+    if isinstance(outcome, list):
+        raise ConfigError(outcome)
+    assert isinstance(outcome, Config)
+    return outcome
+
+
+def _load_in_child(path: str | Path, expand_env: bool) -> bytes:
+    """The pickled config (or the ConfigError's lines) from a forked child;
+    empty if the child failed. Raises OSError if it cannot be forked."""
     reading, writing = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(reading)
+        os.close(writing)
+        raise
     if pid == 0:  # the child: no cleanup of what the parent owns, whatever happens
         code = 1
         try:
+            # Signals sent to the child are the child's: not the event loop's
+            # no-op handlers, nor its wakeup fd (shared with the parent on 3.11).
+            signal.set_wakeup_fd(-1)
+            for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(number, signal.SIG_DFL)
             os.close(reading)
             outcome: Config | list[str]
             try:
@@ -79,16 +112,12 @@ def load_config_apart(path: str | Path, *, expand_env: bool = False) -> Config:
         finally:
             os._exit(code)
     os.close(writing)
-    with os.fdopen(reading, "rb") as incoming:
-        data = incoming.read()
-    _, status = os.waitpid(pid, 0)
-    if status != 0 or not data:
-        return load_config(path, expand_env=expand_env)
-    outcome = pickle.loads(data)  # our own child's answer, through our own pipe
-    if isinstance(outcome, list):
-        raise ConfigError(outcome)
-    assert isinstance(outcome, Config)
-    return outcome
+    try:
+        with os.fdopen(reading, "rb") as incoming:
+            data = incoming.read()
+    finally:
+        _, status = os.waitpid(pid, 0)
+    return data if status == 0 else b""
 
 
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
