@@ -30,6 +30,7 @@ import ctypes.util
 import functools
 import gc
 import os
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -518,8 +519,10 @@ probes, gets the CPU first: at 10,000 imports scraped back to back, the worst
 
 
 def _lower_priority() -> None:
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not on this OS
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GZIP_NICENESS)
+    # A thread's id names the thread to setpriority on Linux only.
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GZIP_NICENESS)
 
 
 @functools.cache

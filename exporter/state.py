@@ -299,7 +299,8 @@ class StateStore:
         if (len(changed) + len(touched)) * SORT_CHANGES_BELOW < len(self.imports):
             return iter(sorted(changed.union(touched))), forgotten
         # The indexes as they are now: they may change while the keys are read.
-        tracked = [*self.imports.ordered, *self.parked.ordered]
+        imports = self.imports
+        tracked = [*imports.ordered, *(key for key in self.parked.ordered if key not in imports)]
         if not touched:
             return (key for key in tracked if key in changed), forgotten
         return (key for key in tracked if key in changed or key in touched), forgotten

@@ -298,6 +298,8 @@ def test_a_body_joined_or_gzipped_in_batches_is_the_whole_body(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_gzip_runs_in_a_thread_of_lower_priority_than_the_event_loop() -> None:
     """On a busy machine polling and probes get the CPU before a scrape's compression."""
+    if os.getpriority(os.PRIO_PROCESS, 0) >= exposition.GZIP_NICENESS:
+        pytest.skip("the tests run at that niceness or lower priority already")
     body = asyncio.run(exposition.build_body(iter([b"x" * 1000]), gzipped=True))
     assert gzip.decompress(body) == b"x" * 1000
     (thread,) = [t for t in threading.enumerate() if t.name.startswith("gzip")]

@@ -7,7 +7,6 @@ import asyncio
 import email.utils
 import json
 import math
-import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Container, Coroutine, Mapping
@@ -274,6 +273,7 @@ class Source(ABC, Generic[ConfigT]):
         self.hooks = hooks or SourceHooks()
         self.client_timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._import_urls: dict[str, UrlParts] = {}
+        self._url_strings: dict[str, str] = {}
 
     def import_url(self, import_id: str) -> URL:
         """The URL polled for one import, from its encoded parts, kept: encoding
@@ -286,11 +286,12 @@ class Source(ABC, Generic[ConfigT]):
             if len(self._import_urls) >= URL_CACHE_SIZE:
                 self._import_urls.clear()  # ids come and go; stay bounded
             url = self.build_import_url(import_id)
+            # One string per scheme and authority, shared by the source's
+            # imports (not interned: an authority may hold a password).
+            scheme = self._url_strings.setdefault(url.scheme, url.scheme)
+            authority = self._url_strings.setdefault(url.raw_authority, url.raw_authority)
             parts = self._import_urls[import_id] = UrlParts(
-                sys.intern(url.scheme),
-                sys.intern(url.raw_authority),
-                url.raw_path,
-                url.raw_query_string,
+                scheme, authority, url.raw_path, url.raw_query_string
             )
         return URL.build(
             scheme=parts.scheme,
