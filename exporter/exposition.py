@@ -454,8 +454,11 @@ process."""
 
 def gzip_body(body: bytes, level: int = GZIP_LEVEL) -> bytes:
     """``body`` gzipped as ``/metrics`` serves it."""
-    compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
-    return compressor.compress(body) + compressor.flush()
+    return _compress_last(_gzip_compressor(level), body)
+
+
+def _gzip_compressor(level: int) -> isal_zlib.Compress:
+    return isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)  # 31: a gzip header
 
 
 LOOP_SLICE_SECONDS = 0.002
@@ -481,7 +484,7 @@ async def build_body(
     last part, made elsewhere (the registry's families, by collectors that
     may block, in a worker thread)."""
     loop = asyncio.get_running_loop()
-    compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31) if gzipped else None
+    compressor = _gzip_compressor(level) if gzipped else None
     out: list[bytes] = []
     batch: list[bytes] = []
     size = 0

@@ -124,23 +124,16 @@ class SourceScheduler:
 
     async def _next_due(self) -> str:
         """Wait until an import is due (and the source is not held); take it."""
-        while True:
+        while (import_id := self._take_due()) is None:
+            self._wakeup.clear()
             if not self._heap:
-                self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            due, _, import_id = self._heap[0]
-            if import_id not in self._scheduled:
-                heapq.heappop(self._heap)  # removed while waiting
-                continue
-            delay = max(due, self._paused_until) - self.clock()
-            if delay <= 0:
-                heapq.heappop(self._heap)
-                return import_id
-            self._wakeup.clear()
+            delay = max(self._heap[0][0], self._paused_until) - self.clock()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wakeup.wait()
+        return import_id
 
     async def _work(self) -> None:
         # Workers take due imports straight from the heap: no dispatcher task

@@ -70,8 +70,8 @@ def load_config_apart(path: str | Path, *, expand_env: bool = False) -> Config:
     try:
         data = _load_in_child(path, expand_env)
     except OSError as exc:
-        data = b""
         log.warning("cannot parse the config in a child process (%s); parsing it here", exc)
+        return load_config(path, expand_env=expand_env)
     if not data:
         log.warning("parsing the config in a child process failed; parsing it here")
         return load_config(path, expand_env=expand_env)
