@@ -14,10 +14,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from exporter.config.loader import parse_config_data
 from exporter.model import ErrorReason, ParseError, SourceError, State
-from exporter.sources.base import HttpResponse, Source
+from exporter.sources import base as base_module
+from exporter.sources.base import AUTHORITY_PROPERTIES, HttpResponse, Source
 from exporter.sources.registry import build_source
 from exporter.sources.zilliant import ZilliantSource
 
@@ -108,6 +110,51 @@ async def test_elevate_v4_path_numeric_id_null_reason_and_gzip(
     source = build(elevate_settings(url, api_version="v4"), session)
     obs = await source.poll("5537431447739019570")
     assert (obs.state, obs.reason) == (State.SUCCEEDED, None)
+
+
+URL_SHAPES = [
+    "http://127.0.0.1:8080",
+    "https://elevate.example.com",
+    "http://[::1]:9000",
+    "http://user:p%40ss@host.example.:81",
+    "https://xn--r8jz45g.jp:443",
+    "http://127.0.0.1:80/prefix%20path",
+]
+
+
+@pytest.mark.parametrize("base", URL_SHAPES)
+async def test_a_polled_url_is_the_url_yarl_builds(
+    base: str, session: aiohttp.ClientSession
+) -> None:
+    """Each poll's URL is built with what its source's authority decides
+    already known: it must be the URL ``URL.build`` makes, in every property
+    aiohttp reads, and its string."""
+    source = build(elevate_settings(base), session)
+    for import_id in ("5537431447739019570", "a/b c?#", "ü%20&=+", "a:b@c"):
+        polled, reference = source.import_url(import_id), source.build_import_url(import_id)
+        assert str(polled) == str(reference)
+        assert polled == reference
+        for name in (*AUTHORITY_PROPERTIES, "raw_path_qs", "host", "path_qs", "raw_authority"):
+            assert getattr(polled, name) == getattr(reference, name), name
+    assert None not in source._authorities.values()  # the fast way was taken
+
+
+@pytest.mark.parametrize(
+    "maker",
+    [
+        None,  # a yarl without that constructor
+        lambda *_: URL("http://elsewhere:1/x"),
+    ],
+)
+async def test_a_yarl_that_builds_otherwise_gets_urls_built_the_public_way(
+    maker: Any, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(base_module, "_yarl_from_parts", maker)
+    source = build(elevate_settings("http://127.0.0.1:8080"), session)
+    polled = source.import_url("42")
+    assert str(polled) == "http://127.0.0.1:8080/api/admin/v4/import/status?id=42"
+    assert polled.host_port_subcomponent == "127.0.0.1:8080"
+    assert list(source._authorities.values()) == [None]
 
 
 @pytest.mark.parametrize(
