@@ -295,6 +295,27 @@ def test_a_body_joined_or_gzipped_in_batches_is_the_whole_body(
     assert asyncio.run(exposition.build_body(iter(parts), gzipped=False)) == whole
 
 
+def test_a_gzipped_body_is_joined_in_batches_by_the_gzip_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The event loop hands the gzip thread each batch's parts as they are:
+    the copy of every body into batches is not the loop's."""
+    joined_in: list[tuple[str, int]] = []
+    compress_joined = exposition._compress_joined
+
+    def watched(compressor: Any, parts: list[bytes], last: bool = False) -> bytes:
+        joined_in.append((threading.current_thread().name, len(parts)))
+        return compress_joined(compressor, parts, last)
+
+    monkeypatch.setattr(exposition, "_compress_joined", watched)
+    monkeypatch.setattr(exposition, "GZIP_BATCH", 3000)
+    parts = [bytes([65 + n]) * 1000 for n in range(10)]
+    body = asyncio.run(exposition.build_body(iter(parts), gzipped=True))
+    assert gzip.decompress(body) == b"".join(parts)
+    assert [count for _, count in joined_in] == [3, 3, 3, 1]
+    assert all(name.startswith("gzip") for name, _ in joined_in)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_gzip_runs_in_a_thread_of_lower_priority_than_the_event_loop() -> None:
     """On a busy machine polling and probes get the CPU before a scrape's compression."""
