@@ -208,7 +208,40 @@ PACE_MIN_SECONDS = 0.010
 PACE_MAX_SECONDS = 1.0
 
 
-def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = None) -> Handler:
+class ScrapePacing:
+    """When the next render of each kind may start (see :func:`metrics_handler`).
+
+    A kind's time is kept only until it passes: ``name[]`` filters are the
+    client's to choose, and a client cycling through them must not grow
+    this for ever. What is kept is what was rendered in the last
+    :data:`PACE_MAX_SECONDS`."""
+
+    def __init__(self) -> None:
+        self._not_before: dict[MetricsKey, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._not_before)
+
+    def wait(self, key: MetricsKey, now: float) -> float:
+        """Seconds a render of this kind must still wait (0: none)."""
+        return max(0.0, self._not_before.get(key, 0.0) - now)
+
+    def rendered(self, key: MetricsKey, took: float, now: float) -> None:
+        """A render of this kind that took ``took`` seconds ended ``now``."""
+        if took < PACE_MIN_SECONDS:
+            self._not_before.pop(key, None)
+            return
+        passed = [kind for kind, when in self._not_before.items() if when <= now]
+        for kind in passed:
+            del self._not_before[kind]
+        self._not_before[key] = now + min(PACE_FACTOR * took, PACE_MAX_SECONDS)
+
+
+def metrics_handler(
+    registry: CollectorRegistry,
+    imports: ImportLines | None = None,
+    pacing: ScrapePacing | None = None,
+) -> Handler:
     """``/metrics`` like ``prometheus_client.aiohttp.make_aiohttp_handler``
     (the same encoders, content negotiation and ``name[]`` filter), with the
     per-import families from ``imports`` (kept rendered), joined on the event
@@ -225,7 +258,8 @@ def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = N
     than its scrape.
     """
     in_flight: dict[MetricsKey, asyncio.Future[bytearray]] = {}
-    not_before: dict[MetricsKey, float] = {}
+    if pacing is None:
+        pacing = ScrapePacing()
     rendering = asyncio.Lock()
 
     async def render(
@@ -262,7 +296,7 @@ def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = N
         gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
         key = (content_type, names, gzipped)
         loop = asyncio.get_running_loop()
-        if key not in in_flight and (wait := not_before.get(key, 0.0) - loop.time()) > 0:
+        if key not in in_flight and (wait := pacing.wait(key, loop.time())) > 0:
             await asyncio.sleep(wait)
         future = in_flight.get(key)
         if future is None:
@@ -272,10 +306,7 @@ def metrics_handler(registry: CollectorRegistry, imports: ImportLines | None = N
 
             def rendered(_done: asyncio.Future[bytearray], key: MetricsKey = key) -> None:
                 in_flight.pop(key, None)
-                if took[0] >= PACE_MIN_SECONDS:
-                    not_before[key] = loop.time() + min(PACE_FACTOR * took[0], PACE_MAX_SECONDS)
-                else:
-                    not_before.pop(key, None)
+                pacing.rendered(key, took[0], loop.time())
 
             future.add_done_callback(rendered)
         body = await asyncio.shield(future)

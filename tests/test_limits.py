@@ -19,11 +19,18 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from exporter.logs import RateLimitedLog
 from exporter.state import StateStore
-from exporter.web import create_web_app
+from exporter.web import (
+    PACE_FACTOR,
+    PACE_MAX_SECONDS,
+    ScrapePacing,
+    create_web_app,
+    metrics_handler,
+)
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,3 +254,55 @@ async def test_accept_errors_of_a_running_exporter_do_not_flood_the_log(
         assert "Too many open files" in caplog.text
     finally:
         await exporter.stop()
+
+
+# --- /metrics pacing ----------------------------------------------------------------
+
+TEXT_KIND = ("text/plain", (), True)
+
+
+def test_a_slow_render_paces_the_next_of_its_kind_within_a_cap() -> None:
+    pacing = ScrapePacing()
+    pacing.rendered(TEXT_KIND, 0.005, now=100.0)  # fast: no pacing
+    assert pacing.wait(TEXT_KIND, 100.0) == 0.0
+    pacing.rendered(TEXT_KIND, 0.1, now=100.0)
+    assert pacing.wait(TEXT_KIND, 100.0) == pytest.approx(PACE_FACTOR * 0.1)
+    assert pacing.wait(TEXT_KIND, 100.0 + PACE_FACTOR * 0.1) == 0.0
+    assert pacing.wait(("text/plain", (), False), 100.0) == 0.0  # another kind
+    pacing.rendered(TEXT_KIND, 60.0, now=200.0)
+    assert pacing.wait(TEXT_KIND, 200.0) == PACE_MAX_SECONDS
+
+
+def test_name_filters_a_client_cycles_through_are_not_kept_for_ever() -> None:
+    """Each ``name[]`` filter is a kind of its own, and the client chooses
+    them: only kinds rendered within the last pace are kept."""
+    pacing = ScrapePacing()
+    for n in range(10_000):
+        pacing.rendered(("text/plain", (f"import_state_{n}",), True), 0.1, now=n * 0.1)
+    assert len(pacing) <= PACE_FACTOR + 1
+
+
+async def test_a_scrape_after_a_slow_render_waits_for_its_pace() -> None:
+    registry = CollectorRegistry()
+    pacing = ScrapePacing()
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(registry, None, pacing))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as client:
+            url = f"http://127.0.0.1:{port}/metrics"
+            async with client.get(url) as response:  # fast: sets no pace
+                assert response.status == 200
+            assert len(pacing) == 0
+            _, content_type = choose_encoder("")
+            kind = (content_type, (), True)
+            pacing.rendered(kind, 0.1, asyncio.get_running_loop().time())
+            started = time.monotonic()
+            async with client.get(url) as response:
+                assert response.status == 200
+            assert time.monotonic() - started >= 0.9 * PACE_FACTOR * 0.1
+    finally:
+        await runner.cleanup()
