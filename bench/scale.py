@@ -12,10 +12,11 @@ the store really writes. Measured:
 - start-up: from spawning the process to listening, and to the first
   ``/metrics`` that serves the restored state;
 - the worst event-loop delay: ``/-/healthy`` probed every 10 ms from this
-  process, in a window of polling alone and a window where another process
-  scrapes ``/metrics`` back to back (gzip); both cover the store's writes
-  (every second);
-- polls/s in both windows, and scrape p50/p99 in the second;
+  process, in windows of polling alone and windows where another process
+  scrapes ``/metrics`` back to back (gzip), interleaved (alone, scraped,
+  alone, scraped), so a drift of the machine or the process touches both
+  alike; all cover the store's writes (every second);
+- polls/s of both kinds of window, and scrape p50/p99 in the scraped ones;
 - cyclic GC collections and the longest pause per generation, recorded in the
   exporter process by ``gc.callbacks``;
 - RSS after the scrapes under polling, per import (less a one-import process's).
@@ -201,14 +202,35 @@ async def window(
     elapsed = time.perf_counter() - t0
     worst, probes = probe.worst, probe.count
     polls = await requests_total(session, base) - polls0
-    result: dict[str, Any] = {
+    return {
         "seconds": elapsed,
+        "polls": polls,
         "polls_per_s": polls / elapsed,
         "max_delay_s": worst,
         "probes": probes,
         "wall": [wall0, time.time()],
+        "durations": durations,
     }
-    if scrape:
+
+
+WINDOW_PAIRS = 2
+"""Pairs of windows (alone, scraped) per size, each ``--seconds`` long."""
+
+
+def merged(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Windows of one kind as one: polls/s over their whole time, the worst
+    delay of any, scrape percentiles over all their scrapes."""
+    seconds = sum(w["seconds"] for w in windows)
+    result: dict[str, Any] = {
+        "seconds": seconds,
+        "polls_per_s": sum(w["polls"] for w in windows) / seconds,
+        "max_delay_s": max(w["max_delay_s"] for w in windows),
+        "probes": sum(w["probes"] for w in windows),
+        "wall": [windows[0]["wall"][0], windows[-1]["wall"][1]],
+        "windows": windows,
+    }
+    durations = [took for w in windows for took in w.get("durations", [])]
+    if durations:
         result |= {
             "scrapes": len(durations),
             "scrape_p50_s": percentile(durations, 50),
@@ -253,8 +275,11 @@ async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
                 probe.task = asyncio.create_task(probe.run())
                 ready = await until(session, f"{base}/-/ready", t0, process, timeout=600)
                 await asyncio.sleep(2.0)  # the first round's write
-                polling = await window(session, base, probe, seconds, scrape=False)
-                scraping = await window(session, base, probe, seconds, scrape=True)
+                windows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+                for _ in range(WINDOW_PAIRS):
+                    for scrape in (False, True):
+                        windows[scrape].append(await window(session, base, probe, seconds, scrape))
+                polling, scraping = merged(windows[False]), merged(windows[True])
                 rss = rss_of(process.pid)
                 probe.task.cancel()
         finally:
@@ -264,7 +289,7 @@ async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
     in_windows = [
         took
         for when, _, took in gc_stats.get("over_1ms", [])
-        if polling["wall"][0] <= when <= scraping["wall"][1]
+        if polling["wall"][0] <= when <= scraping["wall"][1]  # from the first to the last
     ]
     gc_stats["max_pause_in_windows_s"] = max(in_windows, default=0.0)
     return {
