@@ -175,8 +175,8 @@ def merged(runs: list[dict[str, float]]) -> dict[str, float]:
 async def main_async(
     sizes: list[int], concurrency: int, seconds: float, storage: bool = True, rounds: int = 2
 ) -> dict[str, Any]:
-    # As Exporter.start does: from the first baseline run on, not only after
-    # the first exporter run (asyncio's 256 KiB read buffers are then not mmapped).
+    # As Exporter.start does: the same allocation settings from the first
+    # baseline run on, not only after the first exporter run.
     return_large_buffers_to_the_os()
     results = []
     with simulator_process() as url:

@@ -148,10 +148,12 @@ class Probe:
         self.url = f"{base}/-/healthy"
         self.worst = 0.0
         self.count = 0
+        self.since = 0.0
         self.task: asyncio.Task[None] | None = None
 
     def reset(self) -> None:
-        self.worst, self.count = 0.0, 0
+        """Count from now: a probe sent before does not count."""
+        self.worst, self.count, self.since = 0.0, 0, time.perf_counter()
 
     async def run(self) -> None:
         while True:
@@ -159,8 +161,9 @@ class Probe:
             async with self.session.get(self.url) as response:
                 await response.read()
             took = time.perf_counter() - t0
-            self.worst = max(self.worst, took)
-            self.count += 1
+            if t0 >= self.since:
+                self.worst = max(self.worst, took)
+                self.count += 1
             await asyncio.sleep(max(0.0, 0.010 - took))
 
 
@@ -226,7 +229,6 @@ def merged(windows: list[dict[str, Any]]) -> dict[str, Any]:
         "polls_per_s": sum(w["polls"] for w in windows) / seconds,
         "max_delay_s": max(w["max_delay_s"] for w in windows),
         "probes": sum(w["probes"] for w in windows),
-        "wall": [windows[0]["wall"][0], windows[-1]["wall"][1]],
         "windows": windows,
     }
     durations = [took for w in windows for took in w.get("durations", [])]
@@ -286,10 +288,11 @@ async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(process.wait(), 120)
         gc_stats = json.loads(stats.read_text()) if stats.exists() else {}
+    walls = [w["wall"] for kind in (polling, scraping) for w in kind["windows"]]
     in_windows = [
         took
         for when, _, took in gc_stats.get("over_1ms", [])
-        if polling["wall"][0] <= when <= scraping["wall"][1]  # from the first to the last
+        if any(start <= when <= end for start, end in walls)
     ]
     gc_stats["max_pause_in_windows_s"] = max(in_windows, default=0.0)
     return {

@@ -211,10 +211,10 @@ PACE_MAX_SECONDS = 1.0
 class ScrapePacing:
     """When the next render of each kind may start (see :func:`metrics_handler`).
 
-    A kind's time is kept only until it passes: ``name[]`` filters are the
-    client's to choose, and a client cycling through them must not grow
-    this for ever. What is kept is what was rendered in the last
-    :data:`PACE_MAX_SECONDS`."""
+    ``name[]`` filters are the client's to choose, and a client cycling
+    through them must not grow this for ever: each slow render drops the
+    times that have passed, so what is kept is bounded by what can be
+    rendered (one at a time) within :data:`PACE_MAX_SECONDS`."""
 
     def __init__(self) -> None:
         self._not_before: dict[MetricsKey, float] = {}
@@ -245,8 +245,9 @@ def metrics_handler(
     """``/metrics`` like ``prometheus_client.aiohttp.make_aiohttp_handler``
     (the same encoders, content negotiation and ``name[]`` filter), with the
     per-import families from ``imports`` (kept rendered), joined on the event
-    loop a slice at a time and gzipped in a worker thread, so polls never
-    wait long on a scrape (:func:`~exporter.exposition.build_body`). Scrapes
+    loop a slice at a time, those slices joined in batches and gzipped in a
+    worker thread, so polls never wait long on a scrape
+    (:func:`~exporter.exposition.build_body`). Scrapes
     that arrive while a render of the same kind is running share it, gzip
     included.
 

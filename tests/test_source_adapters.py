@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+from yarl._url import from_parts_uncached
 
 from exporter.config.loader import parse_config_data
 from exporter.model import ErrorReason, ParseError, SourceError, State
@@ -119,6 +120,7 @@ URL_SHAPES = [
     "http://user:p%40ss@host.example.:81",
     "https://xn--r8jz45g.jp:443",
     "http://127.0.0.1:80/prefix%20path",
+    "http://bücher.example:8080",
 ]
 
 
@@ -139,11 +141,18 @@ async def test_a_polled_url_is_the_url_yarl_builds(
     assert None not in source._authorities.values()  # the fast way was taken
 
 
+def _kept_wrong(url: URL) -> URL:
+    url._cache["host_port_subcomponent"] = "elsewhere:1"
+    return url
+
+
 @pytest.mark.parametrize(
     "maker",
     [
         None,  # a yarl without that constructor
         lambda *_: URL("http://elsewhere:1/x"),
+        # Keeps another value under a property's name than the property is.
+        lambda *parts: _kept_wrong(from_parts_uncached(*parts)),
     ],
 )
 async def test_a_yarl_that_builds_otherwise_gets_urls_built_the_public_way(
@@ -155,6 +164,18 @@ async def test_a_yarl_that_builds_otherwise_gets_urls_built_the_public_way(
     assert str(polled) == "http://127.0.0.1:8080/api/admin/v4/import/status?id=42"
     assert polled.host_port_subcomponent == "127.0.0.1:8080"
     assert list(source._authorities.values()) == [None]
+
+
+async def test_urls_stay_right_when_the_kept_parts_are_dropped(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(base_module, "URL_CACHE_SIZE", 2)
+    source = build(elevate_settings("http://127.0.0.1:8080"), session)
+    for import_id in ("1", "2", "3", "4", "5", "1"):
+        polled = source.import_url(import_id)
+        assert str(polled) == f"http://127.0.0.1:8080/api/admin/v4/import/status?id={import_id}"
+        assert polled.host_port_subcomponent == "127.0.0.1:8080"
+    assert len(source._import_urls) <= 2
 
 
 @pytest.mark.parametrize(

@@ -77,21 +77,30 @@ def _prefilled(parts: UrlParts, known: dict[str, object]) -> URL:
 
 def authority_properties(parts: UrlParts) -> dict[str, object] | None:
     """:data:`AUTHORITY_PROPERTIES` of ``parts``' scheme and authority, to
-    build URLs with them known; None (build them the public way) unless a URL
-    built so is, in each of them and as a string, the URL ``URL.build`` makes:
-    a yarl that keeps them otherwise is never given wrong ones."""
+    build URLs with them known; None (build them the public way) unless
+    yarl, working them out itself on a URL built of the parts, gets these
+    values and keeps each in its cache under that name, and a URL built with
+    them known is ``URL.build``'s in each and as a string: a yarl that keeps
+    them otherwise is never handed them."""
     if _yarl_from_parts is None:
         return None
-    reference = _built(parts)
     try:
+        reference = _built(parts)
         known = {name: getattr(reference, name) for name in AUTHORITY_PROPERTIES}
+        plain = _yarl_from_parts(parts.scheme, parts.authority, parts.path, parts.query, "")
+        worked_out = {name: getattr(plain, name) for name in AUTHORITY_PROPERTIES}
+        kept = cast(Any, plain)._cache
+        cached = {name: kept[name] for name in AUTHORITY_PROPERTIES if name in kept}
         candidate = _prefilled(parts, known)
-        fresh = _built(parts)
-        same = str(candidate) == str(fresh) and all(
-            getattr(candidate, name) == getattr(fresh, name)
-            for name in (*AUTHORITY_PROPERTIES, "raw_path_qs", "host", "path_qs")
+        same = (
+            worked_out == cached == known
+            and str(candidate) == str(reference)
+            and all(
+                getattr(candidate, name) == getattr(reference, name)
+                for name in (*AUTHORITY_PROPERTIES, "raw_path_qs", "host", "path_qs")
+            )
         )
-    except (AttributeError, TypeError):
+    except Exception:  # a yarl of other internals: the public way
         return None
     return known if same else None
 
