@@ -282,10 +282,9 @@ def metrics_handler(
         async with rendering:
             started = time.perf_counter()
             try:
-                if imports is not None:
-                    await imports.refresh()
                 parts: Iterable[bytes] = ()
                 if imports is not None:
+                    await imports.refresh()
                     parts = imports.render(encoder, content_type, frozenset(names) or None)
                 return await build_body(parts, gzipped, then=collected)
             finally:
