@@ -352,3 +352,29 @@ def test_sqlite_prepares_a_few_statement_sizes_whatever_the_batch() -> None:
         assert sum(sizes) == count
         used.update(sizes)
     assert len(used) <= 9
+
+
+def test_rows_in_any_order_and_of_several_sources_are_all_kept(storage: Storage) -> None:
+    """SQLite writes a batch in key order (cheaper B-tree work); what is
+    stored does not depend on the order the rows came in."""
+    rows = [
+        to_row(ImportRecord(source=source, import_id=import_id, system="elevate", name=name))
+        for source, import_id, name in [
+            ("shop", "b", "1"),
+            ("crm", "z", "2"),
+            ("shop", "a", "3"),
+            ("crm", "é", "4"),
+            ("crm", "a", "5"),
+            ("shop", "10", "6"),
+            ("shop", "9", "7"),
+        ]
+    ]
+    storage.write(rows[:3], refresh=rows[3:])
+    stored = {(r.source, r.import_id): r.name for r in storage.load()}
+    assert stored == {(row[0], row[1]): row[3] for row in rows}
+
+
+def test_sqlite_keeps_the_last_row_of_a_key_given_twice(sqlite_storage: Storage) -> None:
+    first, last = to_row(record("1", name="first")), to_row(record("1", name="last"))
+    sqlite_storage.write([to_row(record("2")), last], refresh=[first, to_row(record("0"))])
+    assert {r.import_id: r.name for r in sqlite_storage.load()}["1"] == "last"
