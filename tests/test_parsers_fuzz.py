@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -215,3 +216,52 @@ def test_rocketchat_parser_is_total(status: int, headers: dict[str, str], body: 
 @given(statuses, bodies(shaped(["operation", "success"])))
 def test_rocketchat_operation_parser_is_total(status: int, body: bytes) -> None:
     assert rocketchat.parse_operation_valid(response(status, {}, body)) in (True, False, None)
+
+
+def reference_json(body: bytes) -> Any:
+    """What a body means as JSON (RFC 8259): the standard library's reading,
+    without the constants and out-of-range numbers Python reads but JSON has not."""
+
+    def refuse(text: str) -> Any:
+        raise ValueError(text)
+
+    def finite(text: str) -> float:
+        number = float(text)
+        if not math.isfinite(number):
+            raise ValueError(text)
+        return number
+
+    return json.loads(body, parse_constant=refuse, parse_float=finite)
+
+
+# JSON texts, and what breaks them: whitespace around, text after, other
+# encodings (the BOMs and null bytes that json.detect_encoding reads), bare bytes.
+json_texts = st.one_of(
+    st.builds(
+        lambda value, before, after, encoding: (before + json.dumps(value) + after).encode(
+            encoding
+        ),
+        json_values,
+        st.sampled_from(["", " ", "\n\t\r "]),
+        st.sampled_from(["", " ", "\n", " x", "}", "{}", "\x00"]),
+        st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"]),
+    ),
+    st.sampled_from(
+        [b"NaN", b"[Infinity]", b"-Infinity", b"1e999", b"[1e400]", b"{", b"", b" ", b"{}x"]
+    ),
+    st.binary(max_size=12),
+)
+
+
+@settings(max_examples=600)
+@given(json_texts)
+def test_any_body_is_read_as_json_reads_it_or_is_a_parse_error(body: bytes) -> None:
+    from exporter.sources.base import parse_json
+
+    try:
+        expected = reference_json(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        with pytest.raises(ParseError):
+            parse_json(body)
+        return
+    assert parse_json(body) == expected

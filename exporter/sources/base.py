@@ -212,17 +212,33 @@ def _finite(text: str) -> float:
 
 
 _JSON = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
+_scan_json: Callable[[str, int], tuple[Any, int]] = cast(Any, _JSON).scan_once
+"""The decoder's scanner (C): the value that starts at an index, and where it ends."""
+JSON_WHITESPACE = " \t\n\r"
 
 
 def parse_json(body: bytes) -> Any:
     """Decode a JSON body or raise :class:`ParseError`. NaN and Infinity
     (which Python reads, RFC 8259 does not) and numbers out of a double's
-    range are not JSON here: nothing downstream has to guard against them."""
+    range are not JSON here: nothing downstream has to guard against them.
+
+    As ``json.loads`` reads bytes, through one decoder made once (json.loads
+    with options makes a decoder per call), calling its scanner itself: an
+    object's first byte ``{`` and a second byte other than NUL can only be
+    UTF-8 (no BOM, no UTF-16 or UTF-32), and the whitespace around is
+    stripped rather than matched with JSONDecoder.decode's regex: a poll's
+    parse in half the time."""
     try:
-        # As json.loads reads bytes, through one decoder made once (json.loads
-        # with options makes a decoder per call: a third of a poll's parse).
-        return _JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        if body[:1] == b"{" and body[1:2] != b"\0":
+            text = body.decode("utf-8", "surrogatepass")
+        else:
+            text = body.decode(json.detect_encoding(body), "surrogatepass")
+        text = text.strip(JSON_WHITESPACE)
+        value, end = _scan_json(text, 0)
+        if end != len(text):
+            raise ValueError("text after the JSON value")
+        return value
+    except (StopIteration, ValueError, UnicodeDecodeError) as exc:
         raise ParseError(f"body is not JSON ({len(body)} bytes)") from exc
     except RecursionError as exc:  # e.g. 100,000 "[": small, but deeper than Python recurses
         raise ParseError(f"body is JSON nested too deeply ({len(body)} bytes)") from exc
