@@ -1,7 +1,7 @@
 """Scheduling: when each import is polled, how many at once, and backing off.
 
-Each source gets one :class:`SourceScheduler`: a heap of (due time, import)
-and ``concurrency`` workers. An import is in the heap or in flight, never
+Each source gets one :class:`SourceScheduler`: its imports in order of when
+they are due, and ``concurrency`` workers. An import is in the heap or in flight, never
 both, so a slow import only ever holds one worker and never delays imports of
 other sources. Results go into the :class:`StateStore`; nothing is fetched at
 scrape time.
@@ -16,6 +16,7 @@ import itertools
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,7 +57,13 @@ class SourceScheduler:
         self.max_backoff = max(max_backoff, interval)
         self.clock = clock
         self.rng = rng or random.Random()
+        self._queue: deque[tuple[float, str]] = deque()
+        """Imports due no earlier than the one before: most pushes (a poll
+        done, due again an interval later), each O(1)."""
         self._heap: list[tuple[float, int, str]] = []
+        """The others (first polls spread, backoffs after a push of a later
+        time), a heap: O(log n) each. Together with :attr:`_queue` the
+        due imports, taken from whichever has the earliest first."""
         self._seq = itertools.count()
         self._scheduled: set[str] = set()
         self._failures: dict[str, int] = {}
@@ -90,7 +97,11 @@ class SourceScheduler:
 
     def _push(self, import_id: str, due: float) -> None:
         self._scheduled.add(import_id)
-        heapq.heappush(self._heap, (due, next(self._seq), import_id))
+        queue = self._queue
+        if not queue or due >= queue[-1][0]:
+            queue.append((due, import_id))
+        else:
+            heapq.heappush(self._heap, (due, next(self._seq), import_id))
         self._wakeup.set()
 
     # --- running ------------------------------------------------------------
@@ -110,26 +121,39 @@ class SourceScheduler:
 
     def _take_due(self) -> str | None:
         """The import due first, taken, if one is due and the source not held."""
-        heap = self._heap
-        while heap:
-            due, _, import_id = heap[0]
-            if import_id not in self._scheduled:
-                heapq.heappop(heap)  # removed while waiting
-                continue
-            if max(due, self._paused_until) > self.clock():
+        heap, queue, scheduled = self._heap, self._queue, self._scheduled
+        while heap and heap[0][2] not in scheduled:
+            heapq.heappop(heap)  # removed while waiting
+        while queue and queue[0][1] not in scheduled:
+            queue.popleft()
+        if heap and (not queue or heap[0][0] < queue[0][0]):
+            if max(heap[0][0], self._paused_until) > self.clock():
                 return None
-            heapq.heappop(heap)
-            return import_id
+            return heapq.heappop(heap)[2]
+        if queue:
+            if max(queue[0][0], self._paused_until) > self.clock():
+                return None
+            return queue.popleft()[1]
         return None
+
+    def _first_due(self) -> float | None:
+        """When the first import is due (None: none is waiting)."""
+        heap, queue = self._heap, self._queue
+        if heap and queue:
+            return min(heap[0][0], queue[0][0])
+        if heap:
+            return heap[0][0]
+        return queue[0][0] if queue else None
 
     async def _next_due(self) -> str:
         """Wait until an import is due (and the source is not held); take it."""
         while (import_id := self._take_due()) is None:
             self._wakeup.clear()
-            if not self._heap:
+            first = self._first_due()
+            if first is None:
                 await self._wakeup.wait()
                 continue
-            delay = max(self._heap[0][0], self._paused_until) - self.clock()
+            delay = max(first, self._paused_until) - self.clock()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wakeup.wait()

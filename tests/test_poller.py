@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.poller import BACKOFF_JITTER, MAX_RETRY_AFTER, Poller, SourceScheduler
 from exporter.state import StateStore
@@ -164,3 +167,31 @@ async def test_removed_import_is_no_longer_polled() -> None:
         assert ("s", "a") not in state.imports
     finally:
         await poller.stop()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 50).map(float), st.booleans()), min_size=1, max_size=40))
+def test_imports_are_taken_in_the_order_they_fall_due_whatever_order_they_came_in(
+    pushes: list[tuple[float, bool]],
+) -> None:
+    """Most imports are due again an interval after their poll, later than
+    every one before them (kept in a queue); backoffs and first polls may
+    fall anywhere (kept in a heap). Taken, both are one order of due times;
+    an import removed meanwhile is never taken, and none before it is due."""
+    clock = Clock(0.0)
+    ids = [str(n) for n in range(len(pushes))]
+    sched = scheduler(FakeSource("s", [], lambda _: RUNNING), clock)
+    for import_id, (due, _) in zip(ids, pushes, strict=True):
+        sched._push(import_id, due)
+    for gone, (_, removed) in zip(ids, pushes, strict=True):
+        if removed:
+            sched._scheduled.discard(gone)
+    taken: list[str] = []
+    for now in range(51):
+        clock.now = float(now)
+        while (due := sched._take_due()) is not None:
+            assert pushes[int(due)][0] <= now
+            taken.append(due)
+    kept = [i for i, (_, removed) in zip(ids, pushes, strict=True) if not removed]
+    assert sorted(taken, key=int) == kept
+    assert [pushes[int(i)][0] for i in taken] == sorted(pushes[int(i)][0] for i in kept)
