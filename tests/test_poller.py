@@ -189,9 +189,9 @@ def test_imports_are_taken_in_the_order_they_fall_due_whatever_order_they_came_i
     taken: list[str] = []
     for now in range(51):
         clock.now = float(now)
-        while (due := sched._take_due()) is not None:
-            assert pushes[int(due)][0] <= now
-            taken.append(due)
+        while (taken_id := sched._take_due()) is not None:
+            assert pushes[int(taken_id)][0] <= now
+            taken.append(taken_id)
     kept = [i for i, (_, removed) in zip(ids, pushes, strict=True) if not removed]
     assert sorted(taken, key=int) == kept
     assert [pushes[int(i)][0] for i in taken] == sorted(pushes[int(i)][0] for i in kept)
