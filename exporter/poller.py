@@ -1,10 +1,10 @@
 """Scheduling: when each import is polled, how many at once, and backing off.
 
 Each source gets one :class:`SourceScheduler`: its imports in order of when
-they are due, and ``concurrency`` workers. An import is in the heap or in flight, never
-both, so a slow import only ever holds one worker and never delays imports of
-other sources. Results go into the :class:`StateStore`; nothing is fetched at
-scrape time.
+they are due, and ``concurrency`` workers. An import waits for its poll or is
+in flight, never both and never twice, so a slow import only ever holds one
+worker and never delays imports of other sources. Results go into the
+:class:`StateStore`; nothing is fetched at scrape time.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from exporter.sources.base import ImportSpec, Source
 from exporter.state import StateStore
 
 log = logging.getLogger(__name__)
+
+Entry = tuple[float, int, str]
+"""A waiting import: when it is due, its push's generation, its id."""
 
 START_SPREAD_FRACTION = 0.1
 """First polls are spread over this fraction of the interval (at most 5 s)."""
@@ -57,15 +60,18 @@ class SourceScheduler:
         self.max_backoff = max(max_backoff, interval)
         self.clock = clock
         self.rng = rng or random.Random()
-        self._queue: deque[tuple[float, str]] = deque()
-        """Imports due no earlier than the one before: most pushes (a poll
-        done, due again an interval later), each O(1)."""
-        self._heap: list[tuple[float, int, str]] = []
-        """The others (first polls spread, backoffs after a push of a later
-        time), a heap: O(log n) each. Together with :attr:`_queue` the
-        due imports, taken from whichever has the earliest first."""
-        self._seq = itertools.count()
-        self._scheduled: set[str] = set()
+        self._queue: deque[Entry] = deque()
+        """Waiting imports due within an interval and no earlier than the one
+        before: most (a poll done, due again an interval later), each O(1)."""
+        self._heap: list[Entry] = []
+        """The other waiting imports (first polls spread, backoffs, holds), a
+        heap: O(log n) each. An import is taken from whichever of the two has
+        the earliest first."""
+        self._generations = itertools.count()
+        self._scheduled: dict[str, int] = {}
+        """Each import waiting or in flight, and the generation of its one
+        live entry: an entry of an import removed (and perhaps added again)
+        since it was pushed is skipped when it comes up."""
         self._failures: dict[str, int] = {}
         self._poll_failures = RateLimitedLog(log, interval=60.0, burst=20)
         self._paused_until = 0.0
@@ -91,17 +97,20 @@ class SourceScheduler:
 
     def remove(self, import_id: str) -> None:
         """Stop polling an import; a poll in flight has its answer dropped."""
-        self._scheduled.discard(import_id)
+        self._scheduled.pop(import_id, None)
         self._failures.pop(import_id, None)
         self.state.untrack(self.source.name, import_id)
 
     def _push(self, import_id: str, due: float) -> None:
-        self._scheduled.add(import_id)
+        generation = self._scheduled[import_id] = next(self._generations)
+        entry = (due, generation, import_id)
         queue = self._queue
-        if not queue or due >= queue[-1][0]:
-            queue.append((due, import_id))
+        # Not a long backoff at the queue's end: later polls would all go to
+        # the heap until it is taken.
+        if (not queue or due >= queue[-1][0]) and due <= self.clock() + self.interval:
+            queue.append(entry)
         else:
-            heapq.heappush(self._heap, (due, next(self._seq), import_id))
+            heapq.heappush(self._heap, entry)
         self._wakeup.set()
 
     # --- running ------------------------------------------------------------
@@ -122,9 +131,9 @@ class SourceScheduler:
     def _take_due(self) -> str | None:
         """The import due first, taken, if one is due and the source not held."""
         heap, queue, scheduled = self._heap, self._queue, self._scheduled
-        while heap and heap[0][2] not in scheduled:
+        while heap and scheduled.get(heap[0][2]) != heap[0][1]:
             heapq.heappop(heap)  # removed while waiting
-        while queue and queue[0][1] not in scheduled:
+        while queue and scheduled.get(queue[0][2]) != queue[0][1]:
             queue.popleft()
         if heap and (not queue or heap[0][0] < queue[0][0]):
             if max(heap[0][0], self._paused_until) > self.clock():
@@ -133,7 +142,7 @@ class SourceScheduler:
         if queue:
             if max(queue[0][0], self._paused_until) > self.clock():
                 return None
-            return queue.popleft()[1]
+            return queue.popleft()[2]
         return None
 
     def _first_due(self) -> float | None:
@@ -160,18 +169,20 @@ class SourceScheduler:
         return import_id
 
     async def _work(self) -> None:
-        # Workers take due imports straight from the heap: no dispatcher task
-        # and no queue hop per poll.
+        # Workers take due imports themselves: no dispatcher task and no
+        # queue hop per poll.
         while True:
             # While imports are due, no coroutine to wait for one.
             import_id = self._take_due()
             if import_id is None:
                 import_id = await self._next_due()
+            generation = self._scheduled[import_id]
             next_due = await self.poll_once(import_id)
-            if import_id not in self._scheduled:
-                continue  # removed while in flight
-            self._scheduled.discard(import_id)
-            if next_due is not None:
+            if self._scheduled.get(import_id) != generation:
+                continue  # removed while in flight (and perhaps added again: pushed then)
+            if next_due is None:
+                del self._scheduled[import_id]
+            else:
                 self._push(import_id, next_due)
 
     async def poll_once(self, import_id: str) -> float | None:
@@ -251,7 +262,7 @@ class SourceScheduler:
             hold = max(hold, min(error.retry_after, max(self.max_backoff, MAX_RETRY_AFTER)))
         self._paused_until = max(self._paused_until, now + hold)
         self._held_by = error
-        self.state.record_source_error(name, error, self._scheduled | {import_id})
+        self.state.record_source_error(name, error, self._scheduled.keys() | {import_id})
         log.warning(
             "source held: every import fails alike",
             extra=context(

@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from exporter.model import ErrorReason, Observation, SourceError, State
 from exporter.poller import BACKOFF_JITTER, MAX_RETRY_AFTER, Poller, SourceScheduler
+from exporter.sources.base import ImportSpec
 from exporter.state import StateStore
 from tests.conftest import Clock, wait_until
 from tests.fakes import FakeSource, raise_error
+from tests.test_scheduling import T0, run_at
 
 RUNNING = Observation(state=State.RUNNING, upstream_state="IN_PROGRESS")
 SUCCEEDED = Observation(state=State.SUCCEEDED, upstream_state="SUCCESS")
@@ -169,6 +171,29 @@ async def test_removed_import_is_no_longer_polled() -> None:
         await poller.stop()
 
 
+async def test_an_import_removed_and_added_again_is_polled_once_an_interval() -> None:
+    """A registration deleted and made again (DELETE, then POST) while its
+    next poll waits, or while a poll of it is in flight: one poll an
+    interval from then on, never two."""
+    clock = Clock(T0)
+    in_flight_once: list[bool] = []
+
+    def answer(import_id: str) -> Observation:
+        if import_id == "a" and not in_flight_once:
+            in_flight_once.append(True)
+            sched.remove("a")
+            sched.add(ImportSpec("a"))
+        return RUNNING
+
+    source = FakeSource("s", ["a", "b"], answer)
+    sched = scheduler(source, clock, interval=10.0)
+    sched.remove("a")
+    sched.add(ImportSpec("a"))  # while its first poll waits
+    for step in range(1, 5):
+        await run_at(sched, clock, T0 + 10.0 * step)
+    assert (source.polls["a"], source.polls["b"]) == (4, 4)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 50).map(float), st.booleans()), min_size=1, max_size=40))
 def test_imports_are_taken_in_the_order_they_fall_due_whatever_order_they_came_in(
@@ -185,7 +210,7 @@ def test_imports_are_taken_in_the_order_they_fall_due_whatever_order_they_came_i
         sched._push(import_id, due)
     for gone, (_, removed) in zip(ids, pushes, strict=True):
         if removed:
-            sched._scheduled.discard(gone)
+            sched.remove(gone)
     taken: list[str] = []
     for now in range(51):
         clock.now = float(now)
