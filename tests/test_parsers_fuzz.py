@@ -238,12 +238,14 @@ def reference_json(body: bytes) -> Any:
 # encodings (the BOMs and null bytes that json.detect_encoding reads), bare bytes.
 json_texts = st.one_of(
     st.builds(
-        lambda value, before, after, encoding: (before + json.dumps(value) + after).encode(
-            encoding
-        ),
+        lambda value, ascii_only, before, after, encoding: (
+            before + json.dumps(value, ensure_ascii=ascii_only) + after
+        ).encode(encoding, "surrogatepass"),
         json_values,
-        st.sampled_from(["", " ", "\n\t\r "]),
-        st.sampled_from(["", " ", "\n", " x", "}", "{}", "\x00"]),
+        st.booleans(),
+        # JSON's whitespace, and what is whitespace to str.strip but not to JSON.
+        st.sampled_from(["", " ", "\n\t\r ", "\x0c", "\xa0", "\u2028"]),
+        st.sampled_from(["", " ", "\n", " x", "}", "{}", "\x00", "\x0b", "\x85", "\u3000"]),
         st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"]),
     ),
     st.sampled_from(

@@ -355,8 +355,7 @@ def test_sqlite_prepares_a_few_statement_sizes_whatever_the_batch() -> None:
 
 
 def test_rows_in_any_order_and_of_several_sources_are_all_kept(storage: Storage) -> None:
-    """SQLite writes a batch in key order (cheaper B-tree work); what is
-    stored does not depend on the order the rows came in."""
+    """What is stored does not depend on the order the rows come in."""
     rows = [
         to_row(ImportRecord(source=source, import_id=import_id, system="elevate", name=name))
         for source, import_id, name in [
@@ -375,6 +374,8 @@ def test_rows_in_any_order_and_of_several_sources_are_all_kept(storage: Storage)
 
 
 def test_sqlite_keeps_the_last_row_of_a_key_given_twice(sqlite_storage: Storage) -> None:
+    """``refresh`` (what polls learnt) is written before ``rows`` (a
+    registration's): of a key in both, the registration's row stays."""
     first, last = to_row(record("1", name="first")), to_row(record("1", name="last"))
     sqlite_storage.write([to_row(record("2")), last], refresh=[first, to_row(record("0"))])
     assert {r.import_id: r.name for r in sqlite_storage.load()}["1"] == "last"
