@@ -379,3 +379,19 @@ def test_sqlite_keeps_the_last_row_of_a_key_given_twice(sqlite_storage: Storage)
     first, last = to_row(record("1", name="first")), to_row(record("1", name="last"))
     sqlite_storage.write([to_row(record("2")), last], refresh=[first, to_row(record("0"))])
     assert {r.import_id: r.name for r in sqlite_storage.load()}["1"] == "last"
+
+
+def test_a_row_holds_only_values_sqlite_binds_as_they_are() -> None:
+    """An enum member (a str subclass) is bound only after sqlite3's failed
+    adapter lookup, which formats an AttributeError: rows hold plain values."""
+    full = record(
+        "1",
+        name="n",
+        observation=Observation(State.FAILED, "FAILURE", "step", "why", 1, 2, 3, 4.0, 5.0),
+        first_seen=1.0,
+        last_error="HTTP 500",
+        last_error_reason=ErrorReason.SERVER_ERROR,
+        last_error_at=4.0,
+        confirmed_final=True,
+    )
+    assert {type(value) for value in to_row(full)} <= {str, int, float, type(None)}

@@ -181,6 +181,14 @@ class SharedStorage(Storage, Protocol):
         and the other processes told, when it returns."""
 
 
+_PLAIN: dict[str, str] = {
+    member: member.value for kind in (State, Origin, ErrorReason) for member in kind
+}
+"""Each enum member's value as a plain ``str``: sqlite3 binds an exact str at
+once, but a ``StrEnum`` member only after a failed adapter lookup that formats
+an AttributeError (0.3 us a row); and ``.value`` is a Python-level property."""
+
+
 def to_row(record: ImportRecord) -> Row:
     """A record as a row; built on the event loop, so it is a consistent snapshot."""
     obs = record.observation
@@ -189,8 +197,8 @@ def to_row(record: ImportRecord) -> Row:
         record.import_id,
         record.system,
         record.name,
-        record.origin,
-        obs.state.value if obs else None,
+        _PLAIN[record.origin],
+        _PLAIN[obs.state] if obs else None,
         obs.upstream_state if obs else None,
         obs.step if obs else None,
         obs.reason if obs else None,
@@ -206,7 +214,7 @@ def to_row(record: ImportRecord) -> Row:
         record.seen_finished_at,
         record.last_success,
         record.last_error,
-        record.last_error_reason.value if record.last_error_reason else None,
+        _PLAIN[record.last_error_reason] if record.last_error_reason else None,
         record.last_error_at,
         int(record.confirmed_final),
         record.last_attempt,
