@@ -299,21 +299,25 @@ def test_a_gzipped_body_is_joined_in_batches_by_the_gzip_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The event loop hands the gzip thread each batch's parts as they are:
-    the copy of every body into batches is not the loop's."""
-    joined_in: list[tuple[str, int]] = []
+    the copy of every body into batches is not the loop's. The batches of
+    one body are copied into one buffer, grown when a batch is larger."""
+    joined_in: list[tuple[str, int, int]] = []
     compress_joined = exposition._compress_joined
 
-    def watched(compressor: Any, parts: list[bytes], last: bool = False) -> bytes:
-        joined_in.append((threading.current_thread().name, len(parts)))
-        return compress_joined(compressor, parts, last)
+    def watched(
+        compressor: Any, parts: list[bytes], scratch: bytearray, last: bool = False
+    ) -> bytes:
+        joined_in.append((threading.current_thread().name, len(parts), id(scratch)))
+        return compress_joined(compressor, parts, scratch, last)
 
     monkeypatch.setattr(exposition, "_compress_joined", watched)
     monkeypatch.setattr(exposition, "GZIP_BATCH", 3000)
-    parts = [bytes([65 + n]) * 1000 for n in range(10)]
+    parts = [bytes([65 + n]) * 1000 for n in range(7)] + [b"big" * 3000, b"end" * 10]
     body = asyncio.run(exposition.build_body(iter(parts), gzipped=True))
     assert gzip.decompress(body) == b"".join(parts)
-    assert [count for _, count in joined_in] == [3, 3, 3, 1]
-    assert all(name.startswith("gzip") for name, _ in joined_in)
+    assert [count for _, count, _ in joined_in] == [3, 3, 2, 1]
+    assert all(name.startswith("gzip") for name, _, _ in joined_in)
+    assert len({buffer for _, _, buffer in joined_in}) == 1
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
