@@ -295,6 +295,30 @@ def test_a_body_joined_or_gzipped_in_batches_is_the_whole_body(
     assert asyncio.run(exposition.build_body(iter(parts), gzipped=False)) == whole
 
 
+def test_long_lines_are_joined_in_parts_of_about_join_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each part stays below the size that ``mmap`` serves (fresh pages each
+    scrape): an import's nine ``import_state`` lines with long ids make
+    parts of fewer imports."""
+    monkeypatch.setattr(exposition, "JOIN_BYTES", 20_000)
+    state = StateStore(clock=Clock())
+    state.add_source("elevate", "elevate", 30.0)
+    lines = ImportLines(state)
+    for n in range(200):
+        import_id = f"{n:03}-" + "x" * 200
+        state.track("elevate", import_id)
+        state.record_observation("elevate", import_id, Observation(State.RUNNING, "IN_PROGRESS"))
+    lines.take_changes()
+    encoder, content_type = choose_encoder(TEXT)
+    parts = list(lines.render(encoder, content_type, frozenset({"import_state"})))
+    longest_line = max(len(line) for line in b"".join(parts).splitlines(keepends=True))
+    assert len(parts) > 20
+    assert max(len(part) for part in parts[1:]) <= 20_000 + longest_line
+    body = b"".join(parts).decode()
+    assert stable_lines(body) == stable_lines(ours(lines, TEXT, ("import_state",)))
+
+
 def test_a_gzipped_body_is_joined_in_batches_by_the_gzip_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
