@@ -6,8 +6,8 @@ object changes, and a scrape writes the stored bytes family by family. Here
 the state names the imports that changed (:meth:`StateStore.take_unrendered`);
 a scrape renders those again on the event loop, a slice at a time
 (:meth:`ImportLines.refresh`), then joins every family's bytes with C-level
-joins, also on the loop a slice at a time, while a worker thread copies
-those in batches into one buffer and gzips
+joins, also on the loop a slice at a time, copied into batches that a
+worker thread gzips
 (:meth:`ImportLines.render`, :func:`build_body`).
 
 What moves with time on its own, a running import's
@@ -30,12 +30,13 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import mmap
 import os
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import compress, islice, repeat
 from operator import itemgetter, sub
 from typing import cast
@@ -461,12 +462,13 @@ def render_metrics(
     return b"".join(render_parts(registry, encoder, content_type, imports, names))
 
 
-GZIP_BATCH = 4 * 1024 * 1024
-"""Bytes of parts gzipped by one call. ISA-L (like zlib) releases the GIL
-while it compresses, and the thread then waits up to a switch interval to
-take it back from a busy event loop: one call per part (650 at 100,000
-imports) made a render under polling five times as long as on an idle
-process."""
+GZIP_BATCH = 8 * 1024 * 1024
+"""Bytes of a body compressed by one call in the gzip thread. ISA-L (like
+zlib) releases the GIL while it compresses, and the thread then waits up to
+a switch interval to take it back from a busy event loop: one call per part
+(650 at 100,000 imports) made a render under polling five times as long as
+on an idle process. At 100,000 imports (a 147 MB body) scraped back to
+back, a scrape's p99 was 2.03 s with batches of 4 MB, 1.77 s with 8 MB."""
 
 
 def gzip_body(body: bytes, level: int = GZIP_LEVEL) -> bytes:
@@ -489,57 +491,104 @@ async def build_body(
     then: Awaitable[bytes] | None = None,
 ) -> bytearray:
     """``parts`` (made as they are taken: C-level joins of kept lines) joined,
-    gzipped if asked. The parts are made on the event loop a slice at a time;
-    a worker thread (of lower priority, see :data:`GZIP_NICENESS`) copies
-    about :data:`GZIP_BATCH` bytes of them a call into one buffer and
-    compresses them, while the loop makes the next batch.
+    gzipped if asked. The parts are made on the event loop a slice at a time
+    and, gzipped, copied there at once into a batch of :data:`GZIP_BATCH`
+    bytes, which a worker thread (of lower priority, see
+    :data:`GZIP_NICENESS`) compresses while the loop fills the next one.
 
     Not the whole render in a thread: while a thread wants the GIL for its
     joins of many small lines, the loop gives it up at each of its many
     system calls and waits up to a switch interval to get it back (the
     convoy effect), which cut polling under back-to-back scrapes by a third
-    at 100,000 imports. A batch's copy (a few memcpy calls under the GIL,
-    about a millisecond for 4 MB) and its compression (without the GIL)
-    take it a few times a batch. Joining batches on the loop instead cost it a second copy
-    of every body: at 100,000 imports, polls/s under back-to-back scrapes
-    were 0.71 of those without, against 0.76 (scrape p50 1.41 s, against
-    1.6 s: the thread does more, at a lower priority). ``then``: the
-    last part, made elsewhere (the registry's families, by collectors that
-    may block, in a worker thread)."""
-    loop = asyncio.get_running_loop()
-    compressor = _gzip_compressor(level) if gzipped else None
+    at 100,000 imports. The thread needs the GIL only to start and finish a
+    batch. The loop copies each part while it is in the cache, and it is
+    freed at once; copied in the thread, under the GIL, the copies held the
+    loop up, and the parts waiting for them made the heap grow. ``then``:
+    the last part, made elsewhere (the registry's families, by collectors
+    that may block, in a worker thread)."""
+    if not gzipped:
+        return await _joined(await _collected(parts, then))
+    compressor = _gzip_compressor(level)
     out: list[bytes] = []
-    batch: list[bytes] = []
-    size = 0
-    compressing: asyncio.Future[bytes] | None = None
-    scratch = bytearray()  # every batch's parts are copied into it, one after another
+    batches = [_Batch()]
+    filling = batches[0]
+    in_thread: tuple[Future[bytes], _Batch] | None = None
+    try:
+        yielded = time.perf_counter()
+        for part in _then_last(parts, then):
+            rest = memoryview(await part if not isinstance(part, bytes) else part)
+            while len(rest := filling.add(rest)):
+                free = None
+                if in_thread is not None:
+                    out.append(await asyncio.wrap_future(in_thread[0]))
+                    free = in_thread[1].emptied()
+                in_thread = (_gzip_thread().submit(_compress_batch, compressor, filling), filling)
+                if free is None:
+                    free = _Batch()
+                    batches.append(free)
+                filling = free
+            if time.perf_counter() - yielded >= LOOP_SLICE_SECONDS:
+                await asyncio.sleep(0)
+                yielded = time.perf_counter()
+        if in_thread is not None:
+            out.append(await asyncio.wrap_future(in_thread[0]))
+        in_thread = (_gzip_thread().submit(_compress_batch, compressor, filling, True), filling)
+        out.append(await asyncio.wrap_future(in_thread[0]))
+        in_thread = None
+    finally:
+        for batch in batches:
+            if in_thread is not None and batch is in_thread[1]:
+                # Cancelled: closed when the thread is done with it, not under it.
+                in_thread[0].add_done_callback(functools.partial(_close_batch, batch))
+            else:
+                batch.close()
+    return await _joined(out)
+
+
+def _then_last(
+    parts: Iterable[bytes], then: Awaitable[bytes] | None
+) -> Iterator[bytes | Awaitable[bytes]]:
+    yield from parts
+    if then is not None:
+        yield then
+
+
+async def _collected(parts: Iterable[bytes], then: Awaitable[bytes] | None) -> list[bytes]:
+    """``parts`` taken on the event loop, yielding to it between slices."""
+    taken: list[bytes] = []
     yielded = time.perf_counter()
     for part in parts:
-        batch.append(part)
-        size += len(part)
-        if compressor is not None and size >= GZIP_BATCH:
-            if compressing is not None:
-                out.append(await compressing)  # calls in order: the stream is one
-            compressing = loop.run_in_executor(
-                _gzip_thread(), _compress_joined, compressor, batch, scratch
-            )
-            batch = []
-            size = 0
+        taken.append(part)
         if time.perf_counter() - yielded >= LOOP_SLICE_SECONDS:
             await asyncio.sleep(0)
             yielded = time.perf_counter()
     if then is not None:
-        batch.append(await then)
-    if compressor is None:
-        return await _joined(batch)
-    if compressing is not None:
-        out.append(await compressing)
-    out.append(
-        await loop.run_in_executor(
-            _gzip_thread(), _compress_joined, compressor, batch, scratch, True
-        )
-    )
-    return await _joined(out)
+        taken.append(await then)
+    return taken
+
+
+class _Batch:
+    """:data:`GZIP_BATCH` bytes of memory that parts are copied into: an
+    anonymous map, whose pages the kernel provides as they are first written
+    and takes back at :meth:`close` (a body's batches are two, reused)."""
+
+    def __init__(self) -> None:
+        self.memory = mmap.mmap(-1, GZIP_BATCH)
+        self.used = 0
+
+    def add(self, part: memoryview) -> memoryview:
+        """Copies what fits of ``part``; returns the rest (empty: all fitted)."""
+        size = min(GZIP_BATCH - self.used, len(part))
+        self.memory[self.used : self.used + size] = part[:size]
+        self.used += size
+        return part[size:]
+
+    def emptied(self) -> _Batch:
+        self.used = 0
+        return self
+
+    def close(self) -> None:
+        self.memory.close()
 
 
 GZIP_NICENESS = 10
@@ -566,28 +615,15 @@ def _compress_last(compressor: isal_zlib.Compress, data: bytes | memoryview) -> 
     return compressor.compress(data) + compressor.flush()
 
 
-def _compress_joined(
-    compressor: isal_zlib.Compress, parts: list[bytes], scratch: bytearray, last: bool = False
-) -> bytes:
-    """``parts`` copied into ``scratch`` and compressed, in the gzip thread.
+def _close_batch(batch: _Batch, _done: Future[bytes]) -> None:
+    batch.close()
 
-    One buffer for every batch of a body, not a join's new one per batch:
-    memory that large comes fresh from ``mmap`` (see
-    :func:`return_large_buffers_to_the_os`), and the kernel's zeroing and
-    faulting in of its pages cost more than the copy. At 100,000 imports (a
-    147 MB body) a render took 200 ms of CPU and 46,000 page faults; with
-    one buffer, 130 ms and 9,000."""
-    size = sum(map(len, parts))
-    if len(scratch) < size:
-        scratch.extend(bytes(size - len(scratch)))
-    with memoryview(scratch) as view:
-        at = 0
-        for part in parts:
-            view[at : at + len(part)] = part
-            at += len(part)
-        parts.clear()
-        with view[:size] as data:
-            return _compress_last(compressor, data) if last else compressor.compress(data)
+
+def _compress_batch(compressor: isal_zlib.Compress, batch: _Batch, last: bool = False) -> bytes:
+    """What ``batch`` holds, compressed, in the gzip thread (without the GIL
+    but to start and to finish)."""
+    with memoryview(batch.memory) as memory, memory[: batch.used] as data:
+        return _compress_last(compressor, data) if last else compressor.compress(data)
 
 
 async def _joined(parts: list[bytes]) -> bytearray:

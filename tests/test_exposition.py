@@ -319,29 +319,58 @@ def test_long_lines_are_joined_in_parts_of_about_join_bytes(
     assert stable_lines(body) == stable_lines(ours(lines, TEXT, ("import_state",)))
 
 
-def test_a_gzipped_body_is_joined_in_batches_by_the_gzip_thread(
+def test_a_gzipped_body_is_compressed_in_batches_by_the_gzip_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The event loop hands the gzip thread each batch's parts as they are:
-    the copy of every body into batches is not the loop's. The batches of
-    one body are copied into one buffer, grown when a batch is larger."""
-    joined_in: list[tuple[str, int, int]] = []
-    compress_joined = exposition._compress_joined
+    """The event loop copies the parts into batches of ``GZIP_BATCH`` bytes
+    (a part larger than the room left spans two), and the gzip thread
+    compresses each; a body's batches are two buffers, reused."""
+    compressed_in: list[tuple[str, int, int]] = []
+    compress_batch = exposition._compress_batch
 
-    def watched(
-        compressor: Any, parts: list[bytes], scratch: bytearray, last: bool = False
-    ) -> bytes:
-        joined_in.append((threading.current_thread().name, len(parts), id(scratch)))
-        return compress_joined(compressor, parts, scratch, last)
+    def watched(compressor: Any, batch: Any, last: bool = False) -> bytes:
+        compressed_in.append((threading.current_thread().name, batch.used, id(batch)))
+        return compress_batch(compressor, batch, last)
 
-    monkeypatch.setattr(exposition, "_compress_joined", watched)
+    monkeypatch.setattr(exposition, "_compress_batch", watched)
     monkeypatch.setattr(exposition, "GZIP_BATCH", 3000)
     parts = [bytes([65 + n]) * 1000 for n in range(7)] + [b"big" * 3000, b"end" * 10]
     body = asyncio.run(exposition.build_body(iter(parts), gzipped=True))
     assert gzip.decompress(body) == b"".join(parts)
-    assert [count for _, count, _ in joined_in] == [3, 3, 2, 1]
-    assert all(name.startswith("gzip") for name, _, _ in joined_in)
-    assert len({buffer for _, _, buffer in joined_in}) == 1
+    assert [used for _, used, _ in compressed_in] == [3000] * 5 + [1030]
+    assert all(name.startswith("gzip") for name, _, _ in compressed_in)
+    assert len({batch for _, _, batch in compressed_in}) == 2
+
+
+async def test_a_body_cancelled_while_a_batch_is_compressed_frees_it_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scrape's render cancelled (the exporter stopping) while the thread
+    compresses a batch: the batch is closed once the thread is done with it,
+    not under it."""
+    started, release = threading.Event(), threading.Event()
+    batches: list[Any] = []
+    compress_batch = exposition._compress_batch
+
+    def slow(compressor: Any, batch: Any, last: bool = False) -> bytes:
+        batches.append(batch)
+        started.set()
+        release.wait(10)
+        return compress_batch(compressor, batch, last)
+
+    monkeypatch.setattr(exposition, "_compress_batch", slow)
+    monkeypatch.setattr(exposition, "GZIP_BATCH", 1000)
+    parts = [b"x" * 1000] * 4
+    body = asyncio.create_task(exposition.build_body(iter(parts), gzipped=True))
+    await asyncio.to_thread(started.wait, 10)
+    body.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await body
+    assert not batches[0].memory.closed
+    release.set()
+    async with asyncio.timeout(10):
+        while not batches[0].memory.closed:
+            await asyncio.sleep(0.01)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
