@@ -162,7 +162,7 @@ async def served_cost(
     lines: ImportLines, encoder: Any, content_type: str, repeat: int
 ) -> dict[str, Any]:
     """A gzipped body as ``/metrics`` makes it (:func:`build_body`: the
-    loop's joins, the gzip thread's copies and compression): the median
+    loop's joins and copies into batches, the gzip thread's compression): the median
     CPU time of the process and page faults per body (fresh memory is
     zeroed and faulted in by the kernel, on the CPU of a render)."""
 

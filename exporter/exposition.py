@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import compress, islice, repeat
+from itertools import compress, repeat
 from operator import itemgetter, sub
 from typing import cast
 
@@ -185,14 +185,16 @@ JOIN_BYTES = 256 * 1024
 :data:`MMAP_THRESHOLD`, so each part's memory comes from the heap, reused
 part after part, not fresh from ``mmap``, zeroed and faulted in by the
 kernel page by page. At 100,000 imports a gzipped body took 177 ms of CPU
-and 24,000 page faults in parts of 2,048 imports, 125 ms and 3,900 in parts
-of 512 (``bench/scrape.py``)."""
+and 24,000 page faults in parts of 2,048 imports, 125-133 ms and 4,000-11,000
+in parts of 512 (``bench/scrape.py``)."""
 
 
 def _slice_of(lines: Sequence[Line]) -> int:
     """Imports per join of a family's lines: :data:`JOIN_BYTES` worth, judged
-    by the longest of its first lines (long ids make every line long)."""
-    longest = max((len(line) for line in islice(lines, 16) if isinstance(line, bytes)), default=0)
+    by the longest of 16 lines spread over the family (long ids make every
+    line of an import long)."""
+    spread = lines[:: max(1, len(lines) // 16)]
+    longest = max((len(line if isinstance(line, bytes) else line[0]) for line in spread), default=0)
     return max(1, min(JOIN_SLICE, JOIN_BYTES // max(longest, 1)))
 
 
@@ -513,23 +515,32 @@ async def build_body(
     batches = [_Batch()]
     filling = batches[0]
     in_thread: tuple[Future[bytes], _Batch] | None = None
+
+    async def copy(part: bytes) -> None:
+        """``part`` into the batch being filled; each batch that fills up to
+        the thread (once the one before is back), the other filled next."""
+        nonlocal filling, in_thread
+        rest = memoryview(part)
+        while len(rest := filling.add(rest)):
+            free = None
+            if in_thread is not None:
+                out.append(await asyncio.wrap_future(in_thread[0]))
+                free = in_thread[1].emptied()
+            in_thread = (_gzip_thread().submit(_compress_batch, compressor, filling), filling)
+            if free is None:
+                free = _Batch()
+                batches.append(free)
+            filling = free
+
     try:
         yielded = time.perf_counter()
-        for part in _then_last(parts, then):
-            rest = memoryview(await part if not isinstance(part, bytes) else part)
-            while len(rest := filling.add(rest)):
-                free = None
-                if in_thread is not None:
-                    out.append(await asyncio.wrap_future(in_thread[0]))
-                    free = in_thread[1].emptied()
-                in_thread = (_gzip_thread().submit(_compress_batch, compressor, filling), filling)
-                if free is None:
-                    free = _Batch()
-                    batches.append(free)
-                filling = free
+        for part in parts:
+            await copy(part)
             if time.perf_counter() - yielded >= LOOP_SLICE_SECONDS:
                 await asyncio.sleep(0)
                 yielded = time.perf_counter()
+        if then is not None:
+            await copy(await then)
         if in_thread is not None:
             out.append(await asyncio.wrap_future(in_thread[0]))
         in_thread = (_gzip_thread().submit(_compress_batch, compressor, filling, True), filling)
@@ -543,14 +554,6 @@ async def build_body(
             else:
                 batch.close()
     return await _joined(out)
-
-
-def _then_last(
-    parts: Iterable[bytes], then: Awaitable[bytes] | None
-) -> Iterator[bytes | Awaitable[bytes]]:
-    yield from parts
-    if then is not None:
-        yield then
 
 
 async def _collected(parts: Iterable[bytes], then: Awaitable[bytes] | None) -> list[bytes]:
@@ -570,7 +573,9 @@ async def _collected(parts: Iterable[bytes], then: Awaitable[bytes] | None) -> l
 class _Batch:
     """:data:`GZIP_BATCH` bytes of memory that parts are copied into: an
     anonymous map, whose pages the kernel provides as they are first written
-    and takes back at :meth:`close` (a body's batches are two, reused)."""
+    and takes back at :meth:`close`. A body's batches are two, reused; not
+    kept from body to body, which would keep 16 MB for good (1.6 KB an
+    import at 10,000) to save about 4,000 page faults a large body."""
 
     def __init__(self) -> None:
         self.memory = mmap.mmap(-1, GZIP_BATCH)

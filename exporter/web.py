@@ -245,8 +245,8 @@ def metrics_handler(
     """``/metrics`` like ``prometheus_client.aiohttp.make_aiohttp_handler``
     (the same encoders, content negotiation and ``name[]`` filter), with the
     per-import families from ``imports`` (kept rendered), joined on the event
-    loop a slice at a time, those slices joined in batches and gzipped in a
-    worker thread, so polls never wait long on a scrape
+    loop a slice at a time, those slices copied into batches that a worker
+    thread gzips, so polls never wait long on a scrape
     (:func:`~exporter.exposition.build_body`). Scrapes
     that arrive while a render of the same kind is running share it, gzip
     included.

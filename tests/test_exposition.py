@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gzip
+import logging
 import os
 import random
 import shutil
@@ -268,8 +269,7 @@ def test_a_body_joined_or_gzipped_in_batches_is_the_whole_body(
     accept: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What ``/metrics`` serves: every family's lines in slices of a few
-    imports (running ones too), copied or gzipped a batch at a time on the
-    event loop."""
+    imports (running ones too), joined, or gzipped a batch at a time."""
     monkeypatch.setattr(exposition, "JOIN_SLICE", 3)
     clock = Clock()
     state = StateStore(clock=clock)
@@ -342,22 +342,44 @@ def test_a_gzipped_body_is_compressed_in_batches_by_the_gzip_thread(
     assert len({batch for _, _, batch in compressed_in}) == 2
 
 
-async def test_a_body_cancelled_while_a_batch_is_compressed_frees_it_after(
+async def test_a_gzipped_body_ends_with_the_registry_part_and_may_be_empty(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """``then`` (the registry's families, made in another thread) comes last,
+    even when larger than a batch; a body of nothing is a valid gzip."""
+    monkeypatch.setattr(exposition, "GZIP_BATCH", 1000)
+    loop = asyncio.get_running_loop()
+    registry_part: asyncio.Future[bytes] = loop.create_future()
+    loop.call_soon(registry_part.set_result, b"registry " * 500)
+    parts = [b"lines " * 300, b"more " * 100]
+    body = await exposition.build_body(iter(parts), gzipped=True, then=registry_part)
+    assert gzip.decompress(body) == b"".join(parts) + b"registry " * 500
+    assert gzip.decompress(await exposition.build_body(iter([]), gzipped=True)) == b""
+
+
+async def test_a_body_cancelled_while_a_batch_is_compressed_frees_it_after(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A scrape's render cancelled (the exporter stopping) while the thread
-    compresses a batch: the batch is closed once the thread is done with it,
-    not under it."""
+    compresses a batch: the other batch is closed at once, that one once the
+    thread is done with it, not under it."""
     started, release = threading.Event(), threading.Event()
-    batches: list[Any] = []
+    compressed: list[Any] = []
+    made: list[Any] = []
     compress_batch = exposition._compress_batch
 
+    class Batch(exposition._Batch):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
     def slow(compressor: Any, batch: Any, last: bool = False) -> bytes:
-        batches.append(batch)
+        compressed.append(batch)
         started.set()
         release.wait(10)
         return compress_batch(compressor, batch, last)
 
+    monkeypatch.setattr(exposition, "_Batch", Batch)
     monkeypatch.setattr(exposition, "_compress_batch", slow)
     monkeypatch.setattr(exposition, "GZIP_BATCH", 1000)
     parts = [b"x" * 1000] * 4
@@ -366,11 +388,13 @@ async def test_a_body_cancelled_while_a_batch_is_compressed_frees_it_after(
     body.cancel()
     with pytest.raises(asyncio.CancelledError):
         await body
-    assert not batches[0].memory.closed
+    (in_thread,) = compressed
+    assert [batch.memory.closed for batch in made] == [batch is not in_thread for batch in made]
     release.set()
     async with asyncio.timeout(10):
-        while not batches[0].memory.closed:
+        while not in_thread.memory.closed:
             await asyncio.sleep(0.01)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
