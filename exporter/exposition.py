@@ -35,11 +35,11 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import compress, repeat
 from operator import itemgetter, sub
-from typing import cast
+from typing import TypeVar, cast
 
 from isal import isal_zlib
 from prometheus_client import utils
@@ -51,6 +51,7 @@ from exporter.model import PENDING, State
 from exporter.state import ImportKey, ImportRecord, StateStore
 
 Encoder = Callable[[Collector], bytes]
+T = TypeVar("T")
 floatToGoString = cast(Callable[[float], str], utils.floatToGoString)
 
 GZIP_LEVEL = 1
@@ -487,6 +488,17 @@ LOOP_SLICE_SECONDS = 0.002
 """How long :func:`build_body` works on the event loop before yielding to it."""
 
 
+async def _paced(items: Iterable[T]) -> AsyncIterator[T]:
+    """``items``, yielding to the event loop whenever the work on them (the
+    caller's, between two items) has taken :data:`LOOP_SLICE_SECONDS`."""
+    yielded = time.perf_counter()
+    for item in items:
+        yield item
+        if time.perf_counter() - yielded >= LOOP_SLICE_SECONDS:
+            await asyncio.sleep(0)
+            yielded = time.perf_counter()
+
+
 async def build_body(
     parts: Iterable[bytes],
     gzipped: bool,
@@ -534,12 +546,8 @@ async def build_body(
             filling = free
 
     try:
-        yielded = time.perf_counter()
-        for part in parts:
+        async for part in _paced(parts):
             await copy(part)
-            if time.perf_counter() - yielded >= LOOP_SLICE_SECONDS:
-                await asyncio.sleep(0)
-                yielded = time.perf_counter()
         if then is not None:
             await copy(await then)
         if in_thread is not None:
@@ -559,13 +567,7 @@ async def build_body(
 
 async def _collected(parts: Iterable[bytes], then: Awaitable[bytes] | None) -> list[bytes]:
     """``parts`` taken on the event loop, yielding to it between slices."""
-    taken: list[bytes] = []
-    yielded = time.perf_counter()
-    for part in parts:
-        taken.append(part)
-        if time.perf_counter() - yielded >= LOOP_SLICE_SECONDS:
-            await asyncio.sleep(0)
-            yielded = time.perf_counter()
+    taken = [part async for part in _paced(parts)]
     if then is not None:
         taken.append(await then)
     return taken
@@ -635,13 +637,9 @@ def _compress_batch(compressor: isal_zlib.Compress, batch: _Batch, last: bool = 
 async def _joined(parts: list[bytes]) -> bytearray:
     """``parts`` as one buffer, copied on the loop a slice at a time."""
     body = bytearray()
-    yielded = time.perf_counter()
-    for index, part in enumerate(parts):
+    async for index, part in _paced(enumerate(parts)):
         body += part
         parts[index] = _EMPTY
-        if time.perf_counter() - yielded >= LOOP_SLICE_SECONDS:
-            await asyncio.sleep(0)
-            yielded = time.perf_counter()
     return body
 
 
