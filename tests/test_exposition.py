@@ -8,6 +8,7 @@ import asyncio
 import functools
 import gzip
 import logging
+import math
 import os
 import random
 import shutil
@@ -203,6 +204,35 @@ def test_running_durations_move_with_the_clock_alone(busy: ImportLines) -> None:
     running = ("import_duration_seconds", frozenset({("source", "elevate-prod"), ("import", "0")}))
     assert (*running, 0.0) in first[2]
     assert (*running, 12.5) in second[2]
+
+
+@pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
+def test_running_durations_of_any_age_equal_the_reference(accept: str) -> None:
+    """Durations as prometheus_client writes them, whether the upstream's start
+    is ahead of our clock (0, never negative), fractional, or a million
+    seconds or more ago (where Go's float format switches to an exponent)."""
+    clock = Clock()
+    clock.now = 1_700_000_000.123456
+    state = StateStore(clock=clock)
+    state.add_source("elevate-prod", "elevate", 30.0)
+    for import_id, ago in [("ahead", -5.0), ("fresh", 0.1234567), ("day", 86_400.5)]:
+        state.track("elevate-prod", import_id)
+        started = clock.now - ago
+        running = Observation(State.RUNNING, "IN_PROGRESS", started_at=started)
+        state.record_observation("elevate-prod", import_id, running)
+    lines = ImportLines(state)
+    assert_same(lines, accept)
+    durations = series(ours(lines, accept), accept)["import_duration_seconds"][2]
+    ahead = (
+        "import_duration_seconds",
+        frozenset({("source", "elevate-prod"), ("import", "ahead")}),
+    )
+    assert (*ahead, 0.0) in durations
+    for ago in (999_999.5, 1e6, 3e7):
+        state.track("elevate-prod", f"{ago}")
+        old = Observation(State.RUNNING, "IN_PROGRESS", started_at=clock.now - ago)
+        state.record_observation("elevate-prod", f"{ago}", old)
+        assert_same(lines, accept)
 
 
 @pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
@@ -415,6 +445,9 @@ def test_remembered_number_texts_are_prometheus_clients() -> None:
     values += [1_700_000_000.123, 1e16, 1e-5, -3.5, float("inf"), float("-inf"), float("nan")]
     rng = random.Random(3)
     values += [rng.uniform(-1e10, 1e10) for _ in range(200)] * 2
+    values += [1e15 + 0.5, 1e16, 1.5e16, 1e22, 5e-324, -1.7e9, 1_700_000_000.0]
+    values += [math.ldexp(rng.random(), rng.randint(-1074, 1023)) for _ in range(2000)]
+    values += [rng.uniform(1e6, 1e16) for _ in range(2000)]
     for value in values:
         assert exposition.go_float(value) == exposition.floatToGoString(value), value
 
