@@ -93,7 +93,7 @@ def _go_text(value: float) -> str:
     dot = text.find(".")
     if dot > 6 and value > 0:
         return (text[0] + "." + text[1:dot] + text[dot + 1 :]).rstrip("0.") + _GO_EXPONENTS[dot]
-    if dot < 0:  # inf, nan, or an exponent already
+    if dot < 0:  # inf, nan, an exponent already, or an int
         return floatToGoString(value)
     return text
 
@@ -433,10 +433,10 @@ class ImportLines:
 
 
 def _running_lines(running: Sequence[Running], now: float) -> bytes:
-    """The duration lines of (at least one) running imports, at ``now``:
+    """The duration lines of running imports (at least one), at ``now``:
     C-level maps only."""
-    # Not zip(*running): an iterator per line, each tracked by the cyclic GC,
-    # set off a collection every ~2,000 lines (a full one, now and then).
+    # Not zip(*running): it makes an iterator per line, each tracked by the
+    # cyclic GC, which then collects every ~700 lines.
     prefixes = list(map(itemgetter(0), running))
     starts = list(map(itemgetter(1), running))
     took: Iterable[float] = map(sub, repeat(now), starts)
@@ -444,9 +444,7 @@ def _running_lines(running: Sequence[Running], now: float) -> bytes:
         took = map(max, took, repeat(0.0))
     if now - min(starts) < 1e6:
         # Below 1e6, repr is floatToGoString (which switches to an exponent
-        # from seven integer digits): one C-level formatting per line, a
-        # quarter faster than repr, encode and add (50,000 lines: 44 ms
-        # against 58).
+        # from seven integer digits): one C-level formatting per line.
         return b"".join(map(b"%b%r\n".__mod__, zip(prefixes, took, strict=True)))
     texts = map(str.encode, map(floatToGoString, took))
     return b"\n".join(map(bytes.__add__, prefixes, texts)) + b"\n"

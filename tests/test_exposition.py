@@ -445,9 +445,9 @@ def test_remembered_number_texts_are_prometheus_clients() -> None:
     values += [1_700_000_000.123, 1e16, 1e-5, -3.5, float("inf"), float("-inf"), float("nan")]
     rng = random.Random(3)
     values += [rng.uniform(-1e10, 1e10) for _ in range(200)] * 2
-    values += [1e15 + 0.5, 1e16, 1.5e16, 1e22, 5e-324, -1.7e9, 1_700_000_000.0]
+    values += [1e15 + 0.5, 1.5e16, 1e22, 5e-324, -1.7e9, 1_700_000_000.0]
     values += [math.ldexp(rng.random(), rng.randint(-1074, 1023)) for _ in range(2000)]
-    values += [rng.uniform(1e6, 1e16) for _ in range(2000)]
+    values += [10 ** rng.uniform(6, 16) for _ in range(2000)]
     for value in values:
         assert exposition.go_float(value) == exposition.floatToGoString(value), value
 
