@@ -20,12 +20,16 @@ from yarl import URL
 from exporter.config import CONTROL_CHARACTERS, SourceConfig
 from exporter.model import ErrorReason, Observation, ParseError, SourceError
 from exporter.redact import redact
+from exporter.sources.deadlines import Deadlines
 
 MAX_DEFLATE_RATIO = 1032
 """Deflate (gzip) cannot inflate more than about 1032 times: a compressed body of
 n bytes is at most n * 1032 bytes decompressed."""
 
 URL_CACHE_SIZE = 100_000
+
+NO_TIMER = aiohttp.ClientTimeout()
+"""No timeout of aiohttp's: a source's :class:`Deadlines` keeps the time."""
 
 
 class UrlParts(NamedTuple):
@@ -136,9 +140,11 @@ async def http_request(
     params: Mapping[str, str] | None = None,
     data: Mapping[str, str] | bytes | None = None,
     observe: RequestObserver | None = None,
-    client_timeout: aiohttp.ClientTimeout | None = None,
+    deadlines: Deadlines | None = None,
 ) -> HttpResponse:
-    """Make one request, reading at most ``max_bytes`` of (decompressed) body.
+    """Make one request, reading at most ``max_bytes`` of (decompressed) body,
+    within ``timeout`` seconds (kept by ``deadlines``, whose timeout it must
+    be, when given: a source's).
 
     ``data`` is a form (a mapping) or a body as it is (bytes: say its
     Content-Type in ``headers``).
@@ -147,6 +153,7 @@ async def http_request(
     Any HTTP status is returned, not raised: callers decide what it means.
     """
     started = time.perf_counter()
+    deadline = deadlines.start() if deadlines is not None else None
     try:
         async with session.request(
             method,
@@ -154,7 +161,7 @@ async def http_request(
             headers=headers,
             params=params,
             data=data,
-            timeout=client_timeout or aiohttp.ClientTimeout(total=timeout),
+            timeout=NO_TIMER if deadline is not None else aiohttp.ClientTimeout(total=timeout),
             allow_redirects=False,
         ) as response:
             length = response.content_length
@@ -175,15 +182,25 @@ async def http_request(
                 if len(body) > max_bytes:
                     raise _too_large(max_bytes)
             return HttpResponse(response.status, response.headers, bytes(body))
+    except asyncio.CancelledError as exc:
+        if deadline is not None and deadline.finish():
+            raise _timed_out(timeout) from exc
+        raise
     except TimeoutError as exc:
-        raise SourceError(ErrorReason.TIMEOUT, f"no complete answer within {timeout:g}s") from exc
+        raise _timed_out(timeout) from exc
     except aiohttp.ClientPayloadError as exc:
         raise SourceError(ErrorReason.CONNECTION, f"body cut off: {_describe(exc)}") from exc
     except aiohttp.ClientError as exc:
         raise SourceError(ErrorReason.CONNECTION, _describe(exc)) from exc
     finally:
+        if deadline is not None:
+            deadline.finish()
         if observe is not None:
             observe(time.perf_counter() - started)
+
+
+def _timed_out(timeout: float) -> SourceError:
+    return SourceError(ErrorReason.TIMEOUT, f"no complete answer within {timeout:g}s")
 
 
 def _too_large(max_bytes: int) -> SourceError:
@@ -355,7 +372,7 @@ class Source(ABC, Generic[ConfigT]):
         self.timeout = config.timeout
         self.max_bytes = config.max_response_bytes
         self.hooks = hooks or SourceHooks()
-        self.client_timeout = aiohttp.ClientTimeout(total=config.timeout)
+        self.deadlines = Deadlines(config.timeout)
         self._import_urls: dict[str, UrlParts] = {}
         self._url_strings: dict[str, str] = {}
         self._authorities: dict[tuple[str, str], dict[str, object] | None] = {}
@@ -425,7 +442,7 @@ class Source(ABC, Generic[ConfigT]):
             params=params,
             data=data,
             observe=self.hooks.request,
-            client_timeout=self.client_timeout,
+            deadlines=self.deadlines,
         )
 
 
