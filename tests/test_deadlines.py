@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 from unittest import mock
@@ -150,3 +151,58 @@ async def test_a_cancellation_that_meets_the_deadline_is_still_a_cancellation() 
     with pytest.raises(asyncio.CancelledError):
         await task
     assert outcome == ["cancelled"]
+
+
+async def test_a_cancellation_swallowed_on_the_way_is_made_again() -> None:
+    """A cancellation can be lost inside the request (aiohappyeyeballs
+    cancels and awaits its losing connection attempts): the request must
+    still end, as a timeout, not run on without a limit."""
+    deadlines = Deadlines(0.05)
+
+    async def request() -> bool:
+        deadline = deadlines.start()
+        assert deadline is not None
+        try:
+            # Lost, as by a losing connection attempt's cleanup:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+            await asyncio.sleep(10)  # the server never answers
+        except asyncio.CancelledError:
+            return deadline.finish()
+        finally:
+            deadline.finish()
+        return False
+
+    async with asyncio.timeout(5):
+        task = asyncio.create_task(request())
+        timed_out = await task
+    assert timed_out
+    assert task.cancelling() == 0
+
+
+def test_a_source_used_from_another_event_loop_still_times_out() -> None:
+    deadlines = Deadlines(0.05)
+
+    async def request() -> bool:
+        deadline = deadlines.start()
+        assert deadline is not None
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return deadline.finish()
+        finally:
+            deadline.finish()
+        return False
+
+    async def quick() -> None:
+        deadline = deadlines.start()
+        assert deadline is not None
+        deadline.finish()  # done at once: the timer is left pending
+
+    asyncio.run(quick())
+
+    async def on_a_new_loop() -> bool:
+        async with asyncio.timeout(5):
+            return await request()
+
+    assert asyncio.run(on_a_new_loop())

@@ -7,21 +7,31 @@ of a poll's CPU at 10,000 imports (``bench/polling.py``). A source's requests
 all have the same limit, so their deadlines come in the order they start: the
 oldest running request's is the next to pass, and one timer set for it
 serves them all. When it fires, every request past its deadline has its task
-cancelled (as aiohttp's timeout does), and the timer is set again for the
-oldest request still running: about one timer per ``timeout`` while requests
-are quick.
+cancelled (as aiohttp's timeout does; again later if it runs on), and the
+timer is set again for the next deadline: about one timer per ``timeout``
+while requests are quick.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
+
+CANCEL_AGAIN_SECONDS = 1.0
+"""A request still running this long after its task was cancelled for its
+deadline is cancelled again (or after its timeout, if shorter): the
+cancellation can be swallowed on the way (aiohappyeyeballs cancels and
+awaits the losing connection attempts, and a cancellation arriving just then
+goes to one of them), and aiohttp's own timeout caught that case by failing
+the request's next wait at once."""
 
 
 class Deadline:
-    """One request's time limit: its task, when it ends, and whether it passed."""
+    """One request's time limit: its task, when it ends (or is next looked
+    at), and how often its task was cancelled for it."""
 
-    __slots__ = ("at", "cancelling", "done", "expired", "running", "task")
+    __slots__ = ("at", "cancelling", "cancels", "done", "running", "task")
 
     def __init__(self, task: asyncio.Task[Any], at: float, running: dict[Deadline, None]) -> None:
         self.task = task
@@ -29,7 +39,7 @@ class Deadline:
         self.running = running
         self.cancelling = task.cancelling()
         """Cancellations the task already had: more at the end are not ours."""
-        self.expired = False
+        self.cancels = 0
         self.done = False
 
     def finish(self) -> bool:
@@ -40,7 +50,12 @@ class Deadline:
             return False
         self.done = True
         del self.running[self]
-        return self.expired and self.task.uncancel() <= self.cancelling
+        if not self.cancels:
+            return False
+        left = self.task.cancelling()
+        for _ in range(self.cancels):
+            left = self.task.uncancel()
+        return left <= self.cancelling
 
 
 class Deadlines:
@@ -49,8 +64,8 @@ class Deadlines:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._running: dict[Deadline, None] = {}
-        """In the order the requests started, which is the order of their deadlines."""
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> Deadline | None:
         """Time the current task's request from now, until
@@ -62,18 +77,28 @@ class Deadlines:
         loop = task.get_loop()
         deadline = Deadline(task, loop.time() + self.timeout, self._running)
         self._running[deadline] = None
-        if self._timer is None:
-            self._timer = loop.call_at(deadline.at, self._expire, loop)
+        # No timer yet, or one of a loop gone (a source used by another).
+        if self._timer is None or self._timer_loop is not loop:
+            self._arm(loop, deadline.at)
         return deadline
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        self._timer = loop.call_at(at, self._expire, loop)
+        self._timer_loop = loop
+
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel the tasks of the requests past their deadline; set the
+        timer for the next deadline. The requests are few (a source's
+        concurrency) and most are younger than the timeout."""
         self._timer = None
         now = loop.time()
+        again = now + min(self.timeout, CANCEL_AGAIN_SECONDS)
+        earliest = math.inf
         for deadline in self._running:
-            if deadline.expired:
-                continue
-            if deadline.at > now:
-                self._timer = loop.call_at(deadline.at, self._expire, loop)
-                return
-            deadline.expired = True
-            deadline.task.cancel()
+            if deadline.at <= now:
+                deadline.cancels += 1
+                deadline.at = again
+                deadline.task.cancel()
+            earliest = min(earliest, deadline.at)
+        if earliest < math.inf:
+            self._arm(loop, earliest)
