@@ -4,6 +4,7 @@ retention do to the records, as the readers then see them."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -167,3 +168,18 @@ def test_retention_scan_in_slices_covers_every_import(clock: Clock) -> None:
         found += [r.import_id for r in state.expired(retention=60, at_most=2)]
     assert sorted(found) == ["1002", "1004"]
     assert [r.import_id for r in state.expired(retention=60, at_most=2)] == ["1002"]  # again
+
+
+def test_the_exporter_reads_its_clock_to_the_millisecond() -> None:
+    """A Prometheus timestamp holds milliseconds: the times the exporter
+    exports are whole milliseconds of the wall clock, written short."""
+    state = StateStore()
+    state.add_source("shop", "elevate", 60.0)
+    state.track("shop", "1001")
+    before = time.time()
+    record = state.record_observation("shop", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    after = time.time()
+    assert record.last_attempt is not None
+    assert before - 0.001 <= record.last_attempt <= after
+    assert round(record.last_attempt, 3) == record.last_attempt
+    assert len(repr(record.last_attempt).partition(".")[2]) <= 3
