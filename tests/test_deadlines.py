@@ -128,71 +128,53 @@ async def test_a_cancellation_from_outside_is_not_taken_for_a_timeout(
         await task
 
 
+async def request_without_answer(
+    deadlines: Deadlines, *, losing_a_cancellation: bool = False
+) -> bool:
+    """A request whose answer never comes, timed by ``deadlines`` as
+    :func:`http_request` times one: True once it timed out; a cancellation
+    from outside goes on up. ``losing_a_cancellation``: the first
+    cancellation is swallowed on the way."""
+    deadline = deadlines.start()
+    assert deadline is not None
+    try:
+        if losing_a_cancellation:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        if deadline.finish():
+            return True
+        raise
+    finally:
+        deadline.finish()
+    return False
+
+
 async def test_a_cancellation_that_meets_the_deadline_is_still_a_cancellation() -> None:
     """The deadline passes and the task is cancelled from outside in the same
     turn of the loop: both requests count, so the task stops."""
-    deadlines = Deadlines(0.0)
-    outcome: list[str] = []
-
-    async def request() -> None:
-        deadline = deadlines.start()
-        assert deadline is not None
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            outcome.append("timeout" if deadline.finish() else "cancelled")
-            raise
-        finally:
-            deadline.finish()
-
-    task = asyncio.create_task(request())
+    task = asyncio.create_task(request_without_answer(Deadlines(0.0)))
     await asyncio.sleep(0)  # the task waits; the deadline's timer is due
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert outcome == ["cancelled"]
 
 
 async def test_a_cancellation_swallowed_on_the_way_is_made_again() -> None:
     """A cancellation can be lost inside the request (aiohappyeyeballs
     cancels and awaits its losing connection attempts): the request must
     still end, as a timeout, not run on without a limit."""
-    deadlines = Deadlines(0.05)
-
-    async def request() -> bool:
-        deadline = deadlines.start()
-        assert deadline is not None
-        try:
-            # Lost, as by a losing connection attempt's cleanup:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(10)
-            await asyncio.sleep(10)  # the server never answers
-        except asyncio.CancelledError:
-            return deadline.finish()
-        finally:
-            deadline.finish()
-        return False
-
     async with asyncio.timeout(5):
-        task = asyncio.create_task(request())
-        timed_out = await task
-    assert timed_out
+        task = asyncio.create_task(
+            request_without_answer(Deadlines(0.05), losing_a_cancellation=True)
+        )
+        assert await task
     assert task.cancelling() == 0
 
 
 def test_a_source_used_from_another_event_loop_still_times_out() -> None:
     deadlines = Deadlines(0.05)
-
-    async def request() -> bool:
-        deadline = deadlines.start()
-        assert deadline is not None
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            return deadline.finish()
-        finally:
-            deadline.finish()
-        return False
 
     async def quick() -> None:
         deadline = deadlines.start()
@@ -203,6 +185,6 @@ def test_a_source_used_from_another_event_loop_still_times_out() -> None:
 
     async def on_a_new_loop() -> bool:
         async with asyncio.timeout(5):
-            return await request()
+            return await request_without_answer(deadlines)
 
     assert asyncio.run(on_a_new_loop())
