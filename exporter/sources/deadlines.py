@@ -31,25 +31,23 @@ class Deadline:
     """One request's time limit: its task, when it ends (or is next looked
     at), and how often its task was cancelled for it."""
 
-    __slots__ = ("at", "cancelling", "cancels", "done", "running", "task")
+    __slots__ = ("at", "cancelling", "cancels", "running", "task")
 
-    def __init__(self, task: asyncio.Task[Any], at: float, running: dict[Deadline, None]) -> None:
+    def __init__(self, task: asyncio.Task[Any], at: float, running: set[Deadline]) -> None:
         self.task = task
         self.at = at
         self.running = running
         self.cancelling = task.cancelling()
         """Cancellations the task already had: more at the end are not ours."""
         self.cancels = 0
-        self.done = False
 
     def finish(self) -> bool:
         """Stop timing the request (once; again does nothing). True if its
         time ran out and nothing else cancelled its task: then the task's
         ``CancelledError`` is this timeout, now withdrawn."""
-        if self.done:
+        if self not in self.running:
             return False
-        self.done = True
-        del self.running[self]
+        self.running.remove(self)
         if not self.cancels:
             return False
         left = self.task.cancelling()
@@ -63,7 +61,7 @@ class Deadlines:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._running: dict[Deadline, None] = {}
+        self._running: set[Deadline] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
@@ -76,7 +74,7 @@ class Deadlines:
             return None
         loop = task.get_loop()
         deadline = Deadline(task, loop.time() + self.timeout, self._running)
-        self._running[deadline] = None
+        self._running.add(deadline)
         # No timer yet, or one of a loop gone (a source used by another).
         if self._timer is None or self._timer_loop is not loop:
             self._arm(loop, deadline.at)
