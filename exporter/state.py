@@ -108,7 +108,9 @@ class ImportRecord:
         if end is None:
             if self.state is not State.RUNNING:
                 return None
-            end = now
+            # Moving with the clock: to the millisecond, as /metrics makes it
+            # at each scrape (exporter.exposition).
+            return max(0, milliseconds(now) - milliseconds(start)) / 1000
         return max(0.0, end - start)
 
 
@@ -145,6 +147,17 @@ class SourceRecord:
                 break
             count += 1
         return count
+
+
+MILLISECONDS_LIMIT = float(2**62)
+"""About 146 million years either side of 1970: any time an upstream may
+send, clamped, fits in 64 bits."""
+
+
+def milliseconds(seconds: float) -> int:
+    """A time in whole milliseconds (nearest), the precision of a running
+    import's duration; within :data:`MILLISECONDS_LIMIT`."""
+    return round(min(max(seconds * 1000, -MILLISECONDS_LIMIT), MILLISECONDS_LIMIT))
 
 
 def millisecond_clock() -> float:

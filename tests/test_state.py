@@ -44,6 +44,20 @@ def test_times_follow_what_the_answers_say(clock: Clock) -> None:
     assert record.duration(clock.now + 999) == 60
 
 
+def test_a_running_duration_is_to_the_millisecond(clock: Clock) -> None:
+    """It moves with the clock, so ``/metrics`` makes it at each scrape: to
+    the millisecond, without a float difference's noise past it."""
+    state = world(clock)
+    clock.now = 1_700_000_000.0004
+    started = clock.now - 12.3456
+    running = Observation(State.RUNNING, "IN_PROGRESS", started_at=started)
+    state.record_observation("shop", "1001", running)
+    record = state.imports[("shop", "1001")]
+    assert clock.now - started != 12.345
+    assert record.duration(clock.now) == 12.345
+    assert record.duration(started - 5) == 0  # a clock behind the upstream's
+
+
 def test_failures_count_in_a_row_and_an_answer_resets_them(clock: Clock) -> None:
     state = world(clock)
     error = SourceError(ErrorReason.SERVER_ERROR, "HTTP 500")
