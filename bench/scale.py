@@ -6,8 +6,9 @@ measured from outside.
 
 Per size, a fresh exporter process (the command line, its config read from a
 YAML file, its SQLite store holding a previous run's rows of every import)
-polls the simulator (its own process), whose answers change every second, so
-the store really writes. Measured:
+polls the simulator (its own process), whose answer to each poll is running
+or waiting at random, so half the polls change their import (the store really
+writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
 
 - start-up: from spawning the process to listening, and to the first
   ``/metrics`` that serves the restored state;
@@ -110,7 +111,7 @@ def prepare(folder: Path, url: str, count: int) -> tuple[Path, Path]:
     from exporter.storage import to_row
     from exporter.storage.sqlite import SQLiteStorage as Store
 
-    ids = [f"churn-{i}" for i in range(count)]
+    ids = [f"coin-{i}" for i in range(count)]
     config = folder / "config.yaml"
     lines = [
         "sources:",
@@ -270,7 +271,7 @@ async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
                 listening = await until(session, f"{base}/-/healthy", t0, process)
                 restored = (
-                    f'import_state{{import="churn-{count - 1}",source="bench",state="running"}} 1.0'
+                    f'import_state{{import="coin-{count - 1}",source="bench",state="running"}} 1.0'
                 )
                 served = await until(session, f"{base}/metrics", t0, process, restored.encode())
                 probe = Probe(session, base)

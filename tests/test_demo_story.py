@@ -48,6 +48,27 @@ async def test_a_walk_in_id_waits_runs_and_ends_from_its_first_poll(aiohttp_clie
     assert "5001" not in demo_scenarios().elevate  # the demo config does not watch it
 
 
+async def test_benchmark_ids_change_at_every_second_or_at_random(aiohttp_client: Any) -> None:
+    """churn-* (bench/polling.py) changes with the second; coin-* (bench/scale.py)
+    at random on each answer, whatever the pace of the polls."""
+    now = [0.0]
+    client = await aiohttp_client(create_app(Simulator(speed=1.0, clock=lambda: now[0])))
+    headers = {"Api-Key": DEMO_CREDENTIALS.elevate_api_key}
+
+    async def status(import_id: str) -> str:
+        response = await client.get(
+            "/api/admin/v4/import/status", params={"id": import_id}, headers=headers
+        )
+        return str((await response.json())["status"])
+
+    churned = {await status("churn-1") for _ in range(5)}
+    now[0] = 1.0
+    assert len(churned) == 1
+    assert await status("churn-1") not in churned
+    coins = [await status("coin-1") for _ in range(64)]  # all in one second
+    assert set(coins) == {"IN_PROGRESS", "WAITING"}
+
+
 def test_the_demo_runs_the_salesforce_recipe_as_shipped(monkeypatch: pytest.MonkeyPatch) -> None:
     """The demo's http_json source is examples/recipes/salesforce-bulk-ingest.yaml
     with the simulator's URLs and credentials, at the demo's pace."""
