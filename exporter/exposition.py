@@ -136,7 +136,8 @@ def render_lines(record: ImportRecord) -> tuple[tuple[bytes, ...], Running | Non
     :data:`Running` when that line moves with time (a running import: its
     duration line is then empty here)."""
     # Labels sorted by name, as prometheus_client writes them: byte for byte
-    # the same lines as the reference collector's.
+    # the same lines as the reference collector's (but for a running
+    # import's duration value, written at scrape time to the millisecond).
     source = escape(record.source)
     labels = f'import="{escape(record.import_id)}",source="{source}"'
     obs = record.observation
@@ -215,12 +216,12 @@ and 24,000 page faults in parts of 2,048 imports, 125-133 ms and 4,000-11,000
 in parts of 512 (``bench/scrape.py``)."""
 
 
-def _slice_of(lines: Sequence[Line]) -> int:
+def _slice_of(lines: Sequence[bytes]) -> int:
     """Imports per join of a family's lines: :data:`JOIN_BYTES` worth, judged
     by the longest of 16 lines spread over the family (long ids make every
     line of an import long)."""
     spread = lines[:: max(1, len(lines) // 16)]
-    longest = max((len(line if isinstance(line, bytes) else line[0]) for line in spread), default=0)
+    longest = max(map(len, spread), default=0)
     return max(1, min(JOIN_SLICE, JOIN_BYTES // max(longest, 1)))
 
 

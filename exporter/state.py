@@ -13,6 +13,7 @@ parked, expired) belongs beside the others: they keep one invariant.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -156,7 +157,10 @@ send, clamped, fits in 64 bits."""
 
 def milliseconds(seconds: float) -> int:
     """A time in whole milliseconds (nearest), the precision of a running
-    import's duration; within :data:`MILLISECONDS_LIMIT`."""
+    import's duration; within :data:`MILLISECONDS_LIMIT`, and 0 for NaN
+    (which no source lets through: a render must never fail on one)."""
+    if math.isnan(seconds):
+        return 0
     return round(min(max(seconds * 1000, -MILLISECONDS_LIMIT), MILLISECONDS_LIMIT))
 
 

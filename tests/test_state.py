@@ -3,13 +3,14 @@ retention do to the records, as the readers then see them."""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
 import pytest
 
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
-from exporter.state import StateStore
+from exporter.state import StateStore, milliseconds
 from tests.conftest import Clock
 
 
@@ -56,6 +57,9 @@ def test_a_running_duration_is_to_the_millisecond(clock: Clock) -> None:
     assert clock.now - started != 12.345
     assert record.duration(clock.now) == 12.345
     assert record.duration(started - 5) == 0  # a clock behind the upstream's
+    nonsense = Observation(State.RUNNING, "IN_PROGRESS", started_at=math.nan)
+    state.record_observation("shop", "1001", nonsense)  # no source lets one through
+    assert record.duration(clock.now) == milliseconds(clock.now) / 1000  # and no crash
 
 
 def test_failures_count_in_a_row_and_an_answer_resets_them(clock: Clock) -> None:
