@@ -675,6 +675,7 @@ async def _joined(parts: list[bytes]) -> bytearray:
     return body
 
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 MMAP_THRESHOLD = 320 * 1024
@@ -682,17 +683,26 @@ MMAP_THRESHOLD = 320 * 1024
 transports' ``max_size``) and shrinks it to what arrived. At 256 KiB each
 read cost an ``mmap``, an ``mremap``, a ``munmap`` and a page fault: about
 5 microseconds of every poll."""
+TRIM_THRESHOLD = 1024 * 1024
+"""Free memory at the top of a heap that glibc keeps rather than gives back:
+more than a family's part (:data:`JOIN_BYTES`) or a socket read takes. Its
+default, 128 KiB (no longer raised once :data:`MMAP_THRESHOLD` is set), gave
+back each part's memory as it was freed, and the next part faulted it in
+again page by page: a gzipped render at 100,000 imports took 17,000 page
+faults and 146 ms of CPU, against 9,000 and 130 ms with 1 MiB."""
 
 
 def return_large_buffers_to_the_os() -> bool:
     """glibc only (elsewhere a no-op, False): allocations of
-    :data:`MMAP_THRESHOLD` and more (a body, its gzip, a family's join)
+    :data:`MMAP_THRESHOLD` and more (a body, its gzip)
     always from ``mmap``, so freeing them
     gives the memory back. Left alone, glibc raises that threshold to the
     largest block freed so far, after which every scrape's tens of megabytes
     come from the heaps of the threads that render and stay there,
     fragmented: RSS per import after scrapes was three times what the state
-    needs. Two arenas at most, for the same reason (a heap per thread)."""
+    needs. Two arenas at most, for the same reason (a heap per thread). Up to
+    :data:`TRIM_THRESHOLD` free at the top of a heap is kept for the next
+    allocations below the threshold."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False
@@ -702,4 +712,9 @@ def return_large_buffers_to_the_os() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_ARENA_MAX, 2))
+    settings = (
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (_M_ARENA_MAX, 2),
+    )
+    return all([bool(mallopt(option, value)) for option, value in settings])
