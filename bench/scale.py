@@ -102,9 +102,13 @@ def child(stats_path: str, argv: list[str]) -> int:
     return code
 
 
-def prepare(folder: Path, url: str, count: int) -> tuple[Path, Path]:
-    """A YAML config watching ``count`` imports, and a store holding a row of
-    each (what a previous run learnt)."""
+def prepare(folder: Path, url: str, count: int) -> tuple[Path, Path, bytes]:
+    """A YAML config watching ``count`` imports, a store holding a row of
+    each (what a previous run learnt), and a line of ``/metrics`` that only
+    the restored state has: the last import's start, a time of this run
+    (no poll can write it: the simulator's answers carry no times, and a
+    poll keeps the start of an import seen running before)."""
+    from exporter.exposition import FAMILY_NAMES, render_lines
     from exporter.model import Observation, State
     from exporter.simulator import DEMO_CREDENTIALS
     from exporter.state import StateStore
@@ -137,7 +141,8 @@ def prepare(folder: Path, url: str, count: int) -> tuple[Path, Path]:
         store.write([to_row(record) for record in state.imports.values()])
     finally:
         store.close()
-    return config, database
+    last, _ = render_lines(state.imports[("bench", ids[-1])])
+    return config, database, last[FAMILY_NAMES.index("import_start_timestamp_seconds")]
 
 
 class Probe:
@@ -245,7 +250,7 @@ def merged(windows: list[dict[str, Any]]) -> dict[str, Any]:
 async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        config, database = prepare(folder, url, count)
+        config, database, restored = prepare(folder, url, count)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         stats = folder / "gc.json"
@@ -270,10 +275,7 @@ async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
         try:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
                 listening = await until(session, f"{base}/-/healthy", t0, process)
-                restored = (
-                    f'import_state{{import="coin-{count - 1}",source="bench",state="running"}} 1.0'
-                )
-                served = await until(session, f"{base}/metrics", t0, process, restored.encode())
+                served = await until(session, f"{base}/metrics", t0, process, restored)
                 probe = Probe(session, base)
                 probe.task = asyncio.create_task(probe.run())
                 ready = await until(session, f"{base}/-/ready", t0, process, timeout=600)

@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client.exposition import choose_encoder
 from yarl import URL
 
+from bench.scale import prepare
 from exporter import persistence as persistence_module
 from exporter.config.loader import load_config
+from exporter.exposition import ImportLines, render_metrics
+from exporter.metrics import build_registry
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
 from exporter.runtime import Exporter
 from exporter.state import ImportRecord, StateStore
@@ -214,3 +218,38 @@ async def test_a_chunk_of_rows_is_made_a_slice_at_a_time_while_the_loop_goes_on(
         ticker.cancel()
     assert sum(rows for rows, _ in written) == 1000
     assert written[0][1] - started >= 1000 // 100 - 1
+
+
+def test_the_scale_benchmark_knows_the_restored_state_served_whatever_the_polls_answer(
+    tmp_path: Path,
+) -> None:
+    """bench/scale.py times start-up to the first ``/metrics`` that serves
+    the restored state, by a line only that state has: a poll answered
+    ``waiting`` before that ``/metrics`` must not hide it (the state line
+    ``running`` it looked for before did), and no poll can make it."""
+    _, database, restored = prepare(tmp_path, "http://127.0.0.1:1", 3)
+    store = Store(database)
+    try:
+        records = store.load()
+    finally:
+        store.close()
+
+    def served(state: StateStore) -> bytes:
+        encoder, content_type = choose_encoder("")
+        lines = ImportLines(state)
+        lines.take_changes()
+        return render_metrics(build_registry(state), encoder, content_type, lines)
+
+    restarted = StateStore()
+    restarted.add_source("bench", "elevate", 1.0)
+    restarted.restore(records)
+    restarted.track("bench", "coin-2", name="import coin-2")
+    restarted.record_observation("bench", "coin-2", Observation(State.WAITING, "WAITING"))
+    assert restored in served(restarted)
+
+    fresh = StateStore()
+    fresh.add_source("bench", "elevate", 1.0)
+    fresh.track("bench", "coin-2", name="import coin-2")
+    fresh.record_observation("bench", "coin-2", Observation(State.RUNNING, "IN_PROGRESS"))
+    assert b'import_start_timestamp_seconds{import="coin-2"' in served(fresh)
+    assert restored not in served(fresh)
