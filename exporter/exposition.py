@@ -688,8 +688,10 @@ TRIM_THRESHOLD = 1024 * 1024
 more than a family's part (:data:`JOIN_BYTES`) or a socket read takes. Its
 default, 128 KiB (no longer raised once :data:`MMAP_THRESHOLD` is set), gave
 back each part's memory as it was freed, and the next part faulted it in
-again page by page: a gzipped render at 100,000 imports took 17,000 page
-faults and 146 ms of CPU, against 9,000 and 130 ms with 1 MiB."""
+again page by page: a gzipped render at 100,000 imports, in a process doing
+nothing else, took 17,000 page faults and 146 ms of CPU, against 9,000 and
+130 ms with 1 MiB. (Under polling the heap's top is mostly held by live
+objects: ``bench/scale.py`` showed no change beyond its noise.)"""
 
 
 def return_large_buffers_to_the_os() -> bool:
