@@ -719,4 +719,5 @@ def return_large_buffers_to_the_os() -> bool:
         (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
         (_M_ARENA_MAX, 2),
     )
+    # A list, not a generator: every setting is made even after one is refused.
     return all([bool(mallopt(option, value)) for option, value in settings])
