@@ -20,6 +20,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -74,12 +75,13 @@ def _upsert(count: int) -> str:
     )
 
 
-# sqlite3 binds an int, float or str at once, but looks for an adapter for
-# anything else, None included, and finds none only after formatting an
-# AttributeError for the protocol's ``__adapt__``: a third of a row's write
-# (a row has a dozen NULLs). With an adapter registered, None binds as NULL
-# after one dict lookup.
-sqlite3.register_adapter(type(None), lambda value: value)
+NULL = math.nan
+"""What a row's None is bound as. sqlite3 binds an int, float or str at
+once, but anything else, None included, goes through its adapter lookup
+first (a tuple built, a dict looked up, and without an adapter an
+AttributeError formatted and dropped): a third of a row's write, with the
+GIL held, for a row's dozen NULLs. SQLite stores a NaN as NULL (as it would
+a NaN a row held: none does, an answer with one is refused as not JSON)."""
 
 _DELETE = (
     "DELETE FROM imports WHERE (source, import_id) IN "
@@ -199,7 +201,10 @@ class SQLiteStorage:
                             self._db.execute(_DELETE, (deleted_json,))
                         at = 0
                         for size in _statement_sizes(len(rows)):
-                            values = list(itertools.chain.from_iterable(rows[at : at + size]))
+                            values = [
+                                NULL if value is None else value
+                                for value in itertools.chain.from_iterable(rows[at : at + size])
+                            ]
                             self._db.execute(_upsert(size), values)
                             at += size
                     except BaseException:
