@@ -65,6 +65,14 @@ STATUS_MAP = {
 }
 
 
+KNOWN_ANSWERS = {
+    status: Observation(state=state, upstream_state=status) for status, state in STATUS_MAP.items()
+}
+"""The observation of each documented status without a reason: nearly every
+answer, made once (an answer has no counts or times, so nothing else is in
+it), and shared, so the state sees the same answer as the same object."""
+
+
 def parse_status(response: HttpResponse, import_id: str) -> Observation:
     """Turn one import-status answer into an observation (or raise SourceError)."""
     if response.status == 404:
@@ -99,6 +107,8 @@ def parse_status(response: HttpResponse, import_id: str) -> Observation:
         if not isinstance(answered_id, str | int):
             raise ParseError("import/status: id is neither a string nor an integer")
     reason = body.get("reason")
+    if reason is None and (known := KNOWN_ANSWERS.get(status)) is not None:
+        return known
     if reason is not None and not isinstance(reason, str):
         raise ParseError("import/status: reason is neither a string nor null")
     return Observation(
