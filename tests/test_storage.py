@@ -402,7 +402,7 @@ def test_sqlite_binds_a_rows_nulls_without_the_adapter_lookup(
     sqlite_storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A None goes through sqlite3's adapter lookup (a tuple built, a dict
-    looked up, the adapter called) for each of a row's dozen NULLs: a third of
+    looked up, the adapter called) for each of a row's dozen NULLs: a quarter of
     the write's CPU, which the storage thread spends holding the GIL. They are
     bound without it, and still read back as None."""
     adapted: list[object] = []

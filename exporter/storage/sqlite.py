@@ -79,7 +79,7 @@ NULL = math.nan
 """What a row's None is bound as. sqlite3 binds an int, float or str at
 once, but anything else, None included, goes through its adapter lookup
 first (a tuple built, a dict looked up, and without an adapter an
-AttributeError formatted and dropped): a third of a row's write, with the
+AttributeError formatted and dropped): a quarter of a row's write, with the
 GIL held, for a row's dozen NULLs. SQLite stores a NaN as NULL (as it would
 a NaN a row held: none does, an answer with one is refused as not JSON)."""
 
