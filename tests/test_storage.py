@@ -411,7 +411,8 @@ def test_sqlite_binds_a_rows_nulls_without_the_adapter_lookup(
         adapted.append(value)
         return value
 
-    monkeypatch.setitem(sqlite3.adapters, (type(None), sqlite3.PrepareProtocol), counting)
+    none_adapter: tuple[type[object], type[object]] = (type(None), sqlite3.PrepareProtocol)
+    monkeypatch.setitem(sqlite3.adapters, none_adapter, counting)
     sparse = record("1")  # no name, no observation, no error: NULLs
     sqlite_storage.write([to_row(sparse)])
     assert adapted == []
