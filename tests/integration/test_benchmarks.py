@@ -34,7 +34,16 @@ def run_quick(script: str, out: Path) -> dict[str, object]:
 
 @pytest.mark.parametrize(
     "script",
-    ["polling.py", "scrape.py", "memory.py", "load.py", "abuse.py", "shards.py", "scale.py"],
+    [
+        "polling.py",
+        "poll_path.py",
+        "scrape.py",
+        "memory.py",
+        "load.py",
+        "abuse.py",
+        "shards.py",
+        "scale.py",
+    ],
 )
 def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> None:
     data = run_quick(script, tmp_path / "out.json")
@@ -48,6 +57,9 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["baseline_polls_per_s"] > 0
         assert row["rate_ratio"] > 0
         assert row["cpu_ratio"] > 0
+    elif script == "poll_path.py":
+        assert row["bare_cpu_us_per_poll"] > 0
+        assert row["exporter_cpu_us_per_poll"] > 0
     elif script == "scrape.py":
         assert row["text"]["reference_ratio"] > 0
         assert row["openmetrics"]["bytes"] > 0

@@ -1,0 +1,176 @@
+"""The exporter's own work per poll, without the network: scheduling and
+recording the answers of an Elevate source that answers at once (after
+yielding to the event loop twice, as a request does), against a bare loop
+of workers asking the same source the same questions.
+
+``polling.py`` measures the whole poll, request path, simulator, kernel and
+store included: its windows differ by 2-3 us a poll on this machine class,
+more than a change of the scheduler or the state moves them. This measures
+that path alone, to about 0.1 us.
+
+    .venv/bin/python bench/poll_path.py            # 1,000, 10,000 and 100,000 imports
+    .venv/bin/python bench/poll_path.py --quick    # seconds; what the tests run
+
+The answers change every second (running, then waiting, at a different
+second for each import), as the simulator's ``churn-*`` imports do. Bare
+loop and exporter are interleaved. The exporter runs without its store:
+against a loop that never waits on I/O, as here, the storage thread starves
+for the GIL (the loop takes it back within microseconds of each release,
+before the woken thread can), so its writes fall behind and its CPU is
+spent on wake-ups; ``polling.py``, whose loop waits on the network, measures
+the store as it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import bench_config, cpu_seconds, print_table, write_json
+from exporter.exposition import return_large_buffers_to_the_os
+from exporter.model import Observation
+from exporter.runtime import Exporter
+from exporter.sources.elevate import KNOWN_ANSWERS, ElevateSource
+
+ANSWERS = (KNOWN_ANSWERS["IN_PROGRESS"], KNOWN_ANSWERS["WAITING"])
+answered = 0
+"""Answers given, by either contender."""
+
+
+async def instant_poll(_source: object, import_id: str) -> Observation:
+    """An answer without a request: two yields to the loop (a request's
+    write and its answer), then the import's state this second."""
+    global answered
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    answered += 1
+    return ANSWERS[(int(time.monotonic()) + hash(import_id)) % 2]
+
+
+def ids(count: int) -> list[str]:
+    return [f"churn-{i}" for i in range(count)]
+
+
+async def measure_bare(count: int, concurrency: int, seconds: float) -> dict[str, float]:
+    """``concurrency`` workers cycling over the ids, asking the source."""
+    cycle = itertools.cycle(ids(count))
+    stop = False
+
+    async def worker() -> None:
+        while not stop:
+            await instant_poll(None, next(cycle))
+
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    await asyncio.sleep(min(1.0, seconds / 3))
+    result = await _window(seconds)
+    stop = True
+    await asyncio.gather(*tasks)
+    return result
+
+
+async def measure_exporter(count: int, concurrency: int, seconds: float) -> dict[str, float]:
+    config = bench_config(
+        "http://127.0.0.1:9",  # never asked: the source answers itself
+        [{"id": i} for i in ids(count)],
+        concurrency=concurrency,
+        interval="1h",
+        timeout="10s",
+    )
+    # As polling.py: every import is due again as soon as its poll returns.
+    source = config.sources[0].model_copy(update={"interval": 1e-6})
+    config = config.model_copy(update={"sources": [source]})
+    exporter = Exporter(config, "127.0.0.1:0")
+    await exporter.start()
+    try:
+        async with asyncio.timeout(120):
+            while not exporter.state.ready():
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(min(1.0, seconds / 3))
+        return await _window(seconds)
+    finally:
+        await exporter.stop()
+
+
+async def _window(seconds: float) -> dict[str, float]:
+    polls0, cpu0 = answered, cpu_seconds()
+    await asyncio.sleep(seconds)
+    return {"polls": answered - polls0, "cpu": cpu_seconds() - cpu0}
+
+
+def per_poll_us(runs: list[dict[str, float]]) -> float:
+    return sum(run["cpu"] for run in runs) / max(sum(run["polls"] for run in runs), 1) * 1e6
+
+
+async def main_async(
+    sizes: list[int], concurrency: int, seconds: float, rounds: int
+) -> dict[str, Any]:
+    return_large_buffers_to_the_os()
+    original = ElevateSource.poll
+    ElevateSource.poll = instant_poll  # type: ignore[method-assign,assignment]
+    results = []
+    try:
+        for count in sizes:
+            await measure_bare(count, concurrency, seconds / 2)  # warm up, not counted
+            bares, ourses = [], []
+            for _ in range(rounds):
+                bares.append(await measure_bare(count, concurrency, seconds))
+                ourses.append(await measure_exporter(count, concurrency, seconds))
+            bare, ours = per_poll_us(bares), per_poll_us(ourses)
+            results.append(
+                {
+                    "imports": count,
+                    "bare_cpu_us_per_poll": bare,
+                    "exporter_cpu_us_per_poll": ours,
+                    "exporter_path_us_per_poll": ours - bare,
+                }
+            )
+    finally:
+        ElevateSource.poll = original  # type: ignore[method-assign]
+    return {
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "rounds": rounds,
+        "results": results,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for the test suite")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--sizes", type=int, nargs="*", default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    sizes = args.sizes or ([1000] if args.quick else [1000, 10000, 100000])
+    seconds = args.seconds or (1.0 if args.quick else 5.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+    data = asyncio.run(main_async(sizes, args.concurrency, seconds, rounds))
+    print_table(
+        f"The exporter's own work per poll, without the network (concurrency "
+        f"{args.concurrency}, {rounds} x {seconds:g}s each)",
+        ["imports", "bare CPU us/poll", "exporter CPU us/poll", "exporter's path us/poll"],
+        [
+            [
+                r["imports"],
+                r["bare_cpu_us_per_poll"],
+                r["exporter_cpu_us_per_poll"],
+                r["exporter_path_us_per_poll"],
+            ]
+            for r in data["results"]
+        ],
+    )
+    write_json("poll_path", data, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
