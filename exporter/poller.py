@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from exporter.logs import RateLimitedLog, context
-from exporter.model import ErrorReason, Origin, SourceError
+from exporter.model import ErrorReason, Observation, Origin, SourceError
 from exporter.redact import redact
 from exporter.sources.base import ImportSpec, Source
 from exporter.state import StateStore
@@ -80,6 +80,9 @@ class SourceScheduler:
         self._held_by: SourceError | None = None
         """The source-wide failure holding the source (None: not held by one)."""
         self._wakeup = asyncio.Event()
+        self._idle_workers = 0
+        """Workers waiting for an import to be due: a push wakes them (while
+        none waits, as all the time under load, a push has no one to wake)."""
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- membership ---------------------------------------------------------
@@ -111,7 +114,8 @@ class SourceScheduler:
             queue.append(entry)
         else:
             heapq.heappush(self._heap, entry)
-        self._wakeup.set()
+        if self._idle_workers:
+            self._wakeup.set()
 
     # --- running ------------------------------------------------------------
 
@@ -159,25 +163,38 @@ class SourceScheduler:
         while (import_id := self._take_due()) is None:
             self._wakeup.clear()
             first = self._first_due()
-            if first is None:
-                await self._wakeup.wait()
-                continue
-            delay = max(first, self._paused_until) - self.clock()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
+            self._idle_workers += 1
+            try:
+                if first is None:
                     await self._wakeup.wait()
+                    continue
+                delay = max(first, self._paused_until) - self.clock()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wakeup.wait()
+            finally:
+                self._idle_workers -= 1
         return import_id
 
     async def _work(self) -> None:
         # Workers take due imports themselves: no dispatcher task and no
         # queue hop per poll.
+        poll = self.source.poll
         while True:
             # While imports are due, no coroutine to wait for one.
             import_id = self._take_due()
             if import_id is None:
                 import_id = await self._next_due()
             generation = self._scheduled[import_id]
-            next_due = await self.poll_once(import_id)
+            # poll_once's steps, without its coroutine: one frame fewer for
+            # every step of every poll to pass through.
+            next_due: float | None
+            try:
+                observation = await poll(import_id)
+            except Exception as exc:
+                next_due = self._not_answered(import_id, exc)
+            else:
+                next_due = self._answered(import_id, observation)
             if self._scheduled.get(import_id) != generation:
                 continue  # removed while in flight (and perhaps added again: pushed then)
             if next_due is None:
@@ -187,15 +204,28 @@ class SourceScheduler:
 
     async def poll_once(self, import_id: str) -> float | None:
         """Poll one import, record the outcome; return when to poll it next (None: never)."""
-        name = self.source.name
         try:
             observation = await self.source.poll(import_id)
-        except SourceError as error:
-            return self._failed(import_id, error)
-        except Exception as exc:  # a bug in an adapter must not stop the others
-            log.exception("unexpected error polling", extra=context(source=name, import_=import_id))
-            bug = SourceError(ErrorReason.INVALID_RESPONSE, f"internal error: {type(exc).__name__}")
-            return self._failed(import_id, bug)
+        except Exception as exc:
+            return self._not_answered(import_id, exc)
+        return self._answered(import_id, observation)
+
+    def _not_answered(self, import_id: str, exc: Exception) -> float:
+        """Record a poll that raised; when to poll the import again."""
+        if isinstance(exc, SourceError):
+            return self._failed(import_id, exc)
+        # A bug in an adapter must not stop the others.
+        log.exception(
+            "unexpected error polling",
+            exc_info=exc,
+            extra=context(source=self.source.name, import_=import_id),
+        )
+        bug = SourceError(ErrorReason.INVALID_RESPONSE, f"internal error: {type(exc).__name__}")
+        return self._failed(import_id, bug)
+
+    def _answered(self, import_id: str, observation: Observation) -> float | None:
+        """Record an answer; when to poll the import next (None: never)."""
+        name = self.source.name
         if self._failures.pop(import_id, None):
             log.info("import recovered", extra=context(source=name, import_=import_id))
         if self._held_by is not None:

@@ -197,7 +197,8 @@ class StateStore:
         those lines again is a few times cheaper than the whole import."""
         self._waiting: set[ImportKey] = set()
         """Tracked imports neither polled by this process nor finished and no
-        longer polled: :meth:`ready` is O(1) (probes come every few seconds)."""
+        longer polled: :meth:`ready` is O(1) (probes come every few seconds).
+        Their records have ``polled_this_run`` False: only such a poll looks here."""
         self._retention_at = 0
         """Where the next slice of the retention scan starts (see :meth:`expired`)."""
         self._observations: dict[Observation, Observation] = {}
@@ -400,7 +401,8 @@ class StateStore:
             # Untracked while the poll was in flight: the answer is dropped.
             return ImportRecord(source=source, import_id=import_id, system="", observation=obs)
         previous = record.observation
-        obs = self._shared_observation(obs, previous)
+        if obs is not previous:  # not the same shared answer again (most polls)
+            obs = self._shared_observation(obs, previous)
         was_final = record.confirmed_final
         seen = (record.seen_running_at, record.seen_finished_at)
         if record.first_seen is None:
@@ -412,8 +414,9 @@ class StateStore:
         if record.consecutive_failures:
             record.consecutive_failures = 0
             self._changed.add(key)
-        record.polled_this_run = True
-        self._waiting.discard(key)
+        if not record.polled_this_run:  # else not waiting: a probe fewer a poll
+            record.polled_this_run = True
+            self._waiting.discard(key)
         source_record = self.sources.get(source)
         if source_record is not None:
             source_record.up = True
@@ -422,7 +425,8 @@ class StateStore:
                 source_record.answering.discard(import_id)  # no longer polled
             else:
                 source_record.answering.add(import_id)
-        if previous != obs or record.confirmed_final != was_final:
+        # The same answer is the same object by now (see _shared_observation).
+        if obs is not previous or record.confirmed_final != was_final:
             self._changed.add(key)
         else:
             self._touched.add(key)
@@ -499,8 +503,9 @@ class StateStore:
         record = self.imports.get(key)
         if record is None:
             return
-        record.polled_this_run = True
-        self._waiting.discard(key)
+        if not record.polled_this_run:
+            record.polled_this_run = True
+            self._waiting.discard(key)
         news = (
             record.last_error != message
             or record.last_error_reason != error.reason
