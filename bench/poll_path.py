@@ -1,11 +1,13 @@
-"""The exporter's own work per poll, without the network: scheduling and
-recording the answers of an Elevate source that answers at once (after
-yielding to the event loop twice, as a request does), against a bare loop
-of workers asking the same source the same questions.
+"""The exporter's own work per poll, without aiohttp and the network:
+building the request, keeping its deadline, reading and parsing the answer,
+scheduling and recording, for an Elevate source whose HTTP session answers
+at once (after yielding to the event loop twice, as a request does);
+against a bare loop of workers making the same requests of the same session
+and parsing the JSON, as ``polling.py``'s baseline does.
 
-``polling.py`` measures the whole poll, request path, simulator, kernel and
+``polling.py`` measures the whole poll, aiohttp, simulator, kernel and
 store included: its windows differ by 2-3 us a poll on this machine class,
-more than a change of the scheduler or the state moves them. This measures
+more than a change of the exporter's own path moves them. This measures
 that path alone, to about 0.1 us.
 
     .venv/bin/python bench/poll_path.py            # 1,000, 10,000 and 100,000 imports
@@ -17,8 +19,8 @@ loop and exporter are interleaved. The exporter runs without its store:
 against a loop that never waits on I/O, as here, the storage thread starves
 for the GIL (the loop takes it back within microseconds of each release,
 before the woken thread can), so its writes fall behind and its CPU is
-spent on wake-ups; ``polling.py``, whose loop waits on the network, measures
-the store as it runs.
+spent on wake-ups; ``polling.py``, whose loop waits on the network,
+measures the store as it runs.
 """
 
 from __future__ import annotations
@@ -26,32 +28,88 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import sys
 import time
+import unittest.mock
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_config, cpu_seconds, print_table, write_json
 from exporter.exposition import return_large_buffers_to_the_os
-from exporter.model import Observation
 from exporter.runtime import Exporter
-from exporter.sources.elevate import KNOWN_ANSWERS, ElevateSource
+from exporter.simulator import DEMO_CREDENTIALS
 
-ANSWERS = (KNOWN_ANSWERS["IN_PROGRESS"], KNOWN_ANSWERS["WAITING"])
+STATUSES = ("IN_PROGRESS", "WAITING")
 answered = 0
-"""Answers given, by either contender."""
+"""Answers given, to either contender."""
 
 
-async def instant_poll(_source: object, import_id: str) -> Observation:
-    """An answer without a request: two yields to the loop (a request's
-    write and its answer), then the import's state this second."""
-    global answered
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    answered += 1
-    return ANSWERS[(int(time.monotonic()) + hash(import_id)) % 2]
+class InstantResponse:
+    """What ``http_request`` and the bare loop ask of an aiohttp response."""
+
+    status = 200
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.content_length = len(body)
+        self.headers = CIMultiDictProxy(
+            CIMultiDict({"Content-Type": "application/json", "Content-Length": str(len(body))})
+        )
+
+    async def read(self) -> bytes:
+        return self.body
+
+
+class InstantRequest:
+    """``async with session.request(...) as response``: two yields to the
+    loop (the request's write, its answer), then the import's status this
+    second, as the simulator answers it."""
+
+    def __init__(self, url: URL) -> None:
+        self.url = url
+
+    async def __aenter__(self) -> InstantResponse:
+        global answered
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        import_id = self.url.raw_query_string.removeprefix("id=")
+        status = STATUSES[(int(time.monotonic()) + hash(import_id)) % 2]
+        answered += 1
+        return InstantResponse(
+            f'{{"id": "{import_id}", "reason": null, "status": "{status}"}}'.encode()
+        )
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
+
+
+class InstantSession:
+    """The part of ``aiohttp.ClientSession`` the Elevate source and the bare loop use."""
+
+    def __init__(self, *_args: object, **_settings: object) -> None:
+        pass
+
+    def request(self, _method: str, url: URL, **_options: object) -> InstantRequest:
+        return InstantRequest(url)
+
+    def get(self, url: URL, **_options: object) -> InstantRequest:
+        return InstantRequest(url)
+
+    async def close(self) -> None:
+        return None
 
 
 def ids(count: int) -> list[str]:
@@ -59,13 +117,18 @@ def ids(count: int) -> list[str]:
 
 
 async def measure_bare(count: int, concurrency: int, seconds: float) -> dict[str, float]:
-    """``concurrency`` workers cycling over the ids, asking the source."""
-    cycle = itertools.cycle(ids(count))
+    """``concurrency`` workers cycling over the ids, each URL built once,
+    parsing the JSON: ``polling.py``'s baseline on the instant session."""
+    base = "http://127.0.0.1:9/api/admin/v4/import/status"
+    urls = itertools.cycle([URL(base).with_query(id=i) for i in ids(count)])
+    headers = {"Api-Key": DEMO_CREDENTIALS.elevate_api_key, "Accept-Encoding": "gzip"}
+    session = InstantSession()
     stop = False
 
     async def worker() -> None:
         while not stop:
-            await instant_poll(None, next(cycle))
+            async with session.get(next(urls), headers=headers) as response:
+                json.loads(await response.read())
 
     tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
     await asyncio.sleep(min(1.0, seconds / 3))
@@ -77,7 +140,7 @@ async def measure_bare(count: int, concurrency: int, seconds: float) -> dict[str
 
 async def measure_exporter(count: int, concurrency: int, seconds: float) -> dict[str, float]:
     config = bench_config(
-        "http://127.0.0.1:9",  # never asked: the source answers itself
+        "http://127.0.0.1:9",  # never asked: the instant session answers
         [{"id": i} for i in ids(count)],
         concurrency=concurrency,
         interval="1h",
@@ -86,14 +149,18 @@ async def measure_exporter(count: int, concurrency: int, seconds: float) -> dict
     # As polling.py: every import is due again as soon as its poll returns.
     source = config.sources[0].model_copy(update={"interval": 1e-6})
     config = config.model_copy(update={"sources": [source]})
-    exporter = Exporter(config, "127.0.0.1:0")
+    exporter = Exporter(config, "127.0.0.1:0")  # its session: an InstantSession
     await exporter.start()
     try:
         async with asyncio.timeout(120):
             while not exporter.state.ready():
                 await asyncio.sleep(0.05)
         await asyncio.sleep(min(1.0, seconds / 3))
-        return await _window(seconds)
+        result = await _window(seconds)
+        errors = exporter.state.sources["bench"].errors_total
+        if errors:  # a poll the instant session answered wrongly measures nothing
+            raise RuntimeError(f"polls failed: {dict(errors)}")
+        return result
     finally:
         await exporter.stop()
 
@@ -112,10 +179,9 @@ async def main_async(
     sizes: list[int], concurrency: int, seconds: float, rounds: int
 ) -> dict[str, Any]:
     return_large_buffers_to_the_os()
-    original = ElevateSource.poll
-    ElevateSource.poll = instant_poll  # type: ignore[method-assign,assignment]
     results = []
-    try:
+    # What Exporter.start makes its sources' session of.
+    with unittest.mock.patch.object(aiohttp, "ClientSession", InstantSession):
         for count in sizes:
             await measure_bare(count, concurrency, seconds / 2)  # warm up, not counted
             bares, ourses = [], []
@@ -131,8 +197,6 @@ async def main_async(
                     "exporter_path_us_per_poll": ours - bare,
                 }
             )
-    finally:
-        ElevateSource.poll = original  # type: ignore[method-assign]
     return {
         "concurrency": concurrency,
         "seconds": seconds,
