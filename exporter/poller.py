@@ -137,17 +137,19 @@ class SourceScheduler:
         heap, queue, scheduled = self._heap, self._queue, self._scheduled
         while heap and scheduled.get(heap[0][2]) != heap[0][1]:
             heapq.heappop(heap)  # removed while waiting
-        while queue and scheduled.get(queue[0][2]) != queue[0][1]:
+        first = queue[0] if queue else None
+        while first is not None and scheduled.get(first[2]) != first[1]:
             queue.popleft()
-        if heap and (not queue or heap[0][0] < queue[0][0]):
-            if max(heap[0][0], self._paused_until) > self.clock():
-                return None
-            return heapq.heappop(heap)[2]
-        if queue:
-            if max(queue[0][0], self._paused_until) > self.clock():
-                return None
-            return queue.popleft()[2]
-        return None
+            first = queue[0] if queue else None
+        from_heap = bool(heap) and (first is None or heap[0][0] < first[0])
+        if from_heap:
+            first = heap[0]
+        if first is None:
+            return None
+        now = self.clock()
+        if first[0] > now or self._paused_until > now:
+            return None
+        return heapq.heappop(heap)[2] if from_heap else queue.popleft()[2]
 
     def _first_due(self) -> float | None:
         """When the first import is due (None: none is waiting)."""

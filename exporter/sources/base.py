@@ -39,6 +39,9 @@ class UrlParts(NamedTuple):
     authority: str
     path: str
     query: str
+    known: dict[str, object] | None = None
+    """Its authority's :func:`authority_properties`, one dict per authority
+    (kept with each URL's parts: no lookup of them per poll)."""
 
 
 _yarl_from_parts: Callable[[str, str, str, str, str], URL] | None
@@ -395,12 +398,12 @@ class Source(ABC, Generic[ConfigT]):
             # imports (not interned: an authority may hold a password).
             scheme = self._url_strings.setdefault(url.scheme, url.scheme)
             authority = self._url_strings.setdefault(url.raw_authority, url.raw_authority)
-            parts = self._import_urls[import_id] = UrlParts(
-                scheme, authority, url.raw_path, url.raw_query_string
-            )
+            parts = UrlParts(scheme, authority, url.raw_path, url.raw_query_string)
             if (scheme, authority) not in self._authorities:
                 self._authorities[scheme, authority] = authority_properties(parts)
-        known = self._authorities.get((parts.scheme, parts.authority))
+            parts = parts._replace(known=self._authorities[scheme, authority])
+            self._import_urls[import_id] = parts
+        known = parts.known
         return _built(parts) if known is None else _prefilled(parts, known)
 
     def build_import_url(self, import_id: str) -> URL:
