@@ -220,3 +220,32 @@ def test_imports_are_taken_in_the_order_they_fall_due_whatever_order_they_came_i
     kept = [i for i, (_, removed) in zip(ids, pushes, strict=True) if not removed]
     assert sorted(taken, key=int) == kept
     assert [pushes[int(i)][0] for i in taken] == sorted(pushes[int(i)][0] for i in kept)
+
+
+class NoJitter(random.Random):
+    """First polls at once (no start spread)."""
+
+    def uniform(self, a: float, _b: float) -> float:
+        return a
+
+
+async def test_an_import_added_while_every_worker_waits_for_a_later_one_is_polled_at_once() -> None:
+    """Workers waiting (with a timeout) for an import due in an hour are woken
+    by an import added now: it is polled at once, not after that hour."""
+    source = FakeSource("s", ["a"], lambda _: RUNNING)
+    state = StateStore()
+    state.add_source("s", "fake", 3600.0)
+    sched = SourceScheduler(
+        source, state, interval=3600.0, concurrency=2, max_backoff=3600.0, rng=NoJitter()
+    )
+    sched.add(ImportSpec("a"))
+    sched.start()
+    try:
+        await wait_until(lambda: source.polls["a"] == 1, what="the first poll of a")
+        await wait_until(lambda: sched._idle_workers == 2, what="both workers waiting")
+        source.ids.append("b")
+        sched.add(ImportSpec("b"))
+        await wait_until(lambda: source.polls["b"] == 1, timeout=2, what="the poll of b")
+        assert source.polls["a"] == 1  # not due for an hour
+    finally:
+        await sched.stop()
