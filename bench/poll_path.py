@@ -43,6 +43,7 @@ from yarl import URL
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_config, cpu_seconds, print_table, write_json
+from bench.polling import as_fast_as_allowed, bench_ids
 from exporter.exposition import return_large_buffers_to_the_os
 from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS
@@ -112,15 +113,11 @@ class InstantSession:
         return None
 
 
-def ids(count: int) -> list[str]:
-    return [f"churn-{i}" for i in range(count)]
-
-
 async def measure_bare(count: int, concurrency: int, seconds: float) -> dict[str, float]:
     """``concurrency`` workers cycling over the ids, each URL built once,
     parsing the JSON: ``polling.py``'s baseline on the instant session."""
     base = "http://127.0.0.1:9/api/admin/v4/import/status"
-    urls = itertools.cycle([URL(base).with_query(id=i) for i in ids(count)])
+    urls = itertools.cycle([URL(base).with_query(id=i) for i in bench_ids(count)])
     headers = {"Api-Key": DEMO_CREDENTIALS.elevate_api_key, "Accept-Encoding": "gzip"}
     session = InstantSession()
     stop = False
@@ -139,16 +136,15 @@ async def measure_bare(count: int, concurrency: int, seconds: float) -> dict[str
 
 
 async def measure_exporter(count: int, concurrency: int, seconds: float) -> dict[str, float]:
-    config = bench_config(
-        "http://127.0.0.1:9",  # never asked: the instant session answers
-        [{"id": i} for i in ids(count)],
-        concurrency=concurrency,
-        interval="1h",
-        timeout="10s",
+    config = as_fast_as_allowed(
+        bench_config(
+            "http://127.0.0.1:9",  # never asked: the instant session answers
+            [{"id": i} for i in bench_ids(count)],
+            concurrency=concurrency,
+            interval="1h",
+            timeout="10s",
+        )
     )
-    # As polling.py: every import is due again as soon as its poll returns.
-    source = config.sources[0].model_copy(update={"interval": 1e-6})
-    config = config.model_copy(update={"sources": [source]})
     exporter = Exporter(config, "127.0.0.1:0")  # its session: an InstantSession
     await exporter.start()
     try:

@@ -135,17 +135,20 @@ async def measure_exporter(
         interval="1h",
         timeout="10s",
     )
-    if declarative:
-        config = as_http_json(config)
-    # "As fast as the concurrency allows": every import is due again as soon
-    # as its poll returns. (A config file cannot say this: interval >= timeout.)
-    source = config.sources[0].model_copy(update={"interval": 1e-6})
-    config = config.model_copy(update={"sources": [source]})
+    config = as_fast_as_allowed(as_http_json(config) if declarative else config)
     # With its SQLite store, as it runs in production: every poll changes the
     # state, so every import is written about once a second.
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/bench.db" if storage else None
         return await _measure(Exporter(config, "127.0.0.1:0", storage_path=path), seconds)
+
+
+def as_fast_as_allowed(config: Any) -> Any:
+    """``config`` with its source polling "as fast as the concurrency
+    allows": every import due again as soon as its poll returns. (A config
+    file cannot say this: interval >= timeout.)"""
+    source = config.sources[0].model_copy(update={"interval": 1e-6})
+    return config.model_copy(update={"sources": [source]})
 
 
 async def _measure(exporter: Exporter, seconds: float) -> dict[str, float]:
