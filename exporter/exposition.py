@@ -36,7 +36,6 @@ import mmap
 import os
 import sys
 import threading
-import time
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,6 +48,7 @@ from prometheus_client import utils
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from exporter.loop_slices import LoopSlices
 from exporter.metrics import STATES, import_families
 from exporter.model import PENDING, State
 from exporter.state import ImportKey, ImportRecord, StateStore, milliseconds
@@ -198,10 +198,13 @@ class _Families(Collector):
         return self.families
 
 
-RENDER_SLICE = 200
-"""Imports rendered on the event loop between two yields to it (about 2 ms)."""
-POLL_LINES_SLICE = 1000
-"""Imports whose poll lines alone are rendered between two yields (about 2 ms)."""
+RENDER_BATCH = 20
+"""Imports rendered again between two looks at the clock (a tenth of a
+slice, :data:`~exporter.loop_slices.LOOP_SLICE_SECONDS`, or less: counts of
+200 and 1,000 imports between yields held the loop 4-6 ms under polling,
+where each import's record and lines are no longer in the CPU's caches)."""
+POLL_LINES_BATCH = 100
+"""Imports whose poll lines alone are rendered between two looks at the clock."""
 JOIN_SLICE = 2048
 """Imports whose lines of a family one C-level join copies at most, on the
 event loop: one join of a whole family (80 MB at 100,000 imports) would stop
@@ -214,6 +217,13 @@ part after part, not fresh from ``mmap``, zeroed and faulted in by the
 kernel page by page. At 100,000 imports a gzipped body took 177 ms of CPU
 and 24,000 page faults in parts of 2,048 imports, 125-133 ms and 4,000-11,000
 in parts of 512 (``bench/scrape.py``)."""
+
+
+DURATION_SLICE = 1024
+"""Imports whose running ones' duration lines are made in one part: a
+line takes about 0.5 microseconds under polling (the most of any line made
+at scrape time), so a part of every running import of :data:`JOIN_SLICE`
+held the loop for a few milliseconds."""
 
 
 def _slice_of(lines: Sequence[bytes]) -> int:
@@ -294,9 +304,13 @@ class ImportLines:
             lines[_DURATION] = (prefix, self._running_starts[slot])
         return tuple(lines)
 
-    async def refresh(self) -> None:
+    async def refresh(self, slices: LoopSlices | None = None) -> None:
         """Render again the imports changed since the last refresh, for the
-        next :meth:`render`. On the event loop: O(changed), in slices."""
+        next :meth:`render`. On the event loop: O(changed), a slice of time
+        at a time (``slices``: the caller's, whose next step goes on
+        counting from where this one ends)."""
+        if slices is None:
+            slices = LoopSlices()
         if self._refreshing is None:
             self._refreshing = asyncio.Lock()
         async with self._refreshing:  # one at a time: the newest render wins
@@ -305,15 +319,15 @@ class ImportLines:
             done = polled_done = 0
             try:
                 while done < len(keys):
-                    if done:
-                        await asyncio.sleep(0)
-                    self._render_keys(keys[done : done + RENDER_SLICE])
-                    done += RENDER_SLICE
-                    _untrack_young()
+                    self._render_keys(keys[done : done + RENDER_BATCH])
+                    done += RENDER_BATCH
+                    if slices.due():
+                        _untrack_young()
+                        await slices.yield_now()
                 while polled_done < len(polled):
-                    await asyncio.sleep(0)
-                    self._render_poll_lines(polled[polled_done : polled_done + POLL_LINES_SLICE])
-                    polled_done += POLL_LINES_SLICE
+                    self._render_poll_lines(polled[polled_done : polled_done + POLL_LINES_BATCH])
+                    polled_done += POLL_LINES_BATCH
+                    await slices.pause()
             finally:
                 # Interrupted (cancelled): what is not rendered yet is for the next.
                 self.state.put_back_unrendered(keys[done:], polled[polled_done:])
@@ -426,13 +440,16 @@ class ImportLines:
 
     def _durations(self, now: float) -> Iterator[bytes]:
         """Running imports' duration lines made now, then finished ones' as
-        kept (a slice at a time, both)."""
-        prefixes = list(compress(self._running_prefixes, self._running_prefixes))
-        starts = array("q", compress(self._running_starts, self._running_prefixes))
-        step = _slice_of(prefixes)
+        kept (a slice at a time, both: the running ones of
+        :data:`DURATION_SLICE` imports at a time)."""
+        all_prefixes, all_starts = self._running_prefixes, self._running_starts
         now_ms = milliseconds(now)
-        for at in range(0, len(prefixes), step):
-            yield _running_lines(prefixes[at : at + step], starts[at : at + step], now_ms)
+        for at in range(0, len(all_prefixes), DURATION_SLICE):
+            running = all_prefixes[at : at + DURATION_SLICE]
+            prefixes = list(compress(running, running))
+            if prefixes:
+                starts = array("q", compress(all_starts[at : at + DURATION_SLICE], running))
+                yield _running_lines(prefixes, starts, now_ms)
         yield from self._family(_DURATION)
 
     def _headers_of(self, encoder: Encoder, content_type: str) -> tuple[bytes, ...]:
@@ -516,19 +533,12 @@ def _gzip_compressor(level: int) -> isal_zlib.Compress:
     return isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)  # 31: a gzip header
 
 
-LOOP_SLICE_SECONDS = 0.002
-"""How long :func:`build_body` works on the event loop before yielding to it."""
-
-
-async def _paced(items: Iterable[T]) -> AsyncIterator[T]:
+async def _paced(items: Iterable[T], slices: LoopSlices) -> AsyncIterator[T]:
     """``items``, yielding to the event loop whenever the work on them (the
-    caller's, between two items) has taken :data:`LOOP_SLICE_SECONDS`."""
-    yielded = time.perf_counter()
+    caller's, between two items) has used up a slice of ``slices``."""
     for item in items:
         yield item
-        if time.perf_counter() - yielded >= LOOP_SLICE_SECONDS:
-            await asyncio.sleep(0)
-            yielded = time.perf_counter()
+        await slices.pause()
 
 
 async def build_body(
@@ -536,6 +546,7 @@ async def build_body(
     gzipped: bool,
     level: int = GZIP_LEVEL,
     then: Awaitable[bytes] | None = None,
+    slices: LoopSlices | None = None,
 ) -> bytearray:
     """``parts`` (made as they are taken: C-level joins of kept lines) joined,
     gzipped if asked. The parts are made on the event loop a slice at a time
@@ -552,9 +563,12 @@ async def build_body(
     freed at once; copied in the thread, under the GIL, the copies held the
     loop up, and the parts waiting for them made the heap grow. ``then``:
     the last part, made elsewhere (the registry's families, by collectors
-    that may block, in a worker thread)."""
+    that may block, in a worker thread). ``slices``: the caller's job's
+    time on the loop (see :class:`~exporter.loop_slices.LoopSlices`)."""
+    if slices is None:
+        slices = LoopSlices()
     if not gzipped:
-        return await _joined(await _collected(parts, then))
+        return await _joined(await _collected(parts, then, slices), slices)
     compressor = _gzip_compressor(level)
     out: list[bytes] = []
     batches = [_Batch()]
@@ -578,7 +592,7 @@ async def build_body(
             filling = free
 
     try:
-        async for part in _paced(parts):
+        async for part in _paced(parts, slices):
             await copy(part)
         if then is not None:
             await copy(await then)
@@ -594,12 +608,14 @@ async def build_body(
                 in_thread[0].add_done_callback(functools.partial(_close_batch, batch))
             else:
                 batch.close()
-    return await _joined(out)
+    return await _joined(out, slices)
 
 
-async def _collected(parts: Iterable[bytes], then: Awaitable[bytes] | None) -> list[bytes]:
+async def _collected(
+    parts: Iterable[bytes], then: Awaitable[bytes] | None, slices: LoopSlices
+) -> list[bytes]:
     """``parts`` taken on the event loop, yielding to it between slices."""
-    taken = [part async for part in _paced(parts)]
+    taken = [part async for part in _paced(parts, slices)]
     if then is not None:
         taken.append(await then)
     return taken
@@ -666,10 +682,10 @@ def _compress_batch(compressor: isal_zlib.Compress, batch: _Batch, last: bool = 
         return _compress_last(compressor, data) if last else compressor.compress(data)
 
 
-async def _joined(parts: list[bytes]) -> bytearray:
+async def _joined(parts: list[bytes], slices: LoopSlices) -> bytearray:
     """``parts`` as one buffer, copied on the loop a slice at a time."""
     body = bytearray()
-    async for index, part in _paced(enumerate(parts)):
+    async for index, part in _paced(enumerate(parts), slices):
         body += part
         parts[index] = _EMPTY
     return body

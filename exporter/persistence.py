@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from exporter.logs import context
+from exporter.loop_slices import LoopSlices
 from exporter.state import ImportKey, ImportRecord, StateStore
 from exporter.storage import Row, Storage, StoreError, to_row
 
@@ -29,10 +30,11 @@ with 100,000 imports an import's retention ends within 10 s of its time."""
 WRITE_CHUNK = 2000
 """Rows per transaction of a periodic write: a registration waits behind one
 chunk at most (a few ms), not a write of every import."""
-ROW_SLICE = 500
-"""Rows of a chunk made on the event loop between two yields to it (1.5-2 ms:
-a chunk's rows at once held it 6-9 ms, the longest step of the loop while
-polling at 10,000 imports)."""
+ROW_BATCH = 50
+"""Rows of a chunk made on the event loop between two looks at the clock: it
+yields once a slice of time is used up (see :mod:`exporter.loop_slices`). A
+chunk's rows at once held it 6-9 ms, the longest step of the loop while
+polling at 10,000 imports; 500 rows between yields, 4-6 ms under polling."""
 
 MAX_WAITING_READS = 16
 """API reads of the database waiting at once, at most (see :meth:`Persistence.read`)."""
@@ -93,13 +95,15 @@ class Persistence:
         registration waits for one chunk at most. The changed imports are
         taken as keys; each chunk's rows are built on the event loop from the
         records as they are then (each row a consistent snapshot of its
-        import), :data:`ROW_SLICE` at a time, so no step costs the loop more
-        than a slice; on failure what is left is kept for the next write."""
+        import), yielding to it after each slice of time, so no step costs
+        the loop more than that; on failure what is left is kept for the
+        next write."""
         if self.storage is None:
             return
         keys: Iterator[ImportKey] = iter(())
         forgotten: list[ImportKey] = []
         first = True
+        slices = LoopSlices()
         while True:
             async with self.lock:
                 if first:
@@ -114,20 +118,20 @@ class Persistence:
                 # An import forgotten since the take is not written back.
                 imports, parked = self.state.imports, self.state.parked
                 rows: list[Row] = []
-                for at in range(0, len(chunk), ROW_SLICE):
-                    if at:
-                        # Polls go on meanwhile; the lock keeps out every
-                        # other write, retention and a reload.
-                        await asyncio.sleep(0)
+                for at in range(0, len(chunk), ROW_BATCH):
                     rows += [
                         to_row(record)
-                        for key in chunk[at : at + ROW_SLICE]
+                        for key in chunk[at : at + ROW_BATCH]
                         if (record := imports.get(key) or parked.get(key)) is not None
                     ]
+                    # Polls go on meanwhile; the lock keeps out every other
+                    # write, retention and a reload.
+                    await slices.pause()
                 try:
                     # refresh: a shared database must not get back from them
                     # a registration another replica deleted.
                     await self.call(self.storage.write, [], deleted, rows)
+                    slices.restart()  # the loop went on while the store wrote
                 except StoreError:
                     self.state.requeue_keys(itertools.chain(chunk, keys), deleted)
                     raise
@@ -158,6 +162,8 @@ class Persistence:
                             source=record.source, import_=record.import_id, retention_seconds=keep
                         ),
                     )
+            # The retention's scan and the write's first rows: two steps.
+            await asyncio.sleep(0)
             try:
                 await self.write_pending(with_poll_times=tick % POLL_TIMES_EVERY == 0)
             except StoreError as exc:

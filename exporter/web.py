@@ -17,6 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.api import add_api_routes, bearer_passes
 from exporter.exposition import Encoder, ImportLines, build_body, render_registry
+from exporter.loop_slices import LoopSlices
 from exporter.pages import parse_refresh, parse_show, prepare_status_page
 from exporter.reads import BulkReads
 from exporter.state import StateStore
@@ -272,6 +273,10 @@ def metrics_handler(
         gzipped: bool,
         took: list[float],
     ) -> bytearray:
+        # One count of the loop's time for every step of the render, from
+        # its first to its last: the step from a refresh to the body's first
+        # parts is a slice too.
+        slices = LoopSlices()
         # The registry's families in a worker thread (a collector may block),
         # the kept lines on the loop meanwhile.
         loop = asyncio.get_running_loop()
@@ -286,9 +291,9 @@ def metrics_handler(
             try:
                 parts: Iterable[bytes] = ()
                 if imports is not None:
-                    await imports.refresh()
+                    await imports.refresh(slices)
                     parts = imports.render(encoder, content_type, frozenset(names) or None)
-                return await build_body(parts, gzipped, then=collected)
+                return await build_body(parts, gzipped, then=collected, slices=slices)
             finally:
                 took[0] = time.perf_counter() - started
 

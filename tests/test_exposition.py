@@ -28,8 +28,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from exporter import exposition
-from exporter.exposition import FAMILY_NAMES, RENDER_SLICE, ImportLines, render_metrics
+from exporter import exposition, loop_slices
+from exporter.exposition import FAMILY_NAMES, RENDER_BATCH, ImportLines, render_metrics
 from exporter.metrics import build_registry
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
 from exporter.state import ImportRecord, StateStore
@@ -318,14 +318,17 @@ def test_promtool_accepts_the_text_format(busy: ImportLines) -> None:
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
-async def test_a_refresh_on_the_loop_in_slices_renders_every_change() -> None:
+async def test_a_refresh_on_the_loop_in_slices_renders_every_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """What the handler does: more changes than one slice, refreshed on the
     event loop (yielding between slices), then rendered."""
+    monkeypatch.setattr(loop_slices, "LOOP_SLICE_SECONDS", 0.0)  # a yield per batch
     clock = Clock()
     state = StateStore(clock=clock)
     state.add_source("elevate", "elevate", 30.0)
     lines = ImportLines(state)
-    for n in range(3 * RENDER_SLICE + 7):
+    for n in range(3 * RENDER_BATCH + 7):
         state.track("elevate", f"{n}", name=f"import {n}")
         state.record_observation("elevate", f"{n}", Observation(State.RUNNING, "IN_PROGRESS"))
     await lines.refresh()
@@ -346,6 +349,7 @@ def test_a_body_joined_or_gzipped_in_batches_is_the_whole_body(
     """What ``/metrics`` serves: every family's lines in slices of a few
     imports (running ones too), joined, or gzipped a batch at a time."""
     monkeypatch.setattr(exposition, "JOIN_SLICE", 3)
+    monkeypatch.setattr(exposition, "DURATION_SLICE", 3)
     clock = Clock()
     state = StateStore(clock=clock)
     state.add_source("elevate", "elevate", 30.0)
@@ -560,7 +564,7 @@ async def test_a_change_during_a_render_shows_in_every_family_of_the_next_body_o
     waits for the first render, so no body has an import in some families and
     not in others (a join of import_state and import_info would flicker)."""
     monkeypatch.setattr(exposition, "JOIN_SLICE", 1)
-    monkeypatch.setattr(exposition, "LOOP_SLICE_SECONDS", 0.0)
+    monkeypatch.setattr(loop_slices, "LOOP_SLICE_SECONDS", 0.0)
     state = StateStore(clock=Clock())
     state.add_source("elevate", "elevate", 30.0)
     for n in range(20):
@@ -593,12 +597,15 @@ async def test_a_change_during_a_render_shows_in_every_family_of_the_next_body_o
     assert 'import="new"' in bodies[1]
 
 
-async def test_a_refresh_cancelled_midway_leaves_the_rest_for_the_next() -> None:
+async def test_a_refresh_cancelled_midway_leaves_the_rest_for_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loop_slices, "LOOP_SLICE_SECONDS", 0.0)  # a yield per batch
     clock = Clock()
     state = StateStore(clock=clock)
     state.add_source("elevate", "elevate", 30.0)
     lines = ImportLines(state)
-    for n in range(3 * RENDER_SLICE):
+    for n in range(3 * RENDER_BATCH):
         state.track("elevate", f"{n}")
         state.record_observation("elevate", f"{n}", Observation(State.RUNNING, "IN_PROGRESS"))
     refresh = asyncio.ensure_future(lines.refresh())
@@ -606,6 +613,8 @@ async def test_a_refresh_cancelled_midway_leaves_the_rest_for_the_next() -> None
     refresh.cancel()
     with pytest.raises(asyncio.CancelledError):
         await refresh
+    kept = [lines.lines_of(("elevate", f"{n}")) for n in range(3 * RENDER_BATCH)]
+    assert 0 < sum(lines is not None for lines in kept) < len(kept)
     assert_same(lines, TEXT)
 
 

@@ -16,6 +16,7 @@ from prometheus_client.exposition import choose_encoder
 from yarl import URL
 
 from bench.scale import prepare
+from exporter import loop_slices
 from exporter import persistence as persistence_module
 from exporter.config.loader import load_config
 from exporter.exposition import ImportLines, render_metrics
@@ -189,7 +190,7 @@ async def test_a_chunk_of_rows_is_made_a_slice_at_a_time_while_the_loop_goes_on(
 ) -> None:
     """Making 2,000 rows at once held the event loop 6-9 ms (polls and
     probes waited): between slices of rows the loop runs other work."""
-    monkeypatch.setattr(persistence_module, "ROW_SLICE", 100)
+    monkeypatch.setattr(loop_slices, "LOOP_SLICE_SECONDS", 0.0)  # a yield per batch
     state = StateStore()
     state.add_source("s", "elevate", 30.0)
     for n in range(1000):
@@ -217,7 +218,7 @@ async def test_a_chunk_of_rows_is_made_a_slice_at_a_time_while_the_loop_goes_on(
     finally:
         ticker.cancel()
     assert sum(rows for rows, _ in written) == 1000
-    assert written[0][1] - started >= 1000 // 100 - 1
+    assert written[0][1] - started >= 1000 // persistence_module.ROW_BATCH - 1
 
 
 def test_the_scale_benchmark_knows_the_restored_state_served_whatever_the_polls_answer(
