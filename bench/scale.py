@@ -15,8 +15,17 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
 - the worst event-loop delay: ``/-/healthy`` probed every 10 ms from this
   process, in windows of polling alone and windows where another process
   scrapes ``/metrics`` back to back (gzip), interleaved (alone, scraped,
-  alone, scraped), so a drift of the machine or the process touches both
-  alike; all cover the store's writes (every second);
+  then after a pause alone, scraped), so a drift of the machine or the
+  process touches both alike; all cover the store's writes of what changed
+  (every second). Each window runs from the start of one write of every
+  import's poll time (every 30 writes; about a second of the event loop
+  and the store's thread at 100,000 imports) to the start of the next, so
+  each holds exactly one: in windows of a fixed 15 s, both of a run's
+  fell in windows of one kind, whichever the start-up's phase made it,
+  and moved the ratio by about 0.03 either way. The pause after a scraped
+  window (one period) lets the render the scraper's last request started
+  end before polling alone is counted again. ``--seconds`` (and
+  ``--quick``) makes the windows that long instead;
 - polls/s of both kinds of window, and scrape p50/p99 in the scraped ones;
 - cyclic GC collections and the longest pause per generation, recorded in the
   exporter process by ``gc.callbacks``;
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import os
@@ -35,6 +45,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,23 +65,23 @@ TARGETS = {
 }
 CONCURRENCY = 8
 SCRAPER = """
-import json, sys, time, urllib.request
-durations = []
-deadline = time.monotonic() + float(sys.argv[2])
-while time.monotonic() < deadline:
+import sys, time, urllib.request
+while True:  # until killed: each scrape's duration as a line
     request = urllib.request.Request(sys.argv[1], headers={"Accept-Encoding": "gzip"})
     t0 = time.perf_counter()
     with urllib.request.urlopen(request, timeout=120) as response:
         response.read()
         assert response.status == 200
-    durations.append(time.perf_counter() - t0)
-print(json.dumps(durations))
+    print(time.perf_counter() - t0, flush=True)
 """
 REQUESTS = re.compile(rb"^import_source_requests_total\{[^}]*\} (\S+)$", re.M)
 
 
 def child(stats_path: str, argv: list[str]) -> int:
-    """The exporter's command line, with its GC pauses recorded to ``stats_path``."""
+    """The exporter's command line, with its GC pauses recorded to
+    ``stats_path`` and the start of each write of every import's poll time
+    noted, as a line, in ``stats_path`` + :data:`POLL_TIME_WRITES`."""
+    note_poll_time_writes(Path(stats_path + POLL_TIME_WRITES))
     pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
     long: list[tuple[float, int, float]] = []
     started = [0.0]
@@ -100,6 +111,42 @@ def child(stats_path: str, argv: list[str]) -> int:
         )
     )
     return code
+
+
+POLL_TIME_WRITES = ".poll-time-writes"
+
+
+def note_poll_time_writes(path: Path) -> None:
+    """Append the time of each start of a write of every import's poll time
+    (:meth:`Persistence.write_pending` with ``with_poll_times``) to ``path``."""
+    from exporter.persistence import Persistence
+
+    write_pending = Persistence.write_pending
+
+    async def noted(self: Persistence, *, with_poll_times: bool = False) -> None:
+        if with_poll_times:
+            with path.open("a") as notes:
+                notes.write(f"{time.time()}\n")
+        await write_pending(self, with_poll_times=with_poll_times)
+
+    Persistence.write_pending = noted  # type: ignore[method-assign]
+
+
+class PollTimeWrites:
+    """The child's notes of its writes of every import's poll time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen = 0
+
+    async def next(self) -> None:
+        """Return when the next write (one not seen yet) starts."""
+        while True:
+            noted = self.path.read_text().split() if self.path.exists() else []
+            if len(noted) > self.seen:
+                self.seen = len(noted)
+                return
+            await asyncio.sleep(0.02)
 
 
 def prepare(folder: Path, url: str, count: int) -> tuple[Path, Path, bytes]:
@@ -188,29 +235,33 @@ def rss_of(pid: int) -> int:
 
 
 async def window(
-    session: aiohttp.ClientSession, base: str, probe: Probe, seconds: float, scrape: bool
+    session: aiohttp.ClientSession,
+    base: str,
+    probe: Probe,
+    ends: Callable[[], Awaitable[None]],
+    scrape: bool,
 ) -> dict[str, Any]:
+    """Polls, worst probe delay (and scrapes) from now until ``ends`` returns."""
     polls0 = await requests_total(session, base)
     probe.reset()
     t0 = time.perf_counter()
     wall0 = time.time()
     durations: list[float] = []
+    scraper = None
     if scrape:
         scraper = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            SCRAPER,
-            f"{base}/metrics",
-            str(seconds),
-            stdout=asyncio.subprocess.PIPE,
+            sys.executable, "-c", SCRAPER, f"{base}/metrics", stdout=asyncio.subprocess.PIPE
         )
-        out, _ = await scraper.communicate()
-        durations = json.loads(out)
-    else:
-        await asyncio.sleep(seconds)
-    elapsed = time.perf_counter() - t0
-    worst, probes = probe.worst, probe.count
-    polls = await requests_total(session, base) - polls0
+    try:
+        await ends()
+        elapsed = time.perf_counter() - t0
+        worst, probes = probe.worst, probe.count
+        polls = await requests_total(session, base) - polls0
+    finally:
+        if scraper is not None:
+            scraper.kill()  # a scrape it has begun is not counted
+            out, _ = await scraper.communicate()
+            durations = [float(line) for line in out.split()]
     return {
         "seconds": elapsed,
         "polls": polls,
@@ -223,7 +274,7 @@ async def window(
 
 
 WINDOW_PAIRS = 2
-"""Pairs of windows (alone, scraped) per size, each ``--seconds`` long."""
+"""Pairs of windows (alone, scraped) per size."""
 
 
 def merged(windows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -279,11 +330,19 @@ async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
                 probe = Probe(session, base)
                 probe.task = asyncio.create_task(probe.run())
                 ready = await until(session, f"{base}/-/ready", t0, process, timeout=600)
-                await asyncio.sleep(2.0)  # the first round's write
+                ends: Callable[[], Awaitable[None]]
+                if seconds:
+                    ends = functools.partial(asyncio.sleep, seconds)
+                    await asyncio.sleep(2.0)  # the first round's write
+                else:
+                    ends = PollTimeWrites(Path(str(stats) + POLL_TIME_WRITES)).next
+                    await ends()
                 windows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-                for _ in range(WINDOW_PAIRS):
+                for pair in range(WINDOW_PAIRS):
+                    if pair:
+                        await ends()  # the last scrape's render is over
                     for scrape in (False, True):
-                        windows[scrape].append(await window(session, base, probe, seconds, scrape))
+                        windows[scrape].append(await window(session, base, probe, ends, scrape))
                 polling, scraping = merged(windows[False]), merged(windows[True])
                 rss = rss_of(process.pid)
                 probe.task.cancel()
@@ -338,7 +397,7 @@ async def until(
 async def main_async(sizes: list[int], seconds: float) -> dict[str, Any]:
     results = []
     with simulator_process() as url:
-        one = await measure(url, 1, min(seconds, 2.0))
+        one = await measure(url, 1, 2.0)  # its RSS only
         for count in sizes:
             row = await measure(url, count, seconds)
             row["rss_per_import_bytes"] = (row["rss_bytes"] - one["rss_bytes"]) / (count - 1)
@@ -356,7 +415,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sizes = args.sizes or ([1000] if args.quick else [10_000, 50_000, 100_000])
-    seconds = args.seconds or (2.0 if args.quick else 15.0)
+    # 0: from one write of every import's poll time to the next.
+    seconds = args.seconds or (2.0 if args.quick else 0.0)
     data = asyncio.run(main_async(sizes, seconds))
     rows = []
     for r in data["results"]:
