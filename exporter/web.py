@@ -16,7 +16,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.api import add_api_routes, bearer_passes
-from exporter.exposition import Encoder, ImportLines, build_body, render_registry
+from exporter.exposition import FAMILY_NAMES, Encoder, ImportLines, build_body, render_registry
 from exporter.loop_slices import LoopSlices
 from exporter.pages import parse_refresh, parse_show, prepare_status_page
 from exporter.reads import BulkReads
@@ -290,9 +290,12 @@ def metrics_handler(
             started = time.perf_counter()
             try:
                 parts: Iterable[bytes] = ()
-                if imports is not None:
+                wanted = frozenset(names) or None
+                # A filter of the exporter's own families only (a job watching
+                # the exporter) leaves what polls changed for the next render.
+                if imports is not None and (wanted is None or not wanted.isdisjoint(FAMILY_NAMES)):
                     await imports.refresh(slices)
-                    parts = imports.render(encoder, content_type, frozenset(names) or None)
+                    parts = imports.render(encoder, content_type, wanted)
                 return await build_body(parts, gzipped, then=collected, slices=slices)
             finally:
                 took[0] = time.perf_counter() - started

@@ -666,3 +666,24 @@ def test_joined_parts_reuse_the_heap_instead_of_faulting_it_in_again() -> None:
     if run.stderr.strip() == "not glibc":
         pytest.skip("not glibc")
     assert int(run.stdout) < 1000, run.stderr
+
+
+async def test_a_scrape_filtered_to_other_families_leaves_the_imports_unrendered(
+    aiohttp_client: Callable[[web.Application], Awaitable[TestClient[Any, Any]]],
+) -> None:
+    """``name[]`` asking only for the exporter's own families (a second job
+    watching the exporter) costs no render of what polls changed: at 100,000
+    imports that is up to half a second of the event loop. The next scrape
+    that shows the imports renders them."""
+    state = StateStore(clock=Clock())
+    state.add_source("elevate", "elevate", 30.0)
+    state.track("elevate", "1")
+    lines = ImportLines(state)
+    registry = build_registry(state, imports=False)
+    client = await aiohttp_client(create_web_app(state, registry, import_lines=lines))
+    state.record_observation("elevate", "1", Observation(State.RUNNING, "IN_PROGRESS"))
+    own = await client.get("/metrics?name[]=import_source_up")
+    assert "import_source_up{" in await own.text()
+    assert lines.lines_of(("elevate", "1")) is None  # not rendered yet
+    body = await (await client.get("/metrics?name[]=import_state")).text()
+    assert 'import_state{import="1",source="elevate",state="running"} 1.0' in body
