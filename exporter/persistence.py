@@ -1,5 +1,5 @@
 """Keeps the state in the storage backend: what changed is written within a
-second (a newer poll time alone every 30 s) in chunks, retention forgets what
+second (a newer poll time alone within about 30 s) in chunks, retention forgets what
 ended long ago, and every write is ordered with the others by one lock (which
 a reload holds too while it replaces sources)."""
 
@@ -22,8 +22,13 @@ log = logging.getLogger(__name__)
 
 PERSIST_INTERVAL = 1.0
 """Seconds between writes of what polls learnt (registrations are written at once)."""
-POLL_TIMES_EVERY = 30
-"""Write imports whose only news is a newer poll time every this many writes."""
+POLL_TIMES_WITHIN = 30
+"""Imports whose only news is a newer poll time are written within this
+many writes (seconds): each write takes this share of them, those waiting
+longest first, and each that has waited this long. All of them every 30th
+write made a burst: at 100,000 imports about a second of the event loop and
+the store's thread, which slowed the scrape it fell on to 2.0-2.3 s
+(``bench/scale.py``)."""
 RETENTION_SLICE = 10_000
 """Imports the retention looks at per write (about 1 ms of the event loop):
 with 100,000 imports an import's retention ends within 10 s of its time."""
@@ -88,9 +93,11 @@ class Persistence:
             return
         await self.call(self.storage.write, rows, deleted)
 
-    async def write_pending(self, *, with_poll_times: bool = False) -> None:
-        """Write what changed since the last write (with ``with_poll_times``
-        also the imports whose only news is a newer poll time) in transactions
+    async def write_pending(self, *, poll_times: float = 0.0, due: float | None = None) -> None:
+        """Write what changed since the last write (with ``poll_times`` that
+        share of the imports whose only news is a newer poll time, those
+        waiting longest first, and each waiting since ``due`` or before; 1:
+        all) in transactions
         of at most :data:`WRITE_CHUNK` rows, each under :attr:`lock`, so a
         registration waits for one chunk at most. The changed imports are
         taken as keys; each chunk's rows are built on the event loop from the
@@ -109,7 +116,7 @@ class Persistence:
                 if first:
                     # Taken under the lock: no registration lands between the
                     # take and the first chunk's deletes.
-                    keys, forgotten = self.state.take_change_keys(with_poll_times=with_poll_times)
+                    keys, forgotten = self.state.take_change_keys(poll_times=poll_times, due=due)
                 chunk = list(itertools.islice(keys, WRITE_CHUNK))
                 deleted = forgotten if first else []
                 first = False
@@ -142,7 +149,7 @@ class Persistence:
         self.task = asyncio.create_task(self._run(retention, forget), name="persist")
 
     async def _run(self, retention: Callable[[], float], forget: Forget) -> None:
-        for tick in itertools.count(1):
+        while True:
             await asyncio.sleep(PERSIST_INTERVAL)
             async with self.lock:
                 keep = retention()
@@ -165,7 +172,10 @@ class Persistence:
             # The retention's scan and the write's first rows: two steps.
             await asyncio.sleep(0)
             try:
-                await self.write_pending(with_poll_times=tick % POLL_TIMES_EVERY == 0)
+                await self.write_pending(
+                    poll_times=1 / POLL_TIMES_WITHIN,
+                    due=self.state.clock() - POLL_TIMES_WITHIN * PERSIST_INTERVAL,
+                )
             except StoreError as exc:
                 # The storage logged it when writes began to fail.
                 log.debug("cannot store the state of the imports: %s", exc)
@@ -181,7 +191,7 @@ class Persistence:
                 await self.task
         if self.storage is not None:
             try:
-                await self.write_pending(with_poll_times=True)
+                await self.write_pending(poll_times=1.0)
             except StoreError as exc:
                 log.error("cannot store the state of the imports: %s", exc)
             await self.call(self.storage.close)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -183,10 +183,13 @@ class StateStore:
         self.parked: ImportIndex = ImportIndex()
         """Registered imports of sources no longer configured (see :meth:`park`)."""
         # For persistence: imports that changed, imports whose only news is a
-        # newer poll time (written less often: most polls change nothing else),
-        # and imports forgotten, since they were last taken.
+        # newer poll time (written less often: most polls change nothing else;
+        # oldest first, a share at each write), and imports forgotten, since
+        # they were last taken.
         self._changed: set[ImportKey] = set()
-        self._touched: set[ImportKey] = set()
+        self._touched: OrderedDict[ImportKey, float] = OrderedDict()
+        """Imports whose only news is a newer poll time, with when they first
+        had it since they were last written."""
         self._forgotten: set[ImportKey] = set()
         self._unrendered: set[ImportKey] = set()
         """Imports whose exported lines may differ from the last render (changed,
@@ -275,7 +278,7 @@ class StateStore:
         if self.imports.pop(key, None) is not None:
             self._waiting.discard(key)
             self._changed.discard(key)
-            self._touched.discard(key)
+            self._touched.pop(key, None)
             self._forgotten.add(key)
             self._unrendered.add(key)
 
@@ -300,13 +303,13 @@ class StateStore:
     ) -> tuple[list[ImportRecord], list[ImportKey]]:
         """Imports changed and keys forgotten since they were last taken; with
         ``with_poll_times`` also the imports whose only news is a newer poll."""
-        keys, forgotten = self.take_change_keys(with_poll_times=with_poll_times)
+        keys, forgotten = self.take_change_keys(poll_times=1.0 if with_poll_times else 0.0)
         imports, parked = self.imports, self.parked
         changed = [record for key in keys if (record := imports.get(key) or parked.get(key))]
         return changed, forgotten
 
     def take_change_keys(
-        self, *, with_poll_times: bool = False
+        self, *, poll_times: float = 0.0, due: float | None = None
     ) -> tuple[Iterator[ImportKey], list[ImportKey]]:
         """:meth:`take_changes` as keys, to be read a chunk at a time, in key
         order: the store's rows are kept in that order, and a write that walks
@@ -314,13 +317,31 @@ class StateStore:
         order). Cheap here: a few keys are sorted; many are picked out of
         the sorted index lazily (the sets are handed over, not merged), so
         taking 100,000 newer poll times costs the event loop no sort. A key
-        may name an import forgotten since (then it is in neither index)."""
+        may name an import forgotten since (then it is in neither index).
+
+        ``poll_times``: the share (0 to 1, rounded up to a whole import) of
+        the imports whose only news is a newer poll time to take as well,
+        those waiting longest first, and at least each that has waited
+        since ``due`` (a time of :attr:`clock`) or before. A changed import
+        is written with its poll time, so it no longer waits for that."""
         changed = self._changed
         self._changed = set()
-        touched: set[ImportKey] = set()
-        if with_poll_times:
-            touched = self._touched
-            self._touched = set()
+        waiting = self._touched
+        for key in changed:
+            waiting.pop(key, None)
+        touched: set[ImportKey] | dict[ImportKey, float] = set()
+        if poll_times >= 1.0:
+            touched, self._touched = waiting, OrderedDict()
+        elif poll_times > 0.0 and waiting:
+            oldest = waiting.popitem
+            touched = {oldest(last=False)[0] for _ in range(math.ceil(len(waiting) * poll_times))}
+            while due is not None and waiting:
+                key, since = oldest(last=False)
+                if since > due:
+                    waiting[key] = since
+                    waiting.move_to_end(key, last=False)
+                    break
+                touched.add(key)
         forgotten = list(self._forgotten)
         self._forgotten = set()
         if (len(changed) + len(touched)) * SORT_CHANGES_BELOW < len(self.imports):
@@ -429,7 +450,7 @@ class StateStore:
         if obs is not previous or record.confirmed_final != was_final:
             self._changed.add(key)
         else:
-            self._touched.add(key)
+            self._touched.setdefault(key, now)
         if obs is previous and seen == (record.seen_running_at, record.seen_finished_at):
             self._repolled.add(key)
         else:
@@ -516,7 +537,10 @@ class StateStore:
         record.last_error_reason = error.reason
         record.last_error_at = now
         record.last_attempt = now
-        (self._changed if news else self._touched).add(key)
+        if news:
+            self._changed.add(key)
+        else:
+            self._touched.setdefault(key, now)
         self._repolled.add(key)  # an error is not in an import's lines
 
     # --- readers' helpers ---------------------------------------------------

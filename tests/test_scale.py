@@ -108,7 +108,7 @@ async def test_periodic_writes_come_in_chunks_and_registrations_write_their_own_
         records = [exporter.state.imports[("elevate", f"20{n}")] for n in range(5)]
         await wait_until(lambda: all(r.observation is not None for r in records))
         writes.clear()
-        await exporter.persistence.write_pending(with_poll_times=True)
+        await exporter.persistence.write_pending(poll_times=1.0)
         assert writes
         assert max(writes) <= 2
         assert sum(writes) >= 5

@@ -125,6 +125,39 @@ def test_changes_are_taken_once_and_given_back_when_a_write_fails(clock: Clock) 
     assert state.take_changes()[1] == [("shop", "1002")]
 
 
+def test_newer_poll_times_alone_are_taken_a_share_at_a_time_longest_waiting_first(
+    clock: Clock,
+) -> None:
+    """Imports whose only news is a newer poll time are written a share per
+    write, not all every 30th (a burst of every import); one that changes
+    meanwhile is written with its change and waits no longer."""
+    state = StateStore(clock)
+    state.add_source("shop", "elevate", 30.0)
+    ids = [f"{n:03d}" for n in range(100)]
+    running = Observation(State.RUNNING, "IN_PROGRESS")
+    for import_id in ids:
+        state.track("shop", import_id)
+        state.record_observation("shop", import_id, running)
+    state.take_changes()  # first answers: changes
+    for import_id in reversed(ids):  # the same answers again: poll times only
+        state.record_observation("shop", import_id, running)
+    state.record_observation("shop", ids[99], Observation(State.FAILED, "FAILURE"))
+
+    keys, _ = state.take_change_keys(poll_times=0.1)
+    expected = ["099", "098", "097", "096", "095", "094", "093", "092", "091", "090", "089"]
+    assert list(keys) == sorted(("shop", import_id) for import_id in expected)
+    keys, _ = state.take_change_keys()  # poll times wait
+    assert list(keys) == []
+    taken = []
+    for _ in range(30):  # a write a second
+        clock.now += 1
+        keys, _ = state.take_change_keys(poll_times=1 / 30, due=clock.now - 30)
+        taken.append(len(list(keys)))
+    assert sum(taken) == 89  # every one within 30 writes
+    assert max(taken) <= 30  # the last ones that waited 30 s
+    assert list(state.take_change_keys(poll_times=1.0)[0]) == []
+
+
 @pytest.mark.parametrize("changing", [3, 300], ids=["a few sorted", "many picked in order"])
 def test_changes_are_taken_in_key_order_for_the_store(clock: Clock, changing: int) -> None:
     """The store keeps rows in key order; a write in that order touches each
@@ -143,7 +176,7 @@ def test_changes_are_taken_in_key_order_for_the_store(clock: Clock, changing: in
         state.record_observation("shop", import_id, Observation(State.FAILED, "FAILURE"))
     for import_id in repolled:
         state.record_observation("shop", import_id, running)
-    keys, _ = state.take_change_keys(with_poll_times=True)
+    keys, _ = state.take_change_keys(poll_times=1.0)
     assert list(keys) == sorted(("shop", import_id) for import_id in changed + repolled)
 
 

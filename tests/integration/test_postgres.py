@@ -533,7 +533,7 @@ async def test_a_rename_through_another_shard_is_kept_by_the_owner(
                 what="the owner to take the new name",
             )
             # The owner's writes of what it polls (poll times included) keep it.
-            await owner.persistence.write_pending(with_poll_times=True)
+            await owner.persistence.write_pending(poll_times=1.0)
             status, shown = await call(http, "GET", here, f"/api/v1/imports/elevate/{theirs}")
             assert shown["name"] == "weekly"
 
