@@ -15,17 +15,11 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
 - the worst event-loop delay: ``/-/healthy`` probed every 10 ms from this
   process, in windows of polling alone and windows where another process
   scrapes ``/metrics`` back to back (gzip), interleaved (alone, scraped,
-  then after a pause alone, scraped), so a drift of the machine or the
-  process touches both alike; all cover the store's writes of what changed
-  (every second). Each window runs from the start of one write of every
-  import's poll time (every 30 writes; about a second of the event loop
-  and the store's thread at 100,000 imports) to the start of the next, so
-  each holds exactly one: in windows of a fixed 15 s, both of a run's
-  fell in windows of one kind, whichever the start-up's phase made it,
-  and moved the ratio by about 0.03 either way. The pause after a scraped
-  window (one period) lets the render the scraper's last request started
-  end before polling alone is counted again. ``--seconds`` (and
-  ``--quick``) makes the windows that long instead;
+  alone, scraped), so a drift of the machine or the process touches both
+  alike; all cover the store's writes (every second). Polls are counted at
+  a window's end, where the scraper is killed (the scrape it had begun is
+  not counted), and the next window starts :data:`SETTLE_SECONDS` later,
+  once the render that scrape started is over;
 - polls/s of both kinds of window, and scrape p50/p99 in the scraped ones;
 - cyclic GC collections and the longest pause per generation, recorded in the
   exporter process by ``gc.callbacks``;
@@ -36,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import gc
 import json
 import os
@@ -45,7 +38,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +70,7 @@ REQUESTS = re.compile(rb"^import_source_requests_total\{[^}]*\} (\S+)$", re.M)
 
 
 def child(stats_path: str, argv: list[str]) -> int:
-    """The exporter's command line, with its GC pauses recorded to
-    ``stats_path`` and the start of each write of every import's poll time
-    noted, as a line, in ``stats_path`` + :data:`POLL_TIME_WRITES`."""
-    note_poll_time_writes(Path(stats_path + POLL_TIME_WRITES))
+    """The exporter's command line, with its GC pauses recorded to ``stats_path``."""
     pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
     long: list[tuple[float, int, float]] = []
     started = [0.0]
@@ -111,42 +100,6 @@ def child(stats_path: str, argv: list[str]) -> int:
         )
     )
     return code
-
-
-POLL_TIME_WRITES = ".poll-time-writes"
-
-
-def note_poll_time_writes(path: Path) -> None:
-    """Append the time of each start of a write of every import's poll time
-    (:meth:`Persistence.write_pending` with ``with_poll_times``) to ``path``."""
-    from exporter.persistence import Persistence
-
-    write_pending = Persistence.write_pending
-
-    async def noted(self: Persistence, *, with_poll_times: bool = False) -> None:
-        if with_poll_times:
-            with path.open("a") as notes:
-                notes.write(f"{time.time()}\n")
-        await write_pending(self, with_poll_times=with_poll_times)
-
-    Persistence.write_pending = noted  # type: ignore[method-assign]
-
-
-class PollTimeWrites:
-    """The child's notes of its writes of every import's poll time."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.seen = 0
-
-    async def next(self) -> None:
-        """Return when the next write (one not seen yet) starts."""
-        while True:
-            noted = self.path.read_text().split() if self.path.exists() else []
-            if len(noted) > self.seen:
-                self.seen = len(noted)
-                return
-            await asyncio.sleep(0.02)
 
 
 def prepare(folder: Path, url: str, count: int) -> tuple[Path, Path, bytes]:
@@ -238,10 +191,10 @@ async def window(
     session: aiohttp.ClientSession,
     base: str,
     probe: Probe,
-    ends: Callable[[], Awaitable[None]],
+    seconds: float,
     scrape: bool,
 ) -> dict[str, Any]:
-    """Polls, worst probe delay (and scrapes) from now until ``ends`` returns."""
+    """Polls, worst probe delay (and scrapes) over the next ``seconds``."""
     polls0 = await requests_total(session, base)
     probe.reset()
     t0 = time.perf_counter()
@@ -253,7 +206,7 @@ async def window(
             sys.executable, "-c", SCRAPER, f"{base}/metrics", stdout=asyncio.subprocess.PIPE
         )
     try:
-        await ends()
+        await asyncio.sleep(seconds)
         elapsed = time.perf_counter() - t0
         worst, probes = probe.worst, probe.count
         polls = await requests_total(session, base) - polls0
@@ -274,7 +227,10 @@ async def window(
 
 
 WINDOW_PAIRS = 2
-"""Pairs of windows (alone, scraped) per size."""
+"""Pairs of windows (alone, scraped) per size, each ``--seconds`` long."""
+SETTLE_SECONDS = 2.0
+"""After a scraped window: the render of the scrape cut short ends (under a
+second at 100,000 imports) before the next window counts polls."""
 
 
 def merged(windows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -330,19 +286,12 @@ async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
                 probe = Probe(session, base)
                 probe.task = asyncio.create_task(probe.run())
                 ready = await until(session, f"{base}/-/ready", t0, process, timeout=600)
-                ends: Callable[[], Awaitable[None]]
-                if seconds:
-                    ends = functools.partial(asyncio.sleep, seconds)
-                    await asyncio.sleep(2.0)  # the first round's write
-                else:
-                    ends = PollTimeWrites(Path(str(stats) + POLL_TIME_WRITES)).next
-                    await ends()
+                await asyncio.sleep(2.0)  # the first round's write
                 windows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-                for pair in range(WINDOW_PAIRS):
-                    if pair:
-                        await ends()  # the last scrape's render is over
+                for _ in range(WINDOW_PAIRS):
                     for scrape in (False, True):
-                        windows[scrape].append(await window(session, base, probe, ends, scrape))
+                        windows[scrape].append(await window(session, base, probe, seconds, scrape))
+                        await asyncio.sleep(SETTLE_SECONDS if scrape else 0.0)
                 polling, scraping = merged(windows[False]), merged(windows[True])
                 rss = rss_of(process.pid)
                 probe.task.cancel()
@@ -397,7 +346,7 @@ async def until(
 async def main_async(sizes: list[int], seconds: float) -> dict[str, Any]:
     results = []
     with simulator_process() as url:
-        one = await measure(url, 1, 2.0)  # its RSS only
+        one = await measure(url, 1, min(seconds, 2.0))
         for count in sizes:
             row = await measure(url, count, seconds)
             row["rss_per_import_bytes"] = (row["rss_bytes"] - one["rss_bytes"]) / (count - 1)
@@ -415,8 +364,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sizes = args.sizes or ([1000] if args.quick else [10_000, 50_000, 100_000])
-    # 0: from one write of every import's poll time to the next.
-    seconds = args.seconds or (2.0 if args.quick else 0.0)
+    seconds = args.seconds or (2.0 if args.quick else 15.0)
     data = asyncio.run(main_async(sizes, seconds))
     rows = []
     for r in data["results"]:
