@@ -109,41 +109,48 @@ class Persistence:
             return
         keys: Iterator[ImportKey] = iter(())
         forgotten: list[ImportKey] = []
+        chunk: list[ImportKey] = []
+        deleted: list[ImportKey] = []
         first = True
         slices = LoopSlices()
-        while True:
-            async with self.lock:
-                if first:
-                    # Taken under the lock: no registration lands between the
-                    # take and the first chunk's deletes.
-                    keys, forgotten = self.state.take_change_keys(poll_times=poll_times, due=due)
-                chunk = list(itertools.islice(keys, WRITE_CHUNK))
-                deleted = forgotten if first else []
-                first = False
-                if not (chunk or deleted):
-                    return
-                # An import forgotten since the take is not written back.
-                imports, parked = self.state.imports, self.state.parked
-                rows: list[Row] = []
-                for at in range(0, len(chunk), ROW_BATCH):
-                    rows += [
-                        to_row(record)
-                        for key in chunk[at : at + ROW_BATCH]
-                        if (record := imports.get(key) or parked.get(key)) is not None
-                    ]
-                    # Polls go on meanwhile; the lock keeps out every other
-                    # write, retention and a reload.
-                    await slices.pause()
-                try:
+        try:
+            while True:
+                async with self.lock:
+                    if first:
+                        # Taken under the lock: no registration lands between
+                        # the take and the first chunk's deletes.
+                        keys, forgotten = self.state.take_change_keys(
+                            poll_times=poll_times, due=due
+                        )
+                    chunk = list(itertools.islice(keys, WRITE_CHUNK))
+                    deleted = forgotten if first else []
+                    first = False
+                    if not (chunk or deleted):
+                        return
+                    # An import forgotten since the take is not written back.
+                    imports, parked = self.state.imports, self.state.parked
+                    rows: list[Row] = []
+                    for at in range(0, len(chunk), ROW_BATCH):
+                        rows += [
+                            to_row(record)
+                            for key in chunk[at : at + ROW_BATCH]
+                            if (record := imports.get(key) or parked.get(key)) is not None
+                        ]
+                        # Polls go on meanwhile; the lock keeps out every
+                        # other write, retention and a reload.
+                        await slices.pause()
                     # refresh: a shared database must not get back from them
                     # a registration another replica deleted.
                     await self.call(self.storage.write, [], deleted, rows)
+                    written, chunk, deleted = len(chunk), [], []
                     slices.restart()  # the loop went on while the store wrote
-                except StoreError:
-                    self.state.requeue_keys(itertools.chain(chunk, keys), deleted)
-                    raise
-            if len(chunk) < WRITE_CHUNK:
-                return
+                if written < WRITE_CHUNK:
+                    return
+        except BaseException:
+            # A failed write, or cancelled (a stop, whose own last write then
+            # takes them): what is not written yet is for the next write.
+            self.state.requeue_keys(itertools.chain(chunk, keys), deleted)
+            raise
 
     def start(self, retention: Callable[[], float], forget: Forget) -> None:
         self.task = asyncio.create_task(self._run(retention, forget), name="persist")

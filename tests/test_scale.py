@@ -221,6 +221,42 @@ async def test_a_chunk_of_rows_is_made_a_slice_at_a_time_while_the_loop_goes_on(
     assert written[0][1] - started >= 1000 // persistence_module.ROW_BATCH - 1
 
 
+async def test_a_write_cancelled_midway_leaves_what_it_had_not_written_for_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop cancels the periodic write wherever it is (building rows,
+    waiting on the store, waiting for the lock): the stop's own last write
+    must still store every change, none lost with the cancelled one."""
+    monkeypatch.setattr(loop_slices, "LOOP_SLICE_SECONDS", 0.0)  # a yield per batch
+    state = StateStore()
+    state.add_source("s", "elevate", 30.0)
+    keys = {("s", f"i{n}") for n in range(3 * persistence_module.WRITE_CHUNK)}
+    for _, import_id in keys:
+        state.track("s", import_id)
+        state.record_observation("s", import_id, Observation(State.RUNNING, "IN_PROGRESS"))
+    written: set[tuple[str, str]] = set()
+
+    class Storage:
+        def write(self, rows: list[Row], _deleted: object = (), refresh: list[Row] = []) -> None:  # noqa: B006
+            written.update((row[0], row[1]) for row in [*rows, *refresh])
+
+    persistence = persistence_module.Persistence(state, Storage())  # type: ignore[arg-type]
+    for ticks in (3, 60):  # building the first chunk's rows; a later chunk
+        written.clear()
+        periodic = asyncio.create_task(persistence.write_pending())
+        for _ in range(ticks):
+            await asyncio.sleep(0)
+        periodic.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await periodic
+        assert written != keys  # cut short
+        await persistence.write_pending(poll_times=1.0)  # what a stop writes
+        assert keys <= written
+        for _, import_id in keys:  # changed again for the second round
+            state.record_observation("s", import_id, Observation(State.WAITING, "WAITING"))
+            state.record_observation("s", import_id, Observation(State.RUNNING, "IN_PROGRESS"))
+
+
 def test_the_scale_benchmark_knows_the_restored_state_served_whatever_the_polls_answer(
     tmp_path: Path,
 ) -> None:
