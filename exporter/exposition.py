@@ -584,6 +584,7 @@ async def build_body(
             free = None
             if in_thread is not None:
                 out.append(await asyncio.wrap_future(in_thread[0]))
+                slices.restart()  # the loop went on while the thread compressed
                 free = in_thread[1].emptied()
             in_thread = (_gzip_thread().submit(_compress_batch, compressor, filling), filling)
             if free is None:
@@ -595,7 +596,9 @@ async def build_body(
         async for part in _paced(parts, slices):
             await copy(part)
         if then is not None:
-            await copy(await then)
+            registry_part = await then
+            slices.restart()
+            await copy(registry_part)
         if in_thread is not None:
             out.append(await asyncio.wrap_future(in_thread[0]))
         in_thread = (_gzip_thread().submit(_compress_batch, compressor, filling, True), filling)

@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 PERSIST_INTERVAL = 1.0
 """Seconds between writes of what polls learnt (registrations are written at once)."""
 POLL_TIMES_WITHIN = 30
-"""Imports whose only news is a newer poll time are written within this
-many writes (seconds): each write takes this share of them, those waiting
-longest first, and each that has waited this long. All of them every 30th
+"""Imports whose only news is a newer poll time are written within about
+this many writes (seconds): each write takes this fraction of them (1/30),
+those waiting longest first, and each that has waited this long. All of them every 30th
 write made a burst: at 100,000 imports about a second of the event loop and
 the store's thread, which slowed the scrape it fell on to 2.0-2.3 s
 (``bench/scale.py``)."""

@@ -287,6 +287,7 @@ def metrics_handler(
         # (on the loop, where the records change) never runs while a render
         # reads them, so every family of a body is of the same moment.
         async with rendering:
+            slices.restart()  # the loop went on while another render held it
             started = time.perf_counter()
             try:
                 parts: Iterable[bytes] = ()

@@ -234,7 +234,7 @@ async def test_a_write_cancelled_midway_leaves_what_it_had_not_written_for_the_n
     for _, import_id in keys:
         state.track("s", import_id)
         state.record_observation("s", import_id, Observation(State.RUNNING, "IN_PROGRESS"))
-    written: set[tuple[str, str]] = set()
+    written: set[tuple[object, object]] = set()
 
     class Storage:
         def write(self, rows: list[Row], _deleted: object = (), refresh: list[Row] = []) -> None:  # noqa: B006

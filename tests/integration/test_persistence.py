@@ -305,7 +305,7 @@ async def test_sigkill_loses_no_acknowledged_registration_and_keeps_state_and_st
             assert float(line.rsplit(" ", 1)[1]) > 0
 
             # Every poll now fails the same way: only the time of the latest
-            # failure moves, which is written every 30 s, or at shutdown. Wait
+            # failure moves, which is written within about 30 s, or at shutdown. Wait
             # until the exporter knows a failure newer than the stored one.
             def newest_error_at(listing: dict[str, dict[str, Any]]) -> float:
                 error = listing["1004"]["last_error"]
