@@ -108,7 +108,6 @@ class Persistence:
         if self.storage is None:
             return
         keys: Iterator[ImportKey] = iter(())
-        forgotten: list[ImportKey] = []
         chunk: list[ImportKey] = []
         deleted: list[ImportKey] = []
         first = True
@@ -119,11 +118,11 @@ class Persistence:
                     if first:
                         # Taken under the lock: no registration lands between
                         # the take and the first chunk's deletes.
-                        keys, forgotten = self.state.take_change_keys(
+                        keys, deleted = self.state.take_change_keys(
                             poll_times=poll_times, due=due
                         )
+                        await slices.pause()  # a sort of a few thousand keys
                     chunk = list(itertools.islice(keys, WRITE_CHUNK))
-                    deleted = forgotten if first else []
                     first = False
                     if not (chunk or deleted):
                         return
