@@ -118,9 +118,7 @@ class Persistence:
                     if first:
                         # Taken under the lock: no registration lands between
                         # the take and the first chunk's deletes.
-                        keys, deleted = self.state.take_change_keys(
-                            poll_times=poll_times, due=due
-                        )
+                        keys, deleted = self.state.take_change_keys(poll_times=poll_times, due=due)
                         await slices.pause()  # a sort of a few thousand keys
                     chunk = list(itertools.islice(keys, WRITE_CHUNK))
                     first = False
