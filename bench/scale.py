@@ -199,11 +199,7 @@ def rss_of(pid: int) -> int:
 
 
 async def window(
-    session: aiohttp.ClientSession,
-    base: str,
-    probe: Probe,
-    seconds: float,
-    scrape: bool,
+    session: aiohttp.ClientSession, base: str, probe: Probe, seconds: float, scrape: bool
 ) -> dict[str, Any]:
     """Polls, worst probe delay (and scrapes) over the next ``seconds``."""
     await render_changes(session, base)

@@ -25,10 +25,10 @@ PERSIST_INTERVAL = 1.0
 POLL_TIMES_WITHIN = 30
 """Imports whose only news is a newer poll time are written within about
 this many writes (seconds): each write takes this fraction of them (1/30),
-those waiting longest first, and each that has waited this long. All of them every 30th
-write made a burst: at 100,000 imports about a second of the event loop and
-the store's thread, which slowed the scrape it fell on to 2.0-2.3 s
-(``bench/scale.py``)."""
+those waiting longest first, and each that has waited this long. All of
+them every 30th write made a burst: at 100,000 imports about a second of
+the event loop and the store's thread, which slowed the scrape it fell on
+to 2.0-2.3 s (``bench/scale.py``)."""
 RETENTION_SLICE = 10_000
 """Imports the retention looks at per write (about 1 ms of the event loop):
 with 100,000 imports an import's retention ends within 10 s of its time."""

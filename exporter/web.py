@@ -273,10 +273,6 @@ def metrics_handler(
         gzipped: bool,
         took: list[float],
     ) -> bytearray:
-        # One count of the loop's time for every step of the render, from
-        # its first to its last: the step from a refresh to the body's first
-        # parts is a slice too.
-        slices = LoopSlices()
         # The registry's families in a worker thread (a collector may block),
         # the kept lines on the loop meanwhile.
         loop = asyncio.get_running_loop()
@@ -287,7 +283,9 @@ def metrics_handler(
         # (on the loop, where the records change) never runs while a render
         # reads them, so every family of a body is of the same moment.
         async with rendering:
-            slices.restart()  # the loop went on while another render held it
+            # One count of the loop's time for every step of the render: the
+            # step from a refresh to the body's first parts is a slice too.
+            slices = LoopSlices()
             started = time.perf_counter()
             try:
                 parts: Iterable[bytes] = ()
