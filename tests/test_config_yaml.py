@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.config import ConfigError
-from exporter.config.loader import SafeLoader, parse_config_text
+from exporter.config.loader import parse_config_text
+from exporter.config.yaml_loader import SafeLoader
 
 REFERENCE: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """PyYAML's own safe loader (libyaml's where PyYAML has it, as the config's

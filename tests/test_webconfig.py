@@ -244,6 +244,11 @@ async def test_bcrypt_is_cached_and_unknown_users_cost_a_check(
         ("rate_limit: {interval: 1s, burst: 0}\n", "rate_limit.burst: must be at least 1"),
         ("rate_limit: {interval: soon, burst: 1}\n", "rate_limit.interval: must be a duration"),
         ("http_server_config: {http2: maybe}\n", "http_server_config.http2"),
+        # PyYAML raised these as a KeyError, let through as a traceback.
+        (
+            "http_server_config: {http2: !!bool maybe}\n",
+            "invalid YAML: 'maybe' is not a valid !!bool",
+        ),
     ],
 )
 def test_bad_web_config_is_rejected_with_the_field(

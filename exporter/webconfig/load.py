@@ -8,6 +8,7 @@ import yaml
 from pydantic import ValidationError
 
 from exporter.config import ConfigError, describe_errors
+from exporter.config.yaml_loader import SafeLoader, yaml_problem
 from exporter.webconfig.model import ALLOWED_HEADERS, WebConfig
 from exporter.webconfig.tls import tls_problems
 
@@ -17,11 +18,11 @@ def load_web_config(path: str | Path) -> WebConfig:
     (each line starts with the file's name)."""
     origin = str(path)
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=SafeLoader) or {}
     except OSError as exc:
         raise ConfigError([f"{origin}: cannot read: {exc.strerror or exc}"]) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{origin}: invalid YAML: {exc}"]) from exc
+        raise ConfigError([f"{origin}: {yaml_problem(exc)}"]) from exc
     try:
         config = WebConfig.model_validate(data)
     except ValidationError as exc:
