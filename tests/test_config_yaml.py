@@ -88,6 +88,12 @@ def test_any_document_loads_as_pyyaml_loads_it(data: Any, flow: bool | None) -> 
         "source:\n  <<: [{a: 1}, {b: 2}]\n  a: 3",
         # Tags of other collections.
         "s: !!set {a, b}\no: !!omap [{a: 1}, {b: 2}]\np: !!pairs [{a: 1}, {a: 2}]",
+        # A collection's tag on a scalar: PyYAML's error, not an empty one.
+        "!!seq foo",
+        "a: !!map foo",
+        "a: !!set foo",
+        "- !!omap foo\n- !!pairs x",
+        "- !!seq foo\n- &a x\n- *a",
         # Duplicate keys: the last wins, as in PyYAML.
         "a: 1\na: 2",
         # Errors: the same, word for word.
@@ -101,6 +107,15 @@ def test_any_document_loads_as_pyyaml_loads_it(data: Any, flow: bool | None) -> 
 )
 def test_unusual_documents_load_as_pyyaml_loads_them(text: str) -> None:
     assert outcome(text, SafeLoader) == outcome(text, REFERENCE)
+
+
+def test_each_document_of_a_stream_loads_as_pyyaml_loads_it() -> None:
+    text = "--- !!seq foo\n--- [a]\n"
+    with pytest.raises(yaml.constructor.ConstructorError) as theirs:
+        list(yaml.load_all(text, Loader=REFERENCE))
+    with pytest.raises(yaml.constructor.ConstructorError) as ours:
+        list(yaml.load_all(text, Loader=SafeLoader))
+    assert str(ours.value) == str(theirs.value)
 
 
 def test_an_alias_stays_one_shared_object() -> None:
@@ -128,6 +143,15 @@ def test_a_plain_config_is_built_without_pyyamls_constructor_per_node() -> None:
     assert len(config.sources[0].import_entries()) == 50
 
 
+def test_a_scalar_too_long_to_read_is_shown_cut_with_why() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text("sources: []\nport: " + "9" * 5000 + "\n", "config.yaml")
+    (line,) = caught.value.errors
+    assert line.startswith("config.yaml: line 2, column 7: invalid YAML: '" + "9" * 40 + "...' is")
+    assert "is not a valid !!int (Exceeds the limit (4300 digits)" in line
+    assert len(line) < 300
+
+
 def test_dates_and_numbers_keep_their_types() -> None:
     data = yaml.load("d: 2026-11-26\nn: 3\nf: 1.5\nb: false", Loader=SafeLoader)
     assert data == {"d": datetime.date(2026, 11, 26), "n": 3, "f": 1.5, "b": False}
@@ -142,6 +166,7 @@ def test_dates_and_numbers_keep_their_types() -> None:
         ("!!float abc", "'abc' is not a valid !!float"),
         ("!!bool maybe", "'maybe' is not a valid !!bool"),
         ("!!timestamp nope", "'nope' is not a valid !!timestamp"),
+        ("2020-02-30", "'2020-02-30' is not a valid !!timestamp (day is out of range for month)"),
     ],
 )
 def test_a_scalar_its_tag_cannot_read_is_a_config_error_with_its_place(
@@ -153,3 +178,29 @@ def test_a_scalar_its_tag_cannot_read_is_a_config_error_with_its_place(
     with pytest.raises(ConfigError) as caught:
         parse_config_text(text, "config.yaml")
     assert caught.value.errors == [f"config.yaml: line 3, column 9: invalid YAML: {problem}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "a: &x 1\nb: &x 2\n",
+            "config.yaml: line 2, column 4: invalid YAML: "
+            "found duplicate anchor; first occurrence; second occurrence",
+        ),
+        (
+            "a: \x00\n",
+            "config.yaml: invalid YAML: unacceptable character #x0000: control characters "
+            'are not allowed in "<unicode string>", position 3',
+        ),
+        (
+            "a: [1, 2",
+            "config.yaml: line 2, column 1: invalid YAML: did not find expected ',' or ']'",
+        ),
+    ],
+)
+def test_a_yaml_error_is_one_line_with_what_and_where(text: str, error: str) -> None:
+    """(libyaml's wording, which CI has.)"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text(text, "config.yaml")
+    assert caught.value.errors == [error]

@@ -18,6 +18,12 @@ documents, the same errors."""
 _STR_TAG = "tag:yaml.org,2002:str"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MAP_TAG = "tag:yaml.org,2002:map"
+_SCALAR_TAGS = frozenset(
+    f"tag:yaml.org,2002:{name}" for name in ("null", "bool", "int", "float", "binary", "timestamp")
+)
+"""The tags whose value PyYAML's safe constructor builds from a scalar at once."""
+SHOWN_VALUE = 40
+"""Characters of a value an error shows."""
 
 
 class _NotPlain(Exception):
@@ -43,6 +49,8 @@ class SafeLoader(_LIBYAML_OR_PURE):  # type: ignore[misc,valid-type]
         except Exception:
             self.constructed_objects.clear()
             self.recursive_objects.clear()
+            self.state_generators.clear()
+            self.deep_construct = False
             return super().construct_document(node)
         finally:
             self.constructed_objects.clear()
@@ -54,9 +62,14 @@ class SafeLoader(_LIBYAML_OR_PURE):  # type: ignore[misc,valid-type]
             if not isinstance(node, yaml.ScalarNode):
                 raise
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-            raise yaml.constructor.ConstructorError(
-                None, None, f"{node.value!r} is not a valid {tag}", node.start_mark
-            ) from exc
+            value = (
+                node.value if len(node.value) <= SHOWN_VALUE else node.value[:SHOWN_VALUE] + "..."
+            )
+            problem = f"{value!r} is not a valid {tag}"
+            # Why, unless it only repeats the value ("invalid literal ... 'nope'").
+            if isinstance(exc, ValueError) and repr(node.value) not in str(exc):
+                problem += f" ({str(exc)[: SHOWN_VALUE * 4]})"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from exc
 
     def _plain(self, node: yaml.Node, seen: set[int]) -> Any:
         # A node met twice is an alias: PyYAML's gives one shared object.
@@ -65,7 +78,13 @@ class SafeLoader(_LIBYAML_OR_PURE):  # type: ignore[misc,valid-type]
         seen.add(id(node))
         kind, tag = type(node), node.tag
         if kind is yaml.ScalarNode:
-            return node.value if tag == _STR_TAG else self.construct_object(node)
+            if tag == _STR_TAG:
+                return node.value
+            # A collection's tag on a scalar fails only in a step PyYAML's
+            # construct_document takes after the build (its generators).
+            if tag not in _SCALAR_TAGS:
+                raise _NotPlain
+            return self.construct_object(node)
         if kind is yaml.SequenceNode and tag == _SEQ_TAG:
             return [self._plain(item, seen) for item in node.value]
         if kind is yaml.MappingNode and tag == _MAP_TAG:
@@ -80,10 +99,14 @@ class SafeLoader(_LIBYAML_OR_PURE):  # type: ignore[misc,valid-type]
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
-    """``line L, column C: invalid YAML: problem`` (its place where PyYAML knows it)."""
-    where = ""
+    """``line L, column C: invalid YAML: problem`` on one line (its place
+    where PyYAML knows it; what it was reading when it matters, as in
+    ``found duplicate anchor 'x'; second occurrence``)."""
     mark = getattr(exc, "problem_mark", None)
-    if mark is not None:
-        where = f"line {mark.line + 1}, column {mark.column + 1}: "
+    where = "" if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: "
     problem = getattr(exc, "problem", None) or str(exc)
-    return f"{where}invalid YAML: {problem}"
+    context = getattr(exc, "context", None)
+    if context and not context.startswith("while "):
+        problem = f"{context}; {problem}"
+    # A reader's error (a NUL byte) has no mark but a second line with its position.
+    return f"{where}invalid YAML: {' '.join(problem.split())}"
