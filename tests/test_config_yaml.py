@@ -143,13 +143,24 @@ def test_a_plain_config_is_built_without_pyyamls_constructor_per_node() -> None:
     assert len(config.sources[0].import_entries()) == 50
 
 
-def test_a_scalar_too_long_to_read_is_shown_cut_with_why() -> None:
+def test_a_scalar_too_long_to_read_says_why() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config_text("sources: []\nport: " + "9" * 5000 + "\n", "config.yaml")
     (line,) = caught.value.errors
-    assert line.startswith("config.yaml: line 2, column 7: invalid YAML: '" + "9" * 40 + "...' is")
-    assert "is not a valid !!int (Exceeds the limit (4300 digits)" in line
+    assert line.startswith(
+        "config.yaml: line 2, column 7: invalid YAML: not a valid !!int (Exceeds the limit"
+    )
+    assert "99999" not in line
     assert len(line) < 300
+
+
+def test_a_value_that_cannot_be_read_is_not_shown() -> None:
+    """It may be a secret: its place says which value it is."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text("sources: []\napi: {token: !!int s3cr3t-t0ken}\n", "config.yaml")
+    assert caught.value.errors == [
+        "config.yaml: line 2, column 14: invalid YAML: not a valid !!int"
+    ]
 
 
 def test_dates_and_numbers_keep_their_types() -> None:
@@ -161,12 +172,12 @@ def test_dates_and_numbers_keep_their_types() -> None:
 @pytest.mark.parametrize(
     ("value", "problem"),
     [
-        ("!!int nope", "'nope' is not a valid !!int"),
-        ("!!int 1e999", "'1e999' is not a valid !!int"),
-        ("!!float abc", "'abc' is not a valid !!float"),
-        ("!!bool maybe", "'maybe' is not a valid !!bool"),
-        ("!!timestamp nope", "'nope' is not a valid !!timestamp"),
-        ("2020-02-30", "'2020-02-30' is not a valid !!timestamp (day is out of range for month)"),
+        ("!!int nope", "not a valid !!int"),
+        ("!!int 1e999", "not a valid !!int"),
+        ("!!float abc", "not a valid !!float"),
+        ("!!bool maybe", "not a valid !!bool"),
+        ("!!timestamp nope", "not a valid !!timestamp"),
+        ("2020-02-30", "not a valid !!timestamp (day is out of range for month)"),
     ],
 )
 def test_a_scalar_its_tag_cannot_read_is_a_config_error_with_its_place(

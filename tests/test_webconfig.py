@@ -247,7 +247,7 @@ async def test_bcrypt_is_cached_and_unknown_users_cost_a_check(
         # PyYAML raised these as a KeyError, let through as a traceback.
         (
             "http_server_config: {http2: !!bool maybe}\n",
-            "invalid YAML: 'maybe' is not a valid !!bool",
+            "line 1, column 29: invalid YAML: not a valid !!bool",
         ),
     ],
 )

@@ -22,8 +22,8 @@ _SCALAR_TAGS = frozenset(
     f"tag:yaml.org,2002:{name}" for name in ("null", "bool", "int", "float", "binary", "timestamp")
 )
 """The tags whose value PyYAML's safe constructor builds from a scalar at once."""
-SHOWN_VALUE = 40
-"""Characters of a value an error shows."""
+SHOWN_REASON = 160
+"""Characters of why a scalar cannot be read that an error shows."""
 
 
 class _NotPlain(Exception):
@@ -41,7 +41,8 @@ class SafeLoader(_LIBYAML_OR_PURE):  # type: ignore[misc,valid-type]
     not a string, a tag such as ``!!set``) or that fails is built again by
     PyYAML's constructor alone: the same data, the same errors, but one: a
     scalar its tag cannot read (``!!int nope``) is a YAML error with its
-    place, not PyYAML's bare ValueError, KeyError or AttributeError."""
+    place (not its value), not PyYAML's bare ValueError, KeyError or
+    AttributeError."""
 
     def construct_document(self, node: yaml.Node) -> Any:
         try:
@@ -61,14 +62,11 @@ class SafeLoader(_LIBYAML_OR_PURE):  # type: ignore[misc,valid-type]
         except (ValueError, KeyError, AttributeError, TypeError) as exc:
             if not isinstance(node, yaml.ScalarNode):
                 raise
-            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-            value = (
-                node.value if len(node.value) <= SHOWN_VALUE else node.value[:SHOWN_VALUE] + "..."
-            )
-            problem = f"{value!r} is not a valid {tag}"
-            # Why, unless it only repeats the value ("invalid literal ... 'nope'").
-            if isinstance(exc, ValueError) and repr(node.value) not in str(exc):
-                problem += f" ({str(exc)[: SHOWN_VALUE * 4]})"
+            # Not the value: its place says which, and it may be a secret.
+            problem = f"not a valid {node.tag.replace('tag:yaml.org,2002:', '!!')}"
+            # Why, unless that repeats the value ("invalid literal ... 'nope'").
+            if isinstance(exc, ValueError) and node.value not in str(exc):
+                problem += f" ({str(exc)[:SHOWN_REASON]})"
             raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from exc
 
     def _plain(self, node: yaml.Node, seen: set[int]) -> Any:
@@ -101,7 +99,7 @@ class SafeLoader(_LIBYAML_OR_PURE):  # type: ignore[misc,valid-type]
 def yaml_problem(exc: yaml.YAMLError) -> str:
     """``line L, column C: invalid YAML: problem`` on one line (its place
     where PyYAML knows it; what it was reading when it matters, as in
-    ``found duplicate anchor 'x'; second occurrence``)."""
+    ``found duplicate anchor; first occurrence; second occurrence``)."""
     mark = getattr(exc, "problem_mark", None)
     where = "" if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: "
     problem = getattr(exc, "problem", None) or str(exc)
