@@ -190,6 +190,9 @@ class StateStore:
         self._touched: OrderedDict[ImportKey, float] = OrderedDict()
         """Imports whose only news is a newer poll time, with when they first
         had it since they were last written."""
+        self._touched_taken: dict[ImportKey, float] = {}
+        """The last take's imports whose only news was a newer poll time,
+        with their times: given back (a failed write), they wait as such."""
         self._forgotten: set[ImportKey] = set()
         self._unrendered: set[ImportKey] = set()
         """Imports whose exported lines may differ from the last render (changed,
@@ -329,19 +332,20 @@ class StateStore:
         waiting = self._touched
         for key in changed:
             waiting.pop(key, None)
-        touched: set[ImportKey] | dict[ImportKey, float] = set()
+        touched: dict[ImportKey, float] = {}
         if poll_times >= 1.0:
             touched, self._touched = waiting, OrderedDict()
         elif poll_times > 0.0 and waiting:
             oldest = waiting.popitem
-            touched = {oldest(last=False)[0] for _ in range(math.ceil(len(waiting) * poll_times))}
+            touched = dict(oldest(last=False) for _ in range(math.ceil(len(waiting) * poll_times)))
             while due is not None and waiting:
                 key, since = oldest(last=False)
                 if since > due:
                     waiting[key] = since
                     waiting.move_to_end(key, last=False)
                     break
-                touched.add(key)
+                touched[key] = since
+        self._touched_taken = touched
         forgotten = list(self._forgotten)
         self._forgotten = set()
         if (len(changed) + len(touched)) * SORT_CHANGES_BELOW < len(self.imports):
@@ -354,9 +358,24 @@ class StateStore:
         return (key for key in tracked if key in changed or key in touched), forgotten
 
     def requeue_keys(self, keys: Iterable[ImportKey], forgotten: list[ImportKey]) -> None:
-        """Give back keys taken by :meth:`take_change_keys` that could not be written."""
-        imports, parked = self.imports, self.parked
-        self._changed.update(key for key in keys if key in imports or key in parked)
+        """Give back keys taken by :meth:`take_change_keys` that could not be
+        written: an import whose only news was a newer poll time waits as
+        such again, before those that had it later (unless it has changed
+        since); the others are changes."""
+        imports, parked, taken = self.imports, self.parked, self._touched_taken
+        waiting, changed = self._touched, self._changed
+        poll_times = []
+        for key in keys:
+            if key not in imports and key not in parked:
+                continue
+            since = taken.get(key)
+            if since is None:
+                changed.add(key)
+            elif key not in changed:
+                poll_times.append((since, key))
+        for since, key in sorted(poll_times, reverse=True):
+            waiting[key] = min(since, waiting.get(key, since))
+            waiting.move_to_end(key, last=False)
         self._forgotten.update(key for key in forgotten if key not in imports and key not in parked)
 
     def requeue(self, changed: list[ImportRecord], forgotten: list[ImportKey]) -> None:

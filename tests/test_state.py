@@ -160,6 +160,39 @@ def test_newer_poll_times_alone_are_taken_a_share_at_a_time_longest_waiting_firs
     assert list(state.take_change_keys(poll_times=1.0)[0]) == [("shop", i) for i in ids[:10]]
 
 
+def test_poll_times_given_back_after_a_failed_write_wait_as_poll_times(clock: Clock) -> None:
+    """A write that fails (the store is down) gives its keys back: imports
+    whose only news was a newer poll time wait again as such, longest
+    waiting first, rather than all coming back as changes (one write of
+    every one of them when the store is back); a change stays a change."""
+    state = StateStore(clock)
+    state.add_source("shop", "elevate", 30.0)
+    ids = [f"{n:03d}" for n in range(60)]
+    running = Observation(State.RUNNING, "IN_PROGRESS")
+    for import_id in ids:
+        state.track("shop", import_id)
+        state.record_observation("shop", import_id, running)
+    state.take_changes()
+    for import_id in ids:  # poll times only, oldest first
+        clock.now += 1
+        state.record_observation("shop", import_id, running)
+    state.record_observation("shop", ids[0], Observation(State.FAILED, "FAILURE"))
+    keys, forgotten = state.take_change_keys(poll_times=1 / 2)
+    taken = list(keys)
+    assert taken == [("shop", import_id) for import_id in ids[:31]]  # the change and 30
+    clock.now += 1
+    state.record_observation("shop", ids[59], running)  # polled again meanwhile
+
+    state.requeue_keys(iter(taken), forgotten)
+
+    keys, _ = state.take_change_keys()
+    assert list(keys) == [("shop", ids[0])]  # the change only
+    keys, _ = state.take_change_keys(poll_times=1 / 59)
+    assert list(keys) == [("shop", ids[1])]  # still the longest waiting
+    keys, _ = state.take_change_keys(poll_times=1.0)
+    assert list(keys) == [("shop", import_id) for import_id in ids[2:]]
+
+
 @pytest.mark.parametrize("changing", [3, 300], ids=["a few sorted", "many picked in order"])
 def test_changes_are_taken_in_key_order_for_the_store(clock: Clock, changing: int) -> None:
     """The store keeps rows in key order; a write in that order touches each
