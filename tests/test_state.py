@@ -125,22 +125,30 @@ def test_changes_are_taken_once_and_given_back_when_a_write_fails(clock: Clock) 
     assert state.take_changes()[1] == [("shop", "1002")]
 
 
+RUNNING = Observation(State.RUNNING, "IN_PROGRESS")
+
+
+def answered_and_written(clock: Clock, count: int) -> tuple[StateStore, list[str]]:
+    """``count`` imports that answered running once, that answer taken (written)."""
+    state = StateStore(clock)
+    state.add_source("shop", "elevate", 30.0)
+    ids = [f"{n:03d}" for n in range(count)]
+    for import_id in ids:
+        state.track("shop", import_id)
+        state.record_observation("shop", import_id, RUNNING)
+    state.take_changes()
+    return state, ids
+
+
 def test_newer_poll_times_alone_are_taken_a_share_at_a_time_longest_waiting_first(
     clock: Clock,
 ) -> None:
     """Imports whose only news is a newer poll time are written a share per
     write, not all every 30th (a burst of every import); one that changes
     meanwhile is written with its change and waits no longer."""
-    state = StateStore(clock)
-    state.add_source("shop", "elevate", 30.0)
-    ids = [f"{n:03d}" for n in range(100)]
-    running = Observation(State.RUNNING, "IN_PROGRESS")
-    for import_id in ids:
-        state.track("shop", import_id)
-        state.record_observation("shop", import_id, running)
-    state.take_changes()  # first answers: changes
+    state, ids = answered_and_written(clock, 100)
     for import_id in reversed(ids):  # the same answers again: poll times only
-        state.record_observation("shop", import_id, running)
+        state.record_observation("shop", import_id, RUNNING)
     state.record_observation("shop", ids[99], Observation(State.FAILED, "FAILURE"))
 
     keys, _ = state.take_change_keys(poll_times=0.1)
@@ -154,7 +162,7 @@ def test_newer_poll_times_alone_are_taken_a_share_at_a_time_longest_waiting_firs
         keys, _ = state.take_change_keys(poll_times=1 / 30, due=clock.now - 30)
         taken += keys
         for import_id in ids[:10]:  # polled again meanwhile: still waiting since the first
-            state.record_observation("shop", import_id, running)
+            state.record_observation("shop", import_id, RUNNING)
     assert sorted(taken) == [("shop", import_id) for import_id in ids[:89]]  # each within 30
     # Polled again after the last write: waiting for a later one.
     assert list(state.take_change_keys(poll_times=1.0)[0]) == [("shop", i) for i in ids[:10]]
@@ -165,23 +173,16 @@ def test_poll_times_given_back_after_a_failed_write_wait_as_poll_times(clock: Cl
     whose only news was a newer poll time wait again as such, longest
     waiting first, rather than all coming back as changes (one write of
     every one of them when the store is back); a change stays a change."""
-    state = StateStore(clock)
-    state.add_source("shop", "elevate", 30.0)
-    ids = [f"{n:03d}" for n in range(60)]
-    running = Observation(State.RUNNING, "IN_PROGRESS")
-    for import_id in ids:
-        state.track("shop", import_id)
-        state.record_observation("shop", import_id, running)
-    state.take_changes()
+    state, ids = answered_and_written(clock, 60)
     for import_id in ids:  # poll times only, oldest first
         clock.now += 1
-        state.record_observation("shop", import_id, running)
+        state.record_observation("shop", import_id, RUNNING)
     state.record_observation("shop", ids[0], Observation(State.FAILED, "FAILURE"))
     keys, forgotten = state.take_change_keys(poll_times=1 / 2)
     taken = list(keys)
     assert taken == [("shop", import_id) for import_id in ids[:31]]  # the change and 30
     clock.now += 1
-    state.record_observation("shop", ids[59], running)  # polled again meanwhile
+    state.record_observation("shop", ids[59], RUNNING)  # polled again meanwhile
 
     state.requeue_keys(iter(taken), forgotten)
 
