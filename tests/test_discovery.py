@@ -14,6 +14,7 @@ from aiohttp import web
 
 from exporter.config.loader import parse_config_data
 from exporter.model import ErrorReason, Origin, ParseError, State
+from exporter.poller import MAX_START_SPREAD
 from exporter.runtime import Exporter
 from exporter.sources.http_json import HttpJsonSource
 from exporter.sources.registry import build_source
@@ -156,7 +157,10 @@ async def test_the_exporter_tracks_what_discovery_finds_and_keeps_it(
             keys = [("jobs", i) for i in ("750A", "750C", "750D")]
             return all(k in state.imports and state.imports[k].state is not None for k in keys)
 
-        await wait_until(polled, what="the discovered imports to be polled")
+        # A found import's first poll comes within the start spread (up to 5 s).
+        await wait_until(
+            polled, timeout=MAX_START_SPREAD + 10, what="the discovered imports to be polled"
+        )
         assert sorted(i for s, i in state.imports if s == "jobs") == ["750A", "750C", "750D"]
         record = state.imports[("jobs", "750C")]
         assert (record.origin, record.name, record.state) == (
