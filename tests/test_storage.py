@@ -421,3 +421,32 @@ def test_sqlite_binds_a_rows_nulls_without_the_adapter_lookup(
     assert loaded.name is None
     assert loaded.observation is None
     assert loaded.last_error is None
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("state", "exploded"),
+        ("origin", "elsewhere"),
+        ("last_error_reason", "gremlins"),
+        ("started_at", "yesterday"),
+        ("items_completed", "many"),
+    ],
+)
+def test_a_stored_value_that_cannot_be_read_stops_the_start_naming_the_file(
+    tmp_path: Path, column: str, value: str
+) -> None:
+    """Never a start on a state that silently dropped or misread an import."""
+    path = tmp_path / "state.db"
+    store = SQLiteStorage(path)
+    store.write([to_row(record("1", observation=Observation(State.RUNNING, "IN_PROGRESS")))])
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"UPDATE imports SET {column} = ?", (value,))
+    store = SQLiteStorage(path)
+    try:
+        with pytest.raises(StoreError, match="cannot read the stored imports") as caught:
+            store.load()
+        assert str(path) in str(caught.value)
+    finally:
+        store.close()
