@@ -48,8 +48,15 @@ def load_config(path: str | Path, *, expand_env: bool = False) -> Config:
 
 
 def load_config_apart(path: str | Path, *, expand_env: bool = False) -> Config:
-    """:func:`load_config` in a forked child process; this one only unpickles
-    the result (or the :class:`ConfigError`).
+    """:func:`load_config` in a forked child process (:class:`ConfigApart`)."""
+    return ConfigApart(path, expand_env=expand_env).result()
+
+
+class ConfigApart:
+    """:func:`load_config` in a forked child process, which starts at once:
+    this one goes on meanwhile (start-up restores the store on the other
+    core), and :meth:`result` only unpickles the config (or the
+    :class:`ConfigError`).
 
     Parsing 100,000 imports makes and frees a YAML tree and the validator's
     intermediates around the objects kept: the freed blocks stay in this
@@ -59,26 +66,38 @@ def load_config_apart(path: str | Path, *, expand_env: bool = False) -> Config:
     thread (forking one is unsafe), it loads here; where the fork or the
     child fails, it says so and loads here, which also raises what the
     child hit."""
-    if not hasattr(os, "fork") or threading.active_count() > 1:
-        return load_config(path, expand_env=expand_env)
-    try:
-        data = _load_in_child(path, expand_env)
-    except OSError as exc:
-        log.warning("cannot parse the config in a child process (%s); parsing it here", exc)
-        return load_config(path, expand_env=expand_env)
-    if not data:
-        log.warning("parsing the config in a child process failed; parsing it here")
-        return load_config(path, expand_env=expand_env)
-    outcome = pickle.loads(data)  # our own child's answer, through our own pipe
-    if isinstance(outcome, list):
-        raise ConfigError(outcome)
-    assert isinstance(outcome, Config)
-    return outcome
+
+    def __init__(self, path: str | Path, *, expand_env: bool = False) -> None:
+        self.path, self.expand_env = path, expand_env
+        self._child: tuple[int, int] | None = None
+        """The child's pid and the reading end of its pipe."""
+        if not hasattr(os, "fork") or threading.active_count() > 1:
+            return
+        try:
+            self._child = _start_child(path, expand_env)
+        except OSError as exc:
+            log.warning("cannot parse the config in a child process (%s); parsing it here", exc)
+
+    def result(self) -> Config:
+        """The config; raises :class:`ConfigError`. Once only."""
+        if self._child is None:
+            return load_config(self.path, expand_env=self.expand_env)
+        data = _answer_of(*self._child)
+        self._child = None
+        if not data:
+            log.warning("parsing the config in a child process failed; parsing it here")
+            return load_config(self.path, expand_env=self.expand_env)
+        outcome = pickle.loads(data)  # our own child's answer, through our own pipe
+        if isinstance(outcome, list):
+            raise ConfigError(outcome)
+        assert isinstance(outcome, Config)
+        return outcome
 
 
-def _load_in_child(path: str | Path, expand_env: bool) -> bytes:
-    """The pickled config (or the ConfigError's lines) from a forked child;
-    empty if the child failed. Raises OSError if it cannot be forked."""
+def _start_child(path: str | Path, expand_env: bool) -> tuple[int, int]:
+    """A forked child that writes the pickled config (or the ConfigError's
+    lines) to a pipe: its pid and the pipe's reading end. Raises OSError if
+    it cannot be forked."""
     reading, writing = os.pipe()
     try:
         pid = os.fork()
@@ -100,12 +119,21 @@ def _load_in_child(path: str | Path, expand_env: bool) -> bytes:
                 outcome = load_config(path, expand_env=expand_env)
             except ConfigError as exc:
                 outcome = exc.errors
+            # Pickled whole before writing: a pipe holds 64 KB, and a dump
+            # into it would wait for the parent (restoring the store
+            # meanwhile) at every frame.
+            data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
             with os.fdopen(writing, "wb") as out:
-                pickle.dump(outcome, out, protocol=pickle.HIGHEST_PROTOCOL)
+                out.write(data)
             code = 0
         finally:
             os._exit(code)
     os.close(writing)
+    return pid, reading
+
+
+def _answer_of(pid: int, reading: int) -> bytes:
+    """What the child wrote, once it has exited; empty if it failed."""
     try:
         with os.fdopen(reading, "rb") as incoming:
             data = incoming.read()
