@@ -19,7 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
-from exporter.config.loader import load_config, load_config_apart
+from exporter.config.loader import ConfigApart, load_config
 from exporter.hup import catch_early, take_early
 from exporter.limits import raise_open_file_limit
 from exporter.logs import LEVELS, setup_logging
@@ -30,7 +30,9 @@ from exporter.runtime import (
     HEADER_READ_TIMEOUT,
     Exporter,
     ListenError,
+    Restored,
     parse_listen_address,
+    restore_while_config_parses,
 )
 from exporter.sharding import WHOLE, Shard, ordinal_of
 from exporter.sources.base import HttpResponse
@@ -319,6 +321,32 @@ def choose_storage(
     return (path or config.storage_path() or DEFAULT_STORAGE_PATH), (url or config.storage_url())
 
 
+def load_and_restore(
+    args: argparse.Namespace,
+) -> tuple[Config, str | None, str | None, Restored | None]:
+    """The config; the storage chosen (SQLite path, PostgreSQL URL); and, if
+    that is the existing SQLite file the command line names, the file
+    restored. The config is parsed in a child (the parse's garbage stays out
+    of this heap) while this process restores that file, on the other core:
+    until the config is read, a file named on the command line is the store
+    unless the config names a database."""
+    parsing = ConfigApart(args.config_file, expand_env=args.expand_env)
+    restored = None
+    if args.storage_path is not None and args.storage_url is None:
+        restored = restore_while_config_parses(args.storage_path)
+    try:
+        config = parsing.result()
+    except BaseException:
+        if restored is not None:
+            restored.store.close()
+        raise
+    storage_path, storage_url = choose_storage(args.storage_path, args.storage_url, config)
+    if restored is not None and storage_url is not None:
+        restored.store.close()  # the config names a database: not this file
+        restored = None
+    return config, storage_path, storage_url, restored
+
+
 async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -353,6 +381,7 @@ async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
         loader = None
         storage_path: str | None = args.storage_path
         storage_url: str | None = args.storage_url
+        restored: Restored | None = None
         if args.demo:
             from exporter.demo import start_demo_simulator
 
@@ -363,9 +392,7 @@ async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
             # walking the growing config and state again and again took
             # seconds of the start-up.
             gc.disable()
-            # Parsed in a child: the parse's garbage stays out of this heap.
-            config = load_config_apart(args.config_file, expand_env=args.expand_env)
-            storage_path, storage_url = choose_storage(storage_path, storage_url, config)
+            config, storage_path, storage_url, restored = load_and_restore(args)
 
             def loader() -> Config:
                 return load_config(args.config_file, expand_env=args.expand_env)
@@ -380,6 +407,7 @@ async def run(args: argparse.Namespace, shard: Shard = WHOLE) -> int:
             loader,
             storage_path=storage_path,
             store=store,
+            restored=restored,
             max_requests=args.max_requests,
             header_timeout=args.header_timeout,
             shard=shard,

@@ -4,7 +4,9 @@ after the retention."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import signal
 import sqlite3
 import subprocess
@@ -20,6 +22,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from exporter.cli import build_parser, load_and_restore
+from exporter.config import ConfigError
 from exporter.config.loader import load_config
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
 from exporter.runtime import Exporter
@@ -395,3 +399,144 @@ async def test_a_registration_the_store_cannot_write_is_refused_and_nothing_is_l
     finally:
         await exporter.stop()
     assert {"1003", "1004"} <= set(stored_states(database))
+
+
+STARTS_FROM = """
+sources:
+  - name: shop
+    type: elevate
+    url: http://127.0.0.1:{port}
+    api_key: key
+    interval: 1h
+    imports:
+      - {{id: kept, name: new name}}
+"""
+"""A source whose upstream refuses every connection: what ``/metrics`` shows
+comes from the store and the config only."""
+
+
+def store_to_start_from(path: Path) -> None:
+    """A previous run's rows: an import the config renamed since, one it no
+    longer lists, one a pipeline registered, and one of a source gone since."""
+    state = StateStore()
+    state.add_source("shop", "elevate", 60.0)
+    state.add_source("retired", "elevate", 60.0)
+    state.track("shop", "kept", name="old name")
+    state.track("shop", "dropped", name="dropped")
+    state.track("shop", "pipeline", name="registered", origin=Origin.API)
+    state.track("retired", "orphan", name="orphan", origin=Origin.API)
+    for source, import_id in list(state.imports):
+        state.record_observation(source, import_id, Observation(State.RUNNING, "IN_PROGRESS"))
+    store = Store(path)
+    store.write([to_row(record) for record in state.imports.values()])
+    store.close()
+
+
+def started_from(config_file: Path, *flags: str) -> argparse.Namespace:
+    return build_parser().parse_args(["--config.file", str(config_file), *flags])
+
+
+def test_a_file_named_on_the_command_line_is_restored_while_the_config_is_parsed(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "state.db"
+    store_to_start_from(database)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(STARTS_FROM.format(port=free_port()))
+    config, path, url, restored = load_and_restore(
+        started_from(config_file, "--storage.path", str(database))
+    )
+    assert restored is not None
+    try:
+        assert (path, url) == (str(database), None)
+        assert restored.store.path == str(database)
+        assert [source.name for source in config.sources] == ["shop"]
+        # As stored: the config is applied to them when the exporter starts.
+        shop = {("shop", i) for i in ("kept", "dropped", "pipeline")}
+        assert set(restored.state.imports) == {*shop, ("retired", "orphan")}
+        assert restored.import_lines.lines_of(("shop", "kept")) is not None  # rendered
+    finally:
+        restored.store.close()
+
+
+def test_a_file_the_config_overrides_or_does_not_take_is_left_as_it_was(tmp_path: Path) -> None:
+    """The config names a PostgreSQL database (which wins), or is broken: the
+    file named on the command line is closed again, unchanged, free for
+    another process; a file that does not exist is not made before the
+    config is known to be valid."""
+    database = tmp_path / "state.db"
+    store_to_start_from(database)
+    before = database.read_bytes()
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        "storage:\n  url: postgresql://exporter:pw@127.0.0.1:1/imports\n"
+        + STARTS_FROM.format(port=free_port())
+    )
+    args = started_from(config_file, "--storage.path", str(database))
+    _, _, url, restored = load_and_restore(args)
+    assert restored is None
+    assert url == "postgresql://exporter:pw@127.0.0.1:1/imports"
+    Store(database).close()  # not held
+
+    config_file.write_text(STARTS_FROM.format(port=1).replace("1h", "soon"))
+    with pytest.raises(ConfigError):
+        load_and_restore(args)
+    Store(database).close()
+    assert database.read_bytes() == before
+
+    missing = tmp_path / "new.db"
+    with pytest.raises(ConfigError):
+        load_and_restore(started_from(config_file, "--storage.path", str(missing)))
+    assert not missing.exists()
+
+
+async def metrics_of_a_start(config_file: Path, *flags: str) -> set[str]:
+    """The lines of ``import_info`` and ``import_state`` a started exporter
+    process serves first (they move with answers only, and every poll fails)."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "exporter", "--config.file", str(config_file), *flags,
+        "--web.listen-address", f"127.0.0.1:{port}", cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(30):
+                while True:
+                    with contextlib.suppress(aiohttp.ClientConnectionError):
+                        async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                            text = await response.text()
+                            break
+                    await asyncio.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+    return {
+        line
+        for line in text.splitlines()
+        if line.startswith(("import_info{", "import_state{")) and line.endswith(" 1.0")
+    }
+
+
+async def test_a_start_serves_the_same_restored_state_whichever_way_the_file_is_named(
+    tmp_path: Path,
+) -> None:
+    """On the command line the file is restored before the config is read,
+    and the config applied to it afterwards; named in the config, after. The
+    same lines either way: a renamed import has its new name, an import no
+    longer listed is gone, a registered one kept, one of a removed source
+    parked (not exported)."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(STARTS_FROM.format(port=free_port()))
+    store_to_start_from(tmp_path / "flag.db")
+    on_the_command_line = await metrics_of_a_start(
+        config_file, "--storage.path", str(tmp_path / "flag.db")
+    )
+    config_file.write_text("storage:\n  path: config.db\n" + config_file.read_text())
+    store_to_start_from(tmp_path / "config.db")
+    in_the_config = await metrics_of_a_start(config_file)
+    assert on_the_command_line == in_the_config
+    infos = {line for line in in_the_config if line.startswith("import_info{")}
+    assert {line.split('import="')[1].split('"')[0] for line in infos} == {"kept", "pipeline"}
+    assert any('import="kept",name="new name"' in line for line in infos)
+    assert 'import_state{import="kept",source="shop",state="running"} 1.0' in in_the_config
