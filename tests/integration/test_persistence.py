@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import signal
 import sqlite3
 import subprocess
@@ -21,12 +22,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client.exposition import choose_encoder
 
 from exporter.cli import build_parser, load_and_restore
 from exporter.config import ConfigError
 from exporter.config.loader import load_config
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
-from exporter.runtime import Exporter
+from exporter.runtime import Exporter, restore_while_config_parses
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 from exporter.state import StateStore
 from exporter.storage import COLUMNS as STORE_COLUMNS
@@ -488,6 +490,29 @@ def test_a_file_the_config_overrides_or_does_not_take_is_left_as_it_was(tmp_path
     with pytest.raises(ConfigError):
         load_and_restore(started_from(config_file, "--storage.path", str(missing)))
     assert not missing.exists()
+
+
+def test_a_restored_state_lists_its_imports_in_the_stores_order(tmp_path: Path) -> None:
+    """After a restart ``/metrics`` lists the stored imports sorted by source
+    and id, whatever order they were first tracked in."""
+    ids = [f"job-{n:03d}" for n in range(200)]
+    state = StateStore()
+    state.add_source("shop", "elevate", 60.0)
+    for import_id in random.Random(5).sample(ids, len(ids)):
+        state.track("shop", import_id, origin=Origin.API)
+    database = tmp_path / "state.db"
+    store = Store(database)
+    store.write([to_row(record) for record in state.imports.values()])
+    store.close()
+    restored = restore_while_config_parses(str(database))
+    assert restored is not None
+    try:
+        body = b"".join(restored.import_lines.render(*choose_encoder("")))
+    finally:
+        restored.store.close()
+    listed = [line.split(b'import="')[1].split(b'"')[0].decode() for line in body.splitlines()
+              if line.startswith(b"import_info{")]  # fmt: skip
+    assert listed == ids
 
 
 async def metrics_of_a_start(config_file: Path, *flags: str) -> set[str]:
