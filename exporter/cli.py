@@ -343,6 +343,7 @@ def load_and_restore(
     storage_path, storage_url = choose_storage(args.storage_path, args.storage_url, config)
     if restored is not None and storage_url is not None:
         restored.store.close()  # the config names a database: not this file
+        log.info("the config names a database: %s closed unused", args.storage_path)
         restored = None
     return config, storage_path, storage_url, restored
 

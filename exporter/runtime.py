@@ -106,10 +106,16 @@ class Restored:
     store: Storage
     state: StateStore
     import_lines: ImportLines
+    count: int
 
 
 def restore(
-    state: StateStore, import_lines: ImportLines, store: Storage, records: list[ImportRecord]
+    state: StateStore,
+    import_lines: ImportLines,
+    store: Storage,
+    records: list[ImportRecord],
+    *,
+    announce: bool = True,
 ) -> None:
     """A store's ``records`` put back into ``state``, and every import's lines
     rendered now (about 1.6 s at 100,000), so the first scrape serves the
@@ -117,7 +123,8 @@ def restore(
     again, as after a reload."""
     state.restore(records)
     import_lines.take_changes(in_order=[(record.source, record.import_id) for record in records])
-    log.info("restored %d imports from %s", len(records), store.path)
+    if announce:  # else once the config has chosen this store (Exporter)
+        log.info("restored %d imports from %s", len(records), store.path)
 
 
 def restore_while_config_parses(path: str) -> Restored | None:
@@ -138,13 +145,15 @@ def restore_while_config_parses(path: str) -> Restored | None:
         return None
     try:
         records = store.load()
-    except StoreError:
+        state = StateStore()
+        import_lines = ImportLines(state)
+        restore(state, import_lines, store, records, announce=False)
+    except BaseException as exc:
         store.close()
-        return None
-    state = StateStore()
-    import_lines = ImportLines(state)
-    restore(state, import_lines, store, records)
-    return Restored(store, state, import_lines)
+        if isinstance(exc, StoreError):
+            return None
+        raise
+    return Restored(store, state, import_lines, len(records))
 
 
 class ListenError(Exception):
@@ -175,6 +184,8 @@ class Exporter:
         # ``store``: a backend opened by the caller (PostgreSQL), else the file;
         # ``restored``: a store already restored (:func:`restore_while_config_parses`).
         self._store_restored = restored is not None
+        if restored is not None:
+            log.info("restored %d imports from %s", restored.count, restored.store.path)
         self.store: Storage | None = (
             restored.store
             if restored is not None

@@ -431,10 +431,11 @@ def test_sqlite_binds_a_rows_nulls_without_the_adapter_lookup(
         ("last_error_reason", "gremlins"),
         ("started_at", "yesterday"),
         ("items_completed", "many"),
+        ("items_completed", float("inf")),
     ],
 )
 def test_a_stored_value_that_cannot_be_read_stops_the_start_naming_the_file(
-    tmp_path: Path, column: str, value: str
+    tmp_path: Path, column: str, value: object
 ) -> None:
     """Never a start on a state that silently dropped or misread an import."""
     path = tmp_path / "state.db"

@@ -277,7 +277,7 @@ class PostgresStorage:
     def _records(self, rows: Iterable[Row]) -> list[ImportRecord]:
         try:
             return [from_row(row) for row in rows]
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise StoreError(f"{self.path}: cannot read the stored imports: {exc}") from exc
 
     def load(self) -> list[ImportRecord]:

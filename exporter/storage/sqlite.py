@@ -176,7 +176,7 @@ class SQLiteStorage:
             with self._lock:
                 rows = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM imports").fetchall()
             return [from_row(row) for row in rows]
-        except (sqlite3.Error, ValueError, TypeError) as exc:
+        except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
             raise StoreError(f"{self.path}: cannot read the stored imports: {exc}") from exc
 
     def write(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import random
 import signal
 import sqlite3
@@ -461,11 +462,14 @@ def test_a_file_named_on_the_command_line_is_restored_while_the_config_is_parsed
         restored.store.close()
 
 
-def test_a_file_the_config_overrides_or_does_not_take_is_left_as_it_was(tmp_path: Path) -> None:
+def test_a_file_the_config_overrides_or_does_not_take_is_left_as_it_was(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The config names a PostgreSQL database (which wins), or is broken: the
     file named on the command line is closed again, unchanged, free for
     another process; a file that does not exist is not made before the
     config is known to be valid."""
+    caplog.set_level(logging.INFO)
     database = tmp_path / "state.db"
     store_to_start_from(database)
     before = database.read_bytes()
@@ -479,6 +483,8 @@ def test_a_file_the_config_overrides_or_does_not_take_is_left_as_it_was(tmp_path
     assert restored is None
     assert url == "postgresql://exporter:pw@127.0.0.1:1/imports"
     Store(database).close()  # not held
+    assert "restored" not in caplog.text  # the log names the store in use only
+    assert f"{database} closed unused" in caplog.text
 
     config_file.write_text(STARTS_FROM.format(port=1).replace("1h", "soon"))
     with pytest.raises(ConfigError):
