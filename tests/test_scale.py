@@ -187,6 +187,18 @@ def test_identical_answers_share_one_object() -> None:
     assert state.imports[("s", "0")].observation == counted  # counts are kept as they come
 
 
+class LoopTicks:
+    """Turns of the event loop, counted by :meth:`count` run as a task."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def count(self) -> None:
+        while True:
+            await asyncio.sleep(0)
+            self.ticks += 1
+
+
 async def test_a_chunk_of_rows_is_made_a_slice_at_a_time_while_the_loop_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -198,24 +210,18 @@ async def test_a_chunk_of_rows_is_made_a_slice_at_a_time_while_the_loop_goes_on(
     for n in range(1000):
         state.track("s", f"i{n}")
         state.record_observation("s", f"i{n}", Observation(State.RUNNING, "IN_PROGRESS"))
-    ticks = 0
+    loop = LoopTicks()
     written: list[tuple[int, int]] = []  # (rows, loop ticks when they reached the store)
 
     class Storage:
         def write(self, rows: list[Row], _deleted: object = (), refresh: list[Row] = []) -> None:  # noqa: B006
-            written.append((len(rows) + len(refresh), ticks))
+            written.append((len(rows) + len(refresh), loop.ticks))
 
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
+    ticker = asyncio.create_task(loop.count())
     persistence = persistence_module.Persistence(state, Storage())  # type: ignore[arg-type]
     try:
         await asyncio.sleep(0)
-        started = ticks
+        started = loop.ticks
         await persistence.write_pending()
     finally:
         ticker.cancel()
@@ -239,23 +245,17 @@ async def test_the_retention_scans_a_step_at_a_time_and_forgets_every_import_it_
         state.track("s", f"i{n}", origin=Origin.API)
         state.record_observation("s", f"i{n}", Observation(State.SUCCEEDED, "DONE"))
     clock.now += 3600
-    ticks = 0
+    loop = LoopTicks()
     looked: list[tuple[int, int]] = []  # (imports looked at, loop ticks then)
     expired = state.expired
 
     def counted(retention: float, *, at_most: int | None = None) -> list[ImportRecord]:
-        looked.append((at_most or 0, ticks))
+        looked.append((at_most or 0, loop.ticks))
         return expired(retention, at_most=at_most)
 
     monkeypatch.setattr(state, "expired", counted)
 
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
+    ticker = asyncio.create_task(loop.count())
     persistence = persistence_module.Persistence(state, None)
     forgotten: list[str] = []
 
