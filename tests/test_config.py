@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,7 @@ from typing import Any, get_args
 
 import pytest
 
-from exporter.config import ConfigError
+from exporter.config import ConfigError, ImportEntry
 from exporter.config.loader import load_config, load_config_apart, parse_config_text
 from exporter.sources.elevate import ElevateConfig
 
@@ -482,6 +484,18 @@ def test_a_config_loaded_in_a_child_process_is_the_config_loaded_here(
     assert both["same"] is True
     assert both["errors"] is None
     assert both["child"] == {"wakeup_fd": -1, "default_handlers": [True, True]}
+
+
+def test_a_listed_import_comes_back_from_a_pickle_as_it_was() -> None:
+    """The child's config reaches start-up pickled: each listed import by
+    value, equal, hashed alike and still frozen."""
+    entries = [ImportEntry(id="7", name="nightly"), ImportEntry(id="8")]
+    back = pickle.loads(pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL))
+    assert back == entries
+    assert [hash(entry) for entry in back] == [hash(entry) for entry in entries]
+    assert [type(entry) for entry in back] == [ImportEntry, ImportEntry]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        back[0].id = "9"
 
 
 def test_a_broken_config_loaded_in_a_child_process_names_every_problem(tmp_path: Path) -> None:

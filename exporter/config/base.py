@@ -104,6 +104,20 @@ class ImportEntry:
     id: ImportId
     name: DisplayName | None = None
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str | None]]:
+        # Pickled (a config parsed in a child process, ConfigApart) by value:
+        # the dataclass's own state methods took 0.4 s to pickle and 0.17 s
+        # to unpickle 100,000 imports, on the start-up's path.
+        return _import_entry, (self.id, self.name)
+
+
+def _import_entry(id: str, name: str | None) -> ImportEntry:
+    """An :class:`ImportEntry` unpickled: its values were validated when it was made."""
+    entry = object.__new__(ImportEntry)
+    object.__setattr__(entry, "id", id)
+    object.__setattr__(entry, "name", name)
+    return entry
+
 
 class SecretHolder(StrictModel):
     """A model with secret fields. Each secret ``X`` may be given as ``X``
