@@ -39,7 +39,7 @@ import threading
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import floordiv, mod, sub
 from typing import TypeVar, cast
 
@@ -454,7 +454,7 @@ class ImportLines:
             running = all_prefixes[at : at + DURATION_SLICE]
             prefixes = list(compress(running, running))
             if prefixes:
-                starts = array("q", compress(all_starts[at : at + DURATION_SLICE], running))
+                starts = compress(all_starts[at : at + DURATION_SLICE], running)
                 yield _running_lines(prefixes, starts, now_ms)
         yield from self._family(_DURATION)
 
@@ -468,20 +468,23 @@ class ImportLines:
         return headers
 
 
-def _running_lines(prefixes: list[bytes], starts: array[int], now_ms: int) -> bytes:
+def _running_lines(prefixes: list[bytes], starts: Iterable[int], now_ms: int) -> bytes:
     """Duration lines (at least one) at ``now_ms``, to the millisecond, with
-    C-level maps only: whole milliseconds written as seconds with three
-    decimals, twice as fast as the ``repr`` of a float difference (which
-    has noise past the milliseconds besides). At 100,000 imports, half of
-    them running, the family took 17 ms a scrape, against 36 ms when the
-    running imports' lines were picked out of the family's list and written
-    with ``repr``."""
+    C-level maps and one format: whole milliseconds written as seconds with
+    three decimals, twice as fast as the ``repr`` of a float difference
+    (which has noise past the milliseconds besides), and the part's lines
+    made by one format of a template repeated per line, a third faster than
+    a format per line (50,000 running imports: 33 against 48 ms)."""
     took = list(map(sub, repeat(now_ms), starts))
-    if max(starts) > now_ms:  # a clock behind the upstream's: never negative
+    if min(took) < 0:  # a clock behind the upstream's: never negative
         took = list(map(max, took, repeat(0)))
     whole = map(floordiv, took, repeat(1000))
     fraction = map(mod, took, repeat(1000))
-    return b"".join(map(b"%b%d.%03d\n".__mod__, zip(prefixes, whole, fraction, strict=True)))
+    values = tuple(chain.from_iterable(zip(prefixes, whole, fraction, strict=True)))
+    return (_RUNNING_LINE * len(prefixes)) % values
+
+
+_RUNNING_LINE = b"%b%d.%03d\n"
 
 
 def _strip_eof(body: bytes) -> bytes:
