@@ -362,7 +362,9 @@ class Exporter:
             await self._stop_discovery(name)
             if before is not None:
                 await self.poller.remove_source(name, keep_state=True)
-            configured = [spec for spec in source.imports() if self._owns(source, spec.id)]
+            configured = source.imports()
+            if self.shard.total > 1:
+                configured = [spec for spec in configured if self._owns(source, spec.id)]
             scheduler = self.poller.add_source(
                 source,
                 interval=source_config.interval,
@@ -416,6 +418,14 @@ class Exporter:
         return self.shard.owns(source.name, None if source.follows_server else import_id)
 
     def _ours(self, source: Source[Any]) -> Callable[[ImportRecord], bool]:
+        system = source.system
+        if self.shard.total == 1:  # one process owns every import: no hash per import
+
+            def of_system(record: ImportRecord) -> bool:
+                return record.system == system
+
+            return of_system
+
         def ours(record: ImportRecord) -> bool:
             return record.system == source.system and self._owns(source, record.import_id)
 
