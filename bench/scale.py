@@ -14,11 +14,15 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
   ``/metrics`` that serves the restored state;
 - the worst event-loop delay: ``/-/healthy`` probed every 10 ms from this
   process, in windows of polling alone and windows where another process
-  scrapes ``/metrics`` back to back (gzip), interleaved (alone, scraped,
-  alone, scraped), so a drift of the machine or the process touches both
-  alike; all cover the store's writes (every second). Polls are counted at
-  a window's end, where the scraper is killed (the scrape it had begun is
-  not counted), and the next window starts :data:`SETTLE_SECONDS` later,
+  scrapes ``/metrics`` back to back (gzip), interleaved in the order
+  alone, scraped, scraped, alone, alone, scraped, scraped, alone (each kind's
+  windows have the same mean place in time, so a steady drift of the
+  machine or the process touches both alike; this machine's speed moves by
+  a fifth from one window to the next, hence eight windows, not four);
+  all cover the store's writes (every second). A scraped window's count of
+  polls starts once the scraper runs (its start-up is not a time without
+  scrapes), and ends where the scraper is killed (the scrape it had begun
+  is not counted); the next window starts :data:`SETTLE_SECONDS` later,
   once the render that scrape started is over, and after a render of what
   polls changed meanwhile (see :func:`render_changes`);
 - polls/s of both kinds of window, and scrape p50/p99 in the scraped ones;
@@ -34,7 +38,6 @@ import asyncio
 import gc
 import json
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -59,6 +62,7 @@ TARGETS = {
 CONCURRENCY = 8
 SCRAPER = """
 import sys, time, urllib.request
+print("scraping", flush=True)
 while True:  # until killed: each scrape's duration as a line
     request = urllib.request.Request(sys.argv[1], headers={"Accept-Encoding": "gzip"})
     t0 = time.perf_counter()
@@ -67,7 +71,6 @@ while True:  # until killed: each scrape's duration as a line
         assert response.status == 200
     print(time.perf_counter() - t0, flush=True)
 """
-REQUESTS = re.compile(rb"^import_source_requests_total\{[^}]*\} (\S+)$", re.M)
 
 
 def child(stats_path: str, argv: list[str]) -> int:
@@ -178,16 +181,18 @@ async def render_changes(session: aiohttp.ClientSession, base: str) -> None:
     """Have the exporter render what polls changed since its last render,
     by a scrape of one per-import family with no lines here (no answer has
     an end): between windows, so a scraped window's first scrape does not
-    pay for what changed while nothing scraped. (The polls count's own
-    ``name[]`` asks only for the exporter's families: it renders nothing.)"""
+    pay for what changed while nothing scraped."""
     async with session.get(f"{base}/metrics?name[]=import_end_timestamp_seconds") as response:
         await response.read()
 
 
-async def requests_total(session: aiohttp.ClientSession, base: str) -> float:
-    async with session.get(f"{base}/metrics?name[]=import_source_requests_total") as response:
-        body = await response.read()
-    return sum(float(value) for value in REQUESTS.findall(body))
+async def polls_answered(session: aiohttp.ClientSession, upstream: str) -> int:
+    """Polls the simulator has been sent so far: counted there, not by a
+    scrape of the exporter, which would wait for a render in progress (and
+    count the polls made meanwhile) under the exporter's render lock."""
+    async with session.get(f"{upstream}/_simulator/counters") as response:
+        counters = await response.json()
+    return int(counters.get("elevate", 0))
 
 
 def rss_of(pid: int) -> int:
@@ -199,14 +204,15 @@ def rss_of(pid: int) -> int:
 
 
 async def window(
-    session: aiohttp.ClientSession, base: str, probe: Probe, seconds: float, scrape: bool
+    session: aiohttp.ClientSession,
+    base: str,
+    upstream: str,
+    probe: Probe,
+    seconds: float,
+    scrape: bool,
 ) -> dict[str, Any]:
     """Polls, worst probe delay (and scrapes) over the next ``seconds``."""
     await render_changes(session, base)
-    polls0 = await requests_total(session, base)
-    probe.reset()
-    t0 = time.perf_counter()
-    wall0 = time.time()
     durations: list[float] = []
     scraper = None
     if scrape:
@@ -214,10 +220,17 @@ async def window(
             sys.executable, "-c", SCRAPER, f"{base}/metrics", stdout=asyncio.subprocess.PIPE
         )
     try:
+        if scraper is not None:
+            assert scraper.stdout is not None
+            await scraper.stdout.readline()  # its first scrape starts now
+        polls0 = await polls_answered(session, upstream)
+        probe.reset()
+        t0 = time.perf_counter()
+        wall0 = time.time()
         await asyncio.sleep(seconds)
         elapsed = time.perf_counter() - t0
         worst, probes = probe.worst, probe.count
-        polls = await requests_total(session, base) - polls0
+        polls = await polls_answered(session, upstream) - polls0
     finally:
         if scraper is not None:
             scraper.kill()  # a scrape it has begun is not counted
@@ -234,8 +247,9 @@ async def window(
     }
 
 
-WINDOW_PAIRS = 2
-"""Pairs of windows (alone, scraped) per size, each ``--seconds`` long."""
+WINDOW_PAIRS = 4
+"""Pairs of windows per size, each ``--seconds`` long: (alone, scraped),
+then (scraped, alone), and so on (two with ``--quick``)."""
 SETTLE_SECONDS = 2.0
 """After a scraped window: the render of the scrape cut short ends (under a
 second at 100,000 imports) before the next window counts polls."""
@@ -262,7 +276,7 @@ def merged(windows: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
+async def measure(url: str, count: int, seconds: float, pairs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config, database, restored = prepare(folder, url, count)
@@ -296,9 +310,11 @@ async def measure(url: str, count: int, seconds: float) -> dict[str, Any]:
                 ready = await until(session, f"{base}/-/ready", t0, process, timeout=600)
                 await asyncio.sleep(2.0)  # the first round's write
                 windows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-                for _ in range(WINDOW_PAIRS):
-                    for scrape in (False, True):
-                        windows[scrape].append(await window(session, base, probe, seconds, scrape))
+                for pair in range(pairs):
+                    for scrape in (False, True) if pair % 2 == 0 else (True, False):
+                        windows[scrape].append(
+                            await window(session, base, url, probe, seconds, scrape)
+                        )
                         await asyncio.sleep(SETTLE_SECONDS if scrape else 0.0)
                 polling, scraping = merged(windows[False]), merged(windows[True])
                 rss = rss_of(process.pid)
@@ -351,15 +367,20 @@ async def until(
     raise TimeoutError(url)
 
 
-async def main_async(sizes: list[int], seconds: float) -> dict[str, Any]:
+async def main_async(sizes: list[int], seconds: float, pairs: int) -> dict[str, Any]:
     results = []
     with simulator_process() as url:
-        one = await measure(url, 1, min(seconds, 2.0))
+        one = await measure(url, 1, min(seconds, 2.0), 2)
         for count in sizes:
-            row = await measure(url, count, seconds)
+            row = await measure(url, count, seconds, pairs)
             row["rss_per_import_bytes"] = (row["rss_bytes"] - one["rss_bytes"]) / (count - 1)
             results.append(row)
-    return {"one_import_rss_bytes": one["rss_bytes"], "seconds": seconds, "results": results}
+    return {
+        "one_import_rss_bytes": one["rss_bytes"],
+        "seconds": seconds,
+        "window_pairs": pairs,
+        "results": results,
+    }
 
 
 def main() -> int:
@@ -372,8 +393,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sizes = args.sizes or ([1000] if args.quick else [10_000, 50_000, 100_000])
-    seconds = args.seconds or (2.0 if args.quick else 15.0)
-    data = asyncio.run(main_async(sizes, seconds))
+    seconds = args.seconds or (2.0 if args.quick else 8.0)
+    data = asyncio.run(main_async(sizes, seconds, 2 if args.quick else WINDOW_PAIRS))
     rows = []
     for r in data["results"]:
         gen2 = r["gc"].get("by_generation", {}).get("2", {})

@@ -71,6 +71,9 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["rss_per_import_bytes"] != 0
         assert row["scraping"]["scrape_p99_s"] > 0
         assert row["polls_ratio"] >= 0
+        # Polls counted by the simulator, in both kinds of window.
+        assert row["polling"]["polls_per_s"] > 0
+        assert row["scraping"]["polls_per_s"] > 0
         assert row["scraping"]["max_delay_s"] > 0
     elif script == "memory.py":
         assert row["rss_bytes"] > 0
