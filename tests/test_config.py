@@ -490,7 +490,9 @@ def test_a_listed_import_comes_back_from_a_pickle_as_it_was() -> None:
     """The child's config reaches start-up pickled: each listed import by
     value, equal, hashed alike and still frozen."""
     entries = [ImportEntry(id="7", name="nightly"), ImportEntry(id="8")]
-    back = pickle.loads(pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL))
+    pickled = pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL)
+    assert b"_import_entry" in pickled  # by value, not the dataclass's state methods
+    back = pickle.loads(pickled)
     assert back == entries
     assert [hash(entry) for entry in back] == [hash(entry) for entry in entries]
     assert [type(entry) for entry in back] == [ImportEntry, ImportEntry]
