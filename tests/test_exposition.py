@@ -258,6 +258,27 @@ def test_running_durations_of_any_age_equal_the_reference(accept: str) -> None:
         assert_same(lines, accept)
 
 
+@pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
+def test_running_durations_of_labels_with_format_characters_equal_the_reference(
+    accept: str,
+) -> None:
+    """A part's duration lines are made by one format of a repeated
+    template: a label value holding ``%`` is a value, never a format."""
+    clock = Clock()
+    clock.now = 1_700_000_000.5
+    state = StateStore(clock=clock)
+    state.add_source("elevate-prod", "elevate", 30.0)
+    for import_id in ("50%d", "%s%b%%", "%(x)s", "plain"):
+        state.track("elevate-prod", import_id)
+        running = Observation(State.RUNNING, "IN_PROGRESS", started_at=clock.now - 2.25)
+        state.record_observation("elevate-prod", import_id, running)
+    lines = ImportLines(state)
+    assert_same(lines, accept)
+    assert 'import_duration_seconds{import="%s%b%%",source="elevate-prod"} 2.250\n' in ours(
+        lines, accept
+    )
+
+
 def test_an_import_removed_leaves_its_place_to_the_last_with_its_running_start() -> None:
     clock = Clock()
     state = StateStore(clock=clock)
