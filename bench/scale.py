@@ -17,8 +17,7 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
   scrapes ``/metrics`` back to back (gzip), interleaved in the order
   alone, scraped, scraped, alone, alone, scraped, scraped, alone (each kind's
   windows have the same mean place in time, so a steady drift of the
-  machine or the process touches both alike; this machine's speed moves by
-  a fifth from one window to the next, hence eight windows, not four);
+  machine or the process touches both alike);
   all cover the store's writes (every second). A scraped window's count of
   polls starts once the scraper runs (its start-up is not a time without
   scrapes), and ends where the scraper is killed (the scrape it had begun
@@ -186,8 +185,8 @@ async def render_changes(session: aiohttp.ClientSession, base: str) -> None:
         await response.read()
 
 
-async def polls_answered(session: aiohttp.ClientSession, upstream: str) -> int:
-    """Polls the simulator has been sent so far: counted there, not by a
+async def polls_received(session: aiohttp.ClientSession, upstream: str) -> int:
+    """Polls the simulator has received so far: counted there, not by a
     scrape of the exporter, which would wait for a render in progress (and
     count the polls made meanwhile) under the exporter's render lock."""
     async with session.get(f"{upstream}/_simulator/counters") as response:
@@ -222,20 +221,26 @@ async def window(
     try:
         if scraper is not None:
             assert scraper.stdout is not None
-            await scraper.stdout.readline()  # its first scrape starts now
-        polls0 = await polls_answered(session, upstream)
+            started = await asyncio.wait_for(scraper.stdout.readline(), 60)
+            if started != b"scraping\n":  # it died: not a window of scrapes
+                raise RuntimeError(f"the scraper did not start (exit {await scraper.wait()})")
+        polls0 = await polls_received(session, upstream)
         probe.reset()
         t0 = time.perf_counter()
         wall0 = time.time()
         await asyncio.sleep(seconds)
         elapsed = time.perf_counter() - t0
         worst, probes = probe.worst, probe.count
-        polls = await polls_answered(session, upstream) - polls0
+        polls = await polls_received(session, upstream) - polls0
+        if scraper is not None and scraper.returncode is not None:
+            raise RuntimeError(f"the scraper stopped during the window (exit {scraper.returncode})")
     finally:
         if scraper is not None:
-            scraper.kill()  # a scrape it has begun is not counted
+            if scraper.returncode is None:
+                scraper.kill()  # a scrape it has begun is not counted
             out, _ = await scraper.communicate()
-            durations = [float(line) for line in out.split()]
+    if scraper is not None:
+        durations = [float(line) for line in out.split()]
     return {
         "seconds": elapsed,
         "polls": polls,
