@@ -468,6 +468,11 @@ class ImportLines:
         return headers
 
 
+_RUNNING_LINE = b"%b%d.%03d\n"
+"""A running import's duration line: its prefix (labels as arguments, never
+part of the template), whole seconds and milliseconds."""
+
+
 def _running_lines(prefixes: list[bytes], starts: Iterable[int], now_ms: int) -> bytes:
     """Duration lines (at least one) at ``now_ms``, to the millisecond, with
     C-level maps and one format: whole milliseconds written as seconds with
@@ -482,9 +487,6 @@ def _running_lines(prefixes: list[bytes], starts: Iterable[int], now_ms: int) ->
     fraction = map(mod, took, repeat(1000))
     values = tuple(chain.from_iterable(zip(prefixes, whole, fraction, strict=True)))
     return (_RUNNING_LINE * len(prefixes)) % values
-
-
-_RUNNING_LINE = b"%b%d.%03d\n"
 
 
 def _strip_eof(body: bytes) -> bytes:

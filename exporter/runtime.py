@@ -427,7 +427,7 @@ class Exporter:
             return of_system
 
         def ours(record: ImportRecord) -> bool:
-            return record.system == source.system and self._owns(source, record.import_id)
+            return record.system == system and self._owns(source, record.import_id)
 
         return ours
 
