@@ -148,10 +148,11 @@ def restore_while_config_parses(path: str) -> Restored | None:
         state = StateStore()
         import_lines = ImportLines(state)
         restore(state, import_lines, store, records, announce=False)
-    except BaseException as exc:
+    except StoreError:
         store.close()
-        if isinstance(exc, StoreError):
-            return None
+        return None
+    except BaseException:
+        store.close()
         raise
     return Restored(store, state, import_lines, len(records))
 
@@ -418,16 +419,11 @@ class Exporter:
         return self.shard.owns(source.name, None if source.follows_server else import_id)
 
     def _ours(self, source: Source[Any]) -> Callable[[ImportRecord], bool]:
-        system = source.system
-        if self.shard.total == 1:  # one process owns every import: no hash per import
-
-            def of_system(record: ImportRecord) -> bool:
-                return record.system == system
-
-            return of_system
+        system, whole = source.system, self.shard.total == 1
 
         def ours(record: ImportRecord) -> bool:
-            return record.system == system and self._owns(source, record.import_id)
+            # One process owning every import: no owner check per import.
+            return record.system == system and (whole or self._owns(source, record.import_id))
 
         return ours
 
