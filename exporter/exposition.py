@@ -40,7 +40,7 @@ from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain, compress, repeat
-from operator import floordiv, mod, sub
+from operator import sub
 from typing import TypeVar, cast
 
 from isal import isal_zlib
@@ -468,24 +468,23 @@ class ImportLines:
         return headers
 
 
-_RUNNING_LINE = b"%b%d.%03d\n"
+_RUNNING_LINE = b"%b%de-3\n"
 """A running import's duration line: its prefix (labels as arguments, never
-part of the template), whole seconds and milliseconds."""
+part of the template) and the milliseconds since its start as a number with
+an exponent, ``12345e-3`` for 12.345 seconds: a number of both exposition
+formats (Go's ``ParseFloat``, OpenMetrics' ``realnumber``), exact to the
+millisecond, and one integer to write per line instead of whole seconds and
+three decimals (50,000 running imports: 12 against 23 ms)."""
 
 
 def _running_lines(prefixes: list[bytes], starts: Iterable[int], now_ms: int) -> bytes:
     """Duration lines (at least one) at ``now_ms``, to the millisecond, with
-    C-level maps and one format: whole milliseconds written as seconds with
-    three decimals, twice as fast as the ``repr`` of a float difference
-    (which has noise past the milliseconds besides), and the part's lines
-    made by one format of a template repeated per line, a third faster than
-    a format per line (50,000 running imports: 33 against 48 ms)."""
+    C-level maps and one format of a template repeated per line, a third
+    faster than a format per line."""
     took = list(map(sub, repeat(now_ms), starts))
     if min(took) < 0:  # a clock behind the upstream's: never negative
         took = list(map(max, took, repeat(0)))
-    whole = map(floordiv, took, repeat(1000))
-    fraction = map(mod, took, repeat(1000))
-    values = tuple(chain.from_iterable(zip(prefixes, whole, fraction, strict=True)))
+    values = tuple(chain.from_iterable(zip(prefixes, took, strict=True)))
     return (_RUNNING_LINE * len(prefixes)) % values
 
 

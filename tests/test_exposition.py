@@ -225,7 +225,7 @@ def test_running_durations_move_with_the_clock_alone(busy: ImportLines) -> None:
     running = ("import_duration_seconds", frozenset({("source", "elevate-prod"), ("import", "0")}))
     assert (*running, 0.0) in first[2]
     assert (*running, 12.5) in second[2]
-    assert 'import_duration_seconds{import="0",source="elevate-prod"} 12.500\n' in ours(busy, TEXT)
+    assert 'import_duration_seconds{import="0",source="elevate-prod"} 12500e-3\n' in ours(busy, TEXT)
 
 
 @pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
@@ -274,7 +274,7 @@ def test_running_durations_of_labels_with_format_characters_equal_the_reference(
         state.record_observation("elevate-prod", import_id, running)
     lines = ImportLines(state)
     assert_same(lines, accept)
-    assert 'import_duration_seconds{import="%s%b%%",source="elevate-prod"} 2.250\n' in ours(
+    assert 'import_duration_seconds{import="%s%b%%",source="elevate-prod"} 2250e-3\n' in ours(
         lines, accept
     )
 
@@ -296,7 +296,7 @@ def test_an_import_removed_leaves_its_place_to_the_last_with_its_running_start()
     clock.now += 1.5
     for accept in (TEXT, OPENMETRICS):
         assert_same(lines, accept)
-    line = 'import_duration_seconds{import="long",source="elevate"} 78.750\n'
+    line = 'import_duration_seconds{import="long",source="elevate"} 78750e-3\n'
     assert line in ours(lines, TEXT)
 
 
