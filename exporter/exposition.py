@@ -30,7 +30,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import gc
 import math
 import mmap
 import os
@@ -67,22 +66,39 @@ FAMILY_NAMES = tuple(family.name for family in import_families())
 _DURATION = FAMILY_NAMES.index("import_duration_seconds")
 _EMPTY = b""
 _EOF = b"# EOF\n"
+_COMPLETED_NAME = b"import_items_completed"
+_EXPECTED_NAME = b"import_items_expected"
+_FAILED_NAME = b"import_items_failed"
+_START_NAME = b"import_start_timestamp_seconds"
+_END_NAME = b"import_end_timestamp_seconds"
+_DURATION_NAME = b"import_duration_seconds"
+_CHANGED_NAME = b"import_state_change_timestamp_seconds"
+_PROGRESS_NAME = b"import_last_progress_timestamp_seconds"
+_SUCCESS_NAME = b"import_last_poll_success_timestamp_seconds"
+_ATTEMPT_NAME = b"import_last_poll_attempt_timestamp_seconds"
+_FAILURES_NAME = b"import_consecutive_poll_failures"
 
-# Per current state, the suffixes of the import's nine import_state lines.
-_STATE_SUFFIXES = {
+# Per current state, the import's nine import_state lines but for their
+# start (``import_state{`` and the import's labels), which takes the place of NUL.
+_STATE_LINES = {
     current: "".join(
-        f'{{LABELS}},state="{value}"}} {"1.0" if value == current else "0.0"}\n' for value in STATES
-    )
+        f'\0,state="{value}"}} {"1.0" if value == current else "0.0"}\n' for value in STATES
+    ).encode()
     for current in STATES
 }
+_STATE_START = b"import_state{"
 
 
 def escape(value: str) -> str:
     """A label value as the exposition formats want it (backslash, newline and
     double quote escaped), like ``prometheus_client``."""
-    if "\\" in value or "\n" in value or '"' in value:
+    if _needs_escape(value):
         return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
     return value
+
+
+def _needs_escape(value: str) -> bool:
+    return "\\" in value or "\n" in value or '"' in value
 
 
 _GO_EXPONENTS = {dot: f"e+{dot - 1:02d}" for dot in range(7, 17)}
@@ -101,27 +117,33 @@ def _go_text(value: float) -> str:
 
 
 GO_TEXTS_KEPT = 4096
-_go_texts: dict[float, str] = {}
+_value_ends: dict[float, bytes] = {}
+_ZERO_END, _MINUS_ZERO_END = b"0.0\n", b"-0.0\n"
 
 
-def go_float(value: float) -> str:
-    """``floatToGoString``, remembered for the latest values: an import's
-    times are mostly one poll's clock reading, written three or four times.
-    Zero is not remembered: 0.0 and -0.0 are one key but two texts."""
-    text = _go_texts.get(value)
-    if text is None or not value:
+def _value_end(value: float) -> bytes:
+    """A line's end: the value as ``floatToGoString`` writes it, and the
+    newline, as bytes, remembered for the latest values: an import's times
+    are mostly one poll's clock reading, written three or four times. Zero
+    is not remembered: 0.0 and -0.0 are one key but two texts."""
+    end = _value_ends.get(value)
+    if end is None or not value:
         if not value:  # most often a count of failures
-            return "0.0" if math.copysign(1.0, value) > 0 else "-0.0"
-        if len(_go_texts) >= GO_TEXTS_KEPT:
-            _go_texts.clear()
-        text = _go_texts[value] = _go_text(value)
-    return text
+            return _ZERO_END if math.copysign(1.0, value) > 0 else _MINUS_ZERO_END
+        if len(_value_ends) >= GO_TEXTS_KEPT:
+            _value_ends.clear()
+        end = _value_ends[value] = _go_text(value).encode() + b"\n"
+    return end
 
 
-def _line(name: str, labels: str, value: float | None) -> bytes:
+def _line(name: bytes, labels: bytes, value: float | None) -> bytes:
+    """A line of family ``name``; ``labels``: ``{...} ``, the braces and the space."""
     if value is None:
         return _EMPTY
-    return f"{name}{{{labels}}} {go_float(value)}\n".encode()
+    end = _value_ends.get(value)  # :func:`_value_end`'s look, without its call
+    if end is None or not value:
+        end = _value_end(value)
+    return name + labels + end
 
 
 Running = tuple[bytes, int]
@@ -138,43 +160,51 @@ def render_lines(record: ImportRecord) -> tuple[tuple[bytes, ...], Running | Non
     # Labels sorted by name, as prometheus_client writes them: byte for byte
     # the same lines as the reference collector's (but for a running
     # import's duration value, written at scrape time to the millisecond).
-    source = escape(record.source)
-    labels = f'import="{escape(record.import_id)}",source="{source}"'
+    # Made as bytes from bytes: a third less time than text encoded per line.
     obs = record.observation
-    current = obs.state.value if obs is not None else PENDING
-    state = _STATE_SUFFIXES[current].replace("{LABELS}", "import_state{" + labels)
-    info = (
-        f'import_info{{import="{escape(record.import_id)}",name="{escape(record.name or "")}",'
-        f'origin="{record.origin.value}",source="{source}",'
-        f'system="{escape(record.system)}",'
-        f'upstream_state="{escape(obs.upstream_state) if obs is not None else ""}"}} 1.0\n'
+    values: tuple[str, ...] = (
+        record.import_id,
+        record.source,
+        record.name or "",
+        record.system,
+        obs.upstream_state if obs is not None else "",
     )
+    if _needs_escape("".join(values)):  # one look at them all: most need none
+        values = tuple(map(escape, values))
+    import_id, source, name, system, upstream = values
+    inner = f'import="{import_id}",source="{source}"'.encode()
+    labels = b"{" + inner + b"} "
+    current = obs.state if obs is not None else PENDING
+    state = _STATE_LINES[current].replace(b"\0", _STATE_START + inner)
+    info = (
+        f'import_info{{import="{import_id}",name="{name}",origin="{record.origin}",'
+        f'source="{source}",system="{system}",upstream_state="{upstream}"}} 1.0\n'
+    ).encode()
     running = None
     duration = _EMPTY
     if obs is None:
         completed = expected = failed = start = end = changed = progress = success = _EMPTY
     else:
-        completed = _line("import_items_completed", labels, obs.items_completed)
-        expected = _line("import_items_expected", labels, obs.items_expected)
-        failed = _line("import_items_failed", labels, obs.items_failed)
+        completed = _line(_COMPLETED_NAME, labels, obs.items_completed)
+        expected = _line(_EXPECTED_NAME, labels, obs.items_expected)
+        failed = _line(_FAILED_NAME, labels, obs.items_failed)
         started = record.start_timestamp
         ended = record.end_timestamp
-        start = _line("import_start_timestamp_seconds", labels, started)
-        end = _line("import_end_timestamp_seconds", labels, ended)
+        start = _line(_START_NAME, labels, started)
+        end = _line(_END_NAME, labels, ended)
         if started is not None:
             if ended is not None:
-                duration = _line("import_duration_seconds", labels, max(0.0, ended - started))
-            elif obs.state is State.RUNNING:
-                prefix = f"import_duration_seconds{{{labels}}} ".encode()
-                running = (prefix, milliseconds(started))
-        changed = _line("import_state_change_timestamp_seconds", labels, record.state_since)
-        progress = _line("import_last_progress_timestamp_seconds", labels, record.last_progress)
-        success = _line("import_last_poll_success_timestamp_seconds", labels, record.last_success)
-    attempt = _line("import_last_poll_attempt_timestamp_seconds", labels, record.last_attempt)
-    failures = _line("import_consecutive_poll_failures", labels, record.consecutive_failures)
+                duration = _line(_DURATION_NAME, labels, max(0.0, ended - started))
+            elif current is State.RUNNING:
+                running = (_DURATION_NAME + labels, milliseconds(started))
+        changed = _line(_CHANGED_NAME, labels, record.state_since)
+        progress = _line(_PROGRESS_NAME, labels, record.last_progress)
+        success = _line(_SUCCESS_NAME, labels, record.last_success)
+    attempt = _line(_ATTEMPT_NAME, labels, record.last_attempt)
+    failures = _line(_FAILURES_NAME, labels, record.consecutive_failures)
     lines = (
-        state.encode(),
-        info.encode(),
+        state,
+        info,
         completed,
         expected,
         failed,
@@ -236,31 +266,11 @@ def _slice_of(lines: Sequence[bytes]) -> int:
 
 
 Line = bytes | Running
-_POLL_FAMILIES = (
-    "import_last_poll_attempt_timestamp_seconds",
-    "import_last_poll_success_timestamp_seconds",
-    "import_consecutive_poll_failures",
+_ATTEMPT, _SUCCESS, _FAILURES = (
+    FAMILY_NAMES.index(name.decode()) for name in (_ATTEMPT_NAME, _SUCCESS_NAME, _FAILURES_NAME)
 )
-_ATTEMPT, _SUCCESS, _FAILURES = (FAMILY_NAMES.index(name) for name in _POLL_FAMILIES)
-_ATTEMPT_NAME, _SUCCESS_NAME, _FAILURES_NAME = (name.encode() for name in _POLL_FAMILIES)
 _NO_FAILURES = b"} 0.0\n"
 """The end of a failures line whose count is 0 (one failure is ``} 1.0``)."""
-
-
-def _value_line(name: bytes, labels: bytes, value: float | None) -> bytes:
-    if value is None:
-        return _EMPTY
-    return name + labels + go_float(value).encode() + b"\n"
-
-
-def _untrack_young() -> None:
-    """Collect the youngest generation now, while it holds one slice's new
-    lines. Each replaces an old one, so allocations minus frees stay near
-    zero and never trigger a collection: new running lines piled up (36,000
-    at 100,000 imports) and the one collection that untracked them all
-    stalled the loop for 30-45 ms. They hold no containers: the first
-    collection that sees them stops tracking them."""
-    gc.collect(0)
 
 
 class ImportLines:
@@ -321,9 +331,7 @@ class ImportLines:
                 while done < len(keys):
                     self._render_keys(keys[done : done + RENDER_BATCH])
                     done += RENDER_BATCH
-                    if slices.due():
-                        _untrack_young()
-                        await slices.yield_now()
+                    await slices.pause()
                 while polled_done < len(polled):
                     self._render_poll_lines(polled[polled_done : polled_done + POLL_LINES_BATCH])
                     polled_done += POLL_LINES_BATCH
@@ -406,18 +414,18 @@ class ImportLines:
                 continue
             labels = attempt[len(_ATTEMPT_NAME) : attempt.rindex(b" ") + 1]
             attempted = record.last_attempt
-            when = go_float(attempted).encode() + b"\n" if attempted is not None else None
+            when = _value_end(attempted) if attempted is not None else None
             attempts[slot] = _EMPTY if when is None else _ATTEMPT_NAME + labels + when
             if record.observation is not None:
                 success = record.last_success
                 successes[slot] = (
                     _SUCCESS_NAME + labels + when
                     if when is not None and success == attempted
-                    else _value_line(_SUCCESS_NAME, labels, success)
+                    else _line(_SUCCESS_NAME, labels, success)
                 )
             count = record.consecutive_failures
             if count or not failures[slot].endswith(_NO_FAILURES):
-                failures[slot] = _value_line(_FAILURES_NAME, labels, count)
+                failures[slot] = _line(_FAILURES_NAME, labels, count)
 
     def render(
         self, encoder: Encoder, content_type: str, names: frozenset[str] | None = None

@@ -159,9 +159,12 @@ def milliseconds(seconds: float) -> int:
     """A time in whole milliseconds (nearest), the precision of a running
     import's duration; within :data:`MILLISECONDS_LIMIT`, and 0 for NaN
     (which no source lets through: a render must never fail on one)."""
-    if math.isnan(seconds):
+    scaled = seconds * 1000
+    if -MILLISECONDS_LIMIT <= scaled <= MILLISECONDS_LIMIT:  # False for NaN
+        return round(scaled)
+    if math.isnan(scaled):
         return 0
-    return round(min(max(seconds * 1000, -MILLISECONDS_LIMIT), MILLISECONDS_LIMIT))
+    return round(min(max(scaled, -MILLISECONDS_LIMIT), MILLISECONDS_LIMIT))
 
 
 def millisecond_clock() -> float:

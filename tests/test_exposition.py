@@ -225,7 +225,9 @@ def test_running_durations_move_with_the_clock_alone(busy: ImportLines) -> None:
     running = ("import_duration_seconds", frozenset({("source", "elevate-prod"), ("import", "0")}))
     assert (*running, 0.0) in first[2]
     assert (*running, 12.5) in second[2]
-    assert 'import_duration_seconds{import="0",source="elevate-prod"} 12500e-3\n' in ours(busy, TEXT)
+    assert 'import_duration_seconds{import="0",source="elevate-prod"} 12500e-3\n' in ours(
+        busy, TEXT
+    )
 
 
 @pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
@@ -519,7 +521,8 @@ def test_remembered_number_texts_are_prometheus_clients() -> None:
     values += [math.ldexp(rng.random(), rng.randint(-1074, 1023)) for _ in range(2000)]
     values += [10 ** rng.uniform(6, 16) for _ in range(2000)]
     for value in values:
-        assert exposition.go_float(value) == exposition.floatToGoString(value), value
+        expected = exposition.floatToGoString(value).encode() + b"\n"
+        assert exposition._value_end(value) == expected, value
 
 
 @pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
