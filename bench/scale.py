@@ -19,12 +19,17 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
   windows have the same mean place in time, so a steady drift of the
   machine or the process touches both alike);
   all cover the store's writes (every second). A scraped window's count of
-  polls starts once the scraper runs (its start-up is not a time without
-  scrapes), and ends where the scraper is killed (the scrape it had begun
-  is not counted); the next window starts :data:`SETTLE_SECONDS` later,
-  once the render that scrape started is over, and after a render of what
-  polls changed meanwhile (see :func:`render_changes`);
-- polls/s of both kinds of window, and scrape p50/p99 in the scraped ones;
+  polls covers whole cycles of back-to-back scrapes: it starts where the
+  scraper's first scrape ends (that scrape, after a window without any,
+  is not paced: a window counted from its start held one render more than
+  its length's share) and ends where the first scrape ending after
+  ``seconds`` ends; its probes run from the first scrape on. The scraper is
+  then killed (the scrape it has begun is not counted), and the next window
+  starts :data:`SETTLE_SECONDS` later, once the render that scrape started
+  is over, and after a render of what polls changed meanwhile (see
+  :func:`render_changes`);
+- polls/s of both kinds of window, and scrape p50/p99 over the scrapes
+  the scraped windows count;
 - cyclic GC collections and the longest pause per generation, recorded in the
   exporter process by ``gc.callbacks``;
 - RSS after the scrapes under polling, per import (less a one-import process's).
@@ -202,6 +207,16 @@ def rss_of(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+async def scraper_line(scraper: asyncio.subprocess.Process) -> bytes:
+    """The scraper's next line (``scraping``, then each scrape's duration);
+    its exit fails the run with its exit code."""
+    assert scraper.stdout is not None
+    line = await asyncio.wait_for(scraper.stdout.readline(), 120)
+    if not line:
+        raise RuntimeError(f"the scraper stopped (exit {await scraper.wait()})")
+    return line
+
+
 async def window(
     session: aiohttp.ClientSession,
     base: str,
@@ -210,7 +225,8 @@ async def window(
     seconds: float,
     scrape: bool,
 ) -> dict[str, Any]:
-    """Polls, worst probe delay (and scrapes) over the next ``seconds``."""
+    """Polls and the worst probe delay over the next ``seconds`` (scraped:
+    over whole scrape cycles of ``seconds`` or more, and their scrapes)."""
     await render_changes(session, base)
     durations: list[float] = []
     scraper = None
@@ -219,28 +235,29 @@ async def window(
             sys.executable, "-c", SCRAPER, f"{base}/metrics", stdout=asyncio.subprocess.PIPE
         )
     try:
-        if scraper is not None:
-            assert scraper.stdout is not None
-            started = await asyncio.wait_for(scraper.stdout.readline(), 60)
-            if started != b"scraping\n":  # it died: not a window of scrapes
-                raise RuntimeError(f"the scraper did not start (exit {await scraper.wait()})")
+        if scraper is None:
+            probe.reset()
+        else:
+            if await scraper_line(scraper) != b"scraping\n":
+                raise RuntimeError("the scraper did not start")
+            probe.reset()
+            await scraper_line(scraper)  # the first scrape, unpaced: not counted
         polls0 = await polls_received(session, upstream)
-        probe.reset()
         t0 = time.perf_counter()
         wall0 = time.time()
-        await asyncio.sleep(seconds)
+        if scraper is None:
+            await asyncio.sleep(seconds)
+        else:
+            while time.perf_counter() - t0 < seconds:
+                durations.append(float(await scraper_line(scraper)))
         elapsed = time.perf_counter() - t0
         worst, probes = probe.worst, probe.count
         polls = await polls_received(session, upstream) - polls0
-        if scraper is not None and scraper.returncode is not None:
-            raise RuntimeError(f"the scraper stopped during the window (exit {scraper.returncode})")
     finally:
         if scraper is not None:
             if scraper.returncode is None:
                 scraper.kill()  # a scrape it has begun is not counted
-            out, _ = await scraper.communicate()
-    if scraper is not None:
-        durations = [float(line) for line in out.split()]
+            await scraper.communicate()
     return {
         "seconds": elapsed,
         "polls": polls,
