@@ -67,17 +67,23 @@ FAMILY_NAMES = tuple(family.name for family in import_families())
 _DURATION = FAMILY_NAMES.index("import_duration_seconds")
 _EMPTY = b""
 _EOF = b"# EOF\n"
-_COMPLETED_NAME = b"import_items_completed"
-_EXPECTED_NAME = b"import_items_expected"
-_FAILED_NAME = b"import_items_failed"
-_START_NAME = b"import_start_timestamp_seconds"
-_END_NAME = b"import_end_timestamp_seconds"
-_DURATION_NAME = b"import_duration_seconds"
-_CHANGED_NAME = b"import_state_change_timestamp_seconds"
-_PROGRESS_NAME = b"import_last_progress_timestamp_seconds"
-_SUCCESS_NAME = b"import_last_poll_success_timestamp_seconds"
-_ATTEMPT_NAME = b"import_last_poll_attempt_timestamp_seconds"
-_FAILURES_NAME = b"import_consecutive_poll_failures"
+# Each family's name as bytes, in FAMILY_NAMES order (render_lines' order):
+# a family added to or dropped from import_families() fails here, not silently.
+(
+    _STATE_NAME,
+    _INFO_NAME,
+    _COMPLETED_NAME,
+    _EXPECTED_NAME,
+    _FAILED_NAME,
+    _START_NAME,
+    _END_NAME,
+    _DURATION_NAME,
+    _CHANGED_NAME,
+    _PROGRESS_NAME,
+    _SUCCESS_NAME,
+    _ATTEMPT_NAME,
+    _FAILURES_NAME,
+) = (name.encode() for name in FAMILY_NAMES)
 
 # Per current state, the import's nine import_state lines but for their
 # start (``import_state{`` and the import's labels), which takes the place of NUL.
@@ -87,7 +93,7 @@ _STATE_LINES = {
     ).encode()
     for current in STATES
 }
-_STATE_START = b"import_state{"
+_STATE_START = _STATE_NAME + b"{"
 
 
 def escape(value: str) -> str:
