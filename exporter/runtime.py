@@ -364,7 +364,7 @@ class Exporter:
             if before is not None:
                 await self.poller.remove_source(name, keep_state=True)
             configured = source.imports()
-            if self.shard.total > 1:
+            if not self.shard.owns_all:
                 configured = [spec for spec in configured if self._owns(source, spec.id)]
             scheduler = self.poller.add_source(
                 source,
@@ -419,7 +419,7 @@ class Exporter:
         return self.shard.owns(source.name, None if source.follows_server else import_id)
 
     def _ours(self, source: Source[Any]) -> Callable[[ImportRecord], bool]:
-        system, whole = source.system, self.shard.total == 1
+        system, whole = source.system, self.shard.owns_all
 
         def ours(record: ImportRecord) -> bool:
             # One process owning every import: no owner check per import.
