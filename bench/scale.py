@@ -18,8 +18,8 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
   scrapes ``/metrics`` back to back (gzip), interleaved in the order
   alone, scraped, scraped, alone, alone, scraped, scraped, alone (each kind's
   windows have the same mean place in time, so a steady drift of the
-  machine or the process touches both alike), the first once every import
-  has been polled three times (:data:`WARM_ROUNDS`: past the start-up's
+  machine or the process touches both alike), the first once the simulator
+  has had three rounds of polls (:data:`WARM_ROUNDS`: past the start-up's
   transient); all cover the store's writes (every second). A scraped window's count of
   polls covers whole cycles of back-to-back scrapes: it starts where the
   scraper's first scrape ends (that scrape, after a window without any,
@@ -50,6 +50,7 @@ import signal
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +205,9 @@ async def polls_received(session: aiohttp.ClientSession, upstream: str) -> int:
 
 
 WARM_ROUNDS = 3
-"""Polls of every import, counted by the simulator from the exporter's
-start, before the first window. Windows polling alone, back to back from
+"""Rounds of polls (``WARM_ROUNDS`` times the imports' count of polls in
+all, counted by the simulator from the exporter's start) before the first
+window. Windows polling alone, back to back from
 readiness at 100,000 imports, made 5,836, 6,521, 5,524 polls/s, then
 4,052-5,065 from about three rounds on (one run; in a full run the first
 window alone made 6,179 against 4,088-5,185): the windows measure a
@@ -213,10 +215,22 @@ process past its start-up, whose state has been rewritten by polls, as
 one that has run for days."""
 
 
-async def warmed_up(session: aiohttp.ClientSession, upstream: str, before: int, count: int) -> None:
-    """Until the simulator has had :data:`WARM_ROUNDS` polls of each of
-    ``count`` imports since it had ``before``."""
+async def warmed_up(
+    session: aiohttp.ClientSession,
+    upstream: str,
+    process: asyncio.subprocess.Process,
+    before: int,
+    count: int,
+    timeout: float = 600,
+) -> None:
+    """Until the simulator has had :data:`WARM_ROUNDS` times ``count`` polls
+    since it had ``before``."""
+    deadline = time.monotonic() + timeout
     while await polls_received(session, upstream) - before < WARM_ROUNDS * count:
+        if process.returncode is not None:
+            raise RuntimeError(f"the exporter exited ({process.returncode})")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {WARM_ROUNDS * count} polls in {timeout} s")
         await asyncio.sleep(0.5)
 
 
@@ -353,7 +367,7 @@ async def measure(url: str, count: int, seconds: float, pairs: int) -> dict[str,
                 probe.task = asyncio.create_task(probe.run())
                 ready = await until(session, f"{base}/-/ready", t0, process, timeout=600)
                 await asyncio.sleep(2.0)  # the first round's write
-                await warmed_up(session, url, polls_before, count)
+                await warmed_up(session, url, process, polls_before, count)
                 warm = time.perf_counter() - t0
                 windows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
                 for pair in range(pairs):
@@ -418,7 +432,7 @@ async def until(
                     body = gzip.decompress(body)
                 if response.status == 200 and (needle is None or needle in body):
                     return took
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, OSError, EOFError, zlib.error):  # a body cut short: again
             pass
         await asyncio.sleep(0.01)
     raise TimeoutError(url)
@@ -428,7 +442,8 @@ async def main_async(sizes: list[int], seconds: float, pairs: int) -> dict[str, 
     # The package's bytecode compiled first, as an install has it (pip, and
     # so the image, compiles it even under PYTHONDONTWRITEBYTECODE, which CI
     # sets): else every start-up compiled the source again (about 0.1 s).
-    compileall.compile_dir(ROOT / "exporter", quiet=1)
+    if not compileall.compile_dir(ROOT / "exporter", quiet=1):
+        raise RuntimeError("the package's bytecode could not be compiled")
     results = []
     with simulator_process() as url:
         one = await measure(url, 1, min(seconds, 2.0), 2)
