@@ -6,9 +6,12 @@ object changes, and a scrape writes the stored bytes family by family. Here
 the state names the imports that changed (:meth:`StateStore.take_unrendered`);
 a scrape renders those again on the event loop, a slice at a time
 (:meth:`ImportLines.refresh`), then joins every family's bytes with C-level
-joins, also on the loop a slice at a time, copied into batches that a
-worker thread gzips
-(:meth:`ImportLines.render`, :func:`build_body`).
+joins, also on the loop a slice at a time (:meth:`ImportLines.render`,
+:func:`build_body`). Gzipped, as Prometheus asks for it, the lines are kept
+joined and compressed too, in chunks of a few hundred imports, each chunk's
+family compressed again only once its lines change; a render copies the
+compressed parts under one gzip header (:meth:`ImportLines.render_packed`,
+:func:`gzipped_body`).
 
 What moves with time on its own, a running import's
 ``import_duration_seconds`` (now minus its start, to the millisecond), is the
@@ -26,22 +29,17 @@ OpenMetrics body keeps its one ``# EOF`` at the end).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
-import functools
 import gc
+import itertools
 import math
-import mmap
-import os
-import sys
-import threading
+import struct
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain, compress, repeat
 from operator import sub
-from typing import TypeVar, cast
+from typing import NamedTuple, TypeVar, cast
 
 from isal import isal_zlib
 from prometheus_client import utils
@@ -242,35 +240,25 @@ slice, :data:`~exporter.loop_slices.LOOP_SLICE_SECONDS`, or less: counts of
 where each import's record and lines are no longer in the CPU's caches)."""
 POLL_LINES_BATCH = 100
 """Imports whose poll lines alone are rendered between two looks at the clock."""
-JOIN_SLICE = 2048
-"""Imports whose lines of a family one C-level join copies at most, on the
-event loop: one join of a whole family (80 MB at 100,000 imports) would stop
-it for tens of milliseconds."""
-JOIN_BYTES = 256 * 1024
-"""About how many bytes one join makes (fewer imports than
-:data:`JOIN_SLICE` where lines are long, as ``import_state``'s nine): below
-:data:`MMAP_THRESHOLD`, so each part's memory comes from the heap, reused
-part after part, not fresh from ``mmap``, zeroed and faulted in by the
-kernel page by page. At 100,000 imports a gzipped body took 177 ms of CPU
-and 24,000 page faults in parts of 2,048 imports, 125-133 ms and 4,000-11,000
-in parts of 512 (``bench/scrape.py``)."""
-
-
+CHUNK_IMPORTS = 256
+"""Places for imports in a chunk (:class:`_Chunk`). A chunk's part of a
+family is what a render joins, and gzips and keeps, in one piece: 256
+imports' nine ``import_state`` lines are about 200 KB, below
+:data:`MMAP_THRESHOLD` (so each join's memory comes from the heap, reused
+part after part, not fresh from ``mmap``, zeroed and faulted in page by
+page: at 100,000 imports a gzipped body took 177 ms of CPU and 24,000 page
+faults in parts of 2,048 imports, 125-133 ms and 4,000-11,000 in parts of
+512). Fewer imports a chunk would gzip less of a body again after each
+change, at more calls per render."""
 DURATION_SLICE = 1024
 """Imports whose running ones' duration lines are made in one part: a
 line takes about 0.5 microseconds under polling (the most of any line made
-at scrape time), so a part of every running import of :data:`JOIN_SLICE`
-held the loop for a few milliseconds."""
-
-
-def _slice_of(lines: Sequence[bytes]) -> int:
-    """Imports per join of a family's lines: :data:`JOIN_BYTES` worth, judged
-    by the longest of 16 lines spread over the family (long ids make every
-    line of an import long)."""
-    spread = lines[:: max(1, len(lines) // 16)]
-    longest = max(map(len, spread), default=0)
-    return max(1, min(JOIN_SLICE, JOIN_BYTES // max(longest, 1)))
-
+at scrape time), so a part of every running import of many chunks would
+hold the loop for a few milliseconds."""
+COMPACT_SLACK = 2 * CHUNK_IMPORTS
+"""Empty places (beyond as many as there are imports) the chunks may hold
+before :meth:`ImportLines.compact` moves the imports of chunks less than
+half full to the tail."""
 
 Line = bytes | Running
 _ATTEMPT, _SUCCESS, _FAILURES = (
@@ -278,6 +266,40 @@ _ATTEMPT, _SUCCESS, _FAILURES = (
 )
 _NO_FAILURES = b"} 0.0\n"
 """The end of a failures line whose count is 0 (one failure is ``} 1.0``)."""
+
+
+class Packed(NamedTuple):
+    """A part of a gzipped body, compressed on its own: raw deflate ending
+    with a full flush (on a byte boundary, no reference to what came before),
+    so parts compressed at different times join in any order under one gzip
+    header (:func:`gzipped_body`); with the CRC-32 and the length of what it
+    holds, which the gzip trailer needs."""
+
+    deflated: bytes
+    crc: int
+    size: int
+
+
+_NOTHING = Packed(_EMPTY, 0, 0)
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+"""A gzip member's header: deflate, no name, no time, an unknown system."""
+_DEFLATE_END = b"\x03\x00"
+"""An empty final block of fixed codes: the end of the deflate stream."""
+
+
+def pack(data: bytes, level: int = GZIP_LEVEL) -> Packed:
+    """``data`` compressed as a :class:`Packed` part, on the calling thread.
+
+    On the event loop, not in a worker thread: ISA-L lets go of the GIL while
+    it compresses, and a thread taking it back from a busy loop after each of
+    many small parts waits up to a switch interval each time (one call per
+    part made a render under polling five times as long as on an idle
+    process). A part is at most a chunk's family, about 200 KB: 0.2 ms."""
+    if not data:
+        return _NOTHING
+    compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, -15)  # -15: raw deflate
+    deflated = compressor.compress(data) + compressor.flush(isal_zlib.Z_FULL_FLUSH)
+    return Packed(deflated, isal_zlib.crc32(data), len(data))
 
 
 def _untrack_young() -> None:
@@ -289,34 +311,123 @@ def _untrack_young() -> None:
     gc.collect(0)
 
 
+class _Chunk:
+    """Up to :data:`CHUNK_IMPORTS` imports' lines, by family, each import at
+    one index in every family's list; a family's lines also kept joined and
+    gzipped (:attr:`packed`) until one of them changes.
+
+    Imports are only ever added at the end of the newest chunk (the tail):
+    an import whose lines change leaves its place empty and goes to the tail
+    (:meth:`ImportLines._put`). Polls come round in a stable order (each
+    import is due again an interval after its poll), so the imports of a
+    chunk are polled again at about the same time: their chunk empties and
+    is dropped, the tail fills, and the chunks in between, most of the body,
+    keep their gzipped parts from render to render."""
+
+    __slots__ = (
+        "families",
+        "kept",
+        "keys",
+        "live",
+        "number",
+        "packed",
+        "running_prefixes",
+        "running_starts",
+    )
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.families: list[list[bytes]] = [[] for _ in FAMILY_NAMES]
+        self.keys: list[ImportKey | None] = []
+        """Each place's import (None: empty)."""
+        self.running_prefixes: list[bytes] = []
+        """Per place, a running import's duration line up to the value (its
+        line in the family's list is empty), and empty for the others."""
+        self.running_starts = array("q")
+        """Per place, a running import's start in milliseconds."""
+        self.live = 0
+        self.packed: list[Packed | None] = [None] * len(FAMILY_NAMES)
+        """Per family, its lines joined and gzipped (None: not since they changed)."""
+        self.kept = False
+        """Whether :attr:`packed` holds any part."""
+
+    def append(self, key: ImportKey, lines: Sequence[bytes], prefix: bytes, start: int) -> int:
+        index = len(self.keys)
+        self.keys.append(key)
+        for family, line in zip(self.families, lines, strict=True):
+            family.append(line)
+        self.running_prefixes.append(prefix)
+        self.running_starts.append(start)
+        self.live += 1
+        self._changed()
+        return index
+
+    def replace(self, index: int, lines: Sequence[bytes], prefix: bytes, start: int) -> None:
+        for family, line in zip(self.families, lines, strict=True):
+            family[index] = line
+        self.running_prefixes[index] = prefix
+        self.running_starts[index] = start
+        self._changed()
+
+    def clear(self, index: int) -> None:
+        for family in self.families:
+            family[index] = _EMPTY
+        self.keys[index] = None
+        self.running_prefixes[index] = _EMPTY
+        self.running_starts[index] = 0
+        self.live -= 1
+        self._changed()
+
+    def lines_at(self, index: int) -> list[bytes]:
+        return [family[index] for family in self.families]
+
+    def packed_family(self, index: int) -> Packed:
+        """The family's lines joined and gzipped, kept until they change."""
+        packed = self.packed[index]
+        if packed is None:
+            packed = self.packed[index] = pack(b"".join(self.families[index]))
+            self.kept = True
+        return packed
+
+    def _changed(self) -> None:
+        if self.kept:
+            self.packed = [None] * len(FAMILY_NAMES)
+            self.kept = False
+
+
 class ImportLines:
     """The per-import families of ``/metrics``, each import's lines kept as bytes.
 
-    Kept by family, as kube-state-metrics does: one list per family, an import
-    at the same position in each, so a family's join reads its lines and
-    nothing else (a join through per-import tuples took 2.4 times as long at
-    100,000 imports: a cache miss per tuple).
+    Kept by family, as kube-state-metrics does, in chunks of
+    :data:`CHUNK_IMPORTS` imports (:class:`_Chunk`): per chunk, one list per
+    family, an import at the same index in each, so a family's join reads
+    its lines and nothing else (a join through per-import tuples took 2.4
+    times as long at 100,000 imports: a cache miss per tuple). A gzipped
+    render (what Prometheus asks for) joins and compresses only the chunks'
+    families that changed since the last one, and copies the others' kept
+    gzipped parts: at 100,000 imports, about 9 MB instead of 135 MB of lines.
 
     :meth:`refresh` renders the imports changed since the last one, on the
     event loop (where the records change, so each is a consistent snapshot),
-    a slice at a time; the loop alone writes the lists. :meth:`render` joins
-    each family's lines a slice at a time with C-level joins, never while a
-    refresh runs (the caller sees to it). This object must be the only one
-    taking the state's unrendered imports.
+    a slice at a time; the loop alone writes the chunks. :meth:`render` and
+    :meth:`render_packed` read them a slice at a time, never while a refresh
+    runs (the caller sees to it). This object must be the only one taking
+    the state's unrendered imports.
     """
 
     def __init__(self, state: StateStore) -> None:
         self.state = state
-        self._families: list[list[bytes]] = [[] for _ in FAMILY_NAMES]
-        self._keys: list[ImportKey] = []
+        self._chunks: dict[int, _Chunk] = {}
+        """By number, oldest first: the order of the lines in each family."""
+        self._tail: _Chunk | None = None
+        self._numbers = itertools.count()
+        self._places = 0
+        """Places in the chunks, empty ones included."""
         self._slots: dict[ImportKey, int] = {}
-        """Each import's position in :attr:`_keys` and every family's list."""
-        self._running_prefixes: list[bytes] = []
-        """Per import, a running one's duration line up to the value (its line
-        in the family's list is empty), and empty for the others."""
-        self._running_starts = array("q")
-        """Per import, a running one's start in milliseconds."""
+        """Each import's place: its chunk's number times
+        :data:`CHUNK_IMPORTS`, plus its index there."""
         self._headers: dict[str, tuple[bytes, ...]] = {}
+        self._packed_headers: dict[str, tuple[Packed, ...]] = {}
         self._refreshing: asyncio.Lock | None = None
 
     def lines_of(self, key: ImportKey) -> tuple[Line, ...] | None:
@@ -325,9 +436,10 @@ class ImportLines:
         slot = self._slots.get(key)
         if slot is None:
             return None
-        lines: list[Line] = [family[slot] for family in self._families]
-        if prefix := self._running_prefixes[slot]:
-            lines[_DURATION] = (prefix, self._running_starts[slot])
+        chunk, index = self._place(slot)
+        lines: list[Line] = list(chunk.lines_at(index))
+        if prefix := chunk.running_prefixes[index]:
+            lines[_DURATION] = (prefix, chunk.running_starts[index])
         return tuple(lines)
 
     async def refresh(self, slices: LoopSlices | None = None) -> None:
@@ -357,18 +469,30 @@ class ImportLines:
             finally:
                 # Interrupted (cancelled): what is not rendered yet is for the next.
                 self.state.put_back_unrendered(keys[done:], polled[polled_done:])
+            if self._wasted():
+                for chunk in self._sparse_chunks():
+                    self._move_to_tail(chunk)
+                    await slices.pause()
 
     def take_changes(self, in_order: Iterable[ImportKey] = ()) -> None:
         """:meth:`refresh` at once, in one piece (start-up, tests, benchmarks).
         ``in_order``: imports to render first, in that order, if changed: a
         store's, whose records lie in memory in that order (a fifth faster
-        than a set's order at 100,000, and ``/metrics`` lists them sorted)."""
+        than a set's order at 100,000, and ``/metrics`` lists them sorted
+        until they change)."""
         changed, repolled = self.state.take_unrendered()
         first = [key for key in in_order if key in changed]
         changed.difference_update(first)
         self._render_keys(first)
         self._render_keys(list(changed))
         self._render_poll_lines(list(repolled))
+        if self._wasted():
+            for chunk in self._sparse_chunks():
+                self._move_to_tail(chunk)
+
+    def _place(self, slot: int) -> tuple[_Chunk, int]:
+        number, index = divmod(slot, CHUNK_IMPORTS)
+        return self._chunks[number], index
 
     def _render_keys(self, keys: list[ImportKey]) -> None:
         imports = self.state.imports
@@ -377,41 +501,63 @@ class ImportLines:
             if record is None:
                 self._remove(key)
             else:
-                self._put(key, *render_lines(record))
+                lines, running = render_lines(record)
+                prefix, start = (_EMPTY, 0) if running is None else running
+                self._put(key, lines, prefix, start)
 
-    def _put(self, key: ImportKey, lines: tuple[bytes, ...], running: Running | None) -> None:
-        prefix, start = (_EMPTY, 0) if running is None else running
+    def _put(self, key: ImportKey, lines: Sequence[bytes], prefix: bytes, start: int) -> None:
+        """An import's new lines, at the tail: in its place if it is there
+        already, else at the tail's end (a new tail if it is full), its old
+        place left empty."""
         slot = self._slots.get(key)
-        if slot is None:
-            self._slots[key] = len(self._keys)
-            self._keys.append(key)
-            for family, line in zip(self._families, lines, strict=True):
-                family.append(line)
-            self._running_prefixes.append(prefix)
-            self._running_starts.append(start)
-        else:
-            for family, line in zip(self._families, lines, strict=True):
-                family[slot] = line
-            self._running_prefixes[slot] = prefix
-            self._running_starts[slot] = start
+        tail = self._tail
+        if slot is not None:
+            chunk, index = self._place(slot)
+            if chunk is tail:
+                tail.replace(index, lines, prefix, start)
+                return
+            self._vacate(chunk, index)
+        if tail is None or len(tail.keys) >= CHUNK_IMPORTS:
+            if tail is not None and not tail.live:
+                self._drop(tail)
+            tail = self._tail = _Chunk(next(self._numbers))
+            self._chunks[tail.number] = tail
+        self._slots[key] = tail.number * CHUNK_IMPORTS + tail.append(key, lines, prefix, start)
+        self._places += 1
+
+    def _vacate(self, chunk: _Chunk, index: int) -> None:
+        chunk.clear(index)
+        if not chunk.live and chunk is not self._tail:
+            self._drop(chunk)
+
+    def _drop(self, chunk: _Chunk) -> None:
+        del self._chunks[chunk.number]
+        self._places -= len(chunk.keys)
 
     def _remove(self, key: ImportKey) -> None:
-        """The last import takes the removed one's place in every list."""
         slot = self._slots.pop(key, None)
-        if slot is None:
-            return
-        last = self._keys.pop()
-        prefix, start = self._running_prefixes.pop(), self._running_starts.pop()
-        if last != key:
-            self._keys[slot] = last
-            self._slots[last] = slot
-            for family in self._families:
-                family[slot] = family.pop()
-            self._running_prefixes[slot] = prefix
-            self._running_starts[slot] = start
-        else:
-            for family in self._families:
-                family.pop()
+        if slot is not None:
+            self._vacate(*self._place(slot))
+
+    def _wasted(self) -> bool:
+        """Empty places beyond as many as there are imports, and then some."""
+        return self._places > 2 * len(self._slots) + COMPACT_SLACK
+
+    def _sparse_chunks(self) -> list[_Chunk]:
+        """The chunks but the tail that are less than half full: an import
+        that never changes again (finished, no longer polled) keeps its chunk."""
+        half = CHUNK_IMPORTS // 2
+        return [c for c in self._chunks.values() if c is not self._tail and c.live < half]
+
+    def _move_to_tail(self, chunk: _Chunk) -> None:
+        """Every import of ``chunk`` to the tail, with its lines as they are
+        (the chunk, emptied, is dropped)."""
+        for index, key in enumerate(chunk.keys):
+            if key is not None:
+                lines = chunk.lines_at(index)
+                self._put(key, lines, chunk.running_prefixes[index], chunk.running_starts[index])
+        if chunk.number in self._chunks:  # empty already, it was not dropped
+            self._drop(chunk)
 
     def _render_poll_lines(self, keys: list[ImportKey]) -> None:
         """Only the poll lines of imports polled again with the same answer
@@ -420,69 +566,75 @@ class ImportLines:
         (from the end of the name to the space before the value: a value has
         no space, and a label value's spaces come before it)."""
         imports = self.state.imports
-        attempts = self._families[_ATTEMPT]
-        successes = self._families[_SUCCESS]
-        failures = self._families[_FAILURES]
         for key in keys:
             record = imports.get(key)
             slot = self._slots.get(key)
-            attempt = None if slot is None else attempts[slot]
-            if record is None or slot is None or not attempt:
+            if record is None or slot is None:
+                self._render_keys([key])
+                continue
+            chunk, index = self._place(slot)
+            lines = chunk.lines_at(index)
+            attempt = lines[_ATTEMPT]
+            if not attempt:
                 self._render_keys([key])
                 continue
             labels = attempt[len(_ATTEMPT_NAME) : attempt.rindex(b" ") + 1]
             attempted = record.last_attempt
             when = _value_end(attempted) if attempted is not None else None
-            attempts[slot] = _EMPTY if when is None else _ATTEMPT_NAME + labels + when
+            lines[_ATTEMPT] = _EMPTY if when is None else _ATTEMPT_NAME + labels + when
             if record.observation is not None:
                 success = record.last_success
-                successes[slot] = (
+                lines[_SUCCESS] = (
                     _SUCCESS_NAME + labels + when
                     if when is not None and success == attempted
                     else _line(_SUCCESS_NAME, labels, success)
                 )
             count = record.consecutive_failures
-            if count or not failures[slot].endswith(_NO_FAILURES):
-                failures[slot] = _line(_FAILURES_NAME, labels, count)
+            if count or not lines[_FAILURES].endswith(_NO_FAILURES):
+                lines[_FAILURES] = _line(_FAILURES_NAME, labels, count)
+            prefix, start = chunk.running_prefixes[index], chunk.running_starts[index]
+            self._put(key, lines, prefix, start)
 
     def render(
         self, encoder: Encoder, content_type: str, names: frozenset[str] | None = None
     ) -> Iterator[bytes]:
         """The per-import families (only those in ``names`` if given), each its
         ``# HELP``/``# TYPE`` and its lines, as parts to join, made as they
-        are taken (so a consumer that compresses each holds one at a time).
-        The lines are read as they are, a slice at a time: no :meth:`refresh`
-        may run until the last part is taken (``/metrics`` renders and
-        refreshes under one lock), so every family is of one moment."""
+        are taken (so a consumer holds one at a time), a chunk's family a
+        part. The lines are read as they are, a slice at a time: no
+        :meth:`refresh` may run until the last part is taken (``/metrics``
+        renders and refreshes under one lock), so every family is of one
+        moment."""
         headers = self._headers_of(encoder, content_type)
+        chunks = list(self._chunks.values())
         for index, name in enumerate(FAMILY_NAMES):
             if names is not None and name not in names:
                 continue
             yield headers[index]
             if index == _DURATION:
-                yield from self._durations(self.state.clock())
-            else:
-                yield from self._family(index)
+                yield from _running_parts(chunks, self.state.clock())
+            for chunk in chunks:
+                yield b"".join(chunk.families[index])
 
-    def _family(self, index: int) -> Iterator[bytes]:
-        lines = self._families[index]
-        step = _slice_of(lines)
-        for at in range(0, len(lines), step):
-            yield b"".join(lines[at : at + step])
-
-    def _durations(self, now: float) -> Iterator[bytes]:
-        """Running imports' duration lines made now, then finished ones' as
-        kept (a slice at a time, both: the running ones of
-        :data:`DURATION_SLICE` imports at a time)."""
-        all_prefixes, all_starts = self._running_prefixes, self._running_starts
-        now_ms = milliseconds(now)
-        for at in range(0, len(all_prefixes), DURATION_SLICE):
-            running = all_prefixes[at : at + DURATION_SLICE]
-            prefixes = list(compress(running, running))
-            if prefixes:
-                starts = compress(all_starts[at : at + DURATION_SLICE], running)
-                yield _running_lines(prefixes, starts, now_ms)
-        yield from self._family(_DURATION)
+    def render_packed(
+        self, encoder: Encoder, content_type: str, names: frozenset[str] | None = None
+    ) -> Iterator[Packed]:
+        """:meth:`render`'s parts gzipped (for :func:`gzipped_body`): a
+        chunk's family as kept since the last render if none of its lines
+        changed, else joined and compressed now (and kept)."""
+        headers = self._packed_headers.get(content_type)
+        if headers is None:
+            plain = self._headers_of(encoder, content_type)
+            headers = self._packed_headers[content_type] = tuple(map(pack, plain))
+        chunks = list(self._chunks.values())
+        for index, name in enumerate(FAMILY_NAMES):
+            if names is not None and name not in names:
+                continue
+            yield headers[index]
+            if index == _DURATION:
+                yield from map(pack, _running_parts(chunks, self.state.clock()))
+            for chunk in chunks:
+                yield chunk.packed_family(index)
 
     def _headers_of(self, encoder: Encoder, content_type: str) -> tuple[bytes, ...]:
         headers = self._headers.get(content_type)
@@ -492,6 +644,25 @@ class ImportLines:
             )
             self._headers[content_type] = headers
         return headers
+
+
+def _running_parts(chunks: Iterable[_Chunk], now: float) -> Iterator[bytes]:
+    """The running imports' duration lines made now, a part for every
+    :data:`DURATION_SLICE` imports or so (whole chunks)."""
+    now_ms = milliseconds(now)
+    prefixes: list[bytes] = []
+    starts: list[int] = []
+    seen = 0
+    for chunk in chunks:
+        running = chunk.running_prefixes
+        prefixes += compress(running, running)
+        starts += compress(chunk.running_starts, running)
+        seen += len(running)
+        if seen >= DURATION_SLICE and prefixes:
+            yield _running_lines(prefixes, starts, now_ms)
+            prefixes, starts, seen = [], [], 0
+    if prefixes:
+        yield _running_lines(prefixes, starts, now_ms)
 
 
 _RUNNING_LINE = b"%b%de-3\n"
@@ -550,23 +721,10 @@ def render_metrics(
     return b"".join(render_parts(registry, encoder, content_type, imports, names))
 
 
-GZIP_BATCH = 8 * 1024 * 1024
-"""Bytes of a body compressed by one call in the gzip thread. ISA-L (like
-zlib) releases the GIL while it compresses, and the thread then waits up to
-a switch interval to take it back from a busy event loop: one call per part
-(650 at 100,000 imports) made a render under polling five times as long as
-on an idle process. At 100,000 imports (a 147 MB body) scraped back to
-back, a scrape's p99 was 2.03 s with batches of 4 MB (then copied in the
-thread), 1.77 s with 8 MB (one run each)."""
-
-
 def gzip_body(body: bytes, level: int = GZIP_LEVEL) -> bytes:
-    """``body`` gzipped as ``/metrics`` serves it."""
-    return _compress_last(_gzip_compressor(level), body)
-
-
-def _gzip_compressor(level: int) -> isal_zlib.Compress:
-    return isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)  # 31: a gzip header
+    """``body`` gzipped in one piece."""
+    compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)  # 31: a gzip header
+    return compressor.compress(body) + compressor.flush()
 
 
 async def _paced(items: Iterable[T], slices: LoopSlices) -> AsyncIterator[T]:
@@ -579,155 +737,92 @@ async def _paced(items: Iterable[T], slices: LoopSlices) -> AsyncIterator[T]:
 
 async def build_body(
     parts: Iterable[bytes],
-    gzipped: bool,
-    level: int = GZIP_LEVEL,
     then: Awaitable[bytes] | None = None,
     slices: LoopSlices | None = None,
 ) -> bytearray:
-    """``parts`` (made as they are taken: C-level joins of kept lines) joined,
-    gzipped if asked. The parts are made on the event loop a slice at a time
-    and, gzipped, copied there at once into a batch of :data:`GZIP_BATCH`
-    bytes, which a worker thread (of lower priority, see
-    :data:`GZIP_NICENESS`) compresses while the loop fills the next one.
-
-    Not the whole render in a thread: while a thread wants the GIL for its
-    joins of many small lines, the loop gives it up at each of its many
-    system calls and waits up to a switch interval to get it back (the
-    convoy effect), which cut polling under back-to-back scrapes by a third
-    at 100,000 imports. The thread needs the GIL only to start and finish a
-    batch. The loop copies each part while it is in the cache, and it is
-    freed at once; copied in the thread, under the GIL, the copies held the
-    loop up, and the parts waiting for them made the heap grow. ``then``:
-    the last part, made elsewhere (the registry's families, by collectors
-    that may block, in a worker thread). ``slices``: the caller's job's
-    time on the loop (see :class:`~exporter.loop_slices.LoopSlices`)."""
+    """``parts`` (made as they are taken: C-level joins of kept lines) joined
+    on the event loop a slice at a time. ``then``: the last part, made
+    elsewhere (the registry's families, by collectors that may block, in a
+    worker thread). ``slices``: the caller's job's time on the loop (see
+    :class:`~exporter.loop_slices.LoopSlices`)."""
     if slices is None:
         slices = LoopSlices()
-    if not gzipped:
-        return await _joined(await _collected(parts, then, slices), slices)
-    compressor = _gzip_compressor(level)
-    out: list[bytes] = []
-    batches = [_Batch()]
-    filling = batches[0]
-    in_thread: tuple[Future[bytes], _Batch] | None = None
-
-    async def copy(part: bytes) -> None:
-        """``part`` into the batch being filled; each batch that fills up to
-        the thread (once the one before is back), the other filled next."""
-        nonlocal filling, in_thread
-        rest = memoryview(part)
-        while len(rest := filling.add(rest)):
-            free = None
-            if in_thread is not None:
-                out.append(await asyncio.wrap_future(in_thread[0]))
-                slices.restart()  # the loop went on while the thread compressed
-                free = in_thread[1].emptied()
-            in_thread = (_gzip_thread().submit(_compress_batch, compressor, filling), filling)
-            if free is None:
-                free = _Batch()
-                batches.append(free)
-            filling = free
-
-    try:
-        async for part in _paced(parts, slices):
-            await copy(part)
-        if then is not None:
-            registry_part = await then
-            slices.restart()
-            await copy(registry_part)
-        if in_thread is not None:
-            out.append(await asyncio.wrap_future(in_thread[0]))
-        in_thread = (_gzip_thread().submit(_compress_batch, compressor, filling, True), filling)
-        out.append(await asyncio.wrap_future(in_thread[0]))
-        in_thread = None
-    finally:
-        for batch in batches:
-            if in_thread is not None and batch is in_thread[1]:
-                # Cancelled: closed when the thread is done with it, not under it.
-                in_thread[0].add_done_callback(functools.partial(_close_batch, batch))
-            else:
-                batch.close()
-    return await _joined(out, slices)
-
-
-async def _collected(
-    parts: Iterable[bytes], then: Awaitable[bytes] | None, slices: LoopSlices
-) -> list[bytes]:
-    """``parts`` taken on the event loop, yielding to it between slices."""
-    taken = [part async for part in _paced(parts, slices)]
+    body = bytearray()
+    async for part in _paced(parts, slices):
+        body += part
     if then is not None:
-        taken.append(await then)
-    return taken
+        body += await then
+    return body
 
 
-class _Batch:
-    """:data:`GZIP_BATCH` bytes of memory that parts are copied into: an
-    anonymous map, whose pages the kernel provides as they are first written
-    and takes back at :meth:`close`. A body's batches are two, reused; not
-    kept from body to body, which would keep 16 MB for good (1.6 KB an
-    import at 10,000) to save about 4,000 page faults a large body."""
+async def render_body(
+    imports: ImportLines | None,
+    encoder: Encoder,
+    content_type: str,
+    names: frozenset[str] | None,
+    gzipped: bool,
+    then: Awaitable[bytes] | None = None,
+    slices: LoopSlices | None = None,
+) -> bytearray:
+    """What ``/metrics`` serves: the per-import families from ``imports``
+    (only ``names`` if given; none without ``imports``), then ``then``,
+    gzipped (:func:`gzipped_body`) or not (:func:`build_body`)."""
+    if gzipped:
+        packed = imports.render_packed(encoder, content_type, names) if imports is not None else ()
+        return await gzipped_body(packed, then, slices)
+    parts = imports.render(encoder, content_type, names) if imports is not None else ()
+    return await build_body(parts, then, slices)
+
+
+class _GzipMember:
+    """One gzip member made of :class:`Packed` parts: the gzip header, every
+    part's deflate blocks, an empty final block, and the trailer of the
+    whole (the parts' CRC-32s combined, the total length)."""
 
     def __init__(self) -> None:
-        self.memory = mmap.mmap(-1, GZIP_BATCH)
-        self.used = 0
+        self.body = bytearray(_GZIP_HEADER)
+        self.crc = 0
+        self.size = 0
 
-    def add(self, part: memoryview) -> memoryview:
-        """Copies what fits of ``part``; returns the rest (empty: all fitted)."""
-        size = min(GZIP_BATCH - self.used, len(part))
-        self.memory[self.used : self.used + size] = part[:size]
-        self.used += size
-        return part[size:]
+    def add(self, item: Packed | bytes) -> None:
+        part = item if isinstance(item, Packed) else pack(item)
+        if part.size:
+            self.body += part.deflated
+            self.crc = isal_zlib.crc32_combine(self.crc, part.crc, part.size)
+            self.size += part.size
 
-    def emptied(self) -> _Batch:
-        self.used = 0
-        return self
-
-    def close(self) -> None:
-        self.memory.close()
-
-
-GZIP_NICENESS = 10
-"""The gzip thread's nice value (Linux sets it per thread; raising it needs
-no privilege). On a busy machine the event loop, which polls and answers
-probes, gets the CPU first: at 10,000 imports scraped back to back, the worst
-``/-/healthy`` delay went from 24 to 19-20 ms; a scrape waits longer instead."""
+    def end(self) -> bytearray:
+        self.body += _DEFLATE_END
+        self.body += struct.pack("<II", self.crc, self.size & 0xFFFFFFFF)
+        return self.body
 
 
-def _lower_priority() -> None:
-    # A thread's id names the thread to setpriority on Linux only.
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GZIP_NICENESS)
+def gzip_parts(parts: Iterable[Packed | bytes]) -> bytearray:
+    """:func:`gzipped_body` at once, in one piece."""
+    member = _GzipMember()
+    for part in parts:
+        member.add(part)
+    return member.end()
 
 
-@functools.cache
-def _gzip_thread() -> ThreadPoolExecutor:
-    """One thread for every body's compression (calls of one body run in order)."""
-    return ThreadPoolExecutor(1, thread_name_prefix="gzip", initializer=_lower_priority)
-
-
-def _compress_last(compressor: isal_zlib.Compress, data: bytes | memoryview) -> bytes:
-    return compressor.compress(data) + compressor.flush()
-
-
-def _close_batch(batch: _Batch, _done: Future[bytes]) -> None:
-    batch.close()
-
-
-def _compress_batch(compressor: isal_zlib.Compress, batch: _Batch, last: bool = False) -> bytes:
-    """What ``batch`` holds, compressed, in the gzip thread (without the GIL
-    but to start and to finish)."""
-    with memoryview(batch.memory) as memory, memory[: batch.used] as data:
-        return _compress_last(compressor, data) if last else compressor.compress(data)
-
-
-async def _joined(parts: list[bytes], slices: LoopSlices) -> bytearray:
-    """``parts`` as one buffer, copied on the loop a slice at a time."""
-    body = bytearray()
-    async for index, part in _paced(enumerate(parts), slices):
-        body += part
-        parts[index] = _EMPTY
-    return body
+async def gzipped_body(
+    parts: Iterable[Packed | bytes],
+    then: Awaitable[bytes] | None = None,
+    slices: LoopSlices | None = None,
+) -> bytearray:
+    """One gzip member of ``parts`` (each compressed already, or compressed
+    now), taken and copied on the event loop a slice at a time; ``then``
+    and ``slices`` as for :func:`build_body`."""
+    if slices is None:
+        slices = LoopSlices()
+    member = _GzipMember()
+    async for part in _paced(parts, slices):
+        member.add(part)
+    if then is not None:
+        registry_part = await then
+        slices.restart()
+        member.add(registry_part)
+    return member.end()
 
 
 _M_TRIM_THRESHOLD = -1
@@ -740,7 +835,7 @@ read cost an ``mmap``, an ``mremap``, a ``munmap`` and a page fault: about
 5 microseconds of every poll."""
 TRIM_THRESHOLD = 1024 * 1024
 """Free memory at the top of a heap that glibc keeps rather than gives back:
-more than a family's part (:data:`JOIN_BYTES`) or a socket read takes. Its
+more than a chunk's family (:data:`CHUNK_IMPORTS`) or a socket read takes. Its
 default, 128 KiB (no longer raised once :data:`MMAP_THRESHOLD` is set), gave
 back each part's memory as it was freed, and the next part faulted it in
 again page by page: a gzipped render at 100,000 imports, in a process doing

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -16,7 +16,13 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.api import add_api_routes, bearer_passes
-from exporter.exposition import FAMILY_NAMES, Encoder, ImportLines, build_body, render_registry
+from exporter.exposition import (
+    FAMILY_NAMES,
+    Encoder,
+    ImportLines,
+    render_body,
+    render_registry,
+)
 from exporter.loop_slices import LoopSlices
 from exporter.pages import parse_refresh, parse_show, prepare_status_page
 from exporter.reads import BulkReads
@@ -245,12 +251,11 @@ def metrics_handler(
 ) -> Handler:
     """``/metrics`` like ``prometheus_client.aiohttp.make_aiohttp_handler``
     (the same encoders, content negotiation and ``name[]`` filter), with the
-    per-import families from ``imports`` (kept rendered), joined on the event
-    loop a slice at a time, those slices copied into batches that a worker
-    thread gzips, so polls never wait long on a scrape
-    (:func:`~exporter.exposition.build_body`). Scrapes
-    that arrive while a render of the same kind is running share it, gzip
-    included.
+    per-import families from ``imports`` (kept rendered, and kept gzipped
+    in chunks until they change), joined on the event loop a slice at a
+    time, so polls never wait long on a scrape
+    (:func:`~exporter.exposition.render_body`). Scrapes that arrive while a
+    render of the same kind is running share it, gzip included.
 
     Paced: after a render that took over :data:`PACE_MIN_SECONDS` (from about
     10,000 imports), the next of its kind starts :data:`PACE_FACTOR` times
@@ -288,14 +293,17 @@ def metrics_handler(
             slices = LoopSlices()
             started = time.perf_counter()
             try:
-                parts: Iterable[bytes] = ()
                 wanted = frozenset(names) or None
                 # A filter of the exporter's own families only (a job watching
                 # the exporter) leaves what polls changed for the next render.
-                if imports is not None and (wanted is None or not wanted.isdisjoint(FAMILY_NAMES)):
-                    await imports.refresh(slices)
-                    parts = imports.render(encoder, content_type, wanted)
-                return await build_body(parts, gzipped, then=collected, slices=slices)
+                lines = imports
+                if wanted is not None and wanted.isdisjoint(FAMILY_NAMES):
+                    lines = None
+                if lines is not None:
+                    await lines.refresh(slices)
+                return await render_body(
+                    lines, encoder, content_type, wanted, gzipped, then=collected, slices=slices
+                )
             finally:
                 took[0] = time.perf_counter() - started
 

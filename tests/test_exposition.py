@@ -7,20 +7,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import gzip
-import logging
 import math
-import os
 import random
 import shutil
 import subprocess
 import sys
-import threading
+import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -97,9 +97,15 @@ def running_series(state: StateStore) -> frozenset[str]:
 
 
 def ours(lines: ImportLines, accept: str, names: tuple[str, ...] = ()) -> str:
+    """The body ``/metrics`` serves, plain; the per-import families gzipped
+    from the kept compressed parts (what Prometheus is served) must say the
+    same, byte for byte."""
     encoder, content_type = choose_encoder(accept)
     lines.take_changes()  # what the handler does on the loop before each render
     registry = build_registry(lines.state, imports=False)
+    wanted = frozenset(names) if names else None
+    packed = exposition.gzip_parts(lines.render_packed(encoder, content_type, wanted))
+    assert gzip.decompress(packed) == b"".join(lines.render(encoder, content_type, wanted))
     return render_metrics(registry, encoder, content_type, lines, names).decode()
 
 
@@ -148,15 +154,17 @@ def random_observation(rng: random.Random, now: float) -> Observation:
     )
 
 
-@pytest.mark.parametrize("join_slice", [exposition.JOIN_SLICE, 3])
+@pytest.mark.parametrize("chunk", [exposition.CHUNK_IMPORTS, 3])
 @pytest.mark.parametrize("seed", range(6))
 def test_output_equals_the_reference_collector_as_the_state_changes(
-    seed: int, join_slice: int, monkeypatch: pytest.MonkeyPatch
+    seed: int, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Random changes, renders between some (each family's slices kept
-    joined from one render to the next; with slices of 3 imports, removals
-    move imports between slices)."""
-    monkeypatch.setattr(exposition, "JOIN_SLICE", join_slice)
+    """Random changes, renders between some (each chunk's families kept
+    gzipped from one render to the next; with chunks of 3 imports, changes
+    empty and drop chunks, and move the imports of chunks less than half
+    full to the tail)."""
+    monkeypatch.setattr(exposition, "CHUNK_IMPORTS", chunk)
+    monkeypatch.setattr(exposition, "COMPACT_SLACK", 2 * chunk)
     rng = random.Random(seed)
     clock = Clock()
     state = StateStore(clock=clock)
@@ -281,7 +289,7 @@ def test_running_durations_of_labels_with_format_characters_equal_the_reference(
     )
 
 
-def test_an_import_removed_leaves_its_place_to_the_last_with_its_running_start() -> None:
+def test_an_import_removed_leaves_the_running_starts_of_the_others_in_place() -> None:
     clock = Clock()
     state = StateStore(clock=clock)
     state.add_source("elevate", "elevate", 30.0)
@@ -294,7 +302,7 @@ def test_an_import_removed_leaves_its_place_to_the_last_with_its_running_start()
             observation = Observation(State.RUNNING, "IN_PROGRESS", started_at=clock.now - ago)
         state.record_observation("elevate", import_id, observation)
         lines.take_changes()  # one at a time: in this order in every family
-    state.untrack("elevate", "waiting")  # "long", the last, takes its place
+    state.untrack("elevate", "waiting")  # its place left empty
     clock.now += 1.5
     for accept in (TEXT, OPENMETRICS):
         assert_same(lines, accept)
@@ -366,12 +374,13 @@ async def test_a_refresh_on_the_loop_in_slices_renders_every_change(
 
 
 @pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
-def test_a_body_joined_or_gzipped_in_batches_is_the_whole_body(
+def test_a_body_joined_or_gzipped_in_parts_is_the_whole_body(
     accept: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What ``/metrics`` serves: every family's lines in slices of a few
-    imports (running ones too), joined, or gzipped a batch at a time."""
-    monkeypatch.setattr(exposition, "JOIN_SLICE", 3)
+    """What ``/metrics`` serves: every family's lines in chunks of a few
+    imports (running ones' durations in parts of a few), joined, or
+    gzipped from parts compressed on their own."""
+    monkeypatch.setattr(exposition, "CHUNK_IMPORTS", 3)
     monkeypatch.setattr(exposition, "DURATION_SLICE", 3)
     clock = Clock()
     state = StateStore(clock=clock)
@@ -387,129 +396,45 @@ def test_a_body_joined_or_gzipped_in_batches_is_the_whole_body(
     encoder, content_type = choose_encoder(accept)
     registry = build_registry(state, imports=False)
     parts = list(exposition.render_parts(registry, encoder, content_type, lines))
-    assert len(parts) > len(FAMILY_NAMES) + 1  # the families came in slices
+    assert len(parts) > 2 * len(FAMILY_NAMES) + 1  # the families came in parts
     whole = b"".join(parts)
     assert_same(lines, accept)
     assert stable_lines(whole.decode()) == stable_lines(ours(lines, accept))
-    monkeypatch.setattr(exposition, "GZIP_BATCH", 1000)
-    gzipped = asyncio.run(exposition.build_body(iter(parts), gzipped=True))
+    assert asyncio.run(exposition.build_body(iter(parts))) == whole
+    gzipped = asyncio.run(exposition.gzipped_body(iter(parts)))
     assert gzip.decompress(gzipped) == whole
-    assert asyncio.run(exposition.build_body(iter(parts), gzipped=False)) == whole
+    packed = list(lines.render_packed(encoder, content_type))
+    assert len(packed) == len(parts) - 1  # but the registry's part
+    assert gzip.decompress(exposition.gzip_parts(packed)) == b"".join(parts[:-1])
 
 
-def test_long_lines_are_joined_in_parts_of_about_join_bytes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Each part stays below the size that ``mmap`` serves (fresh pages each
-    scrape): an import's nine ``import_state`` lines with long ids make
-    parts of fewer imports."""
-    monkeypatch.setattr(exposition, "JOIN_BYTES", 20_000)
-    state = StateStore(clock=Clock())
-    state.add_source("elevate", "elevate", 30.0)
-    lines = ImportLines(state)
-    for n in range(200):
-        import_id = f"{n:03}-" + "x" * 200
-        state.track("elevate", import_id)
-        state.record_observation("elevate", import_id, Observation(State.RUNNING, "IN_PROGRESS"))
-    lines.take_changes()
-    encoder, content_type = choose_encoder(TEXT)
-    parts = list(lines.render(encoder, content_type, frozenset({"import_state"})))
-    longest_line = max(len(line) for line in b"".join(parts).splitlines(keepends=True))
-    assert len(parts) > 20
-    assert max(len(part) for part in parts[1:]) <= 20_000 + longest_line
-    body = b"".join(parts).decode()
-    assert stable_lines(body) == stable_lines(ours(lines, TEXT, ("import_state",)))
-
-
-def test_a_gzipped_body_is_compressed_in_batches_by_the_gzip_thread(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The event loop copies the parts into batches of ``GZIP_BATCH`` bytes
-    (a part larger than the room left spans two), and the gzip thread
-    compresses each; a body's batches are two buffers, reused."""
-    compressed_in: list[tuple[str, int, int]] = []
-    compress_batch = exposition._compress_batch
-
-    def watched(compressor: Any, batch: Any, last: bool = False) -> bytes:
-        compressed_in.append((threading.current_thread().name, batch.used, id(batch)))
-        return compress_batch(compressor, batch, last)
-
-    monkeypatch.setattr(exposition, "_compress_batch", watched)
-    monkeypatch.setattr(exposition, "GZIP_BATCH", 3000)
-    parts = [bytes([65 + n]) * 1000 for n in range(7)] + [b"big" * 3000, b"end" * 10]
-    body = asyncio.run(exposition.build_body(iter(parts), gzipped=True))
-    assert gzip.decompress(body) == b"".join(parts)
-    assert [used for _, used, _ in compressed_in] == [3000] * 5 + [1030]
-    assert all(name.startswith("gzip") for name, _, _ in compressed_in)
-    assert len({batch for _, _, batch in compressed_in}) == 2
-
-
-async def test_a_gzipped_body_ends_with_the_registry_part_and_may_be_empty(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``then`` (the registry's families, made in another thread) comes last,
-    even when larger than a batch; a body of nothing is a valid gzip."""
-    monkeypatch.setattr(exposition, "GZIP_BATCH", 1000)
+async def test_a_gzipped_body_ends_with_the_registry_part_and_may_be_empty() -> None:
+    """``then`` (the registry's families, made in another thread) comes last;
+    a body of nothing is a valid gzip."""
     loop = asyncio.get_running_loop()
     registry_part: asyncio.Future[bytes] = loop.create_future()
     loop.call_soon(registry_part.set_result, b"registry " * 500)
-    parts = [b"lines " * 300, b"more " * 100]
-    body = await exposition.build_body(iter(parts), gzipped=True, then=registry_part)
-    assert gzip.decompress(body) == b"".join(parts) + b"registry " * 500
-    assert gzip.decompress(await exposition.build_body(iter([]), gzipped=True)) == b""
+    parts: list[exposition.Packed | bytes] = [b"lines " * 300, exposition.pack(b"more " * 100)]
+    parts.append(b"")
+    body = await exposition.gzipped_body(iter(parts), then=registry_part)
+    assert gzip.decompress(body) == b"lines " * 300 + b"more " * 100 + b"registry " * 500
+    assert gzip.decompress(await exposition.gzipped_body(iter([]))) == b""
 
 
-async def test_a_body_cancelled_while_a_batch_is_compressed_frees_it_after(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(max_size=3000), max_size=12), st.randoms(use_true_random=False))
+def test_parts_compressed_at_different_times_join_in_any_order(
+    chunks: list[bytes], rng: random.Random
 ) -> None:
-    """A scrape's render cancelled (the exporter stopping) while the thread
-    compresses a batch: the other batch is closed at once, that one once the
-    thread is done with it, not under it."""
-    started, release = threading.Event(), threading.Event()
-    compressed: list[Any] = []
-    made: list[Any] = []
-    compress_batch = exposition._compress_batch
-
-    class Batch(exposition._Batch):
-        def __init__(self) -> None:
-            super().__init__()
-            made.append(self)
-
-    def slow(compressor: Any, batch: Any, last: bool = False) -> bytes:
-        compressed.append(batch)
-        started.set()
-        release.wait(10)
-        return compress_batch(compressor, batch, last)
-
-    monkeypatch.setattr(exposition, "_Batch", Batch)
-    monkeypatch.setattr(exposition, "_compress_batch", slow)
-    monkeypatch.setattr(exposition, "GZIP_BATCH", 1000)
-    parts = [b"x" * 1000] * 4
-    body = asyncio.create_task(exposition.build_body(iter(parts), gzipped=True))
-    await asyncio.to_thread(started.wait, 10)
-    body.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await body
-    (in_thread,) = compressed
-    assert [batch.memory.closed for batch in made] == [batch is not in_thread for batch in made]
-    release.set()
-    async with asyncio.timeout(10):
-        while not in_thread.memory.closed:
-            await asyncio.sleep(0.01)
-    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-def test_gzip_runs_in_a_thread_of_lower_priority_than_the_event_loop() -> None:
-    """On a busy machine polling and probes get the CPU before a scrape's compression."""
-    if os.getpriority(os.PRIO_PROCESS, 0) >= exposition.GZIP_NICENESS:
-        pytest.skip("the tests run at that niceness or lower priority already")
-    body = asyncio.run(exposition.build_body(iter([b"x" * 1000]), gzipped=True))
-    assert gzip.decompress(body) == b"x" * 1000
-    (thread,) = [t for t in threading.enumerate() if t.name.startswith("gzip")]
-    assert thread.native_id is not None
-    niceness = os.getpriority(os.PRIO_PROCESS, thread.native_id)
-    assert niceness == exposition.GZIP_NICENESS > os.getpriority(os.PRIO_PROCESS, 0)
+    """A part compressed once and kept joins any others, before or after it,
+    into a body that any gzip reader takes whole (Go's, Prometheus's, in
+    ``tests/integration``)."""
+    packed = [exposition.pack(chunk) for chunk in chunks]
+    order = list(range(len(chunks)))
+    rng.shuffle(order)
+    body = exposition.gzip_parts(packed[i] for i in order)
+    assert gzip.decompress(body) == b"".join(chunks[i] for i in order)
+    assert zlib.decompress(body, 31) == b"".join(chunks[i] for i in order)
 
 
 def test_remembered_number_texts_are_prometheus_clients() -> None:
@@ -571,11 +496,11 @@ class Watched(ImportLines):
         super().__init__(state)
         self.first_family_sent = asyncio.Event()
 
-    def render(
+    def render_packed(
         self, encoder: exposition.Encoder, content_type: str, names: frozenset[str] | None = None
-    ) -> Iterator[bytes]:
-        for count, part in enumerate(super().render(encoder, content_type, names)):
-            if count == 2:  # header and one slice of import_state
+    ) -> Iterator[exposition.Packed]:
+        for count, part in enumerate(super().render_packed(encoder, content_type, names)):
+            if count == 2:  # header and one chunk of import_state
                 self.first_family_sent.set()
             yield part
 
@@ -587,7 +512,7 @@ async def test_a_change_during_a_render_shows_in_every_family_of_the_next_body_o
     """Two scrapes of different formats at once: the second one's refresh
     waits for the first render, so no body has an import in some families and
     not in others (a join of import_state and import_info would flicker)."""
-    monkeypatch.setattr(exposition, "JOIN_SLICE", 1)
+    monkeypatch.setattr(exposition, "CHUNK_IMPORTS", 1)
     monkeypatch.setattr(loop_slices, "LOOP_SLICE_SECONDS", 0.0)
     state = StateStore(clock=Clock())
     state.add_source("elevate", "elevate", 30.0)
@@ -669,10 +594,10 @@ def test_socket_reads_do_not_map_memory_once_large_buffers_go_back_to_the_os() -
 
 _JOINED_PARTS = """
 import resource, sys
-from exporter.exposition import JOIN_BYTES, return_large_buffers_to_the_os
+from exporter.exposition import return_large_buffers_to_the_os
 if not return_large_buffers_to_the_os():
     sys.exit("not glibc")
-lines = [b"x" * 100] * (JOIN_BYTES // 100)
+lines = [b"x" * 100] * 2000  # about a chunk's import_state lines
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(300):
     part = b"".join(lines)
@@ -682,7 +607,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_joined_parts_reuse_the_heap_instead_of_faulting_it_in_again() -> None:
-    """A render joins each family a part of about :data:`JOIN_BYTES` at a
+    """A render joins each chunk's family, up to about 200 KB, one at a
     time, each freed before the next: the heap must keep that memory for the
     next part, not give it back to the kernel and fault it in again page by
     page (17,000 page faults a gzipped render at 100,000 imports)."""
@@ -711,3 +636,90 @@ async def test_a_scrape_filtered_to_other_families_leaves_the_imports_unrendered
     assert lines.lines_of(("elevate", "1")) is None  # not rendered yet
     body = await (await client.get("/metrics?name[]=import_state")).text()
     assert 'import_state{import="1",source="elevate",state="running"} 1.0' in body
+
+
+def packs_per_render(lines: ImportLines, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """A gzipped render of ``lines``, returning how many parts it compressed
+    (joined lines, not the running imports' durations made at each render)."""
+    packed: list[int] = []
+    pack = exposition.pack
+
+    def counted(data: bytes, level: int = exposition.GZIP_LEVEL) -> exposition.Packed:
+        packed.append(len(data))
+        return pack(data, level)
+
+    monkeypatch.setattr(exposition, "pack", counted)
+    encoder, content_type = choose_encoder(TEXT)
+
+    def render() -> int:
+        lines.take_changes()
+        packed.clear()
+        body = exposition.gzip_parts(lines.render_packed(encoder, content_type))
+        assert gzip.decompress(body) == b"".join(lines.render(encoder, content_type))
+        return len(packed)
+
+    return render
+
+
+def test_a_gzipped_render_compresses_only_the_chunks_that_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Polls come round in a stable order: a render after some polls
+    compresses the few chunks they emptied or filled, not the whole body; a
+    chunk whose imports all moved to the tail is dropped."""
+    monkeypatch.setattr(exposition, "CHUNK_IMPORTS", 8)
+    clock = Clock()
+    state = StateStore(clock=clock)
+    state.add_source("elevate", "elevate", 30.0)
+    ids = [f"{n}" for n in range(80)]
+    rng = random.Random(4)
+    order = ids[:]
+    rng.shuffle(order)  # the order polls come round in, not the ids'
+    lines = ImportLines(state)
+    render = packs_per_render(lines, monkeypatch)
+    waiting = Observation(State.WAITING, "WAITING")
+    for import_id in ids:
+        state.track("elevate", import_id)
+        state.record_observation("elevate", import_id, waiting)
+    families = len(FAMILY_NAMES)
+    assert render() > 10 * (families - 4)  # the first: every chunk's families
+    assert render() <= families  # nothing changed: the headers at most
+    for round_ in range(3):
+        for at in range(0, len(order), 16):  # 16 polls, a render
+            clock.now += 1
+            for import_id in order[at : at + 16]:
+                answer = waiting if rng.random() < 0.5 else Observation(State.RUNNING, "RUN")
+                state.record_observation("elevate", import_id, answer)
+            packs = render()
+            if round_ > 0:  # polls now empty whole chunks: two new ones filled
+                assert packs <= 2 * families + 1, (round_, at)
+    assert len(lines._chunks) <= len(ids) // 8 + 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chunks_emptied_at_random_are_compacted(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changes in no order (imports removed, finished, changed at random)
+    leave chunks part empty: their places stay within twice the imports
+    (and some slack), and every import shows once."""
+    monkeypatch.setattr(exposition, "CHUNK_IMPORTS", 4)
+    monkeypatch.setattr(exposition, "COMPACT_SLACK", 8)
+    rng = random.Random(seed)
+    clock = Clock()
+    state = StateStore(clock=clock)
+    state.add_source("elevate", "elevate", 30.0)
+    lines = ImportLines(state)
+    live: set[str] = set()
+    for step in range(400):
+        import_id = f"{rng.randrange(60)}"
+        if rng.random() < 0.2:
+            state.untrack("elevate", import_id)
+            live.discard(import_id)
+        else:
+            state.track("elevate", import_id)
+            state.record_observation("elevate", import_id, random_observation(rng, clock.now))
+            live.add(import_id)
+        if step % 7 == 0:
+            lines.take_changes()
+            assert lines._places <= 2 * len(live) + 8 + 4
+            assert sum(chunk.live for chunk in lines._chunks.values()) == len(live)
+    assert_same(lines, TEXT)
