@@ -37,7 +37,7 @@ import math
 import struct
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from itertools import chain, compress, repeat
+from itertools import accumulate, chain, compress, repeat
 from operator import sub
 from typing import NamedTuple, TypeVar, cast
 
@@ -238,8 +238,6 @@ RENDER_BATCH = 20
 slice, :data:`~exporter.loop_slices.LOOP_SLICE_SECONDS`, or less: counts of
 200 and 1,000 imports between yields held the loop 4-6 ms under polling,
 where each import's record and lines are no longer in the CPU's caches)."""
-POLL_LINES_BATCH = 100
-"""Imports whose poll lines alone are rendered between two looks at the clock."""
 CHUNK_IMPORTS = 256
 """Places for imports in a chunk (:class:`_Chunk`). A chunk's part of a
 family is what a render joins, and gzips and keeps, in one piece: 256
@@ -261,6 +259,8 @@ before :meth:`ImportLines.compact` moves the imports of chunks less than
 half full to the tail."""
 
 Line = bytes | Running
+Part = bytes | memoryview
+"""A part of a body: lines joined, or a view of a sealed chunk's (:class:`_Chunk`)."""
 _ATTEMPT, _SUCCESS, _FAILURES = (
     FAMILY_NAMES.index(name.decode()) for name in (_ATTEMPT_NAME, _SUCCESS_NAME, _FAILURES_NAME)
 )
@@ -287,7 +287,7 @@ _DEFLATE_END = b"\x03\x00"
 """An empty final block of fixed codes: the end of the deflate stream."""
 
 
-def pack(data: bytes, level: int = GZIP_LEVEL) -> Packed:
+def pack(data: Part, level: int = GZIP_LEVEL) -> Packed:
     """``data`` compressed as a :class:`Packed` part, on the calling thread.
 
     On the event loop, not in a worker thread: ISA-L lets go of the GIL while
@@ -311,10 +311,17 @@ def _untrack_young() -> None:
     gc.collect(0)
 
 
+_TEMPLATE = len(FAMILY_NAMES)
+"""A sealed chunk's section after its families': its duration template."""
+_TEMPLATE_END = b"%de-3\n"
+"""The end of a running import's duration line in a chunk's template (see
+:data:`_RUNNING_LINE`): the milliseconds since its start."""
+
+
 class _Chunk:
     """Up to :data:`CHUNK_IMPORTS` imports' lines, by family, each import at
-    one index in every family's list; a family's lines also kept joined and
-    gzipped (:attr:`packed`) until one of them changes.
+    one place (index) in every family; a family's lines also kept gzipped
+    (:attr:`packed`) until one of them changes.
 
     Imports are only ever added at the end of the newest chunk (the tail):
     an import whose lines change leaves its place empty and goes to the tail
@@ -322,72 +329,207 @@ class _Chunk:
     import is due again an interval after its poll), so the imports of a
     chunk are polled again at about the same time: their chunk empties and
     is dropped, the tail fills, and the chunks in between, most of the body,
-    keep their gzipped parts from render to render."""
+    keep their gzipped parts from render to render.
+
+    The tail keeps a list of lines per family. A full chunk is sealed: each
+    family's lines joined into one bytes, with the end of each place's line
+    in an array, and its running imports' duration lines as one template;
+    an import leaving it only marks its place empty (:attr:`holes`), and its
+    lines are left out when the family is joined next (:meth:`family`).
+    Neither bytes nor arrays are tracked by the cyclic garbage collector: a
+    list of lines is walked by every full collection, which reads each line
+    it holds (a cache miss each: 60-130 ms with the event loop stopped at
+    100,000 imports). And one bytes per family instead of one per line
+    saves each line's object header (about 600 bytes an import)."""
 
     __slots__ = (
-        "families",
+        "_live_template",
+        "ends",
+        "holes",
         "kept",
-        "keys",
+        "lines",
         "live",
         "number",
         "packed",
-        "running_prefixes",
+        "prefixes",
+        "running",
         "running_starts",
+        "vacated",
+        "whole",
     )
 
     def __init__(self, number: int) -> None:
         self.number = number
-        self.families: list[list[bytes]] = [[] for _ in FAMILY_NAMES]
-        self.keys: list[ImportKey | None] = []
-        """Each place's import (None: empty)."""
-        self.running_prefixes: list[bytes] = []
-        """Per place, a running import's duration line up to the value (its
-        line in the family's list is empty), and empty for the others."""
+        self.live = 0
+        self.holes = bytearray()
+        """Per place, 1 once its import has left."""
+        self.running = bytearray()
+        """Per place, 1 for a running import (whose duration is made at each render)."""
         self.running_starts = array("q")
         """Per place, a running import's start in milliseconds."""
-        self.live = 0
+        self.lines: list[list[bytes]] | None = [[] for _ in FAMILY_NAMES]
+        """While this is the tail: per family, each place's line."""
+        self.prefixes: list[bytes] | None = []
+        """While this is the tail: per place, a running import's duration line
+        up to the value (its line in the family is then empty), and empty for
+        the others."""
+        self.whole = _EMPTY
+        """Once sealed: every family's lines, family after family, each's
+        places in order, then the template of the running imports' duration
+        lines, each's value left to a ``%d`` (their prefixes' ``%``
+        doubled): one bytes, so that its memory, over
+        :data:`MMAP_THRESHOLD`, is mapped on its own and given back whole
+        when the chunk goes (a bytes per family, 20-200 KB each, of a few
+        hundred imports, fragmented the heap between the short-lived lines:
+        4.6 KB of RSS an import at 100,000 against 3.2 with one bytes)."""
+        self.ends = array("I")
+        """Once sealed: where each place's line of each section ends in
+        :attr:`whole` (section by section, each place's in order)."""
+        self.vacated = False
+        """Whether an import has left since the chunk was sealed."""
+        self._live_template: bytes | None = None
         self.packed: list[Packed | None] = [None] * len(FAMILY_NAMES)
         """Per family, its lines joined and gzipped (None: not since they changed)."""
         self.kept = False
         """Whether :attr:`packed` holds any part."""
 
-    def append(self, key: ImportKey, lines: Sequence[bytes], prefix: bytes, start: int) -> int:
-        index = len(self.keys)
-        self.keys.append(key)
-        for family, line in zip(self.families, lines, strict=True):
+    @property
+    def size(self) -> int:
+        """Places, empty ones included."""
+        return len(self.holes)
+
+    def append(self, lines: Sequence[bytes], prefix: bytes, start: int) -> int:
+        """Only while this is the tail."""
+        assert self.lines is not None
+        assert self.prefixes is not None
+        index = len(self.holes)
+        for family, line in zip(self.lines, lines, strict=True):
             family.append(line)
-        self.running_prefixes.append(prefix)
+        self.prefixes.append(prefix)
+        self.running.append(1 if prefix else 0)
         self.running_starts.append(start)
+        self.holes.append(0)
         self.live += 1
         self._changed()
         return index
 
     def replace(self, index: int, lines: Sequence[bytes], prefix: bytes, start: int) -> None:
-        for family, line in zip(self.families, lines, strict=True):
+        """Only while this is the tail."""
+        assert self.lines is not None
+        assert self.prefixes is not None
+        for family, line in zip(self.lines, lines, strict=True):
             family[index] = line
-        self.running_prefixes[index] = prefix
+        self.prefixes[index] = prefix
+        self.running[index] = 1 if prefix else 0
         self.running_starts[index] = start
         self._changed()
 
     def clear(self, index: int) -> None:
-        for family in self.families:
-            family[index] = _EMPTY
-        self.keys[index] = None
-        self.running_prefixes[index] = _EMPTY
+        """The import at ``index`` has left."""
+        if self.lines is not None and self.prefixes is not None:
+            for family in self.lines:
+                family[index] = _EMPTY
+            self.prefixes[index] = _EMPTY
+        else:
+            self.vacated = True
+            self._live_template = None
+        self.holes[index] = 1
+        self.running[index] = 0
         self.running_starts[index] = 0
         self.live -= 1
         self._changed()
 
+    def seal(self) -> None:
+        """The lines joined into one bytes, family after family, then the
+        duration template (see the class)."""
+        if self.lines is None or self.prefixes is None:
+            return
+        template = [
+            prefix.replace(b"%", b"%%") + _TEMPLATE_END if prefix else _EMPTY
+            for prefix in self.prefixes
+        ]
+        sections = [*self.lines, template]
+        self.whole = b"".join(chain.from_iterable(sections))
+        self.ends = array("I", accumulate(map(len, chain.from_iterable(sections))))
+        self.lines = self.prefixes = None
+
+    def _section(self, section: int, index: int) -> bytes:
+        """The line at place ``index`` of a section (a family, or the template)."""
+        at = section * len(self.holes) + index
+        return self.whole[self.ends[at - 1] if at else 0 : self.ends[at]]
+
     def lines_at(self, index: int) -> list[bytes]:
-        return [family[index] for family in self.families]
+        """The lines at place ``index``, in :data:`FAMILY_NAMES` order."""
+        if self.lines is not None:
+            return [family[index] for family in self.lines]
+        size, ends = len(self.holes), self.ends
+        stops = ends[index : _TEMPLATE * size : size]
+        if index:
+            starts = ends[index - 1 : _TEMPLATE * size - 1 : size]
+        else:  # where each section before a family ends
+            starts = array("I", [0, *ends[size - 1 : (_TEMPLATE - 1) * size : size]])
+        return list(map(self.whole.__getitem__, map(slice, starts, stops)))
+
+    def prefix_at(self, index: int) -> bytes:
+        """The duration line's prefix of a running import at ``index`` (else empty)."""
+        if self.prefixes is not None:
+            return self.prefixes[index]
+        segment = self._section(_TEMPLATE, index)
+        return segment[: -len(_TEMPLATE_END)].replace(b"%%", b"%") if segment else _EMPTY
+
+    def family(self, index: int) -> bytes | memoryview:
+        """The family's lines, joined, but those of places left empty."""
+        if self.lines is not None:
+            return b"".join(self.lines[index])
+        return self._live(index)
+
+    def _live(self, section: int) -> bytes | memoryview:
+        """A section's lines but those of places left empty, joined a run
+        of places at a time (one view of :attr:`whole` if none is empty)."""
+        size = len(self.holes)
+        first = section * size
+        ends = self.ends
+        view = memoryview(self.whole)
+        if not self.vacated:
+            return view[ends[first - 1] if first else 0 : ends[first + size - 1]]
+        holes = self.holes
+        parts = []
+        start = 0
+        while start < size:
+            hole = holes.find(1, start)
+            if hole < 0:
+                hole = size
+            if hole > start:
+                at = first + start
+                parts.append(view[ends[at - 1] if at else 0 : ends[first + hole - 1]])
+            start = holes.find(0, hole)
+            if start < 0:
+                break
+        return b"".join(parts)
 
     def packed_family(self, index: int) -> Packed:
-        """The family's lines joined and gzipped, kept until they change."""
+        """:meth:`family` gzipped, kept until the chunk changes."""
         packed = self.packed[index]
         if packed is None:
-            packed = self.packed[index] = pack(b"".join(self.families[index]))
+            packed = self.packed[index] = pack(self.family(index))
             self.kept = True
         return packed
+
+    def durations(self, now_ms: int) -> bytes:
+        """The running imports' duration lines at ``now_ms``."""
+        starts = compress(self.running_starts, self.running)
+        if self.prefixes is not None:
+            prefixes = list(compress(self.prefixes, self.running))
+            return _running_lines(prefixes, starts, now_ms) if prefixes else _EMPTY
+        template = self._live_template
+        if template is None:
+            template = self._live_template = bytes(self._live(_TEMPLATE))
+        if not template:
+            return _EMPTY
+        took = list(map(sub, repeat(now_ms), starts))
+        if min(took) < 0:  # a clock behind the upstream's: never negative
+            took = list(map(max, took, repeat(0)))
+        return template % tuple(took)
 
     def _changed(self) -> None:
         if self.kept:
@@ -438,7 +580,7 @@ class ImportLines:
             return None
         chunk, index = self._place(slot)
         lines: list[Line] = list(chunk.lines_at(index))
-        if prefix := chunk.running_prefixes[index]:
+        if prefix := chunk.prefix_at(index):
             lines[_DURATION] = (prefix, chunk.running_starts[index])
         return tuple(lines)
 
@@ -453,26 +595,45 @@ class ImportLines:
             self._refreshing = asyncio.Lock()
         async with self._refreshing:  # one at a time: the newest render wins
             changed, repolled = self.state.take_unrendered()
-            keys, polled = list(changed), list(repolled)
-            done = polled_done = 0
+            keys = self._in_poll_order([*changed, *repolled])
+            done = 0
             try:
                 while done < len(keys):
-                    self._render_keys(keys[done : done + RENDER_BATCH])
-                    done += RENDER_BATCH
+                    batch = keys[done : done + RENDER_BATCH]
+                    done += len(batch)
+                    for key in batch:
+                        if key in changed:
+                            self._render_keys((key,))
+                        else:
+                            self._render_poll_lines((key,))
                     if slices.due():
                         _untrack_young()
                         await slices.yield_now()
-                while polled_done < len(polled):
-                    self._render_poll_lines(polled[polled_done : polled_done + POLL_LINES_BATCH])
-                    polled_done += POLL_LINES_BATCH
-                    await slices.pause()
+                if self._wasted():
+                    for chunk, places in self._sparse_chunks():
+                        self._move_to_tail(chunk, places)
+                        await slices.pause()
             finally:
                 # Interrupted (cancelled): what is not rendered yet is for the next.
-                self.state.put_back_unrendered(keys[done:], polled[polled_done:])
-            if self._wasted():
-                for chunk in self._sparse_chunks():
-                    self._move_to_tail(chunk)
-                    await slices.pause()
+                rest = keys[done:]
+                self.state.put_back_unrendered(
+                    [key for key in rest if key in changed],
+                    [key for key in rest if key not in changed],
+                )
+
+    def _in_poll_order(self, keys: list[ImportKey]) -> list[ImportKey]:
+        """``keys`` by their imports' last poll: the order the tail gets them
+        in, so that polls coming round again in that order empty chunks one
+        after the other, rather than leave each partly empty a render longer
+        (and compressed again) when the tail got them in any order."""
+        imports = self.state.imports
+
+        def polled_at(key: ImportKey) -> float:
+            record = imports.get(key)
+            return (record.last_attempt or 0.0) if record is not None else 0.0
+
+        keys.sort(key=polled_at)
+        return keys
 
     def take_changes(self, in_order: Iterable[ImportKey] = ()) -> None:
         """:meth:`refresh` at once, in one piece (start-up, tests, benchmarks).
@@ -487,14 +648,14 @@ class ImportLines:
         self._render_keys(list(changed))
         self._render_poll_lines(list(repolled))
         if self._wasted():
-            for chunk in self._sparse_chunks():
-                self._move_to_tail(chunk)
+            for chunk, places in self._sparse_chunks():
+                self._move_to_tail(chunk, places)
 
     def _place(self, slot: int) -> tuple[_Chunk, int]:
         number, index = divmod(slot, CHUNK_IMPORTS)
         return self._chunks[number], index
 
-    def _render_keys(self, keys: list[ImportKey]) -> None:
+    def _render_keys(self, keys: Iterable[ImportKey]) -> None:
         imports = self.state.imports
         for key in keys:
             record = imports.get(key)
@@ -517,12 +678,15 @@ class ImportLines:
                 tail.replace(index, lines, prefix, start)
                 return
             self._vacate(chunk, index)
-        if tail is None or len(tail.keys) >= CHUNK_IMPORTS:
-            if tail is not None and not tail.live:
-                self._drop(tail)
+        if tail is None or tail.size >= CHUNK_IMPORTS:
+            if tail is not None:
+                if tail.live:
+                    tail.seal()
+                else:
+                    self._drop(tail)
             tail = self._tail = _Chunk(next(self._numbers))
             self._chunks[tail.number] = tail
-        self._slots[key] = tail.number * CHUNK_IMPORTS + tail.append(key, lines, prefix, start)
+        self._slots[key] = tail.number * CHUNK_IMPORTS + tail.append(lines, prefix, start)
         self._places += 1
 
     def _vacate(self, chunk: _Chunk, index: int) -> None:
@@ -532,7 +696,7 @@ class ImportLines:
 
     def _drop(self, chunk: _Chunk) -> None:
         del self._chunks[chunk.number]
-        self._places -= len(chunk.keys)
+        self._places -= chunk.size
 
     def _remove(self, key: ImportKey) -> None:
         slot = self._slots.pop(key, None)
@@ -543,23 +707,34 @@ class ImportLines:
         """Empty places beyond as many as there are imports, and then some."""
         return self._places > 2 * len(self._slots) + COMPACT_SLACK
 
-    def _sparse_chunks(self) -> list[_Chunk]:
-        """The chunks but the tail that are less than half full: an import
-        that never changes again (finished, no longer polled) keeps its chunk."""
+    def _sparse_chunks(self) -> list[tuple[_Chunk, list[tuple[int, ImportKey]]]]:
+        """The chunks but the tail that are less than half full (an import
+        that never changes again, finished and no longer polled, keeps its
+        chunk), each with its imports' places: found in one pass over every
+        import, as rare as chunks are compacted."""
         half = CHUNK_IMPORTS // 2
-        return [c for c in self._chunks.values() if c is not self._tail and c.live < half]
+        sparse = {
+            number: chunk
+            for number, chunk in self._chunks.items()
+            if chunk is not self._tail and chunk.live < half
+        }
+        places: dict[int, list[tuple[int, ImportKey]]] = {number: [] for number in sparse}
+        for key, slot in self._slots.items():
+            number, index = divmod(slot, CHUNK_IMPORTS)
+            if number in places:
+                places[number].append((index, key))
+        return [(chunk, places[number]) for number, chunk in sparse.items()]
 
-    def _move_to_tail(self, chunk: _Chunk) -> None:
-        """Every import of ``chunk`` to the tail, with its lines as they are
-        (the chunk, emptied, is dropped)."""
-        for index, key in enumerate(chunk.keys):
-            if key is not None:
-                lines = chunk.lines_at(index)
-                self._put(key, lines, chunk.running_prefixes[index], chunk.running_starts[index])
+    def _move_to_tail(self, chunk: _Chunk, places: list[tuple[int, ImportKey]]) -> None:
+        """The imports at ``places`` in ``chunk`` (all of them) to the tail,
+        with their lines as they are; the chunk, emptied, is dropped."""
+        for index, key in sorted(places):
+            lines = chunk.lines_at(index)
+            self._put(key, lines, chunk.prefix_at(index), chunk.running_starts[index])
         if chunk.number in self._chunks:  # empty already, it was not dropped
             self._drop(chunk)
 
-    def _render_poll_lines(self, keys: list[ImportKey]) -> None:
+    def _render_poll_lines(self, keys: Iterable[ImportKey]) -> None:
         """Only the poll lines of imports polled again with the same answer
         (last attempt, last success, failures in a row), a few times cheaper
         than all their lines; the labels are taken from the kept attempt line
@@ -592,12 +767,11 @@ class ImportLines:
             count = record.consecutive_failures
             if count or not lines[_FAILURES].endswith(_NO_FAILURES):
                 lines[_FAILURES] = _line(_FAILURES_NAME, labels, count)
-            prefix, start = chunk.running_prefixes[index], chunk.running_starts[index]
-            self._put(key, lines, prefix, start)
+            self._put(key, lines, chunk.prefix_at(index), chunk.running_starts[index])
 
     def render(
         self, encoder: Encoder, content_type: str, names: frozenset[str] | None = None
-    ) -> Iterator[bytes]:
+    ) -> Iterator[Part]:
         """The per-import families (only those in ``names`` if given), each its
         ``# HELP``/``# TYPE`` and its lines, as parts to join, made as they
         are taken (so a consumer holds one at a time), a chunk's family a
@@ -614,7 +788,7 @@ class ImportLines:
             if index == _DURATION:
                 yield from _running_parts(chunks, self.state.clock())
             for chunk in chunks:
-                yield b"".join(chunk.families[index])
+                yield chunk.family(index)
 
     def render_packed(
         self, encoder: Encoder, content_type: str, names: frozenset[str] | None = None
@@ -650,19 +824,17 @@ def _running_parts(chunks: Iterable[_Chunk], now: float) -> Iterator[bytes]:
     """The running imports' duration lines made now, a part for every
     :data:`DURATION_SLICE` imports or so (whole chunks)."""
     now_ms = milliseconds(now)
-    prefixes: list[bytes] = []
-    starts: list[int] = []
-    seen = 0
+    parts: list[bytes] = []
+    places = 0
     for chunk in chunks:
-        running = chunk.running_prefixes
-        prefixes += compress(running, running)
-        starts += compress(chunk.running_starts, running)
-        seen += len(running)
-        if seen >= DURATION_SLICE and prefixes:
-            yield _running_lines(prefixes, starts, now_ms)
-            prefixes, starts, seen = [], [], 0
-    if prefixes:
-        yield _running_lines(prefixes, starts, now_ms)
+        if lines := chunk.durations(now_ms):
+            parts.append(lines)
+        places += chunk.size
+        if places >= DURATION_SLICE and parts:
+            yield b"".join(parts)
+            parts, places = [], 0
+    if parts:
+        yield b"".join(parts)
 
 
 _RUNNING_LINE = b"%b%de-3\n"
@@ -695,7 +867,7 @@ def render_parts(
     content_type: str,
     imports: ImportLines | None = None,
     names: Sequence[str] = (),
-) -> Iterator[bytes]:
+) -> Iterator[Part]:
     """The whole ``/metrics`` body as parts to join, made as they are taken:
     the per-import families from ``imports``, then the registry's families,
     through ``encoder`` (``choose_encoder``'s); ``names``: only these (the
@@ -736,7 +908,7 @@ async def _paced(items: Iterable[T], slices: LoopSlices) -> AsyncIterator[T]:
 
 
 async def build_body(
-    parts: Iterable[bytes],
+    parts: Iterable[Part],
     then: Awaitable[bytes] | None = None,
     slices: LoopSlices | None = None,
 ) -> bytearray:
@@ -784,7 +956,7 @@ class _GzipMember:
         self.crc = 0
         self.size = 0
 
-    def add(self, item: Packed | bytes) -> None:
+    def add(self, item: Packed | Part) -> None:
         part = item if isinstance(item, Packed) else pack(item)
         if part.size:
             self.body += part.deflated
@@ -797,7 +969,7 @@ class _GzipMember:
         return self.body
 
 
-def gzip_parts(parts: Iterable[Packed | bytes]) -> bytearray:
+def gzip_parts(parts: Iterable[Packed | Part]) -> bytearray:
     """:func:`gzipped_body` at once, in one piece."""
     member = _GzipMember()
     for part in parts:
@@ -806,7 +978,7 @@ def gzip_parts(parts: Iterable[Packed | bytes]) -> bytearray:
 
 
 async def gzipped_body(
-    parts: Iterable[Packed | bytes],
+    parts: Iterable[Packed | Part],
     then: Awaitable[bytes] | None = None,
     slices: LoopSlices | None = None,
 ) -> bytearray:
