@@ -253,6 +253,9 @@ DURATION_SLICE = 1024
 line takes about 0.5 microseconds under polling (the most of any line made
 at scrape time), so a part of every running import of many chunks would
 hold the loop for a few milliseconds."""
+SCAN_BATCH = 4096
+"""Imports looked at between two looks at the clock where each is a dict
+lookup or two (about 1 ms)."""
 COMPACT_SLACK = 2 * CHUNK_IMPORTS
 """Empty places (beyond as many as there are imports) the chunks may hold
 before :meth:`ImportLines.compact` moves the imports of chunks less than
@@ -595,24 +598,26 @@ class ImportLines:
             self._refreshing = asyncio.Lock()
         async with self._refreshing:  # one at a time: the newest render wins
             changed, repolled = self.state.take_unrendered()
-            keys = self._in_poll_order([*changed, *repolled])
+            keys = [*changed, *repolled]
             done = 0
             try:
+                for step in self._in_poll_order(keys):
+                    if step is None:
+                        await slices.pause()
+                    else:
+                        keys = step
                 while done < len(keys):
-                    batch = keys[done : done + RENDER_BATCH]
-                    done += len(batch)
-                    for key in batch:
+                    for key in keys[done : done + RENDER_BATCH]:
                         if key in changed:
                             self._render_keys((key,))
                         else:
                             self._render_poll_lines((key,))
+                        done += 1
                     if slices.due():
                         _untrack_young()
                         await slices.yield_now()
-                if self._wasted():
-                    for chunk, places in self._sparse_chunks():
-                        self._move_to_tail(chunk, places)
-                        await slices.pause()
+                for _ in self._compact():
+                    await slices.pause()
             finally:
                 # Interrupted (cancelled): what is not rendered yet is for the next.
                 rest = keys[done:]
@@ -621,19 +626,21 @@ class ImportLines:
                     [key for key in rest if key not in changed],
                 )
 
-    def _in_poll_order(self, keys: list[ImportKey]) -> list[ImportKey]:
+    def _in_poll_order(self, keys: list[ImportKey]) -> Iterator[list[ImportKey] | None]:
         """``keys`` by their imports' last poll: the order the tail gets them
         in, so that polls coming round again in that order empty chunks one
         after the other, rather than leave each partly empty a render longer
-        (and compressed again) when the tail got them in any order."""
+        (and compressed again) when the tail got them in any order. Yields
+        None between steps of :data:`SCAN_BATCH` keys (for the caller to
+        yield to the loop), then the sorted keys (the sort itself is C's)."""
         imports = self.state.imports
-
-        def polled_at(key: ImportKey) -> float:
-            record = imports.get(key)
-            return (record.last_attempt or 0.0) if record is not None else 0.0
-
-        keys.sort(key=polled_at)
-        return keys
+        times: list[float] = []
+        for at in range(0, len(keys), SCAN_BATCH):
+            records = map(imports.get, keys[at : at + SCAN_BATCH])
+            times += [(r.last_attempt or 0.0) if r is not None else 0.0 for r in records]
+            yield None
+        order = sorted(range(len(keys)), key=times.__getitem__)
+        yield list(map(keys.__getitem__, order))
 
     def take_changes(self, in_order: Iterable[ImportKey] = ()) -> None:
         """:meth:`refresh` at once, in one piece (start-up, tests, benchmarks).
@@ -647,9 +654,8 @@ class ImportLines:
         self._render_keys(first)
         self._render_keys(list(changed))
         self._render_poll_lines(list(repolled))
-        if self._wasted():
-            for chunk, places in self._sparse_chunks():
-                self._move_to_tail(chunk, places)
+        for _ in self._compact():
+            pass
 
     def _place(self, slot: int) -> tuple[_Chunk, int]:
         number, index = divmod(slot, CHUNK_IMPORTS)
@@ -707,23 +713,32 @@ class ImportLines:
         """Empty places beyond as many as there are imports, and then some."""
         return self._places > 2 * len(self._slots) + COMPACT_SLACK
 
-    def _sparse_chunks(self) -> list[tuple[_Chunk, list[tuple[int, ImportKey]]]]:
-        """The chunks but the tail that are less than half full (an import
-        that never changes again, finished and no longer polled, keeps its
-        chunk), each with its imports' places: found in one pass over every
-        import, as rare as chunks are compacted."""
+    def _compact(self) -> Iterator[None]:
+        """If the chunks hold too many empty places (:meth:`_wasted`), the
+        imports of those less than half full but the tail (an import that
+        never changes again, finished and no longer polled, keeps its chunk)
+        moved to the tail. Their imports are found in one pass over every
+        import, as rare as a compaction; None is yielded between steps (for
+        the caller to yield to the loop)."""
+        if not self._wasted():
+            return
         half = CHUNK_IMPORTS // 2
-        sparse = {
-            number: chunk
+        places: dict[int, list[tuple[int, ImportKey]]] = {
+            number: []
             for number, chunk in self._chunks.items()
             if chunk is not self._tail and chunk.live < half
         }
-        places: dict[int, list[tuple[int, ImportKey]]] = {number: [] for number in sparse}
-        for key, slot in self._slots.items():
-            number, index = divmod(slot, CHUNK_IMPORTS)
-            if number in places:
-                places[number].append((index, key))
-        return [(chunk, places[number]) for number, chunk in sparse.items()]
+        slots = list(self._slots.items())
+        for at in range(0, len(slots), SCAN_BATCH):
+            for key, slot in slots[at : at + SCAN_BATCH]:
+                number, index = divmod(slot, CHUNK_IMPORTS)
+                if number in places:
+                    places[number].append((index, key))
+            yield None
+        for number, chunk_places in places.items():
+            if (chunk := self._chunks.get(number)) is not None:
+                self._move_to_tail(chunk, chunk_places)
+            yield None
 
     def _move_to_tail(self, chunk: _Chunk, places: list[tuple[int, ImportKey]]) -> None:
         """The imports at ``places`` in ``chunk`` (all of them) to the tail,

@@ -282,11 +282,13 @@ def test_running_durations_of_labels_with_format_characters_equal_the_reference(
     clock.now = 1_700_000_000.5
     state = StateStore(clock=clock)
     state.add_source("elevate-prod", "elevate", 30.0)
-    for import_id in ("50%d", "%s%b%%", "%(x)s", "plain"):
+    ids = ("%(x)s", "50%d", "%s%b%%", "plain")
+    for import_id in ids:
         state.track("elevate-prod", import_id)
         running = Observation(State.RUNNING, "IN_PROGRESS", started_at=clock.now - 2.25)
         state.record_observation("elevate-prod", import_id, running)
     lines = ImportLines(state)
+    lines.take_changes(in_order=[("elevate-prod", import_id) for import_id in ids])
     assert_same(lines, accept)
     assert 'import_duration_seconds{import="%s%b%%",source="elevate-prod"} 2250e-3\n' in ours(
         lines, accept
@@ -301,7 +303,13 @@ def test_running_durations_of_labels_with_format_characters_equal_the_reference(
     assert kept[FAMILY_NAMES.index("import_duration_seconds")] == (prefix, start_ms)
 
 
-def test_an_import_removed_leaves_the_running_starts_of_the_others_in_place() -> None:
+@pytest.mark.parametrize("chunk", [exposition.CHUNK_IMPORTS, 2])
+def test_an_import_removed_leaves_the_running_starts_of_the_others_in_place(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the tail, and in a sealed chunk (chunks of 2: "waiting" and
+    "short" sealed, "long" in the tail)."""
+    monkeypatch.setattr(exposition, "CHUNK_IMPORTS", chunk)
     clock = Clock()
     state = StateStore(clock=clock)
     state.add_source("elevate", "elevate", 30.0)
@@ -320,6 +328,7 @@ def test_an_import_removed_leaves_the_running_starts_of_the_others_in_place() ->
         assert_same(lines, accept)
     line = 'import_duration_seconds{import="long",source="elevate"} 78750e-3\n'
     assert line in ours(lines, TEXT)
+    assert 'import_duration_seconds{import="short",source="elevate"} 6500e-3\n' in ours(lines, TEXT)
 
 
 @pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
@@ -569,12 +578,16 @@ async def test_a_refresh_cancelled_midway_leaves_the_rest_for_the_next(
     for n in range(3 * RENDER_BATCH):
         state.track("elevate", f"{n}")
         state.record_observation("elevate", f"{n}", Observation(State.RUNNING, "IN_PROGRESS"))
+    keys = [("elevate", f"{n}") for n in range(3 * RENDER_BATCH)]
     refresh = asyncio.ensure_future(lines.refresh())
-    await asyncio.sleep(0)  # the first slice rendered
+    for _ in range(10):  # the keys put in poll order first, then the first slice rendered
+        await asyncio.sleep(0)
+        if any(map(lines.lines_of, keys)):
+            break
     refresh.cancel()
     with pytest.raises(asyncio.CancelledError):
         await refresh
-    kept = [lines.lines_of(("elevate", f"{n}")) for n in range(3 * RENDER_BATCH)]
+    kept = [lines.lines_of(key) for key in keys]
     assert 0 < sum(lines is not None for lines in kept) < len(kept)
     assert_same(lines, TEXT)
 
@@ -650,9 +663,11 @@ async def test_a_scrape_filtered_to_other_families_leaves_the_imports_unrendered
     assert 'import_state{import="1",source="elevate",state="running"} 1.0' in body
 
 
-def packs_per_render(lines: ImportLines, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """A gzipped render of ``lines``, returning how many parts it compressed
-    (joined lines, not the running imports' durations made at each render)."""
+def packs_per_render(
+    lines: ImportLines, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], Awaitable[int]]:
+    """A refresh and a gzipped render of ``lines``, as ``/metrics`` makes
+    them, returning how many parts the render compressed."""
     packed: list[int] = []
     pack = exposition.pack
 
@@ -663,27 +678,38 @@ def packs_per_render(lines: ImportLines, monkeypatch: pytest.MonkeyPatch) -> Cal
     monkeypatch.setattr(exposition, "pack", counted)
     encoder, content_type = choose_encoder(TEXT)
 
-    def render() -> int:
-        lines.take_changes()
+    async def render() -> int:
+        await lines.refresh()
         packed.clear()
-        body = exposition.gzip_parts(lines.render_packed(encoder, content_type))
+        body = await exposition.gzipped_body(lines.render_packed(encoder, content_type))
         assert gzip.decompress(body) == b"".join(lines.render(encoder, content_type))
         return len(packed)
 
     return render
 
 
-def test_a_gzipped_render_compresses_only_the_chunks_that_changed(
+def poll(state: StateStore, clock: Clock, rng: random.Random, ids: list[str]) -> None:
+    """A poll of each of ``ids``, one after the other, half the answers new."""
+    for import_id in ids:
+        clock.now += 1
+        running = rng.random() < 0.5
+        answer = Observation(State.RUNNING if running else State.WAITING, "RUN")
+        state.record_observation("elevate", import_id, answer)
+
+
+async def test_a_gzipped_render_compresses_only_the_chunks_that_changed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Polls come round in a stable order: a render after some polls
     compresses the few chunks they emptied or filled, not the whole body; a
-    chunk whose imports all moved to the tail is dropped."""
+    chunk whose imports all moved to the tail is dropped. The tail takes
+    the polled imports in the order of their polls (not in any order), so
+    the next round's polls empty chunks one after the other."""
     monkeypatch.setattr(exposition, "CHUNK_IMPORTS", 8)
     clock = Clock()
     state = StateStore(clock=clock)
     state.add_source("elevate", "elevate", 30.0)
-    ids = [f"{n}" for n in range(80)]
+    ids = [f"{n}" for n in range(96)]
     rng = random.Random(4)
     order = ids[:]
     rng.shuffle(order)  # the order polls come round in, not the ids'
@@ -694,27 +720,32 @@ def test_a_gzipped_render_compresses_only_the_chunks_that_changed(
         state.track("elevate", import_id)
         state.record_observation("elevate", import_id, waiting)
     families = len(FAMILY_NAMES)
-    assert render() > 10 * (families - 4)  # the first: every chunk's families
-    assert render() <= families  # nothing changed: the headers at most
-    for round_ in range(3):
-        for at in range(0, len(order), 16):  # 16 polls, a render
-            clock.now += 1
-            for import_id in order[at : at + 16]:
-                answer = waiting if rng.random() < 0.5 else Observation(State.RUNNING, "RUN")
-                state.record_observation("elevate", import_id, answer)
-            packs = render()
-            if round_ > 0:  # polls now empty whole chunks: two new ones filled
-                assert packs <= 2 * families + 1, (round_, at)
+    assert await render() > 10 * (families - 4)  # the first: every chunk's families
+    assert await render() == 0  # nothing changed
+    polls = [*order[4:], *order * 3]  # rounds of polls in one order, from the 5th
+    for at in range(0, len(order), 24):  # a render every 24 polls
+        poll(state, clock, rng, order[at : at + 24])
+        await render()
+    for at in range(0, len(polls), 8):  # then every 8, across the chunks the tail filled
+        poll(state, clock, rng, polls[at : at + 8])
+        # The part of one chunk, the rest of the one before, and up to two
+        # that the tail fills: the tail took the imports in the order of
+        # their polls (in any order, 8 polls leave 3 chunks of the 24 part full).
+        assert await render() <= 4 * families + 1, at  # and the durations
     assert len(lines._chunks) <= len(ids) // 8 + 1
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_chunks_emptied_at_random_are_compacted(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_chunks_emptied_at_random_are_compacted(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Changes in no order (imports removed, finished, changed at random)
     leave chunks part empty: their places stay within twice the imports
     (and some slack), and every import shows once."""
     monkeypatch.setattr(exposition, "CHUNK_IMPORTS", 4)
     monkeypatch.setattr(exposition, "COMPACT_SLACK", 8)
+    monkeypatch.setattr(exposition, "SCAN_BATCH", 5)
+    monkeypatch.setattr(loop_slices, "LOOP_SLICE_SECONDS", 0.0)  # a yield per step
     rng = random.Random(seed)
     clock = Clock()
     state = StateStore(clock=clock)
@@ -731,10 +762,19 @@ def test_chunks_emptied_at_random_are_compacted(seed: int, monkeypatch: pytest.M
             state.record_observation("elevate", import_id, random_observation(rng, clock.now))
             live.add(import_id)
         if step % 7 == 0:
-            lines.take_changes()
+            await lines.refresh()
             assert lines._places <= 2 * len(live) + 8 + 4
             assert sum(chunk.live for chunk in lines._chunks.values()) == len(live)
     assert_same(lines, TEXT)
+
+
+def test_a_body_over_4_gib_has_its_length_modulo_2_to_the_32_in_the_trailer() -> None:
+    """RFC 1952: ISIZE is the input's size modulo 2^32 (a body that large
+    is not made here: the parts say their sizes)."""
+    part = exposition.pack(b"x")
+    big = exposition.Packed(part.deflated, part.crc, 2**32 + 5)
+    trailer = bytes(exposition.gzip_parts([big]))[-4:]
+    assert int.from_bytes(trailer, "little") == 5
 
 
 async def test_kept_lines_are_out_of_the_cyclic_collectors_sight() -> None:
