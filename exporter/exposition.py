@@ -795,15 +795,7 @@ class ImportLines:
         renders and refreshes under one lock), so every family is of one
         moment."""
         headers = self._headers_of(encoder, content_type)
-        chunks = list(self._chunks.values())
-        for index, name in enumerate(FAMILY_NAMES):
-            if names is not None and name not in names:
-                continue
-            yield headers[index]
-            if index == _DURATION:
-                yield from _running_parts(chunks, self.state.clock())
-            for chunk in chunks:
-                yield chunk.family(index)
+        return self._parts(names, headers, _Chunk.family, _same)
 
     def render_packed(
         self, encoder: Encoder, content_type: str, names: frozenset[str] | None = None
@@ -815,15 +807,27 @@ class ImportLines:
         if headers is None:
             plain = self._headers_of(encoder, content_type)
             headers = self._packed_headers[content_type] = tuple(map(pack, plain))
+        return self._parts(names, headers, _Chunk.packed_family, pack)
+
+    def _parts(
+        self,
+        names: frozenset[str] | None,
+        headers: Sequence[T],
+        family: Callable[[_Chunk, int], T],
+        durations: Callable[[bytes], T],
+    ) -> Iterator[T]:
+        """Each wanted family's header, then its lines: the running imports'
+        durations made now (if the family is theirs), and each chunk's
+        ``family``, from a list of the chunks taken at the start."""
         chunks = list(self._chunks.values())
         for index, name in enumerate(FAMILY_NAMES):
             if names is not None and name not in names:
                 continue
             yield headers[index]
             if index == _DURATION:
-                yield from map(pack, _running_parts(chunks, self.state.clock()))
+                yield from map(durations, _running_parts(chunks, self.state.clock()))
             for chunk in chunks:
-                yield chunk.packed_family(index)
+                yield family(chunk, index)
 
     def _headers_of(self, encoder: Encoder, content_type: str) -> tuple[bytes, ...]:
         headers = self._headers.get(content_type)
@@ -833,6 +837,10 @@ class ImportLines:
             )
             self._headers[content_type] = headers
         return headers
+
+
+def _same(part: Part) -> Part:
+    return part
 
 
 def _running_parts(chunks: Iterable[_Chunk], now: float) -> Iterator[bytes]:
