@@ -456,10 +456,14 @@ class _Chunk:
         self.ends = array("I", accumulate(map(len, chain.from_iterable(sections))))
         self.lines = self.prefixes = None
 
+    def _begin(self, at: int) -> int:
+        """Where the ``at``-th line of a sealed chunk (sections in turn) begins."""
+        return self.ends[at - 1] if at else 0
+
     def _section(self, section: int, index: int) -> bytes:
         """The line at place ``index`` of a section (a family, or the template)."""
         at = section * len(self.holes) + index
-        return self.whole[self.ends[at - 1] if at else 0 : self.ends[at]]
+        return self.whole[self._begin(at) : self.ends[at]]
 
     def lines_at(self, index: int) -> list[bytes]:
         """The lines at place ``index``, in :data:`FAMILY_NAMES` order."""
@@ -494,7 +498,7 @@ class _Chunk:
         ends = self.ends
         view = memoryview(self.whole)
         if not self.vacated:
-            return view[ends[first - 1] if first else 0 : ends[first + size - 1]]
+            return view[self._begin(first) : ends[first + size - 1]]
         holes = self.holes
         parts = []
         start = 0
@@ -503,8 +507,7 @@ class _Chunk:
             if hole < 0:
                 hole = size
             if hole > start:
-                at = first + start
-                parts.append(view[ends[at - 1] if at else 0 : ends[first + hole - 1]])
+                parts.append(view[self._begin(first + start) : ends[first + hole - 1]])
             start = holes.find(0, hole)
             if start < 0:
                 break
@@ -527,12 +530,7 @@ class _Chunk:
         template = self._live_template
         if template is None:
             template = self._live_template = bytes(self._live(_TEMPLATE))
-        if not template:
-            return _EMPTY
-        took = list(map(sub, repeat(now_ms), starts))
-        if min(took) < 0:  # a clock behind the upstream's: never negative
-            took = list(map(max, took, repeat(0)))
-        return template % tuple(took)
+        return template % tuple(_elapsed(starts, now_ms)) if template else _EMPTY
 
     def _changed(self) -> None:
         if self.kept:
@@ -873,11 +871,18 @@ def _running_lines(prefixes: list[bytes], starts: Iterable[int], now_ms: int) ->
     """Duration lines (at least one) at ``now_ms``, to the millisecond, with
     C-level maps and one format of a template repeated per line, a third
     faster than a format per line."""
-    took = list(map(sub, repeat(now_ms), starts))
-    if min(took) < 0:  # a clock behind the upstream's: never negative
-        took = list(map(max, took, repeat(0)))
+    took = _elapsed(starts, now_ms)
     values = tuple(chain.from_iterable(zip(prefixes, took, strict=True)))
     return (_RUNNING_LINE * len(prefixes)) % values
+
+
+def _elapsed(starts: Iterable[int], now_ms: int) -> list[int]:
+    """Milliseconds from each of ``starts`` (at least one) to ``now_ms``,
+    with C-level maps; never negative (a clock behind the upstream's)."""
+    took = list(map(sub, repeat(now_ms), starts))
+    if min(took) < 0:
+        took = list(map(max, took, repeat(0)))
+    return took
 
 
 def _strip_eof(body: bytes) -> bytes:
