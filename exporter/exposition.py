@@ -589,24 +589,23 @@ class ImportLines:
         """Render again the imports changed since the last refresh, for the
         next :meth:`render`. On the event loop: O(changed), a slice of time
         at a time (``slices``: the caller's, whose next step goes on
-        counting from where this one ends)."""
+        counting from where this one ends). In the order the state marked
+        them, for most the order their polls answered in, which is the order
+        the tail gets them in: polls coming round again in that order empty
+        chunks one after the other, rather than leave each partly empty a
+        render longer (and compressed again), as any other order would."""
         if slices is None:
             slices = LoopSlices()
         if self._refreshing is None:
             self._refreshing = asyncio.Lock()
         async with self._refreshing:  # one at a time: the newest render wins
-            changed, repolled = self.state.take_unrendered()
-            keys = [*changed, *repolled]
+            unrendered = self.state.take_unrendered()
+            keys = list(unrendered)
             done = 0
             try:
-                for step in self._in_poll_order(keys):
-                    if step is None:
-                        await slices.pause()
-                    else:
-                        keys = step
                 while done < len(keys):
                     for key in keys[done : done + RENDER_BATCH]:
-                        if key in changed:
+                        if unrendered[key]:
                             self._render_keys((key,))
                         else:
                             self._render_poll_lines((key,))
@@ -618,27 +617,7 @@ class ImportLines:
                     await slices.pause()
             finally:
                 # Interrupted (cancelled): what is not rendered yet is for the next.
-                rest = keys[done:]
-                self.state.put_back_unrendered(
-                    [key for key in rest if key in changed],
-                    [key for key in rest if key not in changed],
-                )
-
-    def _in_poll_order(self, keys: list[ImportKey]) -> Iterator[list[ImportKey] | None]:
-        """``keys`` by their imports' last poll: the order the tail gets them
-        in, so that polls coming round again in that order empty chunks one
-        after the other, rather than leave each partly empty a render longer
-        (and compressed again) when the tail got them in any order. Yields
-        None between steps of :data:`SCAN_BATCH` keys (for the caller to
-        yield to the loop), then the sorted keys (the sort itself is C's)."""
-        imports = self.state.imports
-        times: list[float] = []
-        for at in range(0, len(keys), SCAN_BATCH):
-            records = map(imports.get, keys[at : at + SCAN_BATCH])
-            times += [(r.last_attempt or 0.0) if r is not None else 0.0 for r in records]
-            yield None
-        order = sorted(range(len(keys)), key=times.__getitem__)
-        yield list(map(keys.__getitem__, order))
+                self.state.put_back_unrendered({key: unrendered[key] for key in keys[done:]})
 
     def take_changes(self, in_order: Iterable[ImportKey] = ()) -> None:
         """:meth:`refresh` at once, in one piece (start-up, tests, benchmarks).
@@ -646,12 +625,13 @@ class ImportLines:
         store's, whose records lie in memory in that order (a fifth faster
         than a set's order at 100,000, and ``/metrics`` lists them sorted
         until they change)."""
-        changed, repolled = self.state.take_unrendered()
-        first = [key for key in in_order if key in changed]
-        changed.difference_update(first)
+        unrendered = self.state.take_unrendered()
+        first = [key for key in in_order if unrendered.get(key)]
+        for key in first:
+            del unrendered[key]
         self._render_keys(first)
-        self._render_keys(list(changed))
-        self._render_poll_lines(list(repolled))
+        self._render_keys([key for key, changed in unrendered.items() if changed])
+        self._render_poll_lines([key for key, changed in unrendered.items() if not changed])
         for _ in self._compact():
             pass
 

@@ -197,13 +197,14 @@ class StateStore:
         """The last take's imports whose only news was a newer poll time,
         with their times: given back (a failed write), they wait as such."""
         self._forgotten: set[ImportKey] = set()
-        self._unrendered: set[ImportKey] = set()
-        """Imports whose exported lines may differ from the last render (changed,
-        added or gone), for :mod:`exporter.exposition`."""
-        self._repolled: set[ImportKey] = set()
-        """Imports polled again whose only news is in their poll lines (last
-        attempt, last success, failures in a row): most polls. Rendering just
-        those lines again is a few times cheaper than the whole import."""
+        self._unrendered: dict[ImportKey, bool] = {}
+        """Imports whose exported lines may differ from the last render, for
+        :mod:`exporter.exposition`, in the order they were first marked since
+        (for most, the order their polls answered in): True where they
+        changed (or were added, or are gone), False where they were only
+        polled again, their news in their poll lines alone (last attempt,
+        last success, failures in a row): most polls. Rendering just those
+        lines again is a few times cheaper than the whole import."""
         self._waiting: set[ImportKey] = set()
         """Tracked imports neither polled by this process nor finished and no
         longer polled: :meth:`ready` is O(1) (probes come every few seconds).
@@ -262,18 +263,18 @@ class StateStore:
             )
             self.imports[key] = record
             self._changed.add(key)
-            self._unrendered.add(key)
+            self._unrendered[key] = True
             self._waiting.add(key)
         else:
             if name is not None and name != record.name:
                 record.name = name
                 self._changed.add(key)
-                self._unrendered.add(key)
+                self._unrendered[key] = True
             if origin is Origin.CONFIG and record.origin is not Origin.CONFIG:
                 # Listed in the config now: the file owns it from here on.
                 record.origin = Origin.CONFIG
                 self._changed.add(key)
-                self._unrendered.add(key)
+                self._unrendered[key] = True
         return record
 
     def untrack(self, source: str, import_id: str) -> None:
@@ -286,14 +287,14 @@ class StateStore:
             self._changed.discard(key)
             self._touched.pop(key, None)
             self._forgotten.add(key)
-            self._unrendered.add(key)
+            self._unrendered[key] = True
 
     def restore(self, records: list[ImportRecord]) -> None:
         """Put back what a previous run knew (before its sources are applied)."""
         for record in records:
             key = (record.source, record.import_id)
             (self.imports if record.parked_at is None else self.parked)[key] = record
-            self._unrendered.add(key)
+            self._unrendered[key] = True
             if record.parked_at is None and not (record.polled_this_run or record.confirmed_final):
                 self._waiting.add(key)
             # A row of schema 1 has no count of failures in a row; an error
@@ -474,9 +475,9 @@ class StateStore:
         else:
             self._touched.setdefault(key, now)
         if obs is previous and seen == (record.seen_running_at, record.seen_finished_at):
-            self._repolled.add(key)
+            self._unrendered.setdefault(key, False)
         else:
-            self._unrendered.add(key)
+            self._unrendered[key] = True
         return record
 
     def _shared_observation(self, obs: Observation, previous: Observation | None) -> Observation:
@@ -563,28 +564,29 @@ class StateStore:
             self._changed.add(key)
         else:
             self._touched.setdefault(key, now)
-        self._repolled.add(key)  # an error is not in an import's lines
+        self._unrendered.setdefault(key, False)  # an error is not in an import's lines
 
     # --- readers' helpers ---------------------------------------------------
 
-    def take_unrendered(self) -> tuple[set[ImportKey], set[ImportKey]]:
-        """Since the last call: the imports added, changed or gone, and those
-        (not among them) only polled again, whose news is in their poll
-        lines alone. O(changed): the sets are handed over, not copied. Call
+    def take_unrendered(self) -> dict[ImportKey, bool]:
+        """Since the last call, in the order they were first marked (for
+        most, the order their polls answered in): each import added, changed
+        or gone (True), or only polled again (False), its news in its poll
+        lines alone. O(changed): the dict is handed over, not copied. Call
         it on the event loop, where the records change, so no change falls
         between two takes."""
-        changed, repolled = self._unrendered, self._repolled
-        self._unrendered, self._repolled = set(), set()
-        repolled -= changed
-        return changed, repolled
+        unrendered, self._unrendered = self._unrendered, {}
+        return unrendered
 
-    def put_back_unrendered(
-        self, changed: Iterable[ImportKey], repolled: Iterable[ImportKey]
-    ) -> None:
+    def put_back_unrendered(self, unrendered: dict[ImportKey, bool]) -> None:
         """Imports taken by :meth:`take_unrendered` but not rendered (a
-        refresh interrupted): the next take has them again."""
-        self._unrendered.update(changed)
-        self._repolled.update(repolled)
+        refresh interrupted): the next take has them again, first."""
+        newer, self._unrendered = self._unrendered, unrendered
+        for key, changed in newer.items():
+            if changed:
+                unrendered[key] = True
+            else:
+                unrendered.setdefault(key, False)
 
     def ready(self) -> bool:
         """Every tracked import has been polled by this process (or is finished
@@ -631,7 +633,7 @@ class StateStore:
             record.parked_at = None
             self.imports[key] = record
             self._changed.add(key)
-            self._unrendered.add(key)
+            self._unrendered[key] = True
             if not record.confirmed_final:  # parking took its poll of this run
                 self._waiting.add(key)
         return back

@@ -216,6 +216,40 @@ def test_changes_are_taken_in_key_order_for_the_store(clock: Clock, changing: in
     assert list(keys) == sorted(("shop", import_id) for import_id in changed + repolled)
 
 
+def test_imports_to_render_again_come_in_the_order_their_polls_answered(clock: Clock) -> None:
+    """``/metrics`` keeps imports polled together side by side: it takes
+    them in the order of their polls, not of their ids, each marked changed
+    if any of its news since the last take changed its lines (else only
+    polled again); what a cancelled render gives back comes first."""
+    state = StateStore(clock)
+    state.add_source("shop", "elevate", 30.0)
+    ids = [f"{n:04d}" for n in random.Random(3).sample(range(10_000), 50)]
+    running = Observation(State.RUNNING, "IN_PROGRESS")
+    for import_id in ids:
+        state.track("shop", import_id)
+        state.record_observation("shop", import_id, running)
+    state.take_unrendered()
+    polls = random.Random(4).sample(ids, len(ids))
+    for n, import_id in enumerate(polls):
+        clock.now += 1
+        answer = Observation(State.FAILED, "FAILURE") if n % 3 == 0 else running
+        state.record_observation("shop", import_id, answer)
+    clock.now += 1
+    state.record_observation("shop", polls[1], Observation(State.SUCCEEDED, "SUCCESS"))
+    state.record_observation("shop", polls[0], Observation(State.FAILED, "FAILURE"))
+    taken = state.take_unrendered()
+    assert list(taken) == [("shop", import_id) for import_id in polls]
+    changed = {n for n in range(len(polls)) if n % 3 == 0} | {1}
+    assert [n for n, is_changed in enumerate(taken.values()) if is_changed] == sorted(changed)
+    clock.now += 1
+    state.record_observation("shop", polls[5], running)  # polled again meanwhile
+    state.put_back_unrendered({key: taken[key] for key in list(taken)[3:]})
+    again = state.take_unrendered()
+    assert list(again) == [("shop", import_id) for import_id in polls[3:]]
+    assert again[("shop", polls[5])] is False
+    assert again[("shop", polls[3])] is True
+
+
 def test_ready_once_every_import_was_polled_by_this_process(clock: Clock) -> None:
     state = world(clock)
     assert not state.ready()
