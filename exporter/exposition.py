@@ -481,6 +481,8 @@ class _Chunk:
         """The duration line's prefix of a running import at ``index`` (else empty)."""
         if self.prefixes is not None:
             return self.prefixes[index]
+        if not self.running[index]:
+            return _EMPTY
         segment = self._section(_TEMPLATE, index)
         return segment[: -len(_TEMPLATE_END)].replace(b"%%", b"%") if segment else _EMPTY
 
