@@ -194,17 +194,24 @@ def test_poll_times_given_back_after_a_failed_write_wait_as_poll_times(clock: Cl
     assert list(keys) == [("shop", import_id) for import_id in ids[2:]]
 
 
+def running_imports(clock: Clock, rng: random.Random, count: int) -> tuple[StateStore, list[str]]:
+    """A state of ``count`` running imports of one source, their ids
+    numbers in no order."""
+    state = StateStore(clock)
+    state.add_source("shop", "elevate", 30.0)
+    ids = [f"{n:04d}" for n in rng.sample(range(10_000), count)]
+    for import_id in ids:
+        state.track("shop", import_id)
+        state.record_observation("shop", import_id, Observation(State.RUNNING, "IN_PROGRESS"))
+    return state, ids
+
+
 @pytest.mark.parametrize("changing", [3, 300], ids=["a few sorted", "many picked in order"])
 def test_changes_are_taken_in_key_order_for_the_store(clock: Clock, changing: int) -> None:
     """The store keeps rows in key order; a write in that order touches each
     page once. Imports whose only news is a newer poll are in the order too."""
-    state = StateStore(clock)
-    state.add_source("shop", "elevate", 30.0)
-    ids = [f"{n:04d}" for n in random.Random(1).sample(range(10_000), 400)]
+    state, ids = running_imports(clock, random.Random(1), 400)
     running = Observation(State.RUNNING, "IN_PROGRESS")
-    for import_id in ids:
-        state.track("shop", import_id)
-        state.record_observation("shop", import_id, running)
     state.take_changes(with_poll_times=True)
     shuffled = random.Random(2).sample(ids, len(ids))
     changed, repolled = shuffled[:changing], shuffled[changing : changing + 20]
@@ -221,13 +228,8 @@ def test_imports_to_render_again_come_in_the_order_their_polls_answered(clock: C
     them in the order of their polls, not of their ids, each marked changed
     if any of its news since the last take changed its lines (else only
     polled again); what a cancelled render gives back comes first."""
-    state = StateStore(clock)
-    state.add_source("shop", "elevate", 30.0)
-    ids = [f"{n:04d}" for n in random.Random(3).sample(range(10_000), 50)]
+    state, ids = running_imports(clock, random.Random(3), 50)
     running = Observation(State.RUNNING, "IN_PROGRESS")
-    for import_id in ids:
-        state.track("shop", import_id)
-        state.record_observation("shop", import_id, running)
     state.take_unrendered()
     polls = random.Random(4).sample(ids, len(ids))
     for n, import_id in enumerate(polls):
