@@ -591,8 +591,8 @@ class ImportLines:
         """Render again the imports changed since the last refresh, for the
         next :meth:`render`. On the event loop: O(changed), a slice of time
         at a time (``slices``: the caller's, whose next step goes on
-        counting from where this one ends). In the order the state marked
-        them, for most the order their polls answered in, which is the order
+        counting from where this one ends). In the order the state first
+        marked them, for most the order their polls answered in, which is the order
         the tail gets them in: polls coming round again in that order empty
         chunks one after the other, rather than leave each partly empty a
         render longer (and compressed again), as any other order would."""
@@ -630,7 +630,7 @@ class ImportLines:
         unrendered = self.state.take_unrendered()
         first = [key for key in in_order if unrendered.get(key)]
         for key in first:
-            del unrendered[key]
+            unrendered.pop(key, None)
         self._render_keys(first)
         self._render_keys([key for key, changed in unrendered.items() if changed])
         self._render_poll_lines([key for key, changed in unrendered.items() if not changed])

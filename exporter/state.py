@@ -200,7 +200,8 @@ class StateStore:
         self._unrendered: dict[ImportKey, bool] = {}
         """Imports whose exported lines may differ from the last render, for
         :mod:`exporter.exposition`, in the order they were first marked since
-        (for most, the order their polls answered in): True where they
+        (for most, the order their polls answered in: an import polled twice
+        keeps the place of its first poll): True where they
         changed (or were added, or are gone), False where they were only
         polled again, their news in their poll lines alone (last attempt,
         last success, failures in a row): most polls. Rendering just those
@@ -580,7 +581,10 @@ class StateStore:
 
     def put_back_unrendered(self, unrendered: dict[ImportKey, bool]) -> None:
         """Imports taken by :meth:`take_unrendered` but not rendered (a
-        refresh interrupted): the next take has them again, first."""
+        refresh interrupted): the next take has them again, first (the dict
+        given is kept, the marks made since merged into it)."""
+        if not unrendered:
+            return
         newer, self._unrendered = self._unrendered, unrendered
         for key, changed in newer.items():
             if changed:

@@ -580,7 +580,7 @@ async def test_a_refresh_cancelled_midway_leaves_the_rest_for_the_next(
         state.record_observation("elevate", f"{n}", Observation(State.RUNNING, "IN_PROGRESS"))
     keys = [("elevate", f"{n}") for n in range(3 * RENDER_BATCH)]
     refresh = asyncio.ensure_future(lines.refresh())
-    for _ in range(10):  # the keys put in poll order first, then the first slice rendered
+    for _ in range(10):  # until the first slice is rendered
         await asyncio.sleep(0)
         if any(map(lines.lines_of, keys)):
             break

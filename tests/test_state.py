@@ -245,11 +245,14 @@ def test_imports_to_render_again_come_in_the_order_their_polls_answered(clock: C
     assert [n for n, is_changed in enumerate(taken.values()) if is_changed] == sorted(changed)
     clock.now += 1
     state.record_observation("shop", polls[5], running)  # polled again meanwhile
+    state.record_observation("shop", polls[3], Observation(State.FAILED, "FAILURE"))  # same again
+    state.record_observation("shop", polls[4], Observation(State.FAILED, "FAILURE"))  # changed
     state.put_back_unrendered({key: taken[key] for key in list(taken)[3:]})
     again = state.take_unrendered()
     assert list(again) == [("shop", import_id) for import_id in polls[3:]]
     assert again[("shop", polls[5])] is False
     assert again[("shop", polls[3])] is True
+    assert again[("shop", polls[4])] is True
 
 
 def test_ready_once_every_import_was_polled_by_this_process(clock: Clock) -> None:
