@@ -19,7 +19,7 @@ from exporter.api import add_api_routes, bearer_passes
 from exporter.exposition import (
     FAMILY_NAMES,
     Encoder,
-    ImportLines,
+    ImportFamilies,
     render_body,
     render_registry,
 )
@@ -41,7 +41,7 @@ def create_web_app(
     store_failing: Callable[[], str | None] | None = None,
     max_requests: int = 0,
     route_prefix: str = "",
-    import_lines: ImportLines | None = None,
+    import_lines: ImportFamilies | None = None,
 ) -> web.Application:
     """``store_failing`` says why the last write of the store failed (None: it
     succeeded); while it fails the exporter is not ready. ``max_requests`` > 0:
@@ -246,7 +246,7 @@ class ScrapePacing:
 
 def metrics_handler(
     registry: CollectorRegistry,
-    imports: ImportLines | None = None,
+    imports: ImportFamilies | None = None,
     pacing: ScrapePacing | None = None,
 ) -> Handler:
     """``/metrics`` like ``prometheus_client.aiohttp.make_aiohttp_handler``
@@ -300,11 +300,12 @@ def metrics_handler(
                 lines = imports
                 if wanted is not None and wanted.isdisjoint(FAMILY_NAMES):
                     lines = None
-                if lines is not None:
-                    await lines.refresh(slices)
-                return await render_body(
-                    lines, encoder, content_type, wanted, gzipped, then=collected, slices=slices
-                )
+                if lines is None:
+                    return await render_body(
+                        None, encoder, content_type, wanted, gzipped, collected, slices
+                    )
+                await lines.refresh(slices)
+                return await lines.body(encoder, content_type, wanted, gzipped, collected, slices)
             finally:
                 took[0] = time.perf_counter() - started
 

@@ -488,14 +488,14 @@ def test_polls_that_change_only_poll_times_show_their_new_times(
         state.track("elevate", import_id, name="with space } 2")
         state.record_observation("elevate", import_id, same)
     assert_same(lines, accept)
-    whole_renders: list[ImportRecord] = []
-    render_lines = exposition.render_lines
+    whole_renders: list[exposition.Inputs] = []
+    lines_from = exposition.lines_from
 
-    def counted(record: ImportRecord) -> tuple[tuple[bytes, ...], exposition.Running | None]:
-        whole_renders.append(record)
-        return render_lines(record)
+    def counted(inputs: exposition.Inputs) -> tuple[tuple[bytes, ...], exposition.Running | None]:
+        whole_renders.append(inputs)
+        return lines_from(inputs)
 
-    monkeypatch.setattr(exposition, "render_lines", counted)
+    monkeypatch.setattr(exposition, "lines_from", counted)
     for step in range(6):
         clock.now += 7.25
         for import_id in ids:
@@ -518,9 +518,13 @@ class Watched(ImportLines):
         self.first_family_sent = asyncio.Event()
 
     def render_packed(
-        self, encoder: exposition.Encoder, content_type: str, names: frozenset[str] | None = None
+        self,
+        encoder: exposition.Encoder,
+        content_type: str,
+        names: frozenset[str] | None = None,
+        now: float | None = None,
     ) -> Iterator[exposition.Packed]:
-        for count, part in enumerate(super().render_packed(encoder, content_type, names)):
+        for count, part in enumerate(super().render_packed(encoder, content_type, names, now)):
             if count == 2:  # header and one chunk of import_state
                 self.first_family_sent.set()
             yield part
