@@ -34,7 +34,8 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
   the scraped windows count;
 - cyclic GC collections and the longest pause per generation, recorded in the
   exporter process by ``gc.callbacks``;
-- RSS after the scrapes under polling, per import (less a one-import process's).
+- RSS after the scrapes under polling, per import, the render process's included (less a
+  one-import process's).
 """
 
 from __future__ import annotations
@@ -234,12 +235,13 @@ async def warmed_up(
         await asyncio.sleep(0.5)
 
 
-def rss_of(pid: int) -> int:
+def rss_of(pid: int) -> tuple[int, int]:
+    """The resident memory of process ``pid``, and of its children (the
+    render process) with theirs."""
     with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+        rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return rss, sum(sum(rss_of(int(child))) for child in children.read().split())
 
 
 async def scraper_line(scraper: asyncio.subprocess.Process) -> bytes:
@@ -377,7 +379,7 @@ async def measure(url: str, count: int, seconds: float, pairs: int) -> dict[str,
                         )
                         await asyncio.sleep(SETTLE_SECONDS if scrape else 0.0)
                 polling, scraping = merged(windows[False]), merged(windows[True])
-                rss = rss_of(process.pid)
+                rss, children_rss = rss_of(process.pid)
                 probe.task.cancel()
         finally:
             process.send_signal(signal.SIGTERM)
@@ -399,7 +401,8 @@ async def measure(url: str, count: int, seconds: float, pairs: int) -> dict[str,
         "polling": polling,
         "scraping": scraping,
         "polls_ratio": scraping["polls_per_s"] / max(polling["polls_per_s"], 1e-9),
-        "rss_bytes": rss,
+        "rss_bytes": rss + children_rss,
+        "render_process_rss_bytes": children_rss,
         "gc": gc_stats,
     }
 

@@ -338,11 +338,11 @@ def load_and_restore(
         config = parsing.result()
     except BaseException:
         if restored is not None:
-            restored.store.close()
+            restored.close()
         raise
     storage_path, storage_url = choose_storage(args.storage_path, args.storage_url, config)
     if restored is not None and storage_url is not None:
-        restored.store.close()  # the config names a database: not this file
+        restored.close()  # the config names a database: not this file
         log.info("the config names a database: %s closed unused", args.storage_path)
         restored = None
     return config, storage_path, storage_url, restored

@@ -901,7 +901,7 @@ class ImportFamilies(Protocol):
         gzipped: bool,
         then: Awaitable[bytes] | None = None,
         slices: LoopSlices | None = None,
-    ) -> bytearray:
+    ) -> bytes | bytearray:
         """The families (only ``names`` if given) then ``then``, gzipped or not."""
 
 
@@ -1132,7 +1132,7 @@ async def render_body(
     return await build_body(parts, then, slices)
 
 
-class _GzipMember:
+class GzipMember:
     """One gzip member made of :class:`Packed` parts: the gzip header, every
     part's deflate blocks, an empty final block, and the trailer of the
     whole (the parts' CRC-32s combined, the total length)."""
@@ -1149,15 +1149,29 @@ class _GzipMember:
             self.crc = isal_zlib.crc32_combine(self.crc, part.crc, part.size)
             self.size += part.size
 
+    def deflated(self) -> memoryview:
+        """The parts' deflate blocks so far, without the header (a
+        :class:`Packed` part of another member, with :attr:`crc` and
+        :attr:`size`)."""
+        return memoryview(self.body)[len(_GZIP_HEADER) :]
+
     def end(self) -> bytearray:
         self.body += _DEFLATE_END
         self.body += struct.pack("<II", self.crc, self.size & 0xFFFFFFFF)
         return self.body
 
 
+def gzip_member(deflated: Iterable[Part], crc: int, size: int) -> bytes:
+    """One gzip member of raw deflate blocks (each :class:`Packed` part's,
+    on a byte boundary) whose data has CRC-32 ``crc`` and length ``size``:
+    joined in one copy."""
+    trailer = struct.pack("<II", crc, size & 0xFFFFFFFF)
+    return b"".join([_GZIP_HEADER, *deflated, _DEFLATE_END, trailer])
+
+
 def gzip_parts(parts: Iterable[Packed | Part]) -> bytearray:
     """:func:`gzipped_body` at once, in one piece."""
-    member = _GzipMember()
+    member = GzipMember()
     for part in parts:
         member.add(part)
     return member.end()
@@ -1173,7 +1187,7 @@ async def gzipped_body(
     and ``slices`` as for :func:`build_body`."""
     if slices is None:
         slices = LoopSlices()
-    member = _GzipMember()
+    member = GzipMember()
     async for part in _paced(parts, slices):
         member.add(part)
     if then is not None:

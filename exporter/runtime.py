@@ -32,6 +32,7 @@ from exporter.persistence import Persistence
 from exporter.poller import Poller
 from exporter.redact import register_secret
 from exporter.registration import Registration
+from exporter.render_process import RenderProcess
 from exporter.sharding import WHOLE, Shard
 from exporter.sources.base import ImportSpec, Source, SourceHooks
 from exporter.sources.registry import SOURCES, build_source
@@ -101,26 +102,32 @@ def freeze_long_lived(*, collect: bool = True, young_only: bool = False) -> None
 
 @dataclass(frozen=True)
 class Restored:
-    """A store whose imports are already in a state, rendered."""
+    """A store whose imports are already in a state, sent to be rendered."""
 
     store: Storage
     state: StateStore
-    import_lines: ImportLines
+    import_lines: RenderProcess
     count: int
+
+    def close(self) -> None:
+        """Not used after all: the store closed, the render process stopped."""
+        self.store.close()
+        self.import_lines.stop_now()
 
 
 def restore(
     state: StateStore,
-    import_lines: ImportLines,
+    import_lines: ImportLines | RenderProcess,
     store: Storage,
     records: list[ImportRecord],
     *,
     announce: bool = True,
 ) -> None:
     """A store's ``records`` put back into ``state``, and every import's lines
-    rendered now (about 1.6 s at 100,000), so the first scrape serves the
-    restored state at once; what applying the config changes is rendered
-    again, as after a reload."""
+    rendered (a render process: sent now, rendered there while start-up goes
+    on; about 1.6 s at 100,000), so the first scrape serves the restored
+    state; what applying the config changes is rendered again, as after a
+    reload."""
     state.restore(records)
     import_lines.take_changes(in_order=[(record.source, record.import_id) for record in records])
     if announce:  # else once the config has chosen this store (Exporter)
@@ -146,8 +153,12 @@ def restore_while_config_parses(path: str) -> Restored | None:
     try:
         records = store.load()
         state = StateStore()
-        import_lines = ImportLines(state)
-        restore(state, import_lines, store, records, announce=False)
+        import_lines = RenderProcess(state)
+        try:
+            restore(state, import_lines, store, records, announce=False)
+        except BaseException:
+            import_lines.stop_now()
+            raise
     except StoreError:
         store.close()
         return None
@@ -215,7 +226,7 @@ class Exporter:
         # The per-import families are kept rendered (exporter.exposition);
         # the registry has the per-source and per-process ones.
         self.import_lines = (
-            restored.import_lines if restored is not None else ImportLines(self.state)
+            restored.import_lines if restored is not None else RenderProcess(self.state)
         )
         self.registry = build_registry(self.state, imports=False)
         if self.store is not None:
@@ -546,6 +557,7 @@ class Exporter:
         await self.registration.stop_following()
         await self.poller.stop()
         await self.persistence.stop()
+        await self.import_lines.close()
         if self._session is not None:
             await self._session.close()
         asyncio.get_running_loop().set_exception_handler(self._previous_exception_handler)

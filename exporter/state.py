@@ -592,6 +592,14 @@ class StateStore:
             else:
                 unrendered.setdefault(key, False)
 
+    def unrendered_all(self) -> None:
+        """Every tracked import to render again, as changed (a new renderer
+        that has nothing yet), in the order of the index, after those
+        marked already."""
+        unrendered = self._unrendered
+        for key in self.imports:
+            unrendered[key] = True
+
     def ready(self) -> bool:
         """Every tracked import has been polled by this process (or is finished
         and no longer polled): what was restored from the store is not news."""

@@ -267,7 +267,7 @@ def metrics_handler(
     0.8-1.1 s, pacing included), and polling goes on;
     a body is never older than its scrape.
     """
-    in_flight: dict[MetricsKey, asyncio.Future[bytearray]] = {}
+    in_flight: dict[MetricsKey, asyncio.Future[bytes | bytearray]] = {}
     if pacing is None:
         pacing = ScrapePacing()
     rendering = asyncio.Lock()
@@ -278,7 +278,7 @@ def metrics_handler(
         names: tuple[str, ...],
         gzipped: bool,
         took: list[float],
-    ) -> bytearray:
+    ) -> bytes | bytearray:
         # The registry's families in a worker thread (a collector may block),
         # the kept lines on the loop meanwhile.
         loop = asyncio.get_running_loop()
@@ -323,7 +323,7 @@ def metrics_handler(
             future = asyncio.ensure_future(render(encoder, content_type, names, gzipped, took))
             in_flight[key] = future
 
-            def rendered(_done: asyncio.Future[bytearray], key: MetricsKey = key) -> None:
+            def rendered(_done: asyncio.Future[bytes | bytearray], key: MetricsKey = key) -> None:
                 in_flight.pop(key, None)
                 pacing.rendered(key, took[0], loop.time())
 

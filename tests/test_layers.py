@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("exporter.poller", "exporter.storage", "exporter.tracking", "exporter.discovery"),
     # Readers of the state (and persistence, which reads changes out of it).
     ("exporter.persistence", "exporter.metrics", "exporter.exposition", "exporter.pages",
-     "exporter.api", "exporter.webconfig", "exporter.web"),
+     "exporter.render_process", "exporter.api", "exporter.webconfig", "exporter.web"),
     ("exporter.registration",),
     # Wiring, and the programs on top.
     ("exporter.runtime", "exporter.demo", "exporter.client"),

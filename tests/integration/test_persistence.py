@@ -29,6 +29,7 @@ from exporter.cli import build_parser, load_and_restore
 from exporter.config import ConfigError
 from exporter.config.loader import load_config
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
+from exporter.render_process import RenderProcess
 from exporter.runtime import Exporter, restore_while_config_parses
 from exporter.simulator import DEMO_CREDENTIALS, Simulator, create_app
 from exporter.state import StateStore
@@ -457,9 +458,9 @@ def test_a_file_named_on_the_command_line_is_restored_while_the_config_is_parsed
         # As stored: the config is applied to them when the exporter starts.
         shop = {("shop", i) for i in ("kept", "dropped", "pipeline")}
         assert set(restored.state.imports) == {*shop, ("retired", "orphan")}
-        assert restored.import_lines.lines_of(("shop", "kept")) is not None  # rendered
+        assert b'import="kept"' in rendered(restored.import_lines)  # sent to be rendered
     finally:
-        restored.store.close()
+        restored.close()
 
 
 def test_a_file_the_config_overrides_or_does_not_take_is_left_as_it_was(
@@ -513,12 +514,25 @@ def test_a_restored_state_lists_its_imports_in_the_stores_order(tmp_path: Path) 
     restored = restore_while_config_parses(str(database))
     assert restored is not None
     try:
-        body = b"".join(restored.import_lines.render(*choose_encoder("")))
+        body = rendered(restored.import_lines)
     finally:
-        restored.store.close()
+        restored.close()
     listed = [line.split(b'import="')[1].split(b'"')[0].decode() for line in body.splitlines()
               if line.startswith(b"import_info{")]  # fmt: skip
     assert listed == ids
+
+
+def rendered(process: RenderProcess) -> bytes:
+    """The per-import families a render process serves now (then stopped)."""
+
+    async def render() -> bytes:
+        try:
+            await process.refresh()
+            return bytes(await process.body(*choose_encoder(""), None, gzipped=False))
+        finally:
+            await process.close()
+
+    return asyncio.run(render())
 
 
 async def metrics_of_a_start(config_file: Path, *flags: str) -> set[str]:

@@ -1,0 +1,238 @@
+"""The per-import families kept in a child process (exporter.render_process)
+say byte for byte what the same lines kept in this process say, as the
+state changes; a child that dies fails one scrape, loudly, and the next
+scrape serves every import again from a new child."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import pickle
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client.exposition import choose_encoder
+
+from exporter import exposition
+from exporter.exposition import ImportLines
+from exporter.metrics import build_registry
+from exporter.model import ErrorReason, Observation, Origin, SourceError, State
+from exporter.render_process import RenderProcess, RenderProcessError
+from exporter.state import StateStore
+from exporter.web import create_web_app
+from tests.test_exposition import (
+    ODD,
+    OPENMETRICS,
+    TEXT,
+    Clock,
+    random_observation,
+    reference,
+    running_series,
+    same_system,
+    stable_lines,
+)
+
+Client = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+
+
+def new_state(clock: Clock) -> StateStore:
+    state = StateStore(clock=clock)
+    state.add_source("elevate", "elevate", 30.0)
+    state.add_source("zilliant", "zilliant", 60.0, fetches_tokens=True)
+    return state
+
+
+def random_step(state: StateStore, rng: random.Random, clock: Clock) -> None:
+    """One change of many kinds, as polls, registrations and reloads make them."""
+    source = rng.choice(["elevate", "zilliant"])
+    import_id = rng.choice([*(f"i{n}" for n in range(40)), *ODD])
+    action = rng.random()
+    if action < 0.2:
+        state.track(
+            source,
+            import_id,
+            name=rng.choice([None, "nightly", *ODD]),
+            origin=rng.choice([Origin.CONFIG, Origin.API]),
+        )
+    elif action < 0.55:
+        state.record_observation(source, import_id, random_observation(rng, clock.now))
+    elif action < 0.7:
+        record = state.imports.get((source, import_id))
+        if record is not None and record.observation is not None:  # the same answer again
+            state.record_observation(source, import_id, record.observation)
+    elif action < 0.78:
+        reason = rng.choice(list(ErrorReason))
+        state.record_error(source, import_id, SourceError(reason, rng.choice(ODD)))
+    elif action < 0.86:
+        state.untrack(source, import_id)
+    elif action < 0.9:
+        state.park(source)
+    else:
+        state.unpark(source, functools.partial(same_system, source))
+    clock.now += rng.choice([0.0, 0.5, 30.0])
+
+
+@pytest.fixture
+async def process_of() -> AsyncIterator[Callable[[StateStore], RenderProcess]]:
+    made: list[RenderProcess] = []
+
+    def make(state: StateStore) -> RenderProcess:
+        made.append(RenderProcess(state))
+        return made[-1]
+
+    yield make
+    for process in made:
+        await process.close()
+
+
+async def bodies(
+    lines: ImportLines, process: RenderProcess, accept: str, names: frozenset[str] | None
+) -> tuple[bytes, bytes, bytes]:
+    """The body of the lines kept here, and the child's plain and gzipped."""
+    encoder, content_type = choose_encoder(accept)
+    await lines.refresh()
+    here = bytes(await lines.body(encoder, content_type, names, gzipped=False))
+    await process.refresh()
+    plain = bytes(await process.body(encoder, content_type, names, gzipped=False))
+    packed = bytes(await process.body(encoder, content_type, names, gzipped=True))
+    return here, plain, packed
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_the_childs_body_is_the_body_kept_here_as_the_state_changes(
+    seed: int,
+    process_of: Callable[[StateStore], RenderProcess],
+) -> None:
+    """Two states driven alike: one's lines kept here, the other's in a
+    child; after every few changes both render, in both formats, filtered
+    or not, gzipped or not: the same bytes."""
+    here_clock, there_clock = Clock(), Clock()
+    here_state, there_state = new_state(here_clock), new_state(there_clock)
+    lines = ImportLines(here_state)
+    process = process_of(there_state)
+    here_rng, there_rng = random.Random(seed), random.Random(seed)
+    for step in range(240):
+        random_step(here_state, here_rng, here_clock)
+        random_step(there_state, there_rng, there_clock)
+        if step % 7 == 0:
+            accept = OPENMETRICS if step % 2 else TEXT
+            names = frozenset({"import_state", "import_duration_seconds"}) if step % 3 else None
+            here, plain, packed = await bodies(lines, process, accept, names)
+            assert plain == here
+            assert gzip.decompress(packed) == here
+    assert len(there_state.imports) > 10
+    here, plain, packed = await bodies(lines, process, TEXT, None)
+    assert plain == here
+    assert b"import_state{" in here
+    running = running_series(there_state)
+    assert stable_lines(plain.decode() + reference_registry(there_state), running) == stable_lines(
+        reference(there_state, TEXT), running
+    )
+
+
+def reference_registry(state: StateStore) -> str:
+    """The registry's families as ``/metrics`` adds them after the imports'."""
+    encoder, _ = choose_encoder(TEXT)
+    return encoder(build_registry(state, imports=False)).decode()
+
+
+def running_state(clock: Clock, count: int) -> StateStore:
+    state = new_state(clock)
+    for n in range(count):
+        state.track("elevate", f"{n}", name=f"import {n}")
+        state.record_observation(
+            "elevate", f"{n}", Observation(State.RUNNING, "IN_PROGRESS", started_at=clock.now - n)
+        )
+    return state
+
+
+async def test_a_dead_child_fails_one_render_and_the_next_child_gets_every_import(
+    process_of: Callable[[StateStore], RenderProcess],
+) -> None:
+    clock = Clock()
+    state = running_state(clock, 300)
+    process = process_of(state)
+    encoder, content_type = choose_encoder(TEXT)
+    await process.refresh()
+    before = bytes(await process.body(encoder, content_type, None, gzipped=False))
+    child = process._child
+    assert child is not None
+    child.kill()
+    child.wait()
+
+    async def render() -> bytes:
+        await process.refresh()
+        return bytes(await process.body(encoder, content_type, None, gzipped=False))
+
+    with pytest.raises(RenderProcessError, match="render process"):
+        await render()
+    after = await render()
+    assert after == before
+    assert process.starts == 2
+
+
+async def test_metrics_answers_500_while_the_child_is_dead_then_serves_every_import(
+    aiohttp_client: Client,
+    process_of: Callable[[StateStore], RenderProcess],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Through ``/metrics``: the scrape that finds the child dead fails (the
+    target is down for that scrape: never a body without the imports), the
+    error is logged, and the next scrape has every import, gzipped as
+    Prometheus asks."""
+    clock = Clock()
+    state = running_state(clock, 50)
+    process = process_of(state)
+    registry = build_registry(state, imports=False)
+    client = await aiohttp_client(create_web_app(state, registry, import_lines=process))
+    first = await client.get("/metrics")
+    assert first.status == 200
+    assert (await first.text()).count("import_info{") == 50
+    child = process._child
+    assert child is not None
+    child.kill()
+    child.wait()
+    failed = await client.get("/metrics")
+    assert failed.status == 500
+    assert "the render process" in caplog.text
+    again = await client.get("/metrics", headers={"Accept-Encoding": "gzip"})
+    assert again.status == 200
+    assert again.headers["Content-Encoding"] == "gzip"
+    text = await again.text()
+    assert text.count("import_info{") == 50
+    assert "import_source_up" in text
+
+
+async def test_the_start_up_sends_every_import_before_the_loop_takes_the_pipe(
+    process_of: Callable[[StateStore], RenderProcess],
+) -> None:
+    """Start-up hands the restored imports over with blocking writes (before
+    listening); later refreshes go through the event loop."""
+    clock = Clock()
+    state = running_state(clock, 3000)
+    process = process_of(state)
+    lines = ImportLines(running_state(Clock(), 3000))
+    process.take_changes(in_order=sorted(state.imports))
+    lines.take_changes(in_order=sorted(lines.state.imports))
+    encoder, content_type = choose_encoder(OPENMETRICS)
+    await process.refresh()
+    body = bytes(await process.body(encoder, content_type, None, gzipped=True))
+    assert gzip.decompress(body) == bytes(
+        await lines.body(encoder, content_type, None, gzipped=False)
+    )
+
+
+def test_inputs_pickle_to_the_same_lines() -> None:
+    """What crosses the pipe renders as the record does here."""
+    clock = Clock()
+    state = running_state(clock, 3)
+    state.record_error("elevate", "1", SourceError(ErrorReason.TIMEOUT, 'slow "x"'))
+    for record in state.imports.values():
+        inputs = exposition.inputs_of(record)
+        assert exposition.lines_from(pickle.loads(pickle.dumps(inputs))) == exposition.render_lines(
+            record
+        )
