@@ -69,11 +69,23 @@ def simulator_process(speed: float = 1.0) -> Iterator[str]:
             process.wait()
 
 
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    with open("/proc/self/statm") as statm:
+def rss_bytes(pid: int | str = "self") -> int:
+    """Current resident set size of a process (this one by default)."""
+    with open(f"/proc/{pid}/statm") as statm:
         pages = int(statm.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_with_children_bytes() -> int:
+    """:func:`rss_bytes` of this process and of its children (the render
+    process), theirs included."""
+    pid = os.getpid()
+
+    def tree(pid: int) -> int:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return rss_bytes(pid) + sum(tree(int(child)) for child in children.read().split())
+
+    return tree(pid)
 
 
 def cpu_seconds() -> float:

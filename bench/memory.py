@@ -1,5 +1,6 @@
-"""Memory: resident set size of an exporter process with 0 and N tracked
-imports, after every import has been polled. Each size runs in a fresh
+"""Memory: resident set size of an exporter process (its render process
+included) with 0 and N tracked imports, after every import has been polled
+and rendered. Each size runs in a fresh
 process, so one measurement cannot inherit another's heap.
 
     .venv/bin/python bench/memory.py            # 0, 100, 1,000 and 10,000 imports
@@ -21,12 +22,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, bench_config, print_table, rss_bytes, simulator_process, write_json
+from bench.common import (
+    ROOT,
+    bench_config,
+    print_table,
+    rss_with_children_bytes,
+    simulator_process,
+    write_json,
+)
 
 TARGET_BYTES_PER_IMPORT = 4096
 
 
 async def measure_one(url: str, count: int) -> dict[str, float]:
+    from prometheus_client.exposition import choose_encoder
+
     from exporter.runtime import Exporter
 
     config = bench_config(
@@ -43,9 +53,12 @@ async def measure_one(url: str, count: int) -> dict[str, float]:
         async with asyncio.timeout(300):
             while not exporter.state.ready():
                 await asyncio.sleep(0.05)
-        # Two full polls' worth of state: every import has an observation.
+        # Two full polls' worth of state: every import has an observation,
+        # and its lines as a scrape renders them (in the render process).
+        await exporter.import_lines.refresh()
+        await exporter.import_lines.body(*choose_encoder(""), None, gzipped=True)
         gc.collect()
-        rss = rss_bytes()
+        rss = rss_with_children_bytes()
     finally:
         await exporter.stop()
         shutil.rmtree(folder)

@@ -94,6 +94,8 @@ class RenderProcess:
 
     def __init__(self, state: StateStore) -> None:
         self.state = state
+        self.command = [sys.executable, "-m", "exporter.render_process"]
+        """The child's command line."""
         self._child: subprocess.Popen[bytes] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -113,7 +115,7 @@ class RenderProcess:
         path = environment.get("PYTHONPATH")
         environment["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
         self._child = subprocess.Popen(
-            [sys.executable, "-m", "exporter.render_process"],
+            self.command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=environment,

@@ -150,11 +150,13 @@ def restore_while_config_parses(path: str) -> Restored | None:
         store = SQLiteStorage(path)
     except StoreError:
         return None
+    state = StateStore()
+    import_lines = RenderProcess(state)
     try:
-        records = store.load()
-        state = StateStore()
-        import_lines = RenderProcess(state)
+        # Started first: its interpreter starts while the rows are read.
+        import_lines.start()
         try:
+            records = store.load()
             restore(state, import_lines, store, records, announce=False)
         except BaseException:
             import_lines.stop_now()

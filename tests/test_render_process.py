@@ -5,11 +5,14 @@ scrape serves every import again from a new child."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gzip
 import pickle
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -236,3 +239,46 @@ def test_inputs_pickle_to_the_same_lines() -> None:
         assert exposition.lines_from(pickle.loads(pickle.dumps(inputs))) == exposition.render_lines(
             record
         )
+
+
+SILENT_CHILD = """
+import struct, sys
+for _ in range(2):
+    (length,) = struct.unpack("<I", sys.stdin.buffer.read(4))
+    sys.stdin.buffer.read(length)
+open(sys.argv[1], "w").close()
+sys.stdin.buffer.read()
+"""
+
+
+async def test_a_render_left_mid_answer_stops_its_child_and_the_next_gets_everything(
+    process_of: Callable[[StateStore], RenderProcess], tmp_path: Path
+) -> None:
+    """A render cancelled while it waits for the child's answer (the
+    exporter stopping): that answer would be read as the next render's, so
+    the child is stopped, and the next refresh starts one that gets every
+    import."""
+    clock = Clock()
+    state = running_state(clock, 20)
+    process = process_of(state)
+    # A child that says when it has read two frames (the updates and the
+    # render's request), and never answers.
+    asked = tmp_path / "asked"
+    process.command = [sys.executable, "-c", SILENT_CHILD, str(asked)]
+    encoder, content_type = choose_encoder(TEXT)
+    await process.refresh()
+    waiting = asyncio.create_task(process.body(encoder, content_type, None, gzipped=False))
+    silent = process._child
+    assert silent is not None
+    async with asyncio.timeout(30):
+        while not asked.exists():
+            await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert silent.poll() is not None  # stopped
+    process.command = RenderProcess(state).command
+    await process.refresh()
+    body = bytes(await process.body(encoder, content_type, None, gzipped=False))
+    assert body.count(b"import_info{") == 20
+    assert process.starts == 2
