@@ -39,7 +39,7 @@ from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import accumulate, chain, compress, repeat
 from operator import sub
-from typing import Final, NamedTuple, Protocol, TypeVar, cast
+from typing import NamedTuple, Protocol, TypeVar, cast
 
 from isal import isal_zlib
 from prometheus_client import utils
@@ -99,6 +99,8 @@ _STATE_LINES = {
     for current in STATES
 }
 _STATE_START = _STATE_NAME + b"{"
+_LABELS_AT = len(_STATE_START)
+_STATE_LABEL = b',state="'
 
 
 def escape(value: str) -> str:
@@ -187,10 +189,9 @@ Inputs = tuple[
 a render process gets them through a pipe, where a tuple of these pickles
 in about 1.5 microseconds, an :class:`ImportRecord` (enums, a dataclass's
 state) in 5, nearly as long as rendering the lines."""
-_IN_STATE: Final = 5
-_IN_SUCCESS: Final = 14
-_IN_ATTEMPT: Final = 15
-_IN_FAILURES: Final = 16
+PollInputs = tuple[float | None, float | None, bool, int]
+"""What an import's poll lines are made of (:func:`poll_inputs_of`): last
+attempt, last success, whether it has an answer, failures in a row."""
 
 
 def inputs_of(record: ImportRecord) -> Inputs:
@@ -233,6 +234,16 @@ def inputs_of(record: ImportRecord) -> Inputs:
         record.last_progress,
         record.last_success,
         record.last_attempt,
+        record.consecutive_failures,
+    )
+
+
+def poll_inputs_of(record: ImportRecord) -> PollInputs:
+    """An import's :data:`PollInputs`: its record, read now."""
+    return (
+        record.last_attempt,
+        record.last_success,
+        record.observation is not None,
         record.consecutive_failures,
     )
 
@@ -363,8 +374,9 @@ half full to the tail."""
 Line = bytes | Running
 Part = bytes | memoryview
 """A part of a body: lines joined, or a view of a sealed chunk's (:class:`_Chunk`)."""
-_ATTEMPT, _SUCCESS, _FAILURES = (
-    FAMILY_NAMES.index(name.decode()) for name in (_ATTEMPT_NAME, _SUCCESS_NAME, _FAILURES_NAME)
+_STATE, _ATTEMPT, _SUCCESS, _FAILURES = (
+    FAMILY_NAMES.index(name.decode())
+    for name in (_STATE_NAME, _ATTEMPT_NAME, _SUCCESS_NAME, _FAILURES_NAME)
 )
 _NO_FAILURES = b"} 0.0\n"
 """The end of a failures line whose count is 0 (one failure is ``} 1.0``)."""
@@ -639,10 +651,10 @@ class _Chunk:
             self.kept = False
 
 
-Update = tuple[ImportKey, Inputs | None, bool]
+Update = tuple[ImportKey, Inputs | PollInputs | None, bool]
 """An import to render again: its key; its :data:`Inputs` (None: it is
-gone); whether it changed (False: it was only polled again, its news in
-its poll lines alone, which are then all that is rendered again)."""
+gone), or only its :data:`PollInputs` where it was only polled again, its
+news in its poll lines alone; whether it changed (False: only polled)."""
 
 
 class KeptLines:
@@ -691,14 +703,23 @@ class KeptLines:
             lines[_DURATION] = (prefix, chunk.running_starts[index])
         return tuple(lines)
 
-    def update(self, key: ImportKey, inputs: Inputs | None, changed: bool) -> None:
-        """One :data:`Update`: the import's lines rendered again, at the tail."""
+    def update(self, key: ImportKey, inputs: Inputs | PollInputs | None, changed: bool) -> None:
+        """One :data:`Update`: the import's lines rendered again, at the
+        tail. Raises KeyError for poll lines of an import not kept (every
+        import is first sent as changed: a bug, which a render process
+        must not hide by leaving the import out)."""
         if inputs is None:
             self._remove(key)
-        elif changed or not self._poll_lines(key, inputs):
-            lines, running = lines_from(inputs)
-            prefix, start = (_EMPTY, 0) if running is None else running
-            self._put(key, lines, prefix, start)
+        elif changed:
+            self.put(key, cast(Inputs, inputs))
+        elif not self.poll(key, cast(PollInputs, inputs)):
+            raise KeyError(f"poll lines of an import not kept: {key!r}")
+
+    def put(self, key: ImportKey, inputs: Inputs) -> None:
+        """All of an import's lines rendered again, at the tail."""
+        lines, running = lines_from(inputs)
+        prefix, start = (_EMPTY, 0) if running is None else running
+        self._put(key, lines, prefix, start)
 
     def apply(self, updates: Iterable[Update]) -> None:
         """:meth:`update` each, then :meth:`compact`, in one piece."""
@@ -788,33 +809,29 @@ class KeptLines:
         if chunk.number in self._chunks:  # empty already, it was not dropped
             self._drop(chunk)
 
-    def _poll_lines(self, key: ImportKey, inputs: Inputs) -> bool:
+    def poll(self, key: ImportKey, inputs: PollInputs) -> bool:
         """Only the poll lines of an import polled again with the same answer
         (last attempt, last success, failures in a row), a few times cheaper
-        than all its lines; the labels are taken from the kept attempt line
-        (from the end of the name to the space before the value: a value has
-        no space, and a label value's spaces come before it). False where
-        there is no such line to take them from (nothing done)."""
+        than all its lines; its labels taken from its first ``import_state``
+        line, which every import has (up to ``,state="``: a label value's
+        double quotes are escaped). False for an import not kept (nothing
+        done)."""
         slot = self._slots.get(key)
         if slot is None:
             return False
         chunk, index = self._place(slot)
         lines = chunk.lines_at(index)
-        attempt = lines[_ATTEMPT]
-        if not attempt:
-            return False
-        labels = attempt[len(_ATTEMPT_NAME) : attempt.rindex(b" ") + 1]
-        attempted = inputs[_IN_ATTEMPT]
+        state = lines[_STATE]
+        labels = b"{" + state[_LABELS_AT : state.index(_STATE_LABEL, _LABELS_AT)] + b"} "
+        attempted, success, observed, count = inputs
         when = _value_end(attempted) if attempted is not None else None
         lines[_ATTEMPT] = _EMPTY if when is None else _ATTEMPT_NAME + labels + when
-        if inputs[_IN_STATE] is not None:
-            success = inputs[_IN_SUCCESS]
+        if observed:
             lines[_SUCCESS] = (
                 _SUCCESS_NAME + labels + when
                 if when is not None and success == attempted
                 else _line(_SUCCESS_NAME, labels, success)
             )
-        count = inputs[_IN_FAILURES]
         if count or not lines[_FAILURES].endswith(_NO_FAILURES):
             lines[_FAILURES] = _line(_FAILURES_NAME, labels, count)
         self._put(key, lines, chunk.prefix_at(index), chunk.running_starts[index])
@@ -942,9 +959,7 @@ class ImportLines(KeptLines):
             try:
                 while done < len(keys):
                     for key in keys[done : done + RENDER_BATCH]:
-                        record = imports.get(key)
-                        inputs = None if record is None else inputs_of(record)
-                        self.update(key, inputs, unrendered[key])
+                        self._render(key, imports.get(key), unrendered[key])
                         done += 1
                     if slices.due():
                         _untrack_young()
@@ -961,7 +976,20 @@ class ImportLines(KeptLines):
         store's, whose records lie in memory in that order (a fifth faster
         than a set's order at 100,000, and ``/metrics`` lists them sorted
         until they change)."""
-        self.apply(updates_of(self.state, in_order))
+        unrendered = self.state.take_unrendered()
+        imports = self.state.imports
+        for key, changed in _in_order(unrendered, in_order):
+            self._render(key, imports.get(key), changed)
+        for _ in self.compact():
+            pass
+
+    def _render(self, key: ImportKey, record: ImportRecord | None, changed: bool) -> None:
+        """An import's lines rendered again from its record (None: gone):
+        its poll lines alone if it only was polled again (and is kept)."""
+        if record is None:
+            self._remove(key)
+        elif changed or not self.poll(key, poll_inputs_of(record)):
+            self.put(key, inputs_of(record))
 
     async def body(
         self,
@@ -978,21 +1006,38 @@ class ImportLines(KeptLines):
 
 def updates_of(state: StateStore, in_order: Iterable[ImportKey] = ()) -> Iterator[Update]:
     """The state's unrendered imports (taken now) as updates, made as they
-    are taken: first those of ``in_order`` (in that order) that changed,
-    then the other changed ones, then those only polled again."""
+    are taken, in :func:`_in_order`."""
     unrendered = state.take_unrendered()
     imports = state.imports
+    for key, changed in _in_order(unrendered, in_order):
+        yield update_of(key, imports.get(key), changed)
+
+
+def update_of(key: ImportKey, record: ImportRecord | None, changed: bool) -> Update:
+    """The :data:`Update` of an import from its record (None: gone)."""
+    if record is None:
+        return key, None, True
+    if changed:
+        return key, inputs_of(record), True
+    return key, poll_inputs_of(record), False
+
+
+def _in_order(
+    unrendered: dict[ImportKey, bool], in_order: Iterable[ImportKey]
+) -> Iterator[tuple[ImportKey, bool]]:
+    """Unrendered imports: first those of ``in_order`` (in that order) that
+    changed, then the other changed ones, then those only polled again."""
     first = [key for key in in_order if unrendered.get(key)]
     for key in first:
         unrendered.pop(key, None)
-    changed = [key for key, was_changed in unrendered.items() if was_changed]
-    for key in chain(first, changed):
-        record = imports.get(key)
-        yield key, None if record is None else inputs_of(record), True
-    for key, was_changed in unrendered.items():
-        if not was_changed:
-            record = imports.get(key)
-            yield key, None if record is None else inputs_of(record), False
+    for key in first:
+        yield key, True
+    for key, changed in unrendered.items():
+        if changed:
+            yield key, True
+    for key, changed in unrendered.items():
+        if not changed:
+            yield key, False
 
 
 def _same(part: Part) -> Part:

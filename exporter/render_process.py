@@ -52,9 +52,9 @@ from exporter.exposition import (
     KeptLines,
     Update,
     gzip_member,
-    inputs_of,
     pack,
     return_large_buffers_to_the_os,
+    update_of,
     updates_of,
 )
 from exporter.loop_slices import LoopSlices
@@ -257,10 +257,7 @@ class RenderProcess:
                     batch: list[Update] = []
                     while done < len(keys) and len(batch) < UPDATES_PER_FRAME:
                         key = keys[done]
-                        record = imports.get(key)
-                        batch.append(
-                            (key, None if record is None else inputs_of(record), unrendered[key])
-                        )
+                        batch.append(update_of(key, imports.get(key), unrendered[key]))
                         done += 1
                         if not done % 64 and slices.due():
                             break
@@ -377,6 +374,9 @@ def main() -> None:
     # Where the cores are busy, polling and the event loop's answers come
     # first; a scrape waits a little longer.
     os.nice(NICENESS)
+    with contextlib.suppress(AttributeError, OSError):  # Linux's; elsewhere as it is
+        # Woken by a frame, it does not preempt the event loop's process.
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     # Bodies of megabytes, made and dropped at each render: see the function.
     return_large_buffers_to_the_os()
     serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -827,3 +827,39 @@ def test_a_sealed_chunks_family_leaves_out_the_lines_of_empty_places(
     assert chunk.durations(0) == b""
     for n, line in kept:
         assert chunk.lines_at(n)[:2] == [line, b"%d" % n]
+
+
+@pytest.mark.parametrize("accept", [TEXT, OPENMETRICS])
+def test_a_first_poll_of_a_restored_import_without_poll_times_shows_them(
+    accept: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import restored with an answer but no poll time (a row of an
+    older schema) whose first poll fails: only its poll lines are rendered
+    again, though it had none to take its labels from."""
+    clock = Clock()
+    state = StateStore(clock=clock)
+    state.add_source("elevate", "elevate", 30.0)
+    answer = Observation(State.RUNNING, "IN_PROGRESS", started_at=clock.now - 60)
+    state.restore(
+        [
+            ImportRecord("elevate", import_id, "elevate", name="n", observation=answer)
+            for import_id in ("plain", *ODD)
+        ]
+    )
+    lines = ImportLines(state)
+    assert_same(lines, accept)
+    whole_renders: list[exposition.Inputs] = []
+    lines_from = exposition.lines_from
+
+    def counted(inputs: exposition.Inputs) -> tuple[tuple[bytes, ...], exposition.Running | None]:
+        whole_renders.append(inputs)
+        return lines_from(inputs)
+
+    monkeypatch.setattr(exposition, "lines_from", counted)
+    clock.now += 5.0
+    for import_id in ("plain", *ODD):
+        state.record_error("elevate", import_id, SourceError(ErrorReason.TIMEOUT, "slow"))
+    assert_same(lines, accept)
+    assert whole_renders == []
+    body = ours(lines, accept)
+    assert 'import_consecutive_poll_failures{import="plain",source="elevate"} 1.0' in body

@@ -282,3 +282,24 @@ async def test_a_render_left_mid_answer_stops_its_child_and_the_next_gets_everyt
     body = bytes(await process.body(encoder, content_type, None, gzipped=False))
     assert body.count(b"import_info{") == 20
     assert process.starts == 2
+
+
+async def test_poll_lines_of_an_import_the_child_never_got_restart_it_with_everything(
+    process_of: Callable[[StateStore], RenderProcess],
+) -> None:
+    """Every import reaches the child first as changed; poll lines of one it
+    does not keep would be a bug, which must not leave the import out
+    quietly: the child exits, the render fails, the next child gets all."""
+    clock = Clock()
+    state = running_state(clock, 10)
+    process = process_of(state)
+    encoder, content_type = choose_encoder(TEXT)
+    await process.refresh()
+    await process.body(encoder, content_type, None, gzipped=False)
+    process._send_now(("updates", [(("elevate", "ghost"), (clock.now, clock.now, True, 0), False)]))
+    with pytest.raises(RenderProcessError, match="exited"):
+        await process.body(encoder, content_type, None, gzipped=False)
+    await process.refresh()
+    body = bytes(await process.body(encoder, content_type, None, gzipped=False))
+    assert body.count(b"import_info{") == 10
+    assert b"ghost" not in body
