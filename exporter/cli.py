@@ -333,7 +333,12 @@ def load_and_restore(
     parsing = ConfigApart(args.config_file, expand_env=args.expand_env)
     restored = None
     if args.storage_path is not None and args.storage_url is None:
-        restored = restore_while_config_parses(args.storage_path)
+        try:
+            restored = restore_while_config_parses(args.storage_path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                parsing.result()  # its child reaped
+            raise
     try:
         config = parsing.result()
     except BaseException:

@@ -954,12 +954,14 @@ class ImportLines(KeptLines):
         async with self._refreshing:  # one at a time: the newest render wins
             unrendered = self.state.take_unrendered()
             imports = self.state.imports
+            changed_since = self.state.changed_since_taken
             keys = list(unrendered)
             done = 0
             try:
                 while done < len(keys):
                     for key in keys[done : done + RENDER_BATCH]:
-                        self._render(key, imports.get(key), unrendered[key])
+                        changed = unrendered[key] or changed_since(key)
+                        self._render(key, imports.get(key), changed)
                         done += 1
                     if slices.due():
                         _untrack_young()

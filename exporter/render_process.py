@@ -18,13 +18,16 @@ The wire, both ways through the child's standard input and output:
 - to the child, frames of a 4-byte length and a pickle: ``("updates",
   [update, ...])`` or ``("render", encoder, content_type, names, gzipped,
   now)``, in the order they must apply; the child reads them as they come
-  (a reader thread), so a writer waits for the pipe only as long as a copy;
+  (a reader thread), so once its interpreter has started a writer waits
+  for the pipe only as long as a copy (start-up writes every import with
+  blocking writes, before the event loop takes the pipes over);
 - from the child, one answer to each render: its length, CRC-32 and
   uncompressed size (:data:`ANSWER`), then its bytes.
 
 A child that exits, or a pipe that breaks, fails the render it was part of
 (``/metrics`` answers 500: Prometheus's ``up`` says it) and is logged; the
-next refresh starts a new child and sends it every import.
+next refresh starts a new child and sends it every import. One that cannot
+be started or fed at start-up stops the start-up with that error.
 """
 
 from __future__ import annotations
@@ -77,8 +80,6 @@ READ_PART = 1024 * 1024
 NICENESS = 5
 """The child's niceness above its parent's: given a quarter of a core the
 parent needs (CFS weights 335 against 1,024), and all of an idle one."""
-STOP_SECONDS = 5.0
-"""How long a child may take to exit once its input is closed."""
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -94,13 +95,15 @@ class RenderProcess:
 
     def __init__(self, state: StateStore) -> None:
         self.state = state
-        self.command = [sys.executable, "-m", "exporter.render_process"]
-        """The child's command line."""
+        self.command = [sys.executable, "-P", "-m", "exporter.render_process"]
+        """The child's command line (``-P``: this package, from PYTHONPATH,
+        not one in the working directory)."""
         self._child: subprocess.Popen[bytes] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.ReadTransport | None = None
         self._refreshing: asyncio.Lock | None = None
+        self._closed = False
         self.starts = 0
         """Children started (more than one: one exited, or its pipe broke)."""
 
@@ -108,7 +111,11 @@ class RenderProcess:
 
     def start(self) -> None:
         """The child started, if none is running; a new one gets every
-        import (as changed) with the next updates."""
+        import (as changed) with the next updates. Raises
+        :class:`RenderProcessError` once closed, and OSError if it cannot
+        be started."""
+        if self._closed:
+            raise RenderProcessError("the render process is closed")
         if self._child is not None:
             return
         environment = dict(os.environ)
@@ -125,39 +132,37 @@ class RenderProcess:
         self.starts += 1
 
     async def _attached(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """The child's pipes on the event loop (started if needed)."""
-        self.start()
+        """The running child's pipes on the event loop (attached the first
+        time). Raises :class:`RenderProcessError` without a child: a render
+        comes after a refresh, which starts one."""
+        child = self._child
+        if child is None:
+            raise RenderProcessError("no render process: the refresh before the render failed")
         if self._reader is None or self._writer is None:
-            child = self._child
-            assert child is not None
             assert child.stdin is not None
             assert child.stdout is not None
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader(limit=READ_LIMIT)
-            self._reading, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), child.stdout
-            )
-            transport, protocol = await loop.connect_write_pipe(
-                lambda: asyncio.streams.FlowControlMixin(), child.stdin
-            )
+            try:
+                self._reading, _ = await loop.connect_read_pipe(
+                    lambda: asyncio.StreamReaderProtocol(reader), child.stdout
+                )
+                transport, protocol = await loop.connect_write_pipe(
+                    lambda: asyncio.streams.FlowControlMixin(), child.stdin
+                )
+            except BaseException:  # cancelled, or the pipes closed: start afresh
+                self._ended("could not be attached")
+                raise
             self._reader = reader
             self._writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         return self._reader, self._writer
 
     def _ended(self, why: str) -> RenderProcessError:
-        """The child stopped (killed if it is still running): the error to raise."""
+        """The child stopped (killed if it is still running) and its pipes
+        closed: the error to raise."""
         child, self._child = self._child, None
-        writer, self._writer, self._reader = self._writer, None, None
-        code = None
-        if child is not None:
-            if child.poll() is None:
-                child.kill()
-            code = child.wait()
-        reading, self._reading = self._reading, None
-        if writer is not None and not writer.transport.is_closing():
-            writer.transport.abort()
-        if reading is not None and not reading.is_closing():
-            reading.close()
+        code = _stopped(child, self._writer, self._reading)
+        self._writer = self._reader = self._reading = None
         message = (
             f"the render process {why} (exit code {code}); a new one starts at the next scrape"
         )
@@ -165,43 +170,23 @@ class RenderProcess:
         return RenderProcessError(message)
 
     def stop_now(self) -> None:
-        """The child stopped, before the event loop has its pipes (a
-        start-up that fails, or does not use what it restored)."""
+        """The child killed and its pipes closed, for good (what it keeps
+        can be rendered again): a start-up that fails, or does not use what
+        it restored."""
+        self._closed = True
         child, self._child = self._child, None
-        if child is None:
-            return
-        if child.stdin is not None:
-            with contextlib.suppress(OSError):
-                child.stdin.close()
-        try:
-            child.wait(STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
+        _stopped(child, self._writer, self._reading)
+        self._writer = self._reader = self._reading = None
 
     async def close(self) -> None:
-        """The child stopped: its input closed, then killed if it lingers."""
-        child, writer = self._child, self._writer
-        self._child = self._writer = self._reader = None
-        if child is None:
-            return
-        if self._reading is not None:
-            self._reading.close()
-            self._reading = None
-        if writer is not None:
-            writer.close()
-        elif child.stdin is not None:
-            with contextlib.suppress(OSError):
-                child.stdin.close()
-        try:
-            await asyncio.wait_for(asyncio.to_thread(child.wait), STOP_SECONDS)
-        except TimeoutError:
+        """:meth:`stop_now`, waiting for the child's exit in a worker thread."""
+        self._closed = True
+        child, self._child = self._child, None
+        if child is not None:
             child.kill()
             await asyncio.to_thread(child.wait)
-        if child.stdout is not None:
-            child.stdout.close()
+        _stopped(child, self._writer, self._reading)
+        self._writer = self._reader = self._reading = None
 
     # --- updates --------------------------------------------------------------
 
@@ -247,9 +232,11 @@ class RenderProcess:
         if self._refreshing is None:
             self._refreshing = asyncio.Lock()
         async with self._refreshing:
+            self.start()
             _, writer = await self._attached()
             unrendered = self.state.take_unrendered()
             imports = self.state.imports
+            changed_since = self.state.changed_since_taken
             keys = list(unrendered)
             done = 0
             try:
@@ -257,7 +244,8 @@ class RenderProcess:
                     batch: list[Update] = []
                     while done < len(keys) and len(batch) < UPDATES_PER_FRAME:
                         key = keys[done]
-                        batch.append(update_of(key, imports.get(key), unrendered[key]))
+                        changed = unrendered[key] or changed_since(key)
+                        batch.append(update_of(key, imports.get(key), changed))
                         done += 1
                         if not done % 64 and slices.due():
                             break
@@ -315,6 +303,29 @@ class RenderProcess:
         packed = pack(registry)
         crc = isal_zlib.crc32_combine(crc, packed.crc, packed.size)
         return gzip_member([*parts, packed.deflated], crc, size + packed.size)
+
+
+def _stopped(
+    child: subprocess.Popen[bytes] | None,
+    writer: asyncio.StreamWriter | None,
+    reading: asyncio.ReadTransport | None,
+) -> int | None:
+    """``child`` killed and reaped (a killed process exits at once), and its
+    pipes closed, attached to the event loop or not: its exit code."""
+    if writer is not None and not writer.transport.is_closing():
+        writer.transport.abort()
+    if reading is not None and not reading.is_closing():
+        reading.close()
+    if child is None:
+        return None
+    if child.poll() is None:
+        child.kill()
+    code = child.wait()
+    for pipe in (child.stdin, child.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+    return code
 
 
 def _frame(message: tuple[Any, ...]) -> bytes:

@@ -111,8 +111,10 @@ class Restored:
 
     def close(self) -> None:
         """Not used after all: the store closed, the render process stopped."""
-        self.store.close()
-        self.import_lines.stop_now()
+        try:
+            self.store.close()
+        finally:
+            self.import_lines.stop_now()
 
 
 def restore(

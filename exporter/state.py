@@ -592,6 +592,13 @@ class StateStore:
             else:
                 unrendered.setdefault(key, False)
 
+    def changed_since_taken(self, key: ImportKey) -> bool:
+        """Whether the import was marked changed since the last
+        :meth:`take_unrendered` (a refresh that took it as only polled again,
+        and reads its record now, must render it whole: its lines would
+        otherwise mix two answers until the next)."""
+        return self._unrendered.get(key, False)
+
     def unrendered_all(self) -> None:
         """Every tracked import to render again, as changed (a new renderer
         that has nothing yet), in the order of the index, after those

@@ -252,10 +252,12 @@ def metrics_handler(
     """``/metrics`` like ``prometheus_client.aiohttp.make_aiohttp_handler``
     (the same encoders, content negotiation and ``name[]`` filter), with the
     per-import families from ``imports`` (kept rendered, and kept gzipped
-    in chunks until they change), joined on the event loop a slice at a
-    time, so polls never wait long on a scrape
-    (:func:`~exporter.exposition.render_body`). Scrapes that arrive while a
-    render of the same kind is running share it, gzip included.
+    in chunks until they change: by the exporter in a render process,
+    :mod:`exporter.render_process`, whose body the loop only waits for; in
+    this process, :class:`~exporter.exposition.ImportLines`, joined on the
+    event loop a slice at a time), so polls never wait long on a scrape.
+    Scrapes that arrive while a render of the same kind is running share
+    it, gzip included.
 
     Paced: after a render that took over :data:`PACE_MIN_SECONDS` (from about
     10,000 imports), the next of its kind starts :data:`PACE_FACTOR` times

@@ -863,3 +863,41 @@ def test_a_first_poll_of_a_restored_import_without_poll_times_shows_them(
     assert whole_renders == []
     body = ours(lines, accept)
     assert 'import_consecutive_poll_failures{import="plain",source="elevate"} 1.0' in body
+
+
+async def test_an_import_changed_while_a_refresh_runs_is_rendered_whole_by_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refresh took an import as only polled again; before it reaches it
+    (it yields to the loop between batches) a poll brings a new answer:
+    the record it reads then is rendered whole, so no line shows the new
+    poll next to the old answer."""
+    monkeypatch.setattr(loop_slices, "LOOP_SLICE_SECONDS", 0.0)  # a yield per batch
+    clock = Clock()
+    state = StateStore(clock=clock)
+    state.add_source("elevate", "elevate", 30.0)
+    lines = ImportLines(state)
+    ids = [f"{n}" for n in range(3 * RENDER_BATCH)]
+    waiting = Observation(State.WAITING, "QUEUED")
+    for import_id in ids:
+        state.track("elevate", import_id)
+        state.record_observation("elevate", import_id, waiting)
+    await lines.refresh()
+    clock.now += 30.0
+    for import_id in ids:
+        state.record_observation("elevate", import_id, waiting)  # the same answer: poll lines
+    refreshing = asyncio.create_task(lines.refresh())
+    await asyncio.sleep(0)  # the refresh's first batch, then its first yield
+    assert not refreshing.done()
+    clock.now += 1.0
+    state.record_observation("elevate", ids[-1], Observation(State.RUNNING, "IN_PROGRESS"))
+    await refreshing
+    encoder, content_type = choose_encoder(TEXT)
+    body = b"".join(lines.render(encoder, content_type)).decode()
+    last = f'import="{ids[-1]}",source="elevate"'
+    assert f'import_state{{{last},state="running"}} 1.0' in body
+    info = (
+        f'import_info{{import="{ids[-1]}",name="",origin="config",source="elevate",'
+        'system="elevate",upstream_state="IN_PROGRESS"} 1.0'
+    )
+    assert info in body

@@ -303,3 +303,24 @@ async def test_poll_lines_of_an_import_the_child_never_got_restart_it_with_every
     body = bytes(await process.body(encoder, content_type, None, gzipped=False))
     assert body.count(b"import_info{") == 10
     assert b"ghost" not in body
+
+
+async def test_a_closed_render_process_starts_no_child_and_a_render_needs_a_refresh(
+    process_of: Callable[[StateStore], RenderProcess],
+) -> None:
+    """Once the exporter stops, a render still queued fails rather than
+    start a child nothing would stop; a render never asks an empty child."""
+    state = running_state(Clock(), 3)
+    process = process_of(state)
+    encoder, content_type = choose_encoder(TEXT)
+    with pytest.raises(RenderProcessError, match="no render process"):
+        await process.body(encoder, content_type, None, gzipped=False)
+    await process.refresh()
+    child = process._child
+    assert child is not None
+    await process.close()
+    assert child.poll() is not None  # stopped and reaped
+    with pytest.raises(RenderProcessError, match="closed"):
+        await process.refresh()
+    assert process._child is None
+    assert process.starts == 1
