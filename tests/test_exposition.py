@@ -129,6 +129,19 @@ def assert_same(lines: ImportLines, accept: str, names: tuple[str, ...] = ()) ->
         assert mine.count("# EOF") == 1
 
 
+def counted_whole_renders(monkeypatch: pytest.MonkeyPatch) -> list[exposition.Inputs]:
+    """Every import rendered whole from now on (not its poll lines alone)."""
+    whole_renders: list[exposition.Inputs] = []
+    lines_from = exposition.lines_from
+
+    def counted(inputs: exposition.Inputs) -> tuple[tuple[bytes, ...], exposition.Running | None]:
+        whole_renders.append(inputs)
+        return lines_from(inputs)
+
+    monkeypatch.setattr(exposition, "lines_from", counted)
+    return whole_renders
+
+
 T = TypeVar("T")
 ODD = ['a"b', "back\\slash", "new\nline", "ünïcödé ✓", "", "{LABELS}", "x,y=z}"]
 
@@ -488,14 +501,7 @@ def test_polls_that_change_only_poll_times_show_their_new_times(
         state.track("elevate", import_id, name="with space } 2")
         state.record_observation("elevate", import_id, same)
     assert_same(lines, accept)
-    whole_renders: list[exposition.Inputs] = []
-    lines_from = exposition.lines_from
-
-    def counted(inputs: exposition.Inputs) -> tuple[tuple[bytes, ...], exposition.Running | None]:
-        whole_renders.append(inputs)
-        return lines_from(inputs)
-
-    monkeypatch.setattr(exposition, "lines_from", counted)
+    whole_renders = counted_whole_renders(monkeypatch)
     for step in range(6):
         clock.now += 7.25
         for import_id in ids:
@@ -848,14 +854,7 @@ def test_a_first_poll_of_a_restored_import_without_poll_times_shows_them(
     )
     lines = ImportLines(state)
     assert_same(lines, accept)
-    whole_renders: list[exposition.Inputs] = []
-    lines_from = exposition.lines_from
-
-    def counted(inputs: exposition.Inputs) -> tuple[tuple[bytes, ...], exposition.Running | None]:
-        whole_renders.append(inputs)
-        return lines_from(inputs)
-
-    monkeypatch.setattr(exposition, "lines_from", counted)
+    whole_renders = counted_whole_renders(monkeypatch)
     clock.now += 5.0
     for import_id in ("plain", *ODD):
         state.record_error("elevate", import_id, SourceError(ErrorReason.TIMEOUT, "slow"))
