@@ -721,13 +721,6 @@ class KeptLines:
         prefix, start = (_EMPTY, 0) if running is None else running
         self._put(key, lines, prefix, start)
 
-    def apply(self, updates: Iterable[Update]) -> None:
-        """:meth:`update` each, then :meth:`compact`, in one piece."""
-        for key, inputs, changed in updates:
-            self.update(key, inputs, changed)
-        for _ in self.compact():
-            pass
-
     def _place(self, slot: int) -> tuple[_Chunk, int]:
         number, index = divmod(slot, CHUNK_IMPORTS)
         return self._chunks[number], index
