@@ -72,6 +72,11 @@ ANSWER: Final = struct.Struct("<QII")
 for a body not gzipped), before its bytes."""
 UPDATES_PER_FRAME = 2048
 """Updates sent in one frame at most (about 200 KB, 1 ms to pickle)."""
+REFRESH_FRAME = 128
+"""Updates in one frame of a refresh, read and pickled between two looks at
+the clock: a step of the loop is its slice and one frame's work at most.
+Read until the slice ran out, then pickled, steps took 1.6-2.1 ms of CPU
+for a 1 ms slice (``bench/scale.py`` at 10,000 imports, scraped)."""
 READ_LIMIT = 4 * 1024 * 1024
 """The answer's reader buffer before it stops reading: a gzipped body at
 100,000 imports is about 10 MB."""
@@ -242,13 +247,11 @@ class RenderProcess:
             try:
                 while done < len(keys):
                     batch: list[Update] = []
-                    while done < len(keys) and len(batch) < UPDATES_PER_FRAME:
+                    while done < len(keys) and len(batch) < REFRESH_FRAME:
                         key = keys[done]
                         changed = unrendered[key] or changed_since(key)
                         batch.append(update_of(key, imports.get(key), changed))
                         done += 1
-                        if not done % 64 and slices.due():
-                            break
                     # Read and written with no wait between: frames go in the
                     # order their records were read.
                     writer.write(_frame(("updates", batch)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gzip
+import itertools
 import pickle
 import random
 import sys
@@ -20,11 +21,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.exposition import choose_encoder
 
-from exporter import exposition
+from exporter import exposition, render_process
 from exporter.exposition import ImportLines
+from exporter.loop_slices import LOOP_SLICE_SECONDS, LoopSlices
 from exporter.metrics import build_registry
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
-from exporter.render_process import RenderProcess, RenderProcessError
+from exporter.render_process import REFRESH_FRAME, RenderProcess, RenderProcessError
 from exporter.state import StateStore
 from exporter.web import create_web_app
 from tests.test_exposition import (
@@ -227,6 +229,43 @@ async def test_the_start_up_sends_every_import_before_the_loop_takes_the_pipe(
     assert gzip.decompress(body) == bytes(
         await lines.body(encoder, content_type, None, gzipped=False)
     )
+
+
+async def test_a_refresh_gives_the_loop_back_within_a_frame_of_its_slice(
+    process_of: Callable[[StateStore], RenderProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a refresh does between two yields to the event loop, the
+    pickling of what it read included, is its slice and one frame at most
+    (read for a whole slice, then pickled, a step took half a slice more)."""
+    read = LOOP_SLICE_SECONDS / 1500  # a slice reads 1,500 imports; pickling one, half that
+    now = [0.0]
+    yields: list[float] = []
+    update_of, frame = exposition.update_of, render_process._frame
+
+    def timed_update_of(*args: Any) -> Any:
+        now[0] += read
+        return update_of(*args)
+
+    def timed_frame(message: tuple[Any, ...]) -> bytes:
+        if message[0] == "updates":
+            now[0] += read / 2 * len(message[1])
+        return frame(message)
+
+    class Recorded(LoopSlices):
+        async def yield_now(self) -> None:
+            yields.append(now[0])
+            await super().yield_now()
+
+    monkeypatch.setattr(render_process, "update_of", timed_update_of)
+    monkeypatch.setattr(render_process, "_frame", timed_frame)
+    process = process_of(running_state(Clock(), 6000))
+    await process.refresh(Recorded(clock=lambda: now[0]))
+    marks = [0.0, *yields, now[0]]
+    steps = [after - before for before, after in itertools.pairwise(marks)]
+    assert len(steps) >= 5
+    assert max(steps) <= LOOP_SLICE_SECONDS + REFRESH_FRAME * read * 1.5 + 1e-9
+    body = await process.body(*choose_encoder(TEXT), None, gzipped=False)
+    assert body.count(b"\nimport_info{") == 6000  # every import got through
 
 
 def test_inputs_pickle_to_the_same_lines() -> None:
