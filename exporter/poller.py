@@ -60,9 +60,15 @@ class SourceScheduler:
         self.max_backoff = max(max_backoff, interval)
         self.clock = clock
         self.rng = rng or random.Random()
-        self._queue: deque[Entry] = deque()
+        self._queue_due: deque[float] = deque()
         """Waiting imports due within an interval and no earlier than the one
-        before: most (a poll done, due again an interval later), each O(1)."""
+        before: most (a poll done, due again an interval later), each O(1).
+        Three deques, an entry at the same place in each, not one of tuples:
+        a tuple a poll, alive for an interval, was most of what each young
+        collection of the cyclic GC walked (floats, ints and strings it does
+        not track)."""
+        self._queue_generation: deque[int] = deque()
+        self._queue_id: deque[str] = deque()
         self._heap: list[Entry] = []
         """The other waiting imports (first polls spread, backoffs, holds), a
         heap: O(log n) each. An import is taken from whichever of the two has
@@ -106,14 +112,15 @@ class SourceScheduler:
 
     def _push(self, import_id: str, due: float) -> None:
         generation = self._scheduled[import_id] = next(self._generations)
-        entry = (due, generation, import_id)
-        queue = self._queue
+        queue = self._queue_due
         # Not a long backoff at the queue's end: later polls would all go to
         # the heap until it is taken.
-        if (not queue or due >= queue[-1][0]) and due <= self.clock() + self.interval:
-            queue.append(entry)
+        if (not queue or due >= queue[-1]) and due <= self.clock() + self.interval:
+            queue.append(due)
+            self._queue_generation.append(generation)
+            self._queue_id.append(import_id)
         else:
-            heapq.heappush(self._heap, entry)
+            heapq.heappush(self._heap, (due, generation, import_id))
         if self._idle_workers:
             self._wakeup.set()
 
@@ -134,31 +141,38 @@ class SourceScheduler:
 
     def _take_due(self) -> str | None:
         """The import due first, taken, if one is due and the source not held."""
-        heap, queue, scheduled = self._heap, self._queue, self._scheduled
+        heap, scheduled = self._heap, self._scheduled
+        dues, generations, ids = self._queue_due, self._queue_generation, self._queue_id
         while heap and scheduled.get(heap[0][2]) != heap[0][1]:
             heapq.heappop(heap)  # removed while waiting
-        first = queue[0] if queue else None
-        while first is not None and scheduled.get(first[2]) != first[1]:
-            queue.popleft()
-            first = queue[0] if queue else None
-        from_heap = bool(heap) and (first is None or heap[0][0] < first[0])
+        while ids and scheduled.get(ids[0]) != generations[0]:
+            dues.popleft()
+            generations.popleft()
+            ids.popleft()
+        from_heap = bool(heap) and (not dues or heap[0][0] < dues[0])
         if from_heap:
-            first = heap[0]
-        if first is None:
+            due = heap[0][0]
+        elif dues:
+            due = dues[0]
+        else:
             return None
         now = self.clock()
-        if first[0] > now or self._paused_until > now:
+        if due > now or self._paused_until > now:
             return None
-        return heapq.heappop(heap)[2] if from_heap else queue.popleft()[2]
+        if from_heap:
+            return heapq.heappop(heap)[2]
+        dues.popleft()
+        generations.popleft()
+        return ids.popleft()
 
     def _first_due(self) -> float | None:
         """When the first import is due (None: none is waiting)."""
-        heap, queue = self._heap, self._queue
+        heap, queue = self._heap, self._queue_due
         if heap and queue:
-            return min(heap[0][0], queue[0][0])
+            return min(heap[0][0], queue[0])
         if heap:
             return heap[0][0]
-        return queue[0][0] if queue else None
+        return queue[0] if queue else None
 
     async def _next_due(self) -> str:
         """Wait until an import is due (and the source is not held); take it."""

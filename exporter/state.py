@@ -75,6 +75,14 @@ class ImportRecord:
     parked_at: float | None = None
     """When its source left the config (registered imports only): kept, but
     neither polled nor exported, until a source of that name returns."""
+    key: ImportKey = field(init=False, repr=False, compare=False)
+    """``(source, import_id)``: the one tuple the state's tables hold for this
+    import. A poll marks its import changed under this key, not a new tuple:
+    a tuple a poll, alive until the next write or scrape took it, was most
+    of what each young collection of the cyclic GC walked."""
+
+    def __post_init__(self) -> None:
+        self.key = (self.source, self.import_id)
 
     @property
     def state(self) -> State | None:
@@ -262,6 +270,7 @@ class StateStore:
                 name=name,
                 origin=origin,
             )
+            key = record.key
             self.imports[key] = record
             self._changed.add(key)
             self._unrendered[key] = True
@@ -293,7 +302,7 @@ class StateStore:
     def restore(self, records: list[ImportRecord]) -> None:
         """Put back what a previous run knew (before its sources are applied)."""
         for record in records:
-            key = (record.source, record.import_id)
+            key = record.key
             (self.imports if record.parked_at is None else self.parked)[key] = record
             self._unrendered[key] = True
             if record.parked_at is None and not (record.polled_this_run or record.confirmed_final):
@@ -440,11 +449,11 @@ class StateStore:
 
     def record_observation(self, source: str, import_id: str, obs: Observation) -> ImportRecord:
         now = self.clock()
-        key = (source, import_id)
-        record = self.imports.get(key)
+        record = self.imports.get((source, import_id))
         if record is None:
             # Untracked while the poll was in flight: the answer is dropped.
             return ImportRecord(source=source, import_id=import_id, system="", observation=obs)
+        key = record.key
         previous = record.observation
         if obs is not previous:  # not the same shared answer again (most polls)
             obs = self._shared_observation(obs, previous)
@@ -548,6 +557,7 @@ class StateStore:
         record = self.imports.get(key)
         if record is None:
             return
+        key = record.key
         if not record.polled_this_run:
             record.polled_this_run = True
             self._waiting.discard(key)
@@ -647,7 +657,7 @@ class StateStore:
         takes (of the source's system, owned by this shard)."""
         back = [r for k, r in self.parked.items() if k[0] == source and accept(r)]
         for record in back:
-            key = (record.source, record.import_id)
+            key = record.key
             del self.parked[key]
             record.parked_at = None
             self.imports[key] = record

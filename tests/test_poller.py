@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 from hypothesis import given, settings
@@ -249,3 +250,30 @@ async def test_an_import_added_while_every_worker_waits_for_a_later_one_is_polle
         assert source.polls["a"] == 1  # not due for an hour
     finally:
         await sched.stop()
+
+
+async def test_a_round_of_polls_leaves_nothing_for_the_cyclic_gc_to_walk() -> None:
+    """What a poll leaves behind until the next write or scrape takes it (the
+    import's next due time, its mark as changed or polled) holds no new
+    object the cyclic GC tracks: a young collection walks what the polls
+    left since the last one, and a tuple a poll made each one 1-3 ms at
+    10,000 imports polled as fast as they answer (``bench/scale.py``)."""
+    clock = Clock(T0)
+    ids = [f"i{n}" for n in range(1000)]
+    source = FakeSource("s", ids, lambda _: RUNNING)
+    sched = scheduler(source, clock, interval=10.0)
+    await run_at(sched, clock, T0 + 10.0)  # the first polls, spread over a second
+    assert sum(source.polls.values()) == 1000
+    sched.state.take_changes(with_poll_times=True)  # as a write takes them
+    sched.state.take_unrendered()  # as a scrape does
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(gc.get_objects(generation=0))
+        await run_at(sched, clock, T0 + 25.0)  # every import polled again
+        left = len(gc.get_objects(generation=0)) - before
+    finally:
+        gc.enable()
+    assert sum(source.polls.values()) == 2000
+    assert len(sched.state.take_unrendered()) == 1000  # each marked polled again
+    assert left < 100
