@@ -276,6 +276,7 @@ class StateStore:
             self._unrendered[key] = True
             self._waiting.add(key)
         else:
+            key = record.key
             if name is not None and name != record.name:
                 record.name = name
                 self._changed.add(key)
@@ -395,7 +396,7 @@ class StateStore:
     def requeue(self, changed: list[ImportRecord], forgotten: list[ImportKey]) -> None:
         """Give back changes that could not be written, to be taken again."""
         for record in changed:
-            key = (record.source, record.import_id)
+            key = record.key
             if key in self.imports or key in self.parked:
                 self._changed.add(key)
         self._forgotten.update(
