@@ -268,6 +268,32 @@ async def test_a_refresh_gives_the_loop_back_within_a_frame_of_its_slice(
     assert body.count(b"\nimport_info{") == 6000  # every import got through
 
 
+async def test_a_body_written_in_parts_is_the_whole_body(
+    process_of: Callable[[StateStore], RenderProcess],
+    aiohttp_client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/metrics writes its body a part at a time (a few kilobytes here): the
+    client gets every byte, once, in order, with its length and headers."""
+    from exporter import web as exporter_web
+
+    state = running_state(Clock(), 2000)
+    process = process_of(state)
+    client = await aiohttp_client(
+        create_web_app(state, build_registry(state, imports=False), import_lines=process)
+    )
+    whole = await client.get("/metrics", headers={"Accept-Encoding": "gzip"})
+    monkeypatch.setattr(exporter_web, "BODY_PART", 4096)
+    for accept_encoding in ("gzip", "identity"):
+        parted = await client.get("/metrics", headers={"Accept-Encoding": accept_encoding})
+        assert parted.status == 200
+        assert parted.headers["Content-Type"] == whole.headers["Content-Type"]
+        body = await parted.read()  # gunzipped by the client when gzipped
+        assert int(parted.headers["Content-Length"]) > 10 * 4096
+        assert stable_lines(body.decode()) == stable_lines((await whole.read()).decode())
+        assert body.count(b"\nimport_info{") == 2000
+
+
 def test_inputs_pickle_to_the_same_lines() -> None:
     """What crosses the pipe renders as the record does here."""
     clock = Clock()
