@@ -71,7 +71,8 @@ ANSWER: Final = struct.Struct("<QII")
 """A render's answer: its length, CRC-32 and uncompressed size (0 and 0
 for a body not gzipped), before its bytes."""
 UPDATES_PER_FRAME = 2048
-"""Updates sent in one frame at most (about 200 KB, 1 ms to pickle)."""
+"""Updates in one frame of the start-up's hand-over (:meth:`RenderProcess.take_changes`,
+before the loop runs): about 200 KB, 1 ms to pickle."""
 REFRESH_FRAME = 128
 """Updates in one frame of a refresh, read and pickled between two looks at
 the clock: a step of the loop is its slice and one frame's work at most.
