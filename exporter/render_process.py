@@ -166,9 +166,7 @@ class RenderProcess:
     def _ended(self, why: str) -> RenderProcessError:
         """The child stopped (killed if it is still running) and its pipes
         closed: the error to raise."""
-        child, self._child = self._child, None
-        code = _stopped(child, self._writer, self._reading)
-        self._writer = self._reader = self._reading = None
+        code = self._stop_child()
         message = (
             f"the render process {why} (exit code {code}); a new one starts at the next scrape"
         )
@@ -180,19 +178,23 @@ class RenderProcess:
         can be rendered again): a start-up that fails, or does not use what
         it restored."""
         self._closed = True
-        child, self._child = self._child, None
-        _stopped(child, self._writer, self._reading)
-        self._writer = self._reader = self._reading = None
+        self._stop_child()
 
     async def close(self) -> None:
         """:meth:`stop_now`, waiting for the child's exit in a worker thread."""
         self._closed = True
-        child, self._child = self._child, None
+        child = self._child
         if child is not None:
             child.kill()
             await asyncio.to_thread(child.wait)
-        _stopped(child, self._writer, self._reading)
+        self._stop_child()
+
+    def _stop_child(self) -> int | None:
+        """The child killed and reaped, its pipes closed, none kept: its exit code."""
+        child, self._child = self._child, None
+        code = _stopped(child, self._writer, self._reading)
         self._writer = self._reader = self._reading = None
+        return code
 
     # --- updates --------------------------------------------------------------
 
