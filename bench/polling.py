@@ -11,9 +11,12 @@ exporter, baseline, exporter). The baseline runs in this process, which has
 imported the exporter's web stack and set glibc's allocation thresholds as the
 exporter does from its start (the same heap conditions), and builds each
 request URL once. The simulator's answers change every
-second, so the exporter's store really writes; each window (8 s) covers eight
-of its periodic writes. A first, shorter window at each size warms the
-simulator up and is not counted.
+second, so the exporter's store really writes; each window (2 s) covers two
+of its periodic writes. Ten rounds of short windows rather than two of 8 s:
+the machine's speed moves by up to a third in phases of a few seconds, and
+short windows in turn let each phase touch all three kinds
+(``bench/window_noise.py``). A first window at each size warms the simulator
+up and is not counted.
 """
 
 from __future__ import annotations
@@ -42,9 +45,13 @@ from exporter.simulator import DEMO_CREDENTIALS
 TARGET_RATE_RATIO = 0.85
 TARGET_CPU_RATIO = 1.2
 """Issue 17's target against the honest baseline (an older issue had 1.25)."""
-WARM_UP_FRACTION = 0.5
-"""A window of this share of ``seconds`` at each size, before the measured
-ones, not counted: the first window against a fresh simulator ran 10-20 %
+WINDOW_SECONDS = 2.0
+"""A window's length (``--seconds``; 1 with ``--quick``)."""
+ROUNDS = 10
+"""Rounds of windows per size (baseline, exporter, ``http_json``); 1 with ``--quick``."""
+WARM_UP_SECONDS = 4.0
+"""A window of the baseline at each size, before the measured ones, not
+counted (a quarter of it with ``--quick``): the first window against a fresh simulator ran 10-20 %
 slower (more CPU a poll: the client waited on a simulator still warming up),
 and it went to whichever contender came first."""
 TARGET_HTTP_JSON_CPU_RATIO = 1.2
@@ -182,7 +189,12 @@ def merged(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 async def main_async(
-    sizes: list[int], concurrency: int, seconds: float, storage: bool = True, rounds: int = 2
+    sizes: list[int],
+    concurrency: int,
+    seconds: float,
+    storage: bool = True,
+    rounds: int = ROUNDS,
+    warm_up: float = WARM_UP_SECONDS,
 ) -> dict[str, Any]:
     # As Exporter.start does: the same allocation settings from the first
     # baseline run on, not only after the first exporter run.
@@ -192,7 +204,7 @@ async def main_async(
         for count in sizes:
             # Interleaved, so a drift of the machine touches all three alike.
             bases, ourses, declareds = [], [], []
-            await measure_baseline(url, count, concurrency, seconds * WARM_UP_FRACTION)
+            await measure_baseline(url, count, concurrency, warm_up)
             for _ in range(rounds):
                 bases.append(await measure_baseline(url, count, concurrency, seconds))
                 ourses.append(await measure_exporter(url, count, concurrency, seconds, storage))
@@ -236,9 +248,12 @@ def main() -> int:
     )
     args = parser.parse_args()
     sizes = args.sizes or ([100] if args.quick else [100, 1000, 10000])
-    seconds = args.seconds or (1.0 if args.quick else 8.0)
-    rounds = 1 if args.quick else 2
-    data = asyncio.run(main_async(sizes, args.concurrency, seconds, not args.no_storage, rounds))
+    seconds = args.seconds or (1.0 if args.quick else WINDOW_SECONDS)
+    rounds = 1 if args.quick else ROUNDS
+    warm_up = WARM_UP_SECONDS / 4 if args.quick else WARM_UP_SECONDS
+    data = asyncio.run(
+        main_async(sizes, args.concurrency, seconds, not args.no_storage, rounds, warm_up)
+    )
     print_table(
         f"Polling overhead (concurrency {args.concurrency}, {seconds:g}s each; "
         f"targets: rate ratio >= {TARGET_RATE_RATIO}, CPU ratio <= {TARGET_CPU_RATIO}, "

@@ -306,9 +306,17 @@ async def window(
     }
 
 
-WINDOW_PAIRS = 4
-"""Pairs of windows per size, each ``--seconds`` long: (alone, scraped),
-then (scraped, alone), and so on (two with ``--quick``)."""
+WINDOW_SECONDS = 4.0
+"""A window's length (``--seconds``; 2 with ``--quick``)."""
+WINDOW_PAIRS = 12
+"""Pairs of windows per size: (alone, scraped), then (scraped, alone), and
+so on (two with ``--quick``). Short windows and many: the machine's speed
+moves by up to a third in phases of 2-10 s (``bench/window_noise.py``), and
+a phase inside both kinds of window touches the ratio less than one inside
+a single window. Over a trace of 900 s of that script, four pairs of 8 s
+(the windows before) read the polls ratio of a process whose scrapes cost
+nothing with a spread (sd) of 0.063, twelve pairs of 4 s with 0.039 (0.050 ;
+0.032 in the trace's two halves), in 1.8 times as long."""
 SETTLE_SECONDS = 2.0
 """After a scraped window: the render of the scrape cut short ends (under a
 second at 100,000 imports) before the next window counts polls."""
@@ -472,7 +480,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sizes = args.sizes or ([1000] if args.quick else [10_000, 50_000, 100_000])
-    seconds = args.seconds or (2.0 if args.quick else 8.0)
+    seconds = args.seconds or (2.0 if args.quick else WINDOW_SECONDS)
     data = asyncio.run(main_async(sizes, seconds, 2 if args.quick else WINDOW_PAIRS))
     rows = []
     for r in data["results"]:

@@ -98,3 +98,23 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["scrapes_served"] > 0
         assert row["failures"] >= 0
         assert row["polls"] > 0
+
+
+def test_the_window_noise_benchmark_reads_the_machine_alone(tmp_path: Path) -> None:
+    """bench/window_noise.py lays bench/scale.py's windows over a trace of
+    the machine's speed: a ratio near 1 (nothing costs more in one kind of
+    window than in the other), and its spread."""
+    out = tmp_path / "out.json"
+    result = subprocess.run(
+        [sys.executable, "bench/window_noise.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "alone" in result.stdout
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["starts"] > 0
+    assert 0.5 < row["ratio_min"] <= row["ratio_p5"] < 1.5
+    assert row["ratio_sd"] >= 0
