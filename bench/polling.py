@@ -6,11 +6,11 @@ and the same polls through the declarative source (Elevate configured as
     .venv/bin/python bench/polling.py            # 100, 1,000 and 10,000 imports
     .venv/bin/python bench/polling.py --quick    # seconds; what the tests run
 
-The simulator runs in its own process; both share it, interleaved (baseline,
-exporter, baseline, exporter). The baseline runs in this process, which has
-imported the exporter's web stack and set glibc's allocation thresholds as the
-exporter does from its start (the same heap conditions), and builds each
-request URL once. The simulator's answers change every
+The simulator runs in its own process; all share it, interleaved (baseline,
+exporter, ``http_json``, then again, :data:`ROUNDS` times). The baseline runs
+in this process, which has imported the exporter's web stack and set glibc's
+allocation thresholds as the exporter does from its start (the same heap
+conditions), and builds each request URL once. The simulator's answers change every
 second, so the exporter's store really writes; each window (2 s) covers two
 of its periodic writes. Ten rounds of short windows rather than two of 8 s:
 the machine's speed moves by up to a third in phases of a few seconds, and
@@ -233,7 +233,13 @@ async def main_async(
                     "http_json_errors": declared.get("errors", 0),
                 }
             )
-    return {"concurrency": concurrency, "seconds": seconds, "rounds": rounds, "results": results}
+    return {
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "rounds": rounds,
+        "warm_up_s": warm_up,
+        "results": results,
+    }
 
 
 def main() -> int:

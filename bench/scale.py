@@ -15,10 +15,10 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
   byte, see :func:`until`), the package's bytecode compiled beforehand;
 - the worst event-loop delay: ``/-/healthy`` probed every 10 ms from this
   process, in windows of polling alone and windows where another process
-  scrapes ``/metrics`` back to back (gzip), interleaved in the order
-  alone, scraped, scraped, alone, alone, scraped, scraped, alone (each kind's
-  windows have the same mean place in time, so a steady drift of the
-  machine or the process touches both alike), the first once the simulator
+  scrapes ``/metrics`` back to back (gzip), :data:`WINDOW_PAIRS` pairs
+  interleaved in the order alone, scraped, scraped, alone, alone, scraped,
+  and so on (each kind's windows have the same mean place in time, so a
+  steady drift of the machine or the process touches both alike), the first once the simulator
   has had three rounds of polls (:data:`WARM_ROUNDS`: past the start-up's
   transient); all cover the store's writes (every second). A scraped window's count of
   polls covers whole cycles of back-to-back scrapes: it starts where the
@@ -315,8 +315,9 @@ moves by up to a third in phases of 2-10 s (``bench/window_noise.py``), and
 a phase inside both kinds of window touches the ratio less than one inside
 a single window. Over a trace of 900 s of that script, four pairs of 8 s
 (the windows before) read the polls ratio of a process whose scrapes cost
-nothing with a spread (sd) of 0.063, twelve pairs of 4 s with 0.039 (0.050 ;
-0.032 in the trace's two halves), in 1.8 times as long."""
+nothing with a spread (sd) of 0.064 (0.072 ; 0.060 in the trace's two
+halves), twelve pairs of 4 s with 0.038 (0.043 ; 0.038), in 1.9 times as
+long."""
 SETTLE_SECONDS = 2.0
 """After a scraped window: the render of the scrape cut short ends (under a
 second at 100,000 imports) before the next window counts polls."""

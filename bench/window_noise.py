@@ -1,6 +1,6 @@
 """Window noise: how much of a benchmark's ratio is the machine's speed.
 
-    .venv/bin/python bench/window_noise.py           # a trace of 240 s
+    .venv/bin/python bench/window_noise.py           # a trace of 900 s
     .venv/bin/python bench/window_noise.py --quick   # 20 s; what the tests run
 
 A fixed piece of work (a pure Python loop of about 10 ms) is timed over and
@@ -55,22 +55,33 @@ Segment = tuple[str | None, float]
 """A window of a kind, or a gap (None) not counted, and its seconds."""
 
 
+SCRAPE_OVERRUN = 0.7
+"""How long a scraped window of ``bench/scale.py`` runs past its seconds on
+average: to the end of the scrape under way then, half a scrape at 100,000
+imports."""
+
+
 def scale_order(pair: int, seconds: float) -> list[Segment]:
     """``bench/scale.py``: (alone, scraped), then (scraped, alone); before a
     window alone, the render of what polls changed (0.5 s at 100,000
     imports); before a scraped one, that render, the scraper's start and
     its first scrape, not counted (2 s); after it, the settling."""
     alone: list[Segment] = [(None, 0.5), ("alone", seconds)]
-    scraped: list[Segment] = [(None, 2.0), ("scraped", seconds), (None, scale.SETTLE_SECONDS)]
+    scraped: list[Segment] = [
+        (None, 2.0),
+        ("scraped", seconds + SCRAPE_OVERRUN),
+        (None, scale.SETTLE_SECONDS),
+    ]
     return alone + scraped if pair % 2 == 0 else scraped + alone
 
 
 def polling_order(_: int, seconds: float) -> list[Segment]:
     """``bench/polling.py``: the baseline after its connections warm up
-    (1 s), the exporter and ``http_json`` each after its start, its first
-    round of polls and that round's write (4 s at 10,000 imports)."""
+    (up to 1 s), the exporter and ``http_json`` each after its start, its
+    first round of polls and that round's write (4 s at 10,000 imports,
+    less at 100 and 1,000)."""
     return [
-        (None, 1.0),
+        (None, min(1.0, seconds / 3)),
         ("baseline", seconds),
         (None, 4.0),
         ("exporter", seconds),
@@ -125,17 +136,24 @@ def segments(scheme: Scheme) -> list[Segment]:
 
 
 def ratios(trace: list[float], scheme: Scheme) -> list[float]:
-    """The ratio ``scheme`` reads at each start in the trace (a bin apart)."""
+    """The ratio ``scheme`` reads at each start in the trace (a bin apart):
+    the mean speed over the measured windows over the mean over the
+    baseline's (a benchmark divides polls by its windows' time)."""
     steps = [(kind, round(seconds / BIN)) for kind, seconds in segments(scheme)]
     span = sum(length for _, length in steps)
+    bins = {kind: 0 for kind in (scheme.baseline, scheme.measured)}
+    for kind, length in steps:
+        if kind in bins:
+            bins[kind] += length
     readings = []
-    for start in range(len(trace) - span):
+    for start in range(len(trace) - span + 1):
         at, speed = start, {scheme.baseline: 0.0, scheme.measured: 0.0}
         for kind, length in steps:
             if kind in speed:
                 speed[kind] += sum(trace[at : at + length])
             at += length
-        readings.append(speed[scheme.measured] / speed[scheme.baseline])
+        measured = speed[scheme.measured] / bins[scheme.measured]
+        readings.append(measured / (speed[scheme.baseline] / bins[scheme.baseline]))
     return readings
 
 
@@ -145,12 +163,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    seconds = args.seconds or (20.0 if args.quick else 240.0)
+    seconds = args.seconds or (20.0 if args.quick else 900.0)
     trace = speed_trace(seconds)
     mean = statistics.fmean(trace)
     results: list[dict[str, Any]] = []
     for scheme in QUICK if args.quick else SCHEMES:
         readings = ratios(trace, scheme)
+        if len(readings) < 2:
+            print(f"{scheme.bench}, {scheme.rounds} x {scheme.seconds:g} s: longer than the trace")
+            continue
         results.append(
             {
                 "bench": scheme.bench,
