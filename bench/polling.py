@@ -10,8 +10,8 @@ The simulator runs in its own process; all share it, interleaved (baseline,
 exporter, ``http_json``, then again, :data:`ROUNDS` times). The baseline runs
 in this process, which has imported the exporter's web stack and set glibc's
 allocation thresholds as the exporter does from its start (the same heap
-conditions), and builds each request URL once. The simulator's answers change every
-second, so the exporter's store really writes; each window (2 s) covers two
+conditions), and builds each request URL once. The simulator's answers
+change every second, so the exporter's store really writes; each window (2 s) covers two
 of its periodic writes. Ten rounds of short windows rather than two of 8 s:
 the machine's speed moves by up to a third in phases of a few seconds, and
 short windows in turn let each phase touch all three kinds
@@ -51,9 +51,10 @@ ROUNDS = 10
 """Rounds of windows per size (baseline, exporter, ``http_json``); 1 with ``--quick``."""
 WARM_UP_SECONDS = 4.0
 """A window of the baseline at each size, before the measured ones, not
-counted (a quarter of it with ``--quick``): the first window against a fresh simulator ran 10-20 %
-slower (more CPU a poll: the client waited on a simulator still warming up),
-and it went to whichever contender came first."""
+counted (a quarter of it with ``--quick``): the first window against a
+fresh simulator ran 10-20 % slower (more CPU a poll: the client waited on
+a simulator still warming up), and it went to whichever contender came
+first."""
 TARGET_HTTP_JSON_CPU_RATIO = 1.2
 """CPU per poll through ``http_json`` over the native Elevate adapter's."""
 

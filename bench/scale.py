@@ -18,8 +18,8 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
   scrapes ``/metrics`` back to back (gzip), :data:`WINDOW_PAIRS` pairs
   interleaved in the order alone, scraped, scraped, alone, alone, scraped,
   and so on (each kind's windows have the same mean place in time, so a
-  steady drift of the machine or the process touches both alike), the first once the simulator
-  has had three rounds of polls (:data:`WARM_ROUNDS`: past the start-up's
+  steady drift of the machine or the process touches both alike), the
+  first once the simulator has had three rounds of polls (:data:`WARM_ROUNDS`: past the start-up's
   transient); all cover the store's writes (every second). A scraped window's count of
   polls covers whole cycles of back-to-back scrapes: it starts where the
   scraper's first scrape ends (that scrape, after a window without any,

@@ -146,9 +146,7 @@ class SourceScheduler:
         while heap and scheduled.get(heap[0][2]) != heap[0][1]:
             heapq.heappop(heap)  # removed while waiting
         while ids and scheduled.get(ids[0]) != generations[0]:
-            dues.popleft()
-            generations.popleft()
-            ids.popleft()
+            self._pop_queued()
         from_heap = bool(heap) and (not dues or heap[0][0] < dues[0])
         if from_heap:
             due = heap[0][0]
@@ -161,9 +159,13 @@ class SourceScheduler:
             return None
         if from_heap:
             return heapq.heappop(heap)[2]
-        dues.popleft()
-        generations.popleft()
-        return ids.popleft()
+        return self._pop_queued()
+
+    def _pop_queued(self) -> str:
+        """The queue's first entry taken (from each of its deques): its id."""
+        self._queue_due.popleft()
+        self._queue_generation.popleft()
+        return self._queue_id.popleft()
 
     def _first_due(self) -> float | None:
         """When the first import is due (None: none is waiting)."""
