@@ -6,37 +6,56 @@ and the same polls through the declarative source (Elevate configured as
     .venv/bin/python bench/polling.py            # 100, 1,000 and 10,000 imports
     .venv/bin/python bench/polling.py --quick    # seconds; what the tests run
 
-The simulator runs in its own process; all share it, interleaved (baseline,
-exporter, ``http_json``, then again, :data:`ROUNDS` times). The baseline runs
-in this process, which has imported the exporter's web stack and set glibc's
+Each contender (the baseline, the exporter, the exporter with ``http_json``)
+is a process of its own, started once for each size, polling one simulator,
+itself in a process of its own. They take turns: one runs for
+:data:`TURN_SECONDS` while the other two are stopped (``SIGSTOP``), for
+:data:`ROUNDS` rounds of the three. The machine's speed moves by up to a third
+in phases of a few seconds (``bench/window_noise.py``); turns this short put
+all three in every phase, where windows of seconds, each with a new
+exporter, left the ratio to which phases each window fell in. A stopped
+process does nothing, its threads included, so what a contender's turns
+count (its polls, and its CPU read by itself at the start and the end of
+each turn) is what it costs with the machine to itself: the exporter's
+store writes what its polls learnt in its own turns. Polls per second are
+per second of its own turns. Before the counted rounds, a first turn of each
+is not counted: the baseline's, longer, warms the simulator up (the first
+seconds against a fresh simulator cost a client 10-20 % more CPU a poll);
+each exporter has, before it, polled every import once and written that
+round to its store.
+
+The baseline's process imports the exporter's web stack and sets glibc's
 allocation thresholds as the exporter does from its start (the same heap
-conditions), and builds each request URL once. The simulator's answers
-change every second, so the exporter's store really writes; each window (2 s) covers two
-of its periodic writes. Ten rounds of short windows rather than two of 8 s:
-the machine's speed moves by up to a third in phases of a few seconds, and
-short windows in turn let each phase touch all three kinds
-(``bench/window_noise.py``). A first window at each size warms the simulator
-up and is not counted.
+conditions), and builds each request URL once. The simulator's answers change
+every second, so the exporter's store really writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import itertools
 import json
+import os
+import resource
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import bench_config, cpu_seconds, print_table, simulator_process, write_json
+from bench.common import ROOT, bench_config, print_table, simulator_process, write_json
 from exporter.exposition import return_large_buffers_to_the_os
 from exporter.persistence import PERSIST_INTERVAL
 from exporter.runtime import Exporter
@@ -45,18 +64,16 @@ from exporter.simulator import DEMO_CREDENTIALS
 TARGET_RATE_RATIO = 0.85
 TARGET_CPU_RATIO = 1.2
 """Issue 17's target against the honest baseline (an older issue had 1.25)."""
-WINDOW_SECONDS = 2.0
-"""A window's length (``--seconds``; 1 with ``--quick``)."""
-ROUNDS = 10
-"""Rounds of windows per size (baseline, exporter, ``http_json``); 1 with ``--quick``."""
+TURN_SECONDS = 0.5
+"""A contender's turn (``--seconds``; 0.25 with ``--quick``)."""
+ROUNDS = 40
+"""Rounds of turns per size (baseline, exporter, ``http_json``); 4 with ``--quick``."""
 WARM_UP_SECONDS = 4.0
-"""A window of the baseline at each size, before the measured ones, not
-counted (a quarter of it with ``--quick``): the first window against a
-fresh simulator ran 10-20 % slower (more CPU a poll: the client waited on
-a simulator still warming up), and it went to whichever contender came
-first."""
+"""The baseline's first turn at each size, not counted (the others': a
+quarter of it; all a quarter with ``--quick``)."""
 TARGET_HTTP_JSON_CPU_RATIO = 1.2
 """CPU per poll through ``http_json`` over the native Elevate adapter's."""
+CONTENDERS = ("baseline", "exporter", "http_json")
 
 
 def as_http_json(native: Any) -> Any:
@@ -92,9 +109,38 @@ def bench_ids(count: int) -> list[str]:
     return [f"churn-{i}" for i in range(count)]
 
 
-async def measure_baseline(
-    url: str, count: int, concurrency: int, seconds: float
-) -> dict[str, float]:
+def as_fast_as_allowed(config: Any) -> Any:
+    """``config`` with its source polling "as fast as the concurrency
+    allows": every import due again as soon as its poll returns. (A config
+    file cannot say this: interval >= timeout.)"""
+    source = config.sources[0].model_copy(update={"interval": 1e-6})
+    return config.model_copy(update={"sources": [source]})
+
+
+# --- a contender, in its own process ------------------------------------------
+
+
+Counts = Callable[[], tuple[int, int]]
+"""A contender's polls and errors so far."""
+
+
+async def answer_marks(counts: Counts, marks: IO[str]) -> None:
+    """Say ``ready``, then answer each line on standard input with the polls,
+    errors, CPU seconds (every thread's) and clock so far, until it closes."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    marks.write("ready\n")
+    marks.flush()
+    while await reader.readline():
+        polls, errors = counts()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = usage.ru_utime + usage.ru_stime
+        marks.write(json.dumps([polls, errors, cpu, time.perf_counter()]) + "\n")
+        marks.flush()
+
+
+async def run_baseline(url: str, count: int, concurrency: int, marks: IO[str]) -> None:
     """One ClientSession, ``concurrency`` workers cycling over the ids, parsing
     JSON; each request URL built once, as the exporter does."""
     urls = itertools.cycle(
@@ -102,40 +148,25 @@ async def measure_baseline(
     )
     headers = {"Api-Key": DEMO_CREDENTIALS.elevate_api_key, "Accept-Encoding": "gzip"}
     polls = 0
-    measuring = False
-    stop = False
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal polls
-        while not stop:
+        while True:
             async with session.get(next(urls), headers=headers) as response:
                 json.loads(await response.read())
-            if measuring:
-                polls += 1
+            polls += 1
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         tasks = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
-        await asyncio.sleep(min(1.0, seconds / 3))  # warm up connections
-        measuring = True
-        cpu0, t0 = cpu_seconds(), time.perf_counter()
-        await asyncio.sleep(seconds)
-        cpu1, t1 = cpu_seconds(), time.perf_counter()
-        measuring = False
-        done = polls
-        stop = True
-        await asyncio.gather(*tasks)
-    return {"polls": done, "seconds": t1 - t0, "cpu": cpu1 - cpu0}
+        await answer_marks(lambda: (polls, 0), marks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def measure_exporter(
-    url: str,
-    count: int,
-    concurrency: int,
-    seconds: float,
-    storage: bool = True,
-    *,
-    declarative: bool = False,
-) -> dict[str, float]:
+async def run_exporter(
+    url: str, count: int, concurrency: int, marks: IO[str], *, declarative: bool, storage: bool
+) -> None:
     config = bench_config(
         url,
         [{"id": i} for i in bench_ids(count)],
@@ -148,48 +179,165 @@ async def measure_exporter(
     # state, so every import is written about once a second.
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/bench.db" if storage else None
-        return await _measure(Exporter(config, "127.0.0.1:0", storage_path=path), seconds)
+        exporter = Exporter(config, "127.0.0.1:0", storage_path=path)
+        await exporter.start()
+        try:
+            record = exporter.state.sources["bench"]
+            # Steady state: every import polled once and that first round
+            # written to the store (a one-off write of every row).
+            async with asyncio.timeout(120):
+                while not exporter.state.ready():
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(PERSIST_INTERVAL * 1.5)
+            await answer_marks(
+                lambda: (record.requests_total, sum(record.errors_total.values())), marks
+            )
+        finally:
+            await exporter.stop()
 
 
-def as_fast_as_allowed(config: Any) -> Any:
-    """``config`` with its source polling "as fast as the concurrency
-    allows": every import due again as soon as its poll returns. (A config
-    file cannot say this: interval >= timeout.)"""
-    source = config.sources[0].model_copy(update={"interval": 1e-6})
-    return config.model_copy(update={"sources": [source]})
+def contender_main(args: argparse.Namespace) -> None:
+    # Marks go out on the real standard output; anything else printed, to
+    # standard error.
+    marks = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    # As Exporter.start does, in the baseline's process too (the same heap).
+    return_large_buffers_to_the_os()
+    if args.contender == "baseline":
+        run = run_baseline(args.url, args.count, args.concurrency, marks)
+    else:
+        run = run_exporter(
+            args.url,
+            args.count,
+            args.concurrency,
+            marks,
+            declarative=args.contender == "http_json",
+            storage=not args.no_storage,
+        )
+    asyncio.run(run)
 
 
-async def _measure(exporter: Exporter, seconds: float) -> dict[str, float]:
-    await exporter.start()
+# --- the turns ---------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In a contender, before it runs: killed when the bench dies, even while
+    stopped (a stopped process acts on no other signal)."""
+    name = ctypes.util.find_library("c")
+    if name is not None:
+        ctypes.CDLL(name).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Totals:
+    """A contender's counted turns, summed (errors: since its start)."""
+
+    polls: int = 0
+    errors: int = 0
+    cpu: float = 0.0
+    seconds: float = 0.0
+    turns: int = 0
+
+
+class Contender:
+    """A contender's process, stopped between its turns."""
+
+    def __init__(self, kind: str, url: str, count: int, concurrency: int, storage: bool) -> None:
+        self.kind = kind
+        command = [sys.executable, __file__, "--contender", kind, "--url", url]
+        command += ["--count", str(count), "--concurrency", str(concurrency)]
+        command += [] if storage else ["--no-storage"]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.totals = Totals()
+        try:
+            if self._line() != "ready":
+                raise RuntimeError(f"{kind}: did not start")
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            raise
+        self.process.send_signal(signal.SIGSTOP)
+
+    def _line(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.kind}: exited with {self.process.wait()}")
+        return line.strip()
+
+    def _mark(self) -> tuple[int, int, float, float]:
+        assert self.process.stdin is not None
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        polls, errors, cpu, clock = json.loads(self._line())
+        return polls, errors, cpu, clock
+
+    def turn(self, seconds: float, *, counted: bool = True) -> None:
+        """Run for ``seconds``, then stop; add the turn to :attr:`totals`."""
+        self.process.send_signal(signal.SIGCONT)
+        polls0, _, cpu0, clock0 = self._mark()
+        time.sleep(seconds)
+        polls1, errors, cpu1, clock1 = self._mark()
+        self.process.send_signal(signal.SIGSTOP)
+        if counted:
+            totals = self.totals
+            totals.polls += polls1 - polls0
+            totals.cpu += cpu1 - cpu0
+            totals.seconds += clock1 - clock0
+            totals.errors = errors
+            totals.turns += 1
+
+    def close(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+        assert self.process.stdin is not None
+        self.process.stdin.close()  # a graceful stop
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def measure(
+    url: str,
+    count: int,
+    concurrency: int,
+    seconds: float,
+    rounds: int,
+    warm_up: float,
+    storage: bool,
+) -> dict[str, Totals]:
+    """The three contenders' counted turns at ``count`` imports."""
+    contenders: list[Contender] = []
     try:
-        record = exporter.state.sources["bench"]
-        # Steady state: every import polled once and that first round written
-        # to the store (a one-off write of every row), then measure.
-        await asyncio.sleep(min(1.0, seconds / 3))
-        async with asyncio.timeout(120):
-            while not exporter.state.ready():
-                await asyncio.sleep(0.05)
-        await asyncio.sleep(PERSIST_INTERVAL * 1.5)
-        polls0, cpu0, t0 = record.requests_total, cpu_seconds(), time.perf_counter()
-        await asyncio.sleep(seconds)
-        polls1, cpu1, t1 = record.requests_total, cpu_seconds(), time.perf_counter()
-        errors = sum(record.errors_total.values())
+        for kind in CONTENDERS:
+            contenders.append(Contender(kind, url, count, concurrency, storage))
+        for contender in contenders:
+            first = contender.kind == CONTENDERS[0]
+            contender.turn(warm_up if first else warm_up / 4, counted=False)
+        for _ in range(rounds):
+            for contender in contenders:
+                contender.turn(seconds)
     finally:
-        await exporter.stop()
-    return {"polls": polls1 - polls0, "seconds": t1 - t0, "cpu": cpu1 - cpu0, "errors": errors}
+        for contender in contenders:
+            contender.close()
+    return {contender.kind: contender.totals for contender in contenders}
 
 
-def summarize(run: dict[str, float]) -> tuple[float, float]:
-    rate = run["polls"] / run["seconds"]
-    cpu_per_1000 = run["cpu"] / max(run["polls"], 1) * 1000
+def summarize(totals: Totals) -> tuple[float, float]:
+    rate = totals.polls / totals.seconds
+    cpu_per_1000 = totals.cpu / max(totals.polls, 1) * 1000
     return rate, cpu_per_1000
 
 
-def merged(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {key: sum(run.get(key, 0) for run in runs) for key in runs[0]}
-
-
-async def main_async(
+def run_sizes(
     sizes: list[int],
     concurrency: int,
     seconds: float,
@@ -197,27 +345,13 @@ async def main_async(
     rounds: int = ROUNDS,
     warm_up: float = WARM_UP_SECONDS,
 ) -> dict[str, Any]:
-    # As Exporter.start does: the same allocation settings from the first
-    # baseline run on, not only after the first exporter run.
-    return_large_buffers_to_the_os()
     results = []
     with simulator_process() as url:
         for count in sizes:
-            # Interleaved, so a drift of the machine touches all three alike.
-            bases, ourses, declareds = [], [], []
-            await measure_baseline(url, count, concurrency, warm_up)
-            for _ in range(rounds):
-                bases.append(await measure_baseline(url, count, concurrency, seconds))
-                ourses.append(await measure_exporter(url, count, concurrency, seconds, storage))
-                declareds.append(
-                    await measure_exporter(
-                        url, count, concurrency, seconds, storage, declarative=True
-                    )
-                )
-            base, ours, declared = merged(bases), merged(ourses), merged(declareds)
-            base_rate, base_cpu = summarize(base)
-            rate, cpu = summarize(ours)
-            declared_rate, declared_cpu = summarize(declared)
+            totals = measure(url, count, concurrency, seconds, rounds, warm_up, storage)
+            base_rate, base_cpu = summarize(totals["baseline"])
+            rate, cpu = summarize(totals["exporter"])
+            declared_rate, declared_cpu = summarize(totals["http_json"])
             results.append(
                 {
                     "imports": count,
@@ -227,16 +361,17 @@ async def main_async(
                     "exporter_cpu_s_per_1000": cpu,
                     "rate_ratio": rate / base_rate,
                     "cpu_ratio": cpu / base_cpu,
-                    "exporter_errors": ours.get("errors", 0),
+                    "exporter_errors": totals["exporter"].errors,
                     "http_json_polls_per_s": declared_rate,
                     "http_json_cpu_s_per_1000": declared_cpu,
                     "http_json_cpu_ratio": declared_cpu / cpu,
-                    "http_json_errors": declared.get("errors", 0),
+                    "http_json_errors": totals["http_json"].errors,
+                    "turns": {kind: vars(counted) for kind, counted in totals.items()},
                 }
             )
     return {
         "concurrency": concurrency,
-        "seconds": seconds,
+        "turn_s": seconds,
         "rounds": rounds,
         "warm_up_s": warm_up,
         "results": results,
@@ -247,22 +382,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, for the test suite")
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--seconds", type=float, default=None, help="a turn's length")
     parser.add_argument("--sizes", type=int, nargs="*", default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--no-storage", action="store_true", help="run the exporter without its SQLite store"
     )
+    # A contender's own process (see Contender).
+    parser.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.contender:
+        contender_main(args)
+        return 0
     sizes = args.sizes or ([100] if args.quick else [100, 1000, 10000])
-    seconds = args.seconds or (1.0 if args.quick else WINDOW_SECONDS)
-    rounds = 1 if args.quick else ROUNDS
+    seconds = args.seconds or (TURN_SECONDS / 2 if args.quick else TURN_SECONDS)
+    rounds = 4 if args.quick else ROUNDS
     warm_up = WARM_UP_SECONDS / 4 if args.quick else WARM_UP_SECONDS
-    data = asyncio.run(
-        main_async(sizes, args.concurrency, seconds, not args.no_storage, rounds, warm_up)
-    )
+    data = run_sizes(sizes, args.concurrency, seconds, not args.no_storage, rounds, warm_up)
     print_table(
-        f"Polling overhead (concurrency {args.concurrency}, {seconds:g}s each; "
+        f"Polling overhead (concurrency {args.concurrency}, {rounds} turns of {seconds:g} s each; "
         f"targets: rate ratio >= {TARGET_RATE_RATIO}, CPU ratio <= {TARGET_CPU_RATIO}, "
         f"http_json CPU ratio <= {TARGET_HTTP_JSON_CPU_RATIO})",
         [

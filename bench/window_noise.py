@@ -76,10 +76,10 @@ def scale_order(pair: int, seconds: float) -> list[Segment]:
 
 
 def polling_order(_: int, seconds: float) -> list[Segment]:
-    """``bench/polling.py``: the baseline after its connections warm up
-    (up to 1 s), the exporter and ``http_json`` each after its start, its
-    first round of polls and that round's write (4 s at 10,000 imports,
-    less at 100 and 1,000)."""
+    """``bench/polling.py`` until the nineteenth session: the baseline after
+    its connections warm up (up to 1 s), the exporter and ``http_json``
+    each after its start, its first round of polls and that round's write
+    (4 s at 10,000 imports, less at 100 and 1,000)."""
     return [
         (None, min(1.0, seconds / 3)),
         ("baseline", seconds),
@@ -90,6 +90,12 @@ def polling_order(_: int, seconds: float) -> list[Segment]:
     ]
 
 
+def polling_turns_order(_: int, seconds: float) -> list[Segment]:
+    """``bench/polling.py``: each contender's process in its turn, the two
+    others stopped, with no gap (a mark each side of a turn: about 1 ms)."""
+    return [("baseline", seconds), ("exporter", seconds), ("http_json", seconds)]
+
+
 SCHEMES = [
     Scheme("scale.py", 8.0, 4, scale_order, "alone", "scraped"),
     Scheme("scale.py", 3.0, 10, scale_order, "alone", "scraped"),
@@ -97,12 +103,20 @@ SCHEMES = [
     Scheme("scale.py", 2.0, 20, scale_order, "alone", "scraped"),
     Scheme("polling.py", 8.0, 2, polling_order, "baseline", "exporter"),
     Scheme("polling.py", 3.0, 8, polling_order, "baseline", "exporter"),
+    Scheme("polling.py", 2.0, 10, polling_order, "baseline", "exporter"),
     Scheme(
-        "polling.py", polling.WINDOW_SECONDS, polling.ROUNDS, polling_order, "baseline", "exporter"
+        "polling.py",
+        polling.TURN_SECONDS,
+        polling.ROUNDS,
+        polling_turns_order,
+        "baseline",
+        "exporter",
     ),
 ]
 """For each benchmark: its windows before the eighteenth session, then
-others, its own (``WINDOW_SECONDS``, and its pairs or rounds) among them."""
+others, its own among them (``scale.py``'s ``WINDOW_SECONDS`` and pairs;
+``polling.py``'s windows of the eighteenth session, 10 rounds of 2 s, and
+its turns since the nineteenth)."""
 QUICK = [Scheme("scale.py", 2.0, 2, scale_order, "alone", "scraped")]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Iterator
 
@@ -11,40 +10,51 @@ import pytest
 from bench import polling
 
 
-def test_the_first_window_at_each_size_warms_up_and_is_not_counted(
+def test_the_first_turn_of_each_contender_warms_up_and_is_not_counted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The first window against a fresh simulator ran slower than the rest
+    """The first seconds against a fresh simulator ran slower than the rest
     (66-74 against 60-62 us of CPU a poll for the baseline at 10,000 imports):
-    it went to whichever contender came first, the baseline, and flattered
-    the exporter. A cold window (here: one poll a second) must not count."""
-    windows: list[tuple[str, int]] = []
+    they went to whichever contender came first, and flattered the exporter.
+    A cold turn (here: one poll a second) must not count, for any contender
+    at any size; the counted turns alternate, each contender's summed."""
+    turns: list[tuple[str, int, float, bool]] = []
 
-    def window(polls: float) -> dict[str, float]:
-        return {"polls": polls, "seconds": 1.0, "cpu": polls * 60e-6, "errors": 0}
+    class Contender:
+        def __init__(self, kind: str, _url: str, count: int, *_: object) -> None:
+            self.kind, self.count = kind, count
+            self.totals = polling.Totals()
 
-    async def baseline(_url: str, count: int, *_: object) -> dict[str, float]:
-        windows.append(("baseline", count))
-        cold = sum(1 for kind, size in windows if size == count) == 1
-        return window(1.0 if cold else 1000.0)
+        def turn(self, seconds: float, *, counted: bool = True) -> None:
+            cold = not any(turn[:2] == (self.kind, self.count) for turn in turns)
+            turns.append((self.kind, self.count, seconds, counted))
+            if counted:
+                polls = int((1 if cold else 1000) * seconds)
+                self.totals.polls += polls
+                self.totals.cpu += polls * 60e-6
+                self.totals.seconds += seconds
+                self.totals.turns += 1
 
-    async def exporter(_url: str, count: int, *_: object, **__: object) -> dict[str, float]:
-        windows.append(("exporter", count))
-        return window(1000.0)
+        def close(self) -> None:
+            pass
 
     @contextlib.contextmanager
     def simulator() -> Iterator[str]:
         yield "http://127.0.0.1:9"
 
-    monkeypatch.setattr(polling, "measure_baseline", baseline)
-    monkeypatch.setattr(polling, "measure_exporter", exporter)
+    monkeypatch.setattr(polling, "Contender", Contender)
     monkeypatch.setattr(polling, "simulator_process", simulator)
-    monkeypatch.setattr(polling, "return_large_buffers_to_the_os", lambda: None)
 
-    data = asyncio.run(polling.main_async([100, 1000], 4, 1.0, rounds=2))
+    data = polling.run_sizes([100, 1000], 4, 0.5, rounds=3, warm_up=4.0)
 
-    assert next(kind for kind, size in windows if size == 100) == "baseline"
+    for count in (100, 1000):
+        firsts = [next(t for t in turns if t[:2] == (kind, count)) for kind in polling.CONTENDERS]
+        assert [counted for *_, counted in firsts] == [False, False, False]
+        assert firsts[0][2] == 4.0  # the baseline's warms the simulator up
+        counted = [t[0] for t in turns if t[1] == count and t[3]]
+        assert counted == list(polling.CONTENDERS) * 3  # in turns, round after round
     for row in data["results"]:
         assert row["baseline_polls_per_s"] == pytest.approx(1000.0)
         assert row["rate_ratio"] == pytest.approx(1.0)
         assert row["cpu_ratio"] == pytest.approx(1.0)
+        assert row["turns"]["exporter"]["turns"] == 3

@@ -57,6 +57,12 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["baseline_polls_per_s"] > 0
         assert row["rate_ratio"] > 0
         assert row["cpu_ratio"] > 0
+        # Every contender had its turns (the quick mode's four), each counted.
+        assert {kind: turns["turns"] for kind, turns in row["turns"].items()} == {
+            "baseline": 4,
+            "exporter": 4,
+            "http_json": 4,
+        }
     elif script == "poll_path.py":
         assert row["bare_cpu_us_per_poll"] > 0
         assert row["exporter_cpu_us_per_poll"] > 0
