@@ -30,6 +30,10 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
   starts :data:`SETTLE_SECONDS` later, once the render that scrape started
   is over, and after a render of what polls changed meanwhile (see
   :func:`render_changes`);
+- beside it, the same probe of an aiohttp server that does nothing else, in
+  a process of its own (:data:`IDLE_SERVER`), over the same windows: its
+  worst is the machine's and the probe's own share (a process that waited
+  for a core, the probe's round trip), which the exporter's worst includes;
 - polls/s of both kinds of window, and scrape p50/p99 over the scrapes
   the scraped windows count;
 - cyclic GC collections and the longest pause per generation, recorded in the
@@ -43,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import compileall
+import contextlib
 import gc
 import gzip
 import json
@@ -52,6 +57,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +87,44 @@ while True:  # until killed: each scrape's duration as a line
         assert response.status == 200
     print(time.perf_counter() - t0, flush=True)
 """
+
+
+IDLE_SERVER = """
+import sys
+from aiohttp import web
+
+async def healthy(request):
+    return web.Response(text="OK")
+
+app = web.Application()
+app.router.add_get("/-/healthy", healthy)
+web.run_app(
+    app,
+    host="127.0.0.1",
+    port=int(sys.argv[1]),
+    print=lambda *_: print("listening", flush=True),
+    access_log=None,
+)
+"""
+
+
+@contextlib.asynccontextmanager
+async def idle_server() -> AsyncIterator[str]:
+    """An aiohttp server answering ``/-/healthy`` and doing nothing else, in
+    a process of its own: the probe's floor on this machine. Its base URL."""
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", IDLE_SERVER, str(port), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert server.stdout is not None
+        if await asyncio.wait_for(server.stdout.readline(), 60) != b"listening\n":
+            raise RuntimeError("the idle server did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if server.returncode is None:
+            server.kill()
+        await server.wait()
 
 
 def child(stats_path: str, argv: list[str]) -> int:
@@ -259,11 +303,13 @@ async def window(
     base: str,
     upstream: str,
     probe: Probe,
+    floor: Probe,
     seconds: float,
     scrape: bool,
 ) -> dict[str, Any]:
     """Polls and the worst probe delay over the next ``seconds`` (scraped:
-    over whole scrape cycles of ``seconds`` or more, and their scrapes)."""
+    over whole scrape cycles of ``seconds`` or more, and their scrapes), and
+    the worst of ``floor``, the idle server's probe, over the same time."""
     await render_changes(session, base)
     durations: list[float] = []
     scraper = None
@@ -274,10 +320,12 @@ async def window(
     try:
         if scraper is None:
             probe.reset()
+            floor.reset()
         else:
             if await scraper_line(scraper) != b"scraping\n":
                 raise RuntimeError("the scraper did not start")
             probe.reset()
+            floor.reset()
             await scraper_line(scraper)  # the first scrape, unpaced: not counted
         polls0 = await polls_received(session, upstream)
         t0 = time.perf_counter()
@@ -288,7 +336,7 @@ async def window(
             while time.perf_counter() - t0 < seconds:
                 durations.append(float(await scraper_line(scraper)))
         elapsed = time.perf_counter() - t0
-        worst, probes = probe.worst, probe.count
+        worst, probes, floor_worst = probe.worst, probe.count, floor.worst
         polls = await polls_received(session, upstream) - polls0
     finally:
         if scraper is not None:
@@ -301,6 +349,7 @@ async def window(
         "polls_per_s": polls / elapsed,
         "max_delay_s": worst,
         "probes": probes,
+        "idle_server_max_delay_s": floor_worst,
         "wall": [wall0, time.time()],
         "durations": durations,
     }
@@ -331,6 +380,7 @@ def merged(windows: list[dict[str, Any]]) -> dict[str, Any]:
         "seconds": seconds,
         "polls_per_s": sum(w["polls"] for w in windows) / seconds,
         "max_delay_s": max(w["max_delay_s"] for w in windows),
+        "idle_server_max_delay_s": max(w["idle_server_max_delay_s"] for w in windows),
         "probes": sum(w["probes"] for w in windows),
         "windows": windows,
     }
@@ -344,7 +394,7 @@ def merged(windows: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-async def measure(url: str, count: int, seconds: float, pairs: int) -> dict[str, Any]:
+async def measure(url: str, idle: str, count: int, seconds: float, pairs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config, database, restored = prepare(folder, url, count)
@@ -376,6 +426,8 @@ async def measure(url: str, count: int, seconds: float, pairs: int) -> dict[str,
                 served = await until(session, f"{base}/metrics", t0, process, restored)
                 probe = Probe(session, base)
                 probe.task = asyncio.create_task(probe.run())
+                floor = Probe(session, idle)
+                floor.task = asyncio.create_task(floor.run())
                 ready = await until(session, f"{base}/-/ready", t0, process, timeout=600)
                 await asyncio.sleep(2.0)  # the first round's write
                 await warmed_up(session, url, process, polls_before, count)
@@ -384,12 +436,13 @@ async def measure(url: str, count: int, seconds: float, pairs: int) -> dict[str,
                 for pair in range(pairs):
                     for scrape in (False, True) if pair % 2 == 0 else (True, False):
                         windows[scrape].append(
-                            await window(session, base, url, probe, seconds, scrape)
+                            await window(session, base, url, probe, floor, seconds, scrape)
                         )
                         await asyncio.sleep(SETTLE_SECONDS if scrape else 0.0)
                 polling, scraping = merged(windows[False]), merged(windows[True])
                 rss, children_rss = rss_of(process.pid)
                 probe.task.cancel()
+                floor.task.cancel()
         finally:
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(process.wait(), 120)
@@ -458,11 +511,12 @@ async def main_async(sizes: list[int], seconds: float, pairs: int) -> dict[str, 
         raise RuntimeError("the package's bytecode could not be compiled")
     results = []
     with simulator_process() as url:
-        one = await measure(url, 1, min(seconds, 2.0), 2)
-        for count in sizes:
-            row = await measure(url, count, seconds, pairs)
-            row["rss_per_import_bytes"] = (row["rss_bytes"] - one["rss_bytes"]) / (count - 1)
-            results.append(row)
+        async with idle_server() as idle:
+            one = await measure(url, idle, 1, min(seconds, 2.0), 2)
+            for count in sizes:
+                row = await measure(url, idle, count, seconds, pairs)
+                row["rss_per_import_bytes"] = (row["rss_bytes"] - one["rss_bytes"]) / (count - 1)
+                results.append(row)
     return {
         "one_import_rss_bytes": one["rss_bytes"],
         "seconds": seconds,
@@ -496,6 +550,8 @@ def main() -> int:
                 r["polls_ratio"],
                 r["polling"]["max_delay_s"] * 1000,
                 r["scraping"]["max_delay_s"] * 1000,
+                r["polling"]["idle_server_max_delay_s"] * 1000,
+                r["scraping"]["idle_server_max_delay_s"] * 1000,
                 r["scraping"]["scrape_p50_s"],
                 r["scraping"]["scrape_p99_s"],
                 r["gc"]["max_pause_in_windows_s"] * 1000,
@@ -515,6 +571,8 @@ def main() -> int:
             "ratio",
             "delay ms",
             "delay ms scraped",
+            "idle server ms",
+            "idle ms scraped",
             "scrape p50 s",
             "p99 s",
             "GC max ms (windows)",

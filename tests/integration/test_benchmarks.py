@@ -81,6 +81,9 @@ def test_benchmark_quick_mode_produces_figures(script: str, tmp_path: Path) -> N
         assert row["polling"]["polls_per_s"] > 0
         assert row["scraping"]["polls_per_s"] > 0
         assert row["scraping"]["max_delay_s"] > 0
+        # The idle server's probe ran in the same windows: the machine's floor.
+        assert row["polling"]["idle_server_max_delay_s"] > 0
+        assert row["scraping"]["idle_server_max_delay_s"] > 0
     elif script == "memory.py":
         assert row["rss_bytes"] > 0
         assert "bytes_per_import" in row
