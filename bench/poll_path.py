@@ -6,8 +6,8 @@ against a bare loop of workers making the same requests of the same session
 and parsing the JSON, as ``polling.py``'s baseline does.
 
 ``polling.py`` measures the whole poll, aiohttp, simulator, kernel and
-store included: its windows differ by 2-3 us a poll on this machine class,
-more than a change of the exporter's own path moves them. This measures
+store included: its runs differ by several us a poll on this machine
+class, more than a change of the exporter's own path moves them. This measures
 that path alone, to about 0.1 us.
 
     .venv/bin/python bench/poll_path.py            # 1,000, 10,000 and 100,000 imports
