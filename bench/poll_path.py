@@ -43,7 +43,7 @@ from yarl import URL
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_config, cpu_seconds, print_table, write_json
-from bench.polling import as_fast_as_allowed, bench_ids
+from bench.polling import as_fast_as_allowed
 from exporter.exposition import return_large_buffers_to_the_os
 from exporter.runtime import Exporter
 from exporter.simulator import DEMO_CREDENTIALS
@@ -51,6 +51,12 @@ from exporter.simulator import DEMO_CREDENTIALS
 STATUSES = ("IN_PROGRESS", "WAITING")
 answered = 0
 """Answers given, to either contender."""
+
+
+def bench_ids(count: int) -> list[str]:
+    """Named like the simulator's ``churn-*`` imports, whose answers
+    :class:`InstantRequest` emulates."""
+    return [f"churn-{i}" for i in range(count)]
 
 
 class InstantResponse:

@@ -9,33 +9,40 @@ and the same polls through the declarative source (Elevate configured as
 Each contender (the baseline, the exporter, the exporter with ``http_json``)
 is a process of its own, started once for each size, polling one simulator,
 itself in a process of its own. They take turns: one runs for
-:data:`TURN_SECONDS` while the other two are stopped (``SIGSTOP``), for
-:data:`ROUNDS` rounds of the three. The machine's speed moves by up to a third
-in phases of a few seconds (``bench/window_noise.py``); turns this short put
+:data:`TURN_SECONDS` while the other two are stopped (``SIGSTOP``; the
+exporter's render process, idle here as nothing scrapes, is not stopped nor
+counted), for :data:`ROUNDS` rounds of the three, each
+round in another order. The machine's speed moves by up to a third in
+phases of a few seconds (``bench/window_noise.py``); turns this short put
 all three in every phase, where windows of seconds, each with a new
 exporter, left the ratio to which phases each window fell in. A stopped
-process does nothing, its threads included, so what a contender's turns
-count (its polls, and its CPU read by itself at the start and the end of
-each turn) is what it costs with the machine to itself: the exporter's
-store writes what its polls learnt in its own turns. Polls per second are
-per second of its own turns. Before the counted rounds, a first turn of each
-is not counted: the baseline's, longer, warms the simulator up (the first
-seconds against a fresh simulator cost a client 10-20 % more CPU a poll);
-each exporter has, before it, polled every import once and written that
-round to its store.
+process does nothing, its threads included, so what a contender counts from
+the end of one turn to the end of the next (its polls, and its CPU read by
+itself) over the time it ran is what it costs with the machine to itself:
+the exporter's store writes what its polls learnt in its own turns. Before
+the counted rounds, a first turn of each is not counted: the baseline's,
+longer, warms the simulator up (the first seconds against a fresh simulator
+cost a client 10-20 % more CPU a poll); each exporter has, before it, polled
+every import once and written that round to its store.
+
+A stopped process's clock runs on: its timers are due when it resumes. The
+exporter's store writes once a second, so about once a turn, with what its
+last turn's polls changed (each write's fixed cost counts about twice as
+often as when it runs on). The simulator's answers are running or waiting
+at random, so half the polls change their import whatever time passed
+since the last (answers that changed with the clock changed more or less
+often between two polls when the poller stopped between them).
 
 The baseline's process imports the exporter's web stack and sets glibc's
 allocation thresholds as the exporter does from its start (the same heap
-conditions), and builds each request URL once. The simulator's answers change
-every second, so the exporter's store really writes.
+conditions), and builds each request URL once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
+import contextlib
 import itertools
 import json
 import os
@@ -55,7 +62,14 @@ from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, bench_config, print_table, simulator_process, write_json
+from bench.common import (
+    ROOT,
+    bench_config,
+    die_with_parent,
+    print_table,
+    simulator_process,
+    write_json,
+)
 from exporter.exposition import return_large_buffers_to_the_os
 from exporter.persistence import PERSIST_INTERVAL
 from exporter.runtime import Exporter
@@ -89,7 +103,7 @@ def as_http_json(native: Any) -> Any:
         "url": source.url,
         "concurrency": source.concurrency,
         "interval": "1h",
-        "timeout": "10s",
+        "timeout": "60s",
         "request": {"path": "/api/admin/v4/import/status", "query": {"id": "{id}"}},
         "auth": {"type": "header", "header": "Api-Key", "value": DEMO_CREDENTIALS.elevate_api_key},
         "extract": {
@@ -104,9 +118,12 @@ def as_http_json(native: Any) -> Any:
 
 
 def bench_ids(count: int) -> list[str]:
-    # churn-*: the simulator's answer changes every second, so the exporter's
-    # store really writes (an unchanging answer is only a newer poll time).
-    return [f"churn-{i}" for i in range(count)]
+    # coin-*: the simulator answers running or waiting at random, so half the
+    # polls change their import and the exporter's store really writes,
+    # however the polls fall in time. (churn-*, whose answers change with the
+    # clock, changed between two polls of an import more or less often when
+    # the poller was stopped between its turns than when it ran on.)
+    return [f"coin-{i}" for i in range(count)]
 
 
 def as_fast_as_allowed(config: Any) -> Any:
@@ -126,7 +143,7 @@ Counts = Callable[[], tuple[int, int]]
 
 async def answer_marks(counts: Counts, marks: IO[str]) -> None:
     """Say ``ready``, then answer each line on standard input with the polls,
-    errors, CPU seconds (every thread's) and clock so far, until it closes."""
+    errors and CPU seconds (every thread's) so far, until it closes."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -136,7 +153,7 @@ async def answer_marks(counts: Counts, marks: IO[str]) -> None:
         polls, errors = counts()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu = usage.ru_utime + usage.ru_stime
-        marks.write(json.dumps([polls, errors, cpu, time.perf_counter()]) + "\n")
+        marks.write(json.dumps([polls, errors, cpu]) + "\n")
         marks.flush()
 
 
@@ -147,18 +164,21 @@ async def run_baseline(url: str, count: int, concurrency: int, marks: IO[str]) -
         [URL(f"{url}/api/admin/v4/import/status").with_query(id=i) for i in bench_ids(count)]
     )
     headers = {"Api-Key": DEMO_CREDENTIALS.elevate_api_key, "Accept-Encoding": "gzip"}
-    polls = 0
+    polls = errors = 0
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal polls
+        nonlocal polls, errors
         while True:
-            async with session.get(next(urls), headers=headers) as response:
-                json.loads(await response.read())
-            polls += 1
+            try:
+                async with session.get(next(urls), headers=headers) as response:
+                    json.loads(await response.read())
+                polls += 1
+            except (aiohttp.ClientError, ValueError):
+                errors += 1  # counted and shown, as the exporter's are
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         tasks = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
-        await answer_marks(lambda: (polls, 0), marks)
+        await answer_marks(lambda: (polls, errors), marks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -172,7 +192,9 @@ async def run_exporter(
         [{"id": i} for i in bench_ids(count)],
         concurrency=concurrency,
         interval="1h",
-        timeout="10s",
+        # A stopped process's clock runs on: the first stop lasts the other
+        # contenders' start-ups and first turns.
+        timeout="60s",
     )
     config = as_fast_as_allowed(as_http_json(config) if declarative else config)
     # With its SQLite store, as it runs in production: every poll changes the
@@ -220,14 +242,6 @@ def contender_main(args: argparse.Namespace) -> None:
 # --- the turns ---------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In a contender, before it runs: killed when the bench dies, even while
-    stopped (a stopped process acts on no other signal)."""
-    name = ctypes.util.find_library("c")
-    if name is not None:
-        ctypes.CDLL(name).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class Totals:
     """A contender's counted turns, summed (errors: since its start)."""
@@ -239,8 +253,13 @@ class Totals:
     turns: int = 0
 
 
+Mark = tuple[int, int, float]
+"""A contender's polls, errors and CPU seconds so far."""
+
+
 class Contender:
-    """A contender's process, stopped between its turns."""
+    """A contender's process, in a session of its own (a terminal's Ctrl-Z
+    and ``fg`` do not touch it), stopped between its turns."""
 
     def __init__(self, kind: str, url: str, count: int, concurrency: int, storage: bool) -> None:
         self.kind = kind
@@ -253,17 +272,25 @@ class Contender:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            preexec_fn=_die_with_parent,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self.totals = Totals()
+        self._last: Mark | None = None
         try:
             if self._line() != "ready":
                 raise RuntimeError(f"{kind}: did not start")
+            self._signal(signal.SIGSTOP)
         except BaseException:
-            self.process.kill()
-            self.process.wait()
+            self.kill()
             raise
-        self.process.send_signal(signal.SIGSTOP)
+
+    def _signal(self, signum: int) -> None:
+        # The process alone: the exporter's render process, idle here, runs
+        # on, so it sees its parent's end (and ends) even if this bench is
+        # killed while the parent is stopped.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signum)
 
     def _line(self) -> str:
         assert self.process.stdout is not None
@@ -272,37 +299,49 @@ class Contender:
             raise RuntimeError(f"{self.kind}: exited with {self.process.wait()}")
         return line.strip()
 
-    def _mark(self) -> tuple[int, int, float, float]:
+    def _mark(self) -> Mark:
         assert self.process.stdin is not None
         self.process.stdin.write("\n")
         self.process.stdin.flush()
-        polls, errors, cpu, clock = json.loads(self._line())
-        return polls, errors, cpu, clock
+        polls, errors, cpu = json.loads(self._line())
+        return polls, errors, cpu
 
     def turn(self, seconds: float, *, counted: bool = True) -> None:
-        """Run for ``seconds``, then stop; add the turn to :attr:`totals`."""
-        self.process.send_signal(signal.SIGCONT)
-        polls0, _, cpu0, clock0 = self._mark()
+        """Run for ``seconds``, mark, and stop; a counted turn adds to
+        :attr:`totals` what was done since the last turn's mark (the work
+        right after a mark, before the stop, and at the start of a turn,
+        counted too) and how long the process ran meanwhile."""
+        t0 = time.perf_counter()
+        self._signal(signal.SIGCONT)
         time.sleep(seconds)
-        polls1, errors, cpu1, clock1 = self._mark()
-        self.process.send_signal(signal.SIGSTOP)
+        mark = self._mark()
+        self._signal(signal.SIGSTOP)
+        ran = time.perf_counter() - t0
         if counted:
+            if self._last is None:
+                raise RuntimeError("a counted turn before a first turn")
             totals = self.totals
-            totals.polls += polls1 - polls0
-            totals.cpu += cpu1 - cpu0
-            totals.seconds += clock1 - clock0
-            totals.errors = errors
+            totals.polls += mark[0] - self._last[0]
+            totals.errors = mark[1]
+            totals.cpu += mark[2] - self._last[2]
+            totals.seconds += ran
             totals.turns += 1
+        self._last = mark
 
     def close(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
-        assert self.process.stdin is not None
-        self.process.stdin.close()  # a graceful stop
+        """Stop it: gracefully if it can, else killed."""
         try:
+            self._signal(signal.SIGCONT)
+            assert self.process.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()  # a graceful stop
             self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        except (OSError, subprocess.TimeoutExpired):
+            self.kill()
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+        self.process.wait()
 
 
 def measure(
@@ -314,7 +353,8 @@ def measure(
     warm_up: float,
     storage: bool,
 ) -> dict[str, Totals]:
-    """The three contenders' counted turns at ``count`` imports."""
+    """The three contenders' counted turns at ``count`` imports; each round
+    in another order (a contender is not always the one after the same)."""
     contenders: list[Contender] = []
     try:
         for kind in CONTENDERS:
@@ -322,8 +362,9 @@ def measure(
         for contender in contenders:
             first = contender.kind == CONTENDERS[0]
             contender.turn(warm_up if first else warm_up / 4, counted=False)
-        for _ in range(rounds):
-            for contender in contenders:
+        for round_ in range(rounds):
+            shift = round_ % len(contenders)
+            for contender in contenders[shift:] + contenders[:shift]:
                 contender.turn(seconds)
     finally:
         for contender in contenders:
@@ -361,6 +402,7 @@ def run_sizes(
                     "exporter_cpu_s_per_1000": cpu,
                     "rate_ratio": rate / base_rate,
                     "cpu_ratio": cpu / base_cpu,
+                    "baseline_errors": totals["baseline"].errors,
                     "exporter_errors": totals["exporter"].errors,
                     "http_json_polls_per_s": declared_rate,
                     "http_json_cpu_s_per_1000": declared_cpu,

@@ -32,8 +32,10 @@ writes, ``/metrics`` renders them again) whatever the polling rate. Measured:
   :func:`render_changes`);
 - beside it, the same probe of an aiohttp server that does nothing else, in
   a process of its own (:data:`IDLE_SERVER`), over the same windows: its
-  worst is the machine's and the probe's own share (a process that waited
-  for a core, the probe's round trip), which the exporter's worst includes;
+  worst is a floor of the machine's and the probe's own share (the probe's
+  round trip, a process that waited for a core; an idle process, woken,
+  gets one sooner than a busy one does), which the exporter's worst
+  includes; it cannot be subtracted (the two worsts fall at other moments);
 - polls/s of both kinds of window, and scrape p50/p99 over the scrapes
   the scraped windows count;
 - cyclic GC collections and the longest pause per generation, recorded in the
@@ -65,7 +67,15 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, free_port, percentile, print_table, simulator_process, write_json
+from bench.common import (
+    ROOT,
+    die_with_parent,
+    free_port,
+    percentile,
+    print_table,
+    simulator_process,
+    write_json,
+)
 
 TARGETS = {
     "start_to_served_s": 5.0,  # at 100,000
@@ -114,7 +124,12 @@ async def idle_server() -> AsyncIterator[str]:
     a process of its own: the probe's floor on this machine. Its base URL."""
     port = free_port()
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", IDLE_SERVER, str(port), stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-c",
+        IDLE_SERVER,
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        preexec_fn=die_with_parent,
     )
     try:
         assert server.stdout is not None
@@ -214,6 +229,12 @@ class Probe:
         self.count = 0
         self.since = 0.0
         self.task: asyncio.Task[None] | None = None
+
+    def check(self) -> None:
+        """Raise why the probe stopped, if it did (its worst would not move)."""
+        if self.task is not None and self.task.done():
+            self.task.result()
+            raise RuntimeError(f"the probe of {self.url} stopped")
 
     def reset(self) -> None:
         """Count from now: a probe sent before does not count."""
@@ -336,6 +357,8 @@ async def window(
             while time.perf_counter() - t0 < seconds:
                 durations.append(float(await scraper_line(scraper)))
         elapsed = time.perf_counter() - t0
+        probe.check()
+        floor.check()
         worst, probes, floor_worst = probe.worst, probe.count, floor.worst
         polls = await polls_received(session, upstream) - polls0
     finally:

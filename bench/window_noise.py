@@ -90,10 +90,13 @@ def polling_order(_: int, seconds: float) -> list[Segment]:
     ]
 
 
-def polling_turns_order(_: int, seconds: float) -> list[Segment]:
+def polling_turns_order(round_: int, seconds: float) -> list[Segment]:
     """``bench/polling.py``: each contender's process in its turn, the two
-    others stopped, with no gap (a mark each side of a turn: about 1 ms)."""
-    return [("baseline", seconds), ("exporter", seconds), ("http_json", seconds)]
+    others stopped, with no gap (a mark at the end of a turn: about 1 ms),
+    each round in another order (the first turns, not counted, left out)."""
+    kinds = list(polling.CONTENDERS)
+    shift = round_ % len(kinds)
+    return [(kind, seconds) for kind in kinds[shift:] + kinds[:shift]]
 
 
 SCHEMES = [
