@@ -3,6 +3,7 @@ table printer, the JSON writer and the machine description."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -146,6 +147,14 @@ def write_json(name: str, data: dict[str, Any], out: Path | None = None) -> Path
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
     print(f"\nwrote {path}")
     return path
+
+
+async def until_ready(exporter: Any, timeout: float = 120) -> None:
+    """Until ``exporter`` (an :class:`~exporter.runtime.Exporter`, started)
+    has polled every import once."""
+    async with asyncio.timeout(timeout):
+        while not exporter.state.ready():
+            await asyncio.sleep(0.05)
 
 
 def bench_config(url: str, imports: list[dict[str, str]], **settings: object) -> Any:

@@ -28,6 +28,7 @@ from bench.common import (
     print_table,
     rss_with_children_bytes,
     simulator_process,
+    until_ready,
     write_json,
 )
 
@@ -50,9 +51,7 @@ async def measure_one(url: str, count: int) -> dict[str, float]:
     exporter = Exporter(config, "127.0.0.1:0", storage_path=f"{folder}/bench.db")
     await exporter.start()
     try:
-        async with asyncio.timeout(300):
-            while not exporter.state.ready():
-                await asyncio.sleep(0.05)
+        await until_ready(exporter, 300)
         # Two full polls' worth of state: every import has an observation,
         # and its lines as a scrape renders them (in the render process).
         await exporter.import_lines.refresh()

@@ -42,7 +42,7 @@ from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import bench_config, cpu_seconds, print_table, write_json
+from bench.common import bench_config, cpu_seconds, print_table, until_ready, write_json
 from bench.polling import as_fast_as_allowed
 from exporter.exposition import return_large_buffers_to_the_os
 from exporter.runtime import Exporter
@@ -154,9 +154,7 @@ async def measure_exporter(count: int, concurrency: int, seconds: float) -> dict
     exporter = Exporter(config, "127.0.0.1:0")  # its session: an InstantSession
     await exporter.start()
     try:
-        async with asyncio.timeout(120):
-            while not exporter.state.ready():
-                await asyncio.sleep(0.05)
+        await until_ready(exporter)
         await asyncio.sleep(min(1.0, seconds / 3))
         result = await _window(seconds)
         errors = exporter.state.sources["bench"].errors_total

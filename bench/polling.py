@@ -68,6 +68,7 @@ from bench.common import (
     die_with_parent,
     print_table,
     simulator_process,
+    until_ready,
     write_json,
 )
 from exporter.exposition import return_large_buffers_to_the_os
@@ -197,8 +198,8 @@ async def run_exporter(
         timeout="60s",
     )
     config = as_fast_as_allowed(as_http_json(config) if declarative else config)
-    # With its SQLite store, as it runs in production: every poll changes the
-    # state, so every import is written about once a second.
+    # With its SQLite store, as it runs in production: half the polls change
+    # their import, whose row is then written within a second.
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/bench.db" if storage else None
         exporter = Exporter(config, "127.0.0.1:0", storage_path=path)
@@ -207,9 +208,7 @@ async def run_exporter(
             record = exporter.state.sources["bench"]
             # Steady state: every import polled once and that first round
             # written to the store (a one-off write of every row).
-            async with asyncio.timeout(120):
-                while not exporter.state.ready():
-                    await asyncio.sleep(0.05)
+            await until_ready(exporter)
             await asyncio.sleep(PERSIST_INTERVAL * 1.5)
             await answer_marks(
                 lambda: (record.requests_total, sum(record.errors_total.values())), marks

@@ -35,7 +35,14 @@ from prometheus_client.exposition import choose_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import bench_config, percentile, print_table, simulator_process, write_json
+from bench.common import (
+    bench_config,
+    percentile,
+    print_table,
+    simulator_process,
+    until_ready,
+    write_json,
+)
 from exporter.exposition import (
     ImportLines,
     gzip_body,
@@ -206,9 +213,7 @@ async def loop_stall_during_scrapes(url: str, count: int, scrapes: int) -> dict[
     exporter = Exporter(config, "127.0.0.1:0")
     await exporter.start()
     try:
-        async with asyncio.timeout(120):
-            while not exporter.state.ready():
-                await asyncio.sleep(0.05)
+        await until_ready(exporter)
         requests_before = exporter.state.sources["bench"].requests_total
         worst = 0.0
         running = True

@@ -38,7 +38,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, bench_config, cpu_seconds, free_port, print_table, write_json
+from bench.common import (
+    ROOT,
+    bench_config,
+    cpu_seconds,
+    free_port,
+    print_table,
+    until_ready,
+    write_json,
+)
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -122,9 +130,7 @@ async def worker(url: str, count: int, index: int, total: int, seconds: float) -
         await exporter.start()
         try:
             record = exporter.state.sources["bench"]
-            async with asyncio.timeout(120):
-                while not exporter.state.ready():
-                    await asyncio.sleep(0.05)
+            await until_ready(exporter)
             polls0, t0, cpu0 = record.requests_total, time.perf_counter(), cpu_seconds()
             await asyncio.sleep(seconds)
             polls1, t1, cpu1 = record.requests_total, time.perf_counter(), cpu_seconds()
