@@ -103,8 +103,8 @@ def as_http_json(native: Any) -> Any:
         "system": "elevate",
         "url": source.url,
         "concurrency": source.concurrency,
-        "interval": "1h",
-        "timeout": "60s",
+        "interval": f"{source.interval:g}s",
+        "timeout": f"{source.timeout:g}s",
         "request": {"path": "/api/admin/v4/import/status", "query": {"id": "{id}"}},
         "auth": {"type": "header", "header": "Api-Key", "value": DEMO_CREDENTIALS.elevate_api_key},
         "extract": {
