@@ -108,6 +108,7 @@ class SourceScheduler:
         """Stop polling an import; a poll in flight has its answer dropped."""
         self._scheduled.pop(import_id, None)
         self._failures.pop(import_id, None)
+        self.source.forget_url(import_id)
         self.state.untrack(self.source.name, import_id)
 
     def _push(self, import_id: str, due: float) -> None:

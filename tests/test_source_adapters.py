@@ -19,10 +19,12 @@ from yarl._url import from_parts_uncached
 
 from exporter.config.loader import parse_config_data
 from exporter.model import ErrorReason, ParseError, SourceError, State
+from exporter.poller import SourceScheduler
 from exporter.sources import base as base_module
-from exporter.sources.base import AUTHORITY_PROPERTIES, HttpResponse, Source
+from exporter.sources.base import AUTHORITY_PROPERTIES, HttpResponse, ImportSpec, Source
 from exporter.sources.registry import build_source
 from exporter.sources.zilliant import ZilliantSource
+from exporter.state import StateStore
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 Seen = list[web.Request]
@@ -169,6 +171,7 @@ async def test_a_yarl_that_builds_otherwise_gets_urls_built_the_public_way(
 async def test_urls_stay_right_when_the_kept_parts_are_dropped(
     session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(base_module, "URLS_KEPT", 0)
     monkeypatch.setattr(base_module, "URL_CACHE_SIZE", 2)
     source = build(elevate_settings("http://127.0.0.1:8080"), session)
     for import_id in ("1", "2", "3", "4", "5", "1"):
@@ -176,6 +179,41 @@ async def test_urls_stay_right_when_the_kept_parts_are_dropped(
         assert str(polled) == f"http://127.0.0.1:8080/api/admin/v4/import/status?id={import_id}"
         assert polled.host_port_subcomponent == "127.0.0.1:8080"
     assert len(source._import_urls) <= 2
+
+
+async def test_the_first_imports_keep_their_urls_and_the_rest_build_equal_ones(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to :data:`URLS_KEPT` imports poll with the same URL object every
+    time (aiohttp's cache in it filled); past that, each poll gets a URL
+    built anew, equal in every property aiohttp reads. An import no longer
+    polled makes room."""
+    monkeypatch.setattr(base_module, "URLS_KEPT", 2)
+    source = build(elevate_settings("http://127.0.0.1:8080"), session)
+    kept = {import_id: source.import_url(import_id) for import_id in ("1", "2")}
+    beyond = source.import_url("3")
+    assert all(source.import_url(import_id) is url for import_id, url in kept.items())
+    again = source.import_url("3")
+    assert again is not beyond
+    for name in (*AUTHORITY_PROPERTIES, "raw_path_qs", "host", "path_qs", "raw_authority"):
+        assert getattr(again, name) == getattr(beyond, name), name
+    assert str(again) == "http://127.0.0.1:8080/api/admin/v4/import/status?id=3"
+    source.forget_url("1")
+    assert source.import_url("4") is source.import_url("4")
+    assert set(source._urls) == {"2", "4"}
+
+
+async def test_an_import_no_longer_polled_leaves_no_url_kept(
+    session: aiohttp.ClientSession,
+) -> None:
+    source = build(elevate_settings("http://127.0.0.1:8080"), session)
+    state = StateStore()
+    state.add_source(source.name, source.system, 60.0)
+    scheduler = SourceScheduler(source, state, interval=60.0, concurrency=1, max_backoff=60.0)
+    scheduler.add(ImportSpec("1"))
+    source.import_url("1")
+    scheduler.remove("1")
+    assert "1" not in source._urls
 
 
 @pytest.mark.parametrize(

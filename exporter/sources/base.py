@@ -27,6 +27,13 @@ MAX_DEFLATE_RATIO = 1032
 n bytes is at most n * 1032 bytes decompressed."""
 
 URL_CACHE_SIZE = 100_000
+URLS_KEPT = 16_384
+"""Imports per source whose URL itself is kept, not only its parts: a poll
+then hands aiohttp a URL it has seen, its cache filled (2-3 % of a poll's
+CPU at 10,000 imports, ``bench/polling.py``), for about 450 bytes more an
+import: 7.4 MB per source at most. A source with more imports has its
+other URLs built of their parts on each poll (at 100,000 imports, 74 bytes
+an import)."""
 
 NO_TIMER = aiohttp.ClientTimeout()
 """No timeout of aiohttp's: a source's :class:`Deadlines` keeps the time."""
@@ -377,32 +384,53 @@ class Source(ABC, Generic[ConfigT]):
         self.hooks = hooks or SourceHooks()
         self.deadlines = Deadlines(config.timeout)
         self._import_urls: dict[str, UrlParts] = {}
+        self._urls: dict[str, URL] = {}
+        """The first :data:`URLS_KEPT` imports' URLs (their parts are not kept)."""
         self._url_strings: dict[str, str] = {}
         self._authorities: dict[tuple[str, str], dict[str, object] | None] = {}
         """Per scheme and authority, its :func:`authority_properties`."""
 
     def import_url(self, import_id: str) -> URL:
-        """The URL polled for one import, from its encoded parts, kept: encoding
-        the id into a query or a path on every poll cost more than the rest of
-        an adapter. Not the URL itself: a URL keeps a cache of what aiohttp
-        asks of it (0.6 KB); the parts are a tenth of that. A URL is built of
-        them with what only the source's authority decides already known
+        """The URL polled for one import, kept (up to :data:`URLS_KEPT`
+        imports), else built of its encoded parts, kept: encoding the id into
+        a query or a path on every poll cost more than the rest of an
+        adapter. A URL keeps a cache of what aiohttp asks of it (about 450
+        bytes); the parts are a tenth of that. A URL is built of them with
+        what only the source's authority decides already known
         (:func:`authority_properties`): 4 % of a poll's CPU less than
         ``URL.build`` and aiohttp working those out on every poll."""
+        url = self._urls.get(import_id)
+        if url is not None:
+            return url
         parts = self._import_urls.get(import_id)
         if parts is None:
+            parts = self._parts_of(import_id)
+            if len(self._urls) < URLS_KEPT:
+                url = self._urls[import_id] = self._url_of(parts)
+                return url
             if len(self._import_urls) >= URL_CACHE_SIZE:
                 self._import_urls.clear()  # ids come and go; stay bounded
-            url = self.build_import_url(import_id)
-            # One string per scheme and authority, shared by the source's
-            # imports (not interned: an authority may hold a password).
-            scheme = self._url_strings.setdefault(url.scheme, url.scheme)
-            authority = self._url_strings.setdefault(url.raw_authority, url.raw_authority)
-            parts = UrlParts(scheme, authority, url.raw_path, url.raw_query_string)
-            if (scheme, authority) not in self._authorities:
-                self._authorities[scheme, authority] = authority_properties(parts)
-            parts = parts._replace(known=self._authorities[scheme, authority])
             self._import_urls[import_id] = parts
+        return self._url_of(parts)
+
+    def forget_url(self, import_id: str) -> None:
+        """An import no longer polled: its URL (or parts) are not kept."""
+        self._urls.pop(import_id, None)
+        self._import_urls.pop(import_id, None)
+
+    def _parts_of(self, import_id: str) -> UrlParts:
+        url = self.build_import_url(import_id)
+        # One string per scheme and authority, shared by the source's
+        # imports (not interned: an authority may hold a password).
+        scheme = self._url_strings.setdefault(url.scheme, url.scheme)
+        authority = self._url_strings.setdefault(url.raw_authority, url.raw_authority)
+        parts = UrlParts(scheme, authority, url.raw_path, url.raw_query_string)
+        if (scheme, authority) not in self._authorities:
+            self._authorities[scheme, authority] = authority_properties(parts)
+        return parts._replace(known=self._authorities[scheme, authority])
+
+    @staticmethod
+    def _url_of(parts: UrlParts) -> URL:
         known = parts.known
         return _built(parts) if known is None else _prefilled(parts, known)
 
