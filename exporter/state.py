@@ -456,7 +456,18 @@ class StateStore:
             return ImportRecord(source=source, import_id=import_id, system="", observation=obs)
         key = record.key
         previous = record.observation
-        if obs is not previous:  # not the same shared answer again (most polls)
+        if (
+            obs is previous
+            and record.polled_this_run
+            and not record.consecutive_failures
+            and obs.state not in TERMINAL_STATES
+            and (record.seen_running_at is not None or obs.state is not State.RUNNING)
+            and record.seen_finished_at is None
+        ):
+            # The same answer as this process's last poll had, still under
+            # way: only its poll time is new (most polls in production).
+            return self._polled_again(record, source, import_id, now)
+        if obs is not previous:  # not the same shared answer again
             obs = self._shared_observation(obs, previous)
         was_final = record.confirmed_final
         seen = (record.seen_running_at, record.seen_finished_at)
@@ -489,6 +500,24 @@ class StateStore:
             self._unrendered.setdefault(key, False)
         else:
             self._unrendered[key] = True
+        return record
+
+    def _polled_again(
+        self, record: ImportRecord, source: str, import_id: str, now: float
+    ) -> ImportRecord:
+        """:meth:`record_observation` of the answer the import's last poll in
+        this process had (not final): nothing but the poll's time changes
+        (:func:`_note_times` would change nothing)."""
+        record.last_success = now
+        record.last_attempt = now
+        source_record = self.sources.get(source)
+        if source_record is not None:
+            source_record.up = True
+            source_record.last_success = now
+            source_record.answering.add(import_id)
+        key = record.key
+        self._touched.setdefault(key, now)
+        self._unrendered.setdefault(key, False)
         return record
 
     def _shared_observation(self, obs: Observation, previous: Observation | None) -> Observation:

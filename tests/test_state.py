@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 import random
 import time
+from typing import Any
 
 import pytest
 
 from exporter.model import ErrorReason, Observation, Origin, SourceError, State
-from exporter.state import StateStore, milliseconds
+from exporter.state import ImportRecord, StateStore, milliseconds
 from tests.conftest import Clock
 
 
@@ -309,3 +310,66 @@ def test_the_exporter_reads_its_clock_to_the_millisecond() -> None:
     assert before - 0.001 <= record.last_attempt <= after
     assert round(record.last_attempt, 3) == record.last_attempt
     assert len(repr(record.last_attempt).partition(".")[2]) <= 3
+
+
+STEPS: list[Observation | str | None] = [
+    Observation(State.WAITING, "WAITING"),
+    Observation(State.RUNNING, "IN_PROGRESS"),
+    Observation(State.RUNNING, "IN_PROGRESS", step="load"),
+    Observation(State.SUCCEEDED, "SUCCESS"),
+    Observation(State.FAILED, "FAILURE", reason="bad row"),
+    None,  # the poll failed
+    "source",  # the source failed as a whole
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_same_answer_again_ends_as_an_equal_answer_does(clock: Clock, seed: int) -> None:
+    """A poll whose answer is the very object the last one had (a shared
+    known answer: most polls) takes a shorter way through the state; it
+    must leave each record, and what is marked for the store and the
+    renderer, as an equal but new answer does (the long way)."""
+    rng = random.Random(seed)
+    same, fresh = world(clock), world(clock)
+    restored = same.imports[("shop", "1001")]
+    running = Observation(State.RUNNING, "IN_PROGRESS")
+    restored.observation = running  # as a store gives back
+    restored.seen_running_at = clock.now - 5
+    fresh.imports[("shop", "1001")].observation = running._replace()
+    fresh.imports[("shop", "1001")].seen_running_at = clock.now - 5
+    error = SourceError(ErrorReason.TIMEOUT, "no answer within 10s")
+    short_ways = 0
+    polled_again = same._polled_again
+
+    def counted(*args: Any) -> ImportRecord:
+        nonlocal short_ways
+        short_ways += 1
+        return polled_again(*args)
+
+    same._polled_again = counted  # type: ignore[method-assign,assignment]
+    for _ in range(60):
+        clock.now += rng.choice([0.0, 0.5, 30.0])
+        import_id = rng.choice(["1001", "1002"])
+        step: Observation | str | None = (
+            STEPS[rng.randrange(len(STEPS))] if rng.random() < 0.4 else None
+        )
+        if step is None and rng.random() < 0.8:
+            step = same.imports[("shop", import_id)].observation or STEPS[0]
+        for state, answer in ((same, step), (fresh, step)):
+            if answer is None:
+                state.record_error("shop", import_id, error)
+            elif answer == "source":
+                state.record_source_error("shop", error, [import_id])
+            else:
+                assert isinstance(answer, Observation)
+                state.record_observation(
+                    "shop", import_id, answer if state is same else answer._replace()
+                )
+        for key, record in same.imports.items():
+            assert record == fresh.imports[key]
+        assert same.sources["shop"] == fresh.sources["shop"]
+        assert same.take_unrendered() == fresh.take_unrendered()
+        keys, _ = same.take_change_keys(poll_times=1.0)
+        fresh_keys, _ = fresh.take_change_keys(poll_times=1.0)
+        assert list(keys) == list(fresh_keys)
+    assert short_ways > 5
