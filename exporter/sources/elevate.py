@@ -75,6 +75,14 @@ it), and shared, so the state sees the same answer as the same object."""
 
 def parse_status(response: HttpResponse, import_id: str) -> Observation:
     """Turn one import-status answer into an observation (or raise SourceError)."""
+    if response.status == 200:
+        body: Any = parse_json(response.body)
+        # Nearly every answer: a documented status of this import, no reason.
+        if type(body) is dict and body.get("id") == import_id and body.get("reason") is None:
+            status = body.get("status")
+            if type(status) is str and (known := KNOWN_ANSWERS.get(status)) is not None:
+                return known
+        return _observation(body, import_id)
     if response.status == 404:
         # Elevate documents 404 as "Cluster not found": the URL or cluster id
         # is wrong, which says nothing about the import itself (an unknown
@@ -89,9 +97,11 @@ def parse_status(response: HttpResponse, import_id: str) -> Observation:
         raise SourceError(
             ErrorReason.UNAUTHORIZED, "import/status: HTTP 403 (bad API key)", source_wide=True
         )
-    if response.status != 200:
-        raise error_for_status(response, "import/status")
-    body: Any = parse_json(response.body)
+    raise error_for_status(response, "import/status")
+
+
+def _observation(body: Any, import_id: str) -> Observation:
+    """An answer's observation, every field checked."""
     if not isinstance(body, dict):
         raise ParseError("import/status: body is not a JSON object")
     status = body.get("status")
