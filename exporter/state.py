@@ -460,6 +460,7 @@ class StateStore:
             obs is previous
             and record.polled_this_run
             and not record.consecutive_failures
+            and not record.confirmed_final
             and obs.state not in TERMINAL_STATES
             and (record.seen_running_at is not None or obs.state is not State.RUNNING)
             and record.seen_finished_at is None
