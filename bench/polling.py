@@ -26,12 +26,9 @@ cost a client 10-20 % more CPU a poll); each exporter has, before it, polled
 every import once and written that round to its store.
 
 A stopped process's clock runs on: its timers are due when it resumes. The
-exporter's store writes once a second of its own running, as when it runs
-on: its writes are set :data:`CONTENDERS`' number of seconds apart, as it
-runs one turn in each round of theirs (a write a second of the clock came
-once a turn, half a second of running, with half the rows: each write's
-fixed cost counted twice as often, 2-3 % of its CPU a poll at 10,000
-imports). The simulator's answers are running or waiting
+exporter's store writes once a second, so about once a turn, with what its
+last turn's polls changed (each write's fixed cost counts about twice as
+often as when it runs on). The simulator's answers are running or waiting
 at random, so half the polls change their import whatever time passed
 since the last (answers that changed with the clock changed more or less
 often between two polls when the poller stopped between them).
@@ -202,19 +199,17 @@ async def run_exporter(
     )
     config = as_fast_as_allowed(as_http_json(config) if declarative else config)
     # With its SQLite store, as it runs in production: half the polls change
-    # their import, whose row is then written within a second (of its running).
+    # their import, whose row is then written within a second.
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/bench.db" if storage else None
         exporter = Exporter(config, "127.0.0.1:0", storage_path=path)
-        # A write a second of its own running (see the module's doc).
-        exporter.persistence.interval = PERSIST_INTERVAL * len(CONTENDERS)
         await exporter.start()
         try:
             record = exporter.state.sources["bench"]
             # Steady state: every import polled once and that first round
             # written to the store (a one-off write of every row).
             await until_ready(exporter)
-            await asyncio.sleep(exporter.persistence.interval * 1.5)
+            await asyncio.sleep(PERSIST_INTERVAL * 1.5)
             await answer_marks(
                 lambda: (record.requests_total, sum(record.errors_total.values())), marks
             )

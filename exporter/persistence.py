@@ -62,10 +62,6 @@ class Persistence:
         self.lock = asyncio.Lock()
         """Held by every write, by retention, and by a reload replacing sources."""
         self.task: asyncio.Task[None] | None = None
-        self.interval = PERSIST_INTERVAL
-        """Seconds between two periodic writes (a benchmark that stops the
-        process between its turns sets it to a second of the process's own
-        running)."""
         # The storage's own thread: a database that hangs holds it, not the
         # default executor that renders /metrics. (Backends take one call at
         # a time anyway.)
@@ -164,7 +160,7 @@ class Persistence:
 
     async def _run(self, retention: Callable[[], float], forget: Forget) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(PERSIST_INTERVAL)
             async with self.lock:
                 keep = retention()
                 slices = LoopSlices()
@@ -194,7 +190,7 @@ class Persistence:
             try:
                 await self.write_pending(
                     poll_times=1 / POLL_TIMES_WITHIN,
-                    due=self.state.clock() - POLL_TIMES_WITHIN * self.interval,
+                    due=self.state.clock() - POLL_TIMES_WITHIN * PERSIST_INTERVAL,
                 )
             except StoreError as exc:
                 # The storage logged it when writes began to fail.
