@@ -258,6 +258,7 @@ class SourceScheduler:
             log.debug(
                 "import finished", extra=context(source=name, import_=import_id, state=record.state)
             )
+            self.source.forget_url(import_id)  # its slot goes to an import still polled
             return None
         return self.clock() + self.interval
 

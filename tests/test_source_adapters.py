@@ -203,6 +203,22 @@ async def test_the_first_imports_keep_their_urls_and_the_rest_build_equal_ones(
     assert set(source._urls) == {"2", "4"}
 
 
+async def test_an_import_past_the_kept_ones_takes_a_slot_an_ended_import_frees(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(base_module, "URLS_KEPT", 2)
+    source = build(elevate_settings("http://127.0.0.1:8080"), session)
+    for import_id in ("1", "2", "3"):
+        source.import_url(import_id)
+    assert source.import_url("3") is not source.import_url("3")
+    source.forget_url("1")
+    kept = source.import_url("3")
+    assert source.import_url("3") is kept
+    assert str(kept) == "http://127.0.0.1:8080/api/admin/v4/import/status?id=3"
+    assert set(source._urls) == {"2", "3"}
+    assert not source._import_urls
+
+
 async def test_an_import_no_longer_polled_leaves_no_url_kept(
     session: aiohttp.ClientSession,
 ) -> None:
@@ -213,6 +229,28 @@ async def test_an_import_no_longer_polled_leaves_no_url_kept(
     scheduler.add(ImportSpec("1"))
     source.import_url("1")
     scheduler.remove("1")
+    assert "1" not in source._urls
+
+
+async def test_a_finished_import_leaves_no_url_kept(
+    aiohttp_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    """Polled until its end is confirmed, then not again: its URL's slot
+    goes to an import still polled."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return json_response({"id": request.query["id"], "reason": None, "status": "SUCCESS"})
+
+    url = await serve(aiohttp_server, [web.get("/api/admin/v4/import/status", handler)])
+    source = build(elevate_settings(url), session)
+    state = StateStore()
+    state.add_source(source.name, source.system, 60.0)
+    scheduler = SourceScheduler(source, state, interval=60.0, concurrency=1, max_backoff=60.0)
+    scheduler.add(ImportSpec("1"))
+    assert await scheduler.poll_once("1") is not None  # seen once: polled again to confirm
+    assert "1" in source._urls
+    assert await scheduler.poll_once("1") is None
+    assert state.imports[(source.name, "1")].state is State.SUCCEEDED
     assert "1" not in source._urls
 
 

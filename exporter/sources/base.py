@@ -29,7 +29,7 @@ n bytes is at most n * 1032 bytes decompressed."""
 URL_CACHE_SIZE = 100_000
 URLS_KEPT = 16_384
 """Imports per source whose URL itself is kept, not only its parts: a poll
-then hands aiohttp a URL it has seen, its cache filled (2-3 % of a poll's
+then hands aiohttp a URL it has seen, its cache filled (2-4 % of a poll's
 CPU at 10,000 imports, ``bench/polling.py``), for about 450 bytes more an
 import: 7.4 MB per source at most. A source with more imports has its
 other URLs built of their parts on each poll (at 100,000 imports, 74 bytes
@@ -403,11 +403,17 @@ class Source(ABC, Generic[ConfigT]):
         if url is not None:
             return url
         parts = self._import_urls.get(import_id)
+        if len(self._urls) < URLS_KEPT:
+            # A slot free: one of the first imports, or one an import no
+            # longer polled left (to one that had only its parts till now).
+            if parts is None:
+                parts = self._parts_of(import_id)
+            else:
+                del self._import_urls[import_id]
+            url = self._urls[import_id] = self._url_of(parts)
+            return url
         if parts is None:
             parts = self._parts_of(import_id)
-            if len(self._urls) < URLS_KEPT:
-                url = self._urls[import_id] = self._url_of(parts)
-                return url
             if len(self._import_urls) >= URL_CACHE_SIZE:
                 self._import_urls.clear()  # ids come and go; stay bounded
             self._import_urls[import_id] = parts
