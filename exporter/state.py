@@ -468,8 +468,13 @@ class StateStore:
             # The same answer as this process's last poll had, still under
             # way: only its poll time is new (most polls in production).
             return self._polled_again(record, source, import_id, now)
-        if obs is not previous:  # not the same shared answer again
-            obs = self._shared_observation(obs, previous)
+        same = obs is previous
+        if not same:  # not the same shared answer again
+            # A record's first poll in this process takes the shared answer,
+            # not the equal one the store gave back: its next polls then go
+            # the short way above. An equal answer is no change all the same.
+            obs = self._shared_observation(obs, previous if record.polled_this_run else None)
+            same = obs is previous or obs == previous
         was_final = record.confirmed_final
         seen = (record.seen_running_at, record.seen_finished_at)
         if record.first_seen is None:
@@ -492,12 +497,11 @@ class StateStore:
                 source_record.answering.discard(import_id)  # no longer polled
             else:
                 source_record.answering.add(import_id)
-        # The same answer is the same object by now (see _shared_observation).
-        if obs is not previous or record.confirmed_final != was_final:
+        if not same or record.confirmed_final != was_final:
             self._changed.add(key)
         else:
             self._touched.setdefault(key, now)
-        if obs is previous and seen == (record.seen_running_at, record.seen_finished_at):
+        if same and seen == (record.seen_running_at, record.seen_finished_at):
             self._unrendered.setdefault(key, False)
         else:
             self._unrendered[key] = True

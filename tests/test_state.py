@@ -373,3 +373,38 @@ def test_the_same_answer_again_ends_as_an_equal_answer_does(clock: Clock, seed: 
         fresh_keys, _ = fresh.take_change_keys(poll_times=1.0)
         assert list(keys) == list(fresh_keys)
     assert short_ways > 5
+
+
+def test_a_restored_import_takes_the_shared_answer_without_a_change_to_store(
+    clock: Clock,
+) -> None:
+    """A record the store gave back holds an answer equal to the source's
+    shared one but not the same object: after its first poll it holds the
+    shared one, so later polls of the same answer take the short way, and
+    an answer equal to the stored one is no change for the store."""
+    before = world(clock)
+    before.record_observation("shop", "1001", Observation(State.RUNNING, "IN_PROGRESS"))
+    stored = before.imports[("shop", "1001")]
+    stored.observation = Observation(State.RUNNING, "IN_PROGRESS")  # as a store gives back
+    stored.polled_this_run = False
+    after = StateStore(clock=clock)
+    after.restore([stored])
+    after.add_source("shop", "elevate", 30.0)
+    after.take_change_keys()
+    short_ways = 0
+    polled_again = after._polled_again
+
+    def counted(*args: Any) -> ImportRecord:
+        nonlocal short_ways
+        short_ways += 1
+        return polled_again(*args)
+
+    after._polled_again = counted  # type: ignore[method-assign,assignment]
+    shared = Observation(State.RUNNING, "IN_PROGRESS")  # what the source answers every time
+    for _ in range(3):
+        clock.now += 30
+        record = after.record_observation("shop", "1001", shared)
+    assert record.observation is shared
+    assert short_ways == 2
+    keys, _ = after.take_change_keys()
+    assert list(keys) == []
