@@ -25,13 +25,16 @@ longer, warms the simulator up (the first seconds against a fresh simulator
 cost a client 10-20 % more CPU a poll); each exporter has, before it, polled
 every import once and written that round to its store.
 
-A stopped process's clock runs on: its timers are due when it resumes. The
-exporter's store writes once a second, so about once a turn, with what its
-last turn's polls changed (each write's fixed cost counts about twice as
-often as when it runs on). The simulator's answers are running or waiting
-at random, so half the polls change their import whatever time passed
-since the last (answers that changed with the clock changed more or less
-often between two polls when the poller stopped between them).
+A stopped process's clock runs on, and its timers would all be due when it
+resumes: the exporter's store, which writes once a second, would write
+once a turn, twice as often as when it runs on. So each contender's event
+loop keeps the time it ran (:class:`RunningClock`): the time from its
+mark to its resumption does not count, and the store writes once a second
+of the exporter's running, counted (``store writes/s``). The simulator's
+answers are running or waiting at random, so half the polls change their
+import whatever time passed since the last (answers that changed with the
+clock changed more or less often between two polls when the poller stopped
+between them).
 
 The baseline's process imports the exporter's web stack and sets glibc's
 allocation thresholds as the exporter does from its start (the same heap
@@ -138,27 +141,69 @@ def as_fast_as_allowed(config: Any) -> Any:
 # --- a contender, in its own process ------------------------------------------
 
 
-Counts = Callable[[], tuple[int, int]]
-"""A contender's polls and errors so far."""
+Counts = Callable[[], tuple[int, int, int]]
+"""A contender's polls, errors and store writes so far."""
 
 
-async def answer_marks(counts: Counts, marks: IO[str]) -> None:
+class RunningClock:
+    """The time a contender ran: from each mark (after which the bench stops
+    it) to its resumption (``SIGCONT``) does not count."""
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.monotonic = monotonic
+        self.stopped = 0.0
+        """Seconds from marks to resumptions, so far."""
+        self.marked_at: float | None = None
+
+    def mark(self) -> None:
+        self.marked_at = self.monotonic()
+
+    def resumed(self, *_: object) -> None:
+        """A ``SIGCONT`` handler: Python runs it in the main thread before
+        the event loop goes on (a wait in ``epoll`` is interrupted), so no
+        timer is found due by a time that counts the stop."""
+        if self.marked_at is not None:
+            self.stopped += self.monotonic() - self.marked_at
+            self.marked_at = None
+
+    def time(self) -> float:
+        return self.monotonic() - self.stopped
+
+
+class RunningClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose timers keep a :class:`RunningClock`."""
+
+    def __init__(self, clock: RunningClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def time(self) -> float:
+        return self.clock.time()
+
+
+async def answer_marks(counts: Counts, marks: IO[str], clock: RunningClock) -> None:
     """Say ``ready``, then answer each line on standard input with the polls,
-    errors and CPU seconds (every thread's) so far, until it closes."""
+    errors, store writes and CPU seconds (every thread's) so far, until it
+    closes. The bench stops the contender after each answer: its clock
+    stops with it."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    clock.mark()
     marks.write("ready\n")
     marks.flush()
     while await reader.readline():
-        polls, errors = counts()
+        polls, errors, writes = counts()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu = usage.ru_utime + usage.ru_stime
-        marks.write(json.dumps([polls, errors, cpu]) + "\n")
+        clock.mark()
+        marks.write(json.dumps([polls, errors, cpu, writes]) + "\n")
         marks.flush()
 
 
-async def run_baseline(url: str, count: int, concurrency: int, marks: IO[str]) -> None:
+async def run_baseline(
+    url: str, count: int, concurrency: int, marks: IO[str], clock: RunningClock
+) -> None:
     """One ClientSession, ``concurrency`` workers cycling over the ids, parsing
     JSON; each request URL built once, as the exporter does."""
     urls = itertools.cycle(
@@ -179,22 +224,29 @@ async def run_baseline(url: str, count: int, concurrency: int, marks: IO[str]) -
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         tasks = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
-        await answer_marks(lambda: (polls, errors), marks)
+        await answer_marks(lambda: (polls, errors, 0), marks, clock)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def run_exporter(
-    url: str, count: int, concurrency: int, marks: IO[str], *, declarative: bool, storage: bool
+    url: str,
+    count: int,
+    concurrency: int,
+    marks: IO[str],
+    clock: RunningClock,
+    *,
+    declarative: bool,
+    storage: bool,
 ) -> None:
     config = bench_config(
         url,
         [{"id": i} for i in bench_ids(count)],
         concurrency=concurrency,
         interval="1h",
-        # A stopped process's clock runs on: the first stop lasts the other
-        # contenders' start-ups and first turns.
+        # The time of its stops does not count (RunningClock), but a stop
+        # while a request is out lets its answer wait.
         timeout="60s",
     )
     config = as_fast_as_allowed(as_http_json(config) if declarative else config)
@@ -210,8 +262,21 @@ async def run_exporter(
             # written to the store (a one-off write of every row).
             await until_ready(exporter)
             await asyncio.sleep(PERSIST_INTERVAL * 1.5)
+            # The periodic writes (each in chunks of rows), counted.
+            writes = 0
+            persistence = exporter.persistence
+            write_pending = persistence.write_pending
+
+            async def counted_write(**kwargs: Any) -> None:
+                nonlocal writes
+                writes += 1
+                await write_pending(**kwargs)
+
+            persistence.write_pending = counted_write  # type: ignore[method-assign]
             await answer_marks(
-                lambda: (record.requests_total, sum(record.errors_total.values())), marks
+                lambda: (record.requests_total, sum(record.errors_total.values()), writes),
+                marks,
+                clock,
             )
         finally:
             await exporter.stop()
@@ -224,18 +289,22 @@ def contender_main(args: argparse.Namespace) -> None:
     os.dup2(2, 1)
     # As Exporter.start does, in the baseline's process too (the same heap).
     return_large_buffers_to_the_os()
+    clock = RunningClock()
+    signal.signal(signal.SIGCONT, clock.resumed)
     if args.contender == "baseline":
-        run = run_baseline(args.url, args.count, args.concurrency, marks)
+        run = run_baseline(args.url, args.count, args.concurrency, marks, clock)
     else:
         run = run_exporter(
             args.url,
             args.count,
             args.concurrency,
             marks,
+            clock,
             declarative=args.contender == "http_json",
             storage=not args.no_storage,
         )
-    asyncio.run(run)
+    with asyncio.Runner(loop_factory=lambda: RunningClockLoop(clock)) as runner:
+        runner.run(run)
 
 
 # --- the turns ---------------------------------------------------------------
@@ -248,12 +317,14 @@ class Totals:
     polls: int = 0
     errors: int = 0
     cpu: float = 0.0
+    writes: int = 0
+    """The exporter's store writes (none for the baseline)."""
     seconds: float = 0.0
     turns: int = 0
 
 
-Mark = tuple[int, int, float]
-"""A contender's polls, errors and CPU seconds so far."""
+Mark = tuple[int, int, float, int]
+"""A contender's polls, errors, CPU seconds and store writes so far."""
 
 
 class Contender:
@@ -302,8 +373,8 @@ class Contender:
         assert self.process.stdin is not None
         self.process.stdin.write("\n")
         self.process.stdin.flush()
-        polls, errors, cpu = json.loads(self._line())
-        return polls, errors, cpu
+        polls, errors, cpu, writes = json.loads(self._line())
+        return polls, errors, cpu, writes
 
     def turn(self, seconds: float, *, counted: bool = True) -> None:
         """Run for ``seconds``, mark, and stop; a counted turn adds to
@@ -323,6 +394,7 @@ class Contender:
             totals.polls += mark[0] - self._last[0]
             totals.errors = mark[1]
             totals.cpu += mark[2] - self._last[2]
+            totals.writes += mark[3] - self._last[3]
             totals.seconds += ran
             totals.turns += 1
         self._last = mark
@@ -407,6 +479,11 @@ def run_sizes(
                     "http_json_cpu_s_per_1000": declared_cpu,
                     "http_json_cpu_ratio": declared_cpu / cpu,
                     "http_json_errors": totals["http_json"].errors,
+                    # Once a second of its running, as when it runs alone.
+                    "exporter_writes_per_s": totals["exporter"].writes / totals["exporter"].seconds,
+                    "http_json_writes_per_s": (
+                        totals["http_json"].writes / totals["http_json"].seconds
+                    ),
                     "turns": {kind: vars(counted) for kind, counted in totals.items()},
                 }
             )
@@ -456,6 +533,7 @@ def main() -> int:
             "CPU ratio",
             "http_json CPU/1k",
             "http_json/native CPU",
+            "store writes/s",
         ],
         [
             [
@@ -468,6 +546,7 @@ def main() -> int:
                 r["cpu_ratio"],
                 r["http_json_cpu_s_per_1000"],
                 r["http_json_cpu_ratio"],
+                r["exporter_writes_per_s"],
             ]
             for r in data["results"]
         ],

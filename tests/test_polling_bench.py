@@ -61,3 +61,27 @@ def test_the_first_turn_of_each_contender_warms_up_and_is_not_counted(
         assert row["rate_ratio"] == pytest.approx(1.0)
         assert row["cpu_ratio"] == pytest.approx(1.0)
         assert row["turns"]["exporter"]["turns"] == 3
+
+
+def test_a_contenders_clock_leaves_out_its_stops() -> None:
+    """A contender is stopped from each mark to its next turn: its event
+    loop's time, which the exporter's once-a-second store write keeps,
+    counts only the time it ran, so it writes as often as when it runs on."""
+    now = [100.0]
+    clock = polling.RunningClock(lambda: now[0])
+    loop = polling.RunningClockLoop(clock)
+    try:
+        clock.mark()  # "ready": the bench stops it
+        now[0] += 7.0  # the other contenders' start-ups and turns
+        clock.resumed()
+        assert loop.time() == 100.0
+        now[0] += 0.5  # its turn
+        clock.mark()
+        now[0] += 1.0  # the other two turns
+        clock.resumed()
+        now[0] += 0.25
+        assert loop.time() == 100.75
+        clock.resumed()  # a resumption without a mark before it: no stop
+        assert loop.time() == 100.75
+    finally:
+        loop.close()
