@@ -473,8 +473,12 @@ class StateStore:
             # A record's first poll in this process takes the shared answer,
             # not the equal one the store gave back: its next polls then go
             # the short way above. An equal answer is no change all the same.
-            obs = self._shared_observation(obs, previous if record.polled_this_run else None)
-            same = obs is previous or obs == previous
+            if record.polled_this_run:
+                obs = self._shared_observation(obs, previous)
+                same = obs is previous  # an equal answer is the kept one by now
+            else:
+                obs = self._shared_observation(obs, None)
+                same = obs == previous
         was_final = record.confirmed_final
         seen = (record.seen_running_at, record.seen_finished_at)
         if record.first_seen is None:
