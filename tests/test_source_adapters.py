@@ -217,6 +217,12 @@ async def test_an_import_past_the_kept_ones_takes_a_slot_an_ended_import_frees(
     assert str(kept) == "http://127.0.0.1:8080/api/admin/v4/import/status?id=3"
     assert set(source._urls) == {"2", "3"}
     assert not source._import_urls
+    source.import_url("4")  # past the kept ones
+    source.forget_url("2")
+    source.import_url("5")  # new: takes the freed slot
+    for import_id in ("4", "5", "3"):
+        assert str(source.import_url(import_id)).endswith(f"?id={import_id}")
+    assert set(source._urls) == {"3", "5"}  # never more than URLS_KEPT
 
 
 async def test_an_import_no_longer_polled_leaves_no_url_kept(

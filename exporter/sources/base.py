@@ -386,6 +386,8 @@ class Source(ABC, Generic[ConfigT]):
         self._import_urls: dict[str, UrlParts] = {}
         self._urls: dict[str, URL] = {}
         """The first :data:`URLS_KEPT` imports' URLs (their parts are not kept)."""
+        self._slot_freed = False
+        """A kept URL was forgotten: a slot may be free for an import that has only its parts."""
         self._url_strings: dict[str, str] = {}
         self._authorities: dict[tuple[str, str], dict[str, object] | None] = {}
         """Per scheme and authority, its :func:`authority_properties`."""
@@ -403,25 +405,29 @@ class Source(ABC, Generic[ConfigT]):
         if url is not None:
             return url
         parts = self._import_urls.get(import_id)
-        if len(self._urls) < URLS_KEPT:
-            # A slot free: one of the first imports, or one an import no
-            # longer polled left (to one that had only its parts till now).
-            if parts is None:
-                parts = self._parts_of(import_id)
-            else:
-                del self._import_urls[import_id]
-            url = self._urls[import_id] = self._url_of(parts)
-            return url
         if parts is None:
             parts = self._parts_of(import_id)
+            if len(self._urls) < URLS_KEPT:
+                url = self._urls[import_id] = self._url_of(parts)
+                return url
             if len(self._import_urls) >= URL_CACHE_SIZE:
                 self._import_urls.clear()  # ids come and go; stay bounded
             self._import_urls[import_id] = parts
+        elif self._slot_freed:
+            # An import no longer polled left its slot: the next with only
+            # its parts takes it (a flag first: this path is every poll past
+            # the first imports).
+            if len(self._urls) < URLS_KEPT:
+                del self._import_urls[import_id]
+                url = self._urls[import_id] = self._url_of(parts)
+                return url
+            self._slot_freed = False  # taken again
         return self._url_of(parts)
 
     def forget_url(self, import_id: str) -> None:
         """An import no longer polled: its URL (or parts) are not kept."""
-        self._urls.pop(import_id, None)
+        if self._urls.pop(import_id, None) is not None:
+            self._slot_freed = True
         self._import_urls.pop(import_id, None)
 
     def _parts_of(self, import_id: str) -> UrlParts:
