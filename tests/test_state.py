@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -323,6 +324,21 @@ STEPS: list[Observation | str | None] = [
 ]
 
 
+def count_short_ways(state: StateStore) -> Callable[[], int]:
+    """Count the answers that take the state's short way (the same answer
+    again); the count so far is what the returned function says."""
+    taken = 0
+    polled_again = state._polled_again
+
+    def counted(*args: Any) -> ImportRecord:
+        nonlocal taken
+        taken += 1
+        return polled_again(*args)
+
+    state._polled_again = counted  # type: ignore[method-assign,assignment]
+    return lambda: taken
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_the_same_answer_again_ends_as_an_equal_answer_does(clock: Clock, seed: int) -> None:
     """A poll whose answer is the very object the last one had (a shared
@@ -338,15 +354,7 @@ def test_the_same_answer_again_ends_as_an_equal_answer_does(clock: Clock, seed: 
     fresh.imports[("shop", "1001")].observation = running._replace()
     fresh.imports[("shop", "1001")].seen_running_at = clock.now - 5
     error = SourceError(ErrorReason.TIMEOUT, "no answer within 10s")
-    short_ways = 0
-    polled_again = same._polled_again
-
-    def counted(*args: Any) -> ImportRecord:
-        nonlocal short_ways
-        short_ways += 1
-        return polled_again(*args)
-
-    same._polled_again = counted  # type: ignore[method-assign,assignment]
+    short_ways = count_short_ways(same)
     for _ in range(60):
         clock.now += rng.choice([0.0, 0.5, 30.0])
         import_id = rng.choice(["1001", "1002"])
@@ -372,7 +380,7 @@ def test_the_same_answer_again_ends_as_an_equal_answer_does(clock: Clock, seed: 
         keys, _ = same.take_change_keys(poll_times=1.0)
         fresh_keys, _ = fresh.take_change_keys(poll_times=1.0)
         assert list(keys) == list(fresh_keys)
-    assert short_ways > 5
+    assert short_ways() > 5
 
 
 def test_a_restored_import_takes_the_shared_answer_without_a_change_to_store(
@@ -391,20 +399,12 @@ def test_a_restored_import_takes_the_shared_answer_without_a_change_to_store(
     after.restore([stored])
     after.add_source("shop", "elevate", 30.0)
     after.take_change_keys()
-    short_ways = 0
-    polled_again = after._polled_again
-
-    def counted(*args: Any) -> ImportRecord:
-        nonlocal short_ways
-        short_ways += 1
-        return polled_again(*args)
-
-    after._polled_again = counted  # type: ignore[method-assign,assignment]
+    short_ways = count_short_ways(after)
     shared = Observation(State.RUNNING, "IN_PROGRESS")  # what the source answers every time
     for _ in range(3):
         clock.now += 30
         record = after.record_observation("shop", "1001", shared)
     assert record.observation is shared
-    assert short_ways == 2
+    assert short_ways() == 2
     keys, _ = after.take_change_keys()
     assert list(keys) == []
