@@ -268,14 +268,14 @@ async def run_exporter(
             # The periodic writes to the store (each in chunks of rows), counted.
             writes = 0
             persistence = exporter.persistence
-            write_pending = persistence.write_pending
-
-            async def counted_write(**kwargs: Any) -> None:
-                nonlocal writes
-                writes += 1
-                await write_pending(**kwargs)
-
             if persistence.storage is not None:
+                write_pending = persistence.write_pending
+
+                async def counted_write(**kwargs: Any) -> None:
+                    nonlocal writes
+                    writes += 1
+                    await write_pending(**kwargs)
+
                 persistence.write_pending = counted_write  # type: ignore[method-assign]
             await answer_marks(
                 lambda: (record.requests_total, sum(record.errors_total.values()), writes),

@@ -456,8 +456,9 @@ class StateStore:
             return ImportRecord(source=source, import_id=import_id, system="", observation=obs)
         key = record.key
         previous = record.observation
+        same = obs is previous
         if (
-            obs is previous
+            same
             and record.polled_this_run
             and not record.consecutive_failures
             and not record.confirmed_final
@@ -468,7 +469,6 @@ class StateStore:
             # The same answer as this process's last poll had, still under
             # way: only its poll time is new (most polls in production).
             return self._polled_again(record, source, import_id, now)
-        same = obs is previous
         if not same:  # not the same shared answer again
             # A record's first poll in this process takes the shared answer,
             # not the equal one the store gave back: its next polls then go
